@@ -1,0 +1,1 @@
+"""sciquant.report."""
