@@ -1,0 +1,20 @@
+# sciquant: a quantization study of scientific ML surrogates, from raw data to one result cube.
+# Run the default study with `snakemake --cores 2`, or on Slurm with `--profile profiles/slurm`.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "workflow/config/default.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

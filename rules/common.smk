@@ -1,0 +1,129 @@
+# Helpers shared by every stage: validation, wildcard constraints, input and param functions.
+import json
+
+from snakemake.utils import validate
+
+from sciquant.errors import SciquantError
+from sciquant.study import Study, schema_errors
+
+try:
+    validate(config, schema="../workflow/schemas/config.schema.yaml")
+except WorkflowError:
+    # snakemake's message dumps the schema; name the keys and what is wrong instead.
+    raise WorkflowError(
+        "invalid study config:\n" + "\n".join(schema_errors(config))
+    ) from None
+try:
+    study = Study(config)
+except SciquantError as error:
+    raise WorkflowError(str(error)) from None
+
+
+def dataset_names(source=None):
+    """Names of the datasets (with the given raw source kind: `embedded` or `files`)."""
+    return sorted(
+        name
+        for name, spec in study.datasets.items()
+        if source is None or source in spec["source"]
+    )
+
+
+def alternatives(names):
+    """A wildcard regex matching exactly these names (one that matches nothing if empty)."""
+    return "|".join(names) if names else "(?!x)x"
+
+
+wildcard_constraints:
+    dataset=alternatives(dataset_names()),
+    model=alternatives(sorted(study.models)),
+    seed=r"\d+",
+
+
+def get_final_output():
+    """Every run's metrics.json and each dataset's overview figure."""
+    outputs = [f"{run.folder}/metrics.json" for run in study.runs()]
+    outputs += [f"results/{name}/overview.png" for name in dataset_names()]
+    return outputs
+
+
+def get_dataset(wildcards):
+    return study.datasets[wildcards.dataset]
+
+
+def get_simulation_params(wildcards):
+    """The embedded simulator's settings for the dataset, as JSON for the command line."""
+    return json.dumps(get_dataset(wildcards)["source"]["embedded"])
+
+
+def get_fetch_files(wildcards):
+    """The dataset's files (url, sha256, name, extract), as JSON for the command line."""
+    return json.dumps(get_dataset(wildcards)["source"]["files"])
+
+
+def get_prepare_params(wildcards):
+    return json.dumps(get_dataset(wildcards)["prepare"])
+
+
+def get_model(wildcards):
+    return study.models[wildcards.model]
+
+
+def get_train_params(wildcards):
+    """Architecture and training settings of the model, as JSON for the command line."""
+    spec = get_model(wildcards)
+    return json.dumps({key: value for key, value in spec.items() if key != "datasets"})
+
+
+def get_evaluate_params(wildcards):
+    return json.dumps(config["evaluate"])
+
+
+def get_run_coordinates(wildcards):
+    """The run's coordinates and the study's provenance, as JSON for the command line."""
+    return json.dumps(
+        {
+            "study": config["study"],
+            "config_hash": study.config_hash(),
+            "dataset": wildcards.dataset,
+            "model": wildcards.model,
+            "seed": int(wildcards.seed),
+            "target": "reference",
+            "method": "none",
+            "precision": "fp32",
+        }
+    )
+
+
+def node_resources(node):
+    """Slurm resources of a node type from the config's `nodes` mapping (empty locally)."""
+    return {
+        key: value
+        for key, value in config["nodes"].get(node, {}).items()
+        if key not in ("mem_mb", "runtime")
+    }
+
+
+def get_train_node(wildcards):
+    return get_model(wildcards)["train"]["node"]
+
+
+def get_node_resource(key, default=None):
+    """A resource function for rules whose node depends on the model wildcard."""
+
+    def resource(wildcards):
+        return node_resources(get_train_node(wildcards)).get(key, default)
+
+    return resource
+
+
+def scaled(key, base, node=None):
+    """`mem_mb` / `runtime` that grow with the attempt, so `--retries` asks for more each time.
+
+    The node type's value in `nodes` (or `base`) is the first attempt's.
+    """
+
+    def resource(wildcards, attempt):
+        chosen = node if node is not None else get_train_node(wildcards)
+        return config["nodes"].get(chosen, {}).get(key, base) * attempt
+
+    return resource

@@ -1,0 +1,84 @@
+# Raw data (embedded simulator or download) → prepared graph samples, and an overview figure.
+
+
+rule synthesize:
+    output:
+        "resources/{dataset}/raw/manifest.json",
+    log:
+        "logs/{dataset}/synthesize.log",
+    benchmark:
+        "benchmarks/{dataset}/synthesize.tsv"
+    wildcard_constraints:
+        dataset=alternatives(dataset_names("embedded")),
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 30, node="cpu"),
+    params:
+        settings=get_simulation_params,
+    shell:
+        "sciquant synthesize bloodflow --settings {params.settings:q}"
+        " --out resources/{wildcards.dataset}/raw > {log} 2>&1"
+
+
+rule fetch:
+    output:
+        "resources/{dataset}/raw/manifest.json",
+    log:
+        "logs/{dataset}/fetch.log",
+    wildcard_constraints:
+        dataset=alternatives(dataset_names("files")),
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 1000, node="cpu"),
+        runtime=scaled("runtime", 120, node="cpu"),
+    params:
+        files=get_fetch_files,
+    shell:
+        "sciquant fetch --files {params.files:q}"
+        " --out resources/{wildcards.dataset}/raw > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        "resources/{dataset}/raw/manifest.json",
+    output:
+        index="results/{dataset}/prepared/index.json",
+        graphs=directory("results/{dataset}/prepared/graphs"),
+    log:
+        "logs/{dataset}/prepare.log",
+    benchmark:
+        "benchmarks/{dataset}/prepare.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 30, node="cpu"),
+    params:
+        settings=get_prepare_params,
+    shell:
+        "sciquant prepare bloodflow --raw resources/{wildcards.dataset}/raw"
+        " --settings {params.settings:q} --out results/{wildcards.dataset}/prepared > {log} 2>&1"
+
+
+rule overview:
+    input:
+        "resources/{dataset}/raw/manifest.json",
+    output:
+        "results/{dataset}/overview.png",
+    log:
+        "logs/{dataset}/overview.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    shell:
+        "sciquant overview bloodflow --raw resources/{wildcards.dataset}/raw"
+        " --out {output} > {log} 2>&1"

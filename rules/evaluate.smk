@@ -1,0 +1,51 @@
+# Evaluation: full autoregressive rollouts of every test simulation; metrics.json per run.
+
+
+rule evaluate_fp32:
+    input:
+        checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+        index="results/{dataset}/prepared/index.json",
+    output:
+        metrics="results/{dataset}/{model}/seed{seed}/reference/none/fp32/metrics.json",
+        pressure=report(
+            "results/{dataset}/{model}/seed{seed}/reference/none/fp32/pressure.png",
+            caption="../workflow/report/rollout.rst",
+            category="Rollouts",
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "field": "pressure",
+            },
+        ),
+        flowrate=report(
+            "results/{dataset}/{model}/seed{seed}/reference/none/fp32/flowrate.png",
+            caption="../workflow/report/rollout.rst",
+            category="Rollouts",
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "field": "flowrate",
+            },
+        ),
+    log:
+        "logs/{dataset}/{model}/seed{seed}/reference/none/fp32/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/reference/none/fp32/evaluate.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 60, node="cpu"),
+    params:
+        settings=get_evaluate_params,
+        coordinates=get_run_coordinates,
+        folder=subpath(output.metrics, parent=True),
+    shell:
+        "sciquant evaluate --checkpoint {input.checkpoint}"
+        " --prepared results/{wildcards.dataset}/prepared"
+        " --settings {params.settings:q} --coordinates {params.coordinates:q}"
+        " --threads {threads} --out {params.folder} > {log} 2>&1"

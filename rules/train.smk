@@ -1,0 +1,31 @@
+# FP32 training: one job per dataset × model × seed; resumes from its last checkpoint on rerun.
+
+
+rule train:
+    input:
+        index="results/{dataset}/prepared/index.json",
+        graphs="results/{dataset}/prepared/graphs",
+    output:
+        checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+        log_csv="results/{dataset}/{model}/seed{seed}/fp32/training_log.csv",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/train.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/train.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=scaled("mem_mb", 4000),
+        runtime=scaled("runtime", 120),
+        slurm_partition=get_node_resource("slurm_partition", ""),
+        constraint=get_node_resource("constraint", ""),
+        gpu=get_node_resource("gpu", 0),
+        gpu_model=get_node_resource("gpu_model", ""),
+    params:
+        settings=get_train_params,
+        folder=subpath(output.checkpoint, parent=True),
+    shell:
+        "sciquant train --prepared results/{wildcards.dataset}/prepared"
+        " --settings {params.settings:q} --seed {wildcards.seed} --threads {threads}"
+        " --out {params.folder} > {log} 2>&1"

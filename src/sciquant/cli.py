@@ -1,0 +1,168 @@
+"""`sciquant <stage> ...`: one subcommand per workflow stage; every rule calls one of these.
+
+Stages are plain functions in the package; this module only parses arguments and turns a
+`SciquantError` (a bad config, a missing or corrupt file) into a one-paragraph message and exit
+status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sciquant.errors import SciquantError
+
+
+def _json_argument(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]}") from error
+
+
+def _add_settings(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--settings",
+        type=_json_argument,
+        default={},
+        help=f"{what} as JSON (the study config's section; defaults fill what is left out)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sciquant",
+        description="Quantization studies of scientific ML surrogates: the workflow's stages.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synthesize = commands.add_parser(
+        "synthesize", help="write the embedded dataset (simulated, in the real raw format)"
+    )
+    synthesize.add_argument("workload", choices=["bloodflow"])
+    _add_settings(synthesize, "simulator settings (n_simulations, seed, parameters)")
+    synthesize.add_argument("--out", type=Path, required=True, help="raw data folder to write")
+
+    fetch = commands.add_parser("fetch", help="download raw files by URL, verify sha256, unpack")
+    fetch.add_argument(
+        "--files",
+        type=_json_argument,
+        required=True,
+        help='JSON list of {"url", "sha256", "name"?, "extract"?}',
+    )
+    fetch.add_argument("--out", type=Path, required=True, help="raw data folder to write")
+
+    prepare = commands.add_parser("prepare", help="raw files → graph samples, splits, statistics")
+    prepare.add_argument("workload", choices=["bloodflow"])
+    prepare.add_argument("--raw", type=Path, required=True, help="raw data folder (with vtps/)")
+    _add_settings(prepare, "preparation settings")
+    prepare.add_argument("--out", type=Path, required=True, help="prepared data folder to write")
+
+    overview = commands.add_parser("overview", help="figure of the raw data (inlet and outlets)")
+    overview.add_argument("workload", choices=["bloodflow"])
+    overview.add_argument("--raw", type=Path, required=True, help="raw data folder (with vtps/)")
+    overview.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    overview.add_argument("--simulations", type=int, default=4, help="simulations to plot")
+
+    train = commands.add_parser("train", help="train the FP32 model (resumes from a checkpoint)")
+    train.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
+    _add_settings(train, "model architecture and training settings")
+    train.add_argument("--seed", type=int, default=0, help="training seed")
+    train.add_argument("--threads", type=int, default=None, help="torch threads")
+    train.add_argument("--out", type=Path, required=True, help="training folder to write")
+
+    evaluate = commands.add_parser("evaluate", help="roll out the test simulations, write metrics")
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
+    evaluate.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
+    _add_settings(evaluate, "evaluation settings")
+    evaluate.add_argument(
+        "--coordinates", type=_json_argument, required=True, help="the run's coordinates (JSON)"
+    )
+    evaluate.add_argument("--threads", type=int, default=None, help="torch threads")
+    evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
+
+    check = commands.add_parser("check-config", help="validate a study config file")
+    check.add_argument("config", type=Path)
+
+    bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    bench.add_argument("what", choices=["mgn"])
+    bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Dispatch to the stage function (imported here so `--help` stays fast)."""
+    if args.command == "synthesize":
+        from sciquant.data import bloodflow_sim
+
+        settings = dict(args.settings)
+        params = bloodflow_sim.params_from_mapping(settings.get("parameters", {}))
+        bloodflow_sim.synthesize(
+            args.out,
+            n_simulations=settings.get("n_simulations", 24),
+            seed=settings.get("seed", 0),
+            params=params,
+        )
+        from sciquant.data.manifest import write_manifest
+
+        write_manifest(args.out, source={"embedded": settings})
+    elif args.command == "fetch":
+        from sciquant.data.download import RemoteFile, fetch
+        from sciquant.data.manifest import write_manifest
+
+        files = [RemoteFile(**spec) for spec in args.files]
+        fetch(files, args.out)
+        write_manifest(args.out, source={"files": args.files})
+    elif args.command == "prepare":
+        from sciquant.data import bloodflow
+
+        bloodflow.prepare(args.raw, args.out, bloodflow.PrepareSettings(**args.settings))
+    elif args.command == "overview":
+        from sciquant.data import overview
+
+        overview.plot_bloodflow(args.raw, args.out, n_simulations=args.simulations)
+    elif args.command == "train":
+        from sciquant.train import bloodflow as train_bloodflow
+
+        train_bloodflow.run(
+            args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads
+        )
+    elif args.command == "evaluate":
+        from sciquant.evaluate import bloodflow as evaluate_bloodflow
+
+        evaluate_bloodflow.run(
+            args.checkpoint,
+            args.prepared,
+            args.out,
+            settings=args.settings,
+            coordinates=args.coordinates,
+            threads=args.threads,
+        )
+    elif args.command == "check-config":
+        from sciquant.study import Study, load_config
+
+        study = Study(load_config(args.config))
+        print(f"{args.config}: valid; {len(study.runs())} runs")
+    elif args.command == "bench":
+        from sciquant.benchmarks import mgn
+
+        print(mgn.format_table(mgn.run(repeats=args.repeats, threads=args.threads)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except SciquantError as error:
+        print(f"sciquant {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

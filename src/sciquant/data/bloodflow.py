@@ -1,0 +1,481 @@
+"""Blood-flow ingestion: VMR-format centerlines (`vtps/*.vtp` + `dataset_info.json`) → graph samples.
+
+Graphs are built as PhysicsNeMo's bloodflow_1d_mgn builds them: a fraction of the centerline points
+is kept (inlet, outlets and junction points always), consecutive kept points are joined by
+bidirectional edges, and inlet/outlet nodes get boundary edges to nodes a few hops away. Time is
+resampled to `dt` over one cardiac cycle, `loading_steps` ramp-up steps are prepended, and each
+training simulation gets `time_offsets` copies resampled from shifted start times.
+
+Output format (`results/<dataset>/prepared/`):
+
+- `graphs/<simulation>_o<k>.npz`, one per sample (k = time-offset copy; test and validation
+  samples have k = 0 only). Arrays (N nodes, E directed edges, S steps; CGS units):
+  `pos` [N, 3] cm, `node_type` [N] (0 branch, 1 junction, 2 inlet, 3 outlet), `branch_id` [N]
+  (-1 on junctions), `area` [N] cm², `tangent` [N, 3], `edge_index` [2, E] (source, destination),
+  `edge_features` [E, 9] (relative position 3, distance, edge-type one-hot 5: branch-branch,
+  branch-junction, junction-junction, inlet boundary, outlet boundary), `pressure` [S, N] dyn/cm²,
+  `flowrate` [S, N] cm³/s, `loading` [S] (1 on ramp-up steps), `R1`, `C`, `R2` [N] (outlet
+  Windkessel values, 0 elsewhere), scalars `period` s, `dt` s, `diastolic`, `systolic` dyn/cm²
+  (inlet pressure extremes), `source_points` [N] (ids of the kept points in the `.vtp`).
+- `index.json`: format version, settings, the splits (sample names per split, by simulation),
+  node/edge feature names, and z-score statistics (mean, std) computed on the training split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sciquant.data.vtp import Centerline, read_centerline
+from sciquant.errors import SciquantError
+
+FORMAT_VERSION = 1
+BRANCH, JUNCTION, INLET, OUTLET = range(4)
+NODE_FEATURES = (
+    "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
+    "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
+    "R1", "C", "R2", "loading", "next_inlet_flowrate",
+)  # fmt: skip
+EDGE_FEATURES = (
+    "dx", "dy", "dz", "distance",
+    "branch_branch", "branch_junction", "junction_junction", "inlet_boundary", "outlet_boundary",
+)  # fmt: skip
+#: Quantities with z-score statistics (computed over the training split).
+STATISTICS = (
+    "pressure", "flowrate", "delta_pressure", "delta_flowrate", "area", "period",
+    "diastolic", "systolic", "R1", "C", "R2", "dx", "dy", "dz", "distance",
+)  # fmt: skip
+_STEP_ARRAY = re.compile(r"^(pressure|flow|velocity)_(\d+)$")
+
+
+@dataclass(frozen=True)
+class Split:
+    train: float = 0.7
+    valid: float = 0.1
+    test: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How raw centerlines become graph samples (the config's `datasets.<name>.prepare`)."""
+
+    keep_fraction: float = 0.06
+    dt: float = 0.01
+    loading_steps: int = 10
+    time_offsets: int = 4
+    boundary_edge_hops: int = 3
+    split: Split = field(default_factory=Split)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, dict):
+            object.__setattr__(self, "split", Split(**self.split))
+
+
+@dataclass
+class Simulation:
+    """One raw simulation: its centerline and its `dataset_info.json` entry."""
+
+    name: str
+    path: Path
+    centerline: Centerline
+    info: dict[str, Any]
+    times: np.ndarray  # [K] s, relative to the stored cycle's start
+    pressure: np.ndarray  # [K, P] dyn/cm²
+    flowrate: np.ndarray  # [K, P] cm³/s
+
+
+def find_vtps(raw: Path) -> Path:
+    """The folder holding `dataset_info.json` (normally `raw/vtps`, or deeper in an archive)."""
+    candidates = sorted(raw.rglob("dataset_info.json"))
+    if not candidates:
+        raise SciquantError(
+            f"{raw}: no dataset_info.json found; expected the VMR layout vtps/*.vtp + "
+            "vtps/dataset_info.json (rerun the fetch/synthesize stage)"
+        )
+    if len(candidates) > 1:
+        raise SciquantError(f"{raw}: several dataset_info.json files: {candidates}; keep one")
+    return candidates[0].parent
+
+
+def load_simulation(path: Path, info: dict[str, Any]) -> Simulation:
+    """Read one `.vtp` and check it has what ingestion needs; errors name the file."""
+    centerline = read_centerline(path)
+    name = path.stem
+    if name not in info:
+        raise SciquantError(
+            f"{path}: simulation '{name}' is missing from dataset_info.json; add its dt, T, "
+            "time_shift, bc_type and outlet values, or remove the file"
+        )
+    entry = info[name]
+    for key in ("dt", "T"):
+        if key not in entry:
+            raise SciquantError(f"{path.parent / 'dataset_info.json'}: '{name}' has no '{key}'")
+    data = centerline.point_data
+    for required in ("area", "BranchIdTmp"):
+        if required not in data:
+            raise SciquantError(f"{path}: point-data array '{required}' is missing")
+
+    steps: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for array_name, values in data.items():
+        match = _STEP_ARRAY.match(array_name)
+        if match:
+            kind = "flow" if match.group(1) == "velocity" else match.group(1)
+            steps[kind][int(match.group(2))] = values
+    for kind in ("pressure", "flow"):
+        if not steps[kind]:
+            raise SciquantError(f"{path}: no '{kind}_<k>' arrays (time series) in the file")
+    if sorted(steps["pressure"]) != sorted(steps["flow"]):
+        raise SciquantError(f"{path}: pressure_<k> and flow_<k> arrays cover different steps")
+    indices = sorted(steps["pressure"])
+    pressure = np.stack([steps["pressure"][k] for k in indices]).astype(np.float64)
+    flowrate = np.stack([steps["flow"][k] for k in indices]).astype(np.float64)
+    for label, values in (("pressure", pressure), ("flow", flowrate), ("area", data["area"])):
+        if not np.all(np.isfinite(values)):
+            raise SciquantError(f"{path}: '{label}' contains NaN or infinite values")
+    if np.any(data["area"] <= 0):
+        raise SciquantError(f"{path}: 'area' has non-positive values")
+    times = np.asarray(indices, dtype=np.float64) * float(entry["dt"])
+    return Simulation(name, path, centerline, entry, times, pressure, flowrate)
+
+
+def point_types(centerline: Centerline) -> np.ndarray:
+    """Node type of every centerline point: branch, junction, inlet (point 0) or outlet."""
+    n_points = len(centerline.points)
+    degree = np.bincount(centerline.edges.reshape(-1), minlength=n_points)
+    types = np.full(n_points, BRANCH, dtype=np.int8)
+    types[np.asarray(centerline.point_data["BranchIdTmp"]) < 0] = JUNCTION
+    if "BifurcationId" in centerline.point_data:
+        types[np.asarray(centerline.point_data["BifurcationId"]) >= 0] = JUNCTION
+    types[(degree == 1)] = OUTLET
+    types[0] = INLET
+    return types
+
+
+def _adjacency(n_points: int, edges: np.ndarray) -> list[list[int]]:
+    neighbours: list[list[int]] = [[] for _ in range(n_points)]
+    for a, b in edges:
+        neighbours[a].append(int(b))
+        neighbours[b].append(int(a))
+    return neighbours
+
+
+def select_points(centerline: Centerline, types: np.ndarray, keep_fraction: float):
+    """Kept point ids and the edges between consecutive kept points (as point-id pairs).
+
+    Walks the tree from the inlet; along each chain of branch points, keeps one point every
+    `mean spacing / keep_fraction` of arc length. Inlet, outlets, junction points and points of
+    degree ≠ 2 are always kept.
+    """
+    points = centerline.points
+    n_points = len(points)
+    neighbours = _adjacency(n_points, centerline.edges)
+    lengths = np.linalg.norm(points[centerline.edges[:, 0]] - points[centerline.edges[:, 1]], axis=1)
+    spacing = float(lengths.mean()) / keep_fraction
+    degree = np.array([len(n) for n in neighbours])
+    always = (types != BRANCH) | (degree != 2)
+
+    kept = [0]
+    kept_edges: list[tuple[int, int]] = []
+    visited = np.zeros(n_points, dtype=bool)
+    visited[0] = True
+    # Each stack entry: (point, last kept point upstream, arc length since it).
+    stack = [(0, 0, 0.0)]
+    while stack:
+        point, anchor, travelled = stack.pop()
+        for nxt in neighbours[point]:
+            if visited[nxt]:
+                continue
+            visited[nxt] = True
+            distance = travelled + float(np.linalg.norm(points[nxt] - points[point]))
+            if always[nxt] or distance >= spacing:
+                kept.append(nxt)
+                kept_edges.append((anchor, nxt))
+                stack.append((nxt, nxt, 0.0))
+            else:
+                stack.append((nxt, anchor, distance))
+    if not visited.all():
+        raise SciquantError(
+            f"centerline has {int((~visited).sum())} points not connected to the inlet (point 0)"
+        )
+    return np.asarray(kept), np.asarray(kept_edges, dtype=np.int64)
+
+
+def _tangents(pos: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    tangent = np.zeros_like(pos)
+    for a, b in edges:
+        direction = pos[b] - pos[a]  # edges point downstream
+        tangent[a] += direction
+        tangent[b] += direction
+    norm = np.linalg.norm(tangent, axis=1, keepdims=True)
+    return tangent / np.where(norm > 0, norm, 1.0)
+
+
+def _boundary_edges(n_nodes: int, edges: np.ndarray, sources: np.ndarray, hops: int):
+    """Edges from each boundary node to nodes 2..hops hops away (direct neighbours have edges)."""
+    neighbours = _adjacency(n_nodes, edges)
+    pairs = []
+    for source in sources:
+        depth = {int(source): 0}
+        queue = deque([int(source)])
+        while queue:
+            node = queue.popleft()
+            if depth[node] == hops:
+                continue
+            for nxt in neighbours[node]:
+                if nxt not in depth:
+                    depth[nxt] = depth[node] + 1
+                    queue.append(nxt)
+        pairs += [(int(source), node) for node, d in depth.items() if d >= 2]
+    return pairs
+
+
+def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndarray]:
+    """The static part of a sample: nodes, edges and their features."""
+    types_all = point_types(sim.centerline)
+    kept, point_edges = select_points(sim.centerline, types_all, settings.keep_fraction)
+    node_of_point = {int(p): i for i, p in enumerate(kept)}
+    tree_edges = np.array([[node_of_point[a], node_of_point[b]] for a, b in point_edges])
+    pos = sim.centerline.points[kept]
+    node_type = types_all[kept]
+    branch_id = np.asarray(sim.centerline.point_data["BranchIdTmp"])[kept].astype(np.int64)
+    branch_id[node_type == JUNCTION] = -1
+
+    directed = [(int(a), int(b), _edge_type(node_type[a], node_type[b])) for a, b in tree_edges]
+    directed += [(b, a, t) for a, b, t in directed]
+    inlet_nodes = np.flatnonzero(node_type == INLET)
+    outlet_nodes = np.flatnonzero(node_type == OUTLET)
+    hops = settings.boundary_edge_hops
+    for sources, edge_type in ((inlet_nodes, 3), (outlet_nodes, 4)):
+        for a, b in _boundary_edges(len(kept), tree_edges, sources, hops):
+            directed += [(a, b, edge_type), (b, a, edge_type)]
+    edge_index = np.array([[a for a, _, _ in directed], [b for _, b, _ in directed]])
+    relative = pos[edge_index[1]] - pos[edge_index[0]]
+    distance = np.linalg.norm(relative, axis=1, keepdims=True)
+    one_hot = np.eye(5)[[t for _, _, t in directed]]
+    edge_features = np.concatenate([relative, distance, one_hot], axis=1)
+
+    r1, capacitance, r2 = _outlet_values(sim, kept, node_type)
+    return {
+        "pos": pos.astype(np.float32),
+        "node_type": node_type.astype(np.int8),
+        "branch_id": branch_id,
+        "area": np.asarray(sim.centerline.point_data["area"])[kept].astype(np.float32),
+        "tangent": _tangents(pos, tree_edges).astype(np.float32),
+        "edge_index": edge_index.astype(np.int64),
+        "edge_features": edge_features.astype(np.float32),
+        "R1": r1, "C": capacitance, "R2": r2,
+        "source_points": kept.astype(np.int64),
+    }  # fmt: skip
+
+
+def _edge_type(type_a: int, type_b: int) -> int:
+    junctions = int(type_a == JUNCTION) + int(type_b == JUNCTION)
+    return junctions  # 0 branch-branch, 1 branch-junction, 2 junction-junction
+
+
+def _outlet_values(sim: Simulation, kept: np.ndarray, node_type: np.ndarray):
+    """Windkessel (or resistance) values on outlet nodes, zero elsewhere."""
+    info_file = sim.path.parent / "dataset_info.json"
+    outlet_points = sorted(int(p) for p in kept[node_type == OUTLET])
+    listed = sim.info.get("outlets", outlet_points)
+    if sorted(int(p) for p in listed) != outlet_points:
+        raise SciquantError(
+            f"{info_file}: '{sim.name}' lists outlets {listed}, but the centerline's outlets "
+            f"(degree-1 points other than point 0) are {outlet_points}"
+        )
+    n = len(kept)
+    values = {key: np.zeros(n, dtype=np.float32) for key in ("R1", "C", "R2")}
+    bc_type = sim.info.get("bc_type", "RCR")
+    node_of_point = {int(p): i for i, p in enumerate(kept)}
+    aliases = {"R1": ("R1", "Rp"), "C": ("C",), "R2": ("R2", "Rd")}
+    for key, names in aliases.items():
+        if bc_type.upper() == "R" and key != "R1":
+            continue
+        found = next((sim.info[name] for name in names if name in sim.info), None)
+        if found is None and bc_type.upper() == "R":
+            found = sim.info.get("R")
+        if found is None:
+            raise SciquantError(f"{info_file}: '{sim.name}' ({bc_type}) has no '{names[0]}' values")
+        found = np.atleast_1d(np.asarray(found, dtype=np.float64))
+        if len(found) != len(listed):
+            raise SciquantError(
+                f"{info_file}: '{sim.name}' has {len(found)} '{names[0]}' values for "
+                f"{len(listed)} outlets"
+            )
+        for point, value in zip(listed, found, strict=True):
+            values[key][node_of_point[int(point)]] = value
+    return values["R1"], values["C"], values["R2"]
+
+
+def resample(sim: Simulation, kept: np.ndarray, settings: PrepareSettings, offset: float):
+    """Pressure, flow and loading flag at `offset + m·dt` over one cycle, ramp-up prepended."""
+    period = float(sim.info["T"])
+    n_steps = int(round(period / settings.dt))
+    times = offset + settings.dt * np.arange(n_steps + 1)
+    # Periodic interpolation: the stored cycle's end joins its start.
+    pressure = _interp_periodic(times, sim.times, sim.pressure[:, kept], period)
+    flowrate = _interp_periodic(times, sim.times, sim.flowrate[:, kept], period)
+    ramp = np.linspace(0.0, 1.0, settings.loading_steps, endpoint=False)[:, None]
+    p_min = pressure.min(axis=0, keepdims=True)
+    loading_p = p_min + ramp * (pressure[:1] - p_min)
+    loading_q = ramp * flowrate[:1]
+    loading = np.concatenate([np.ones(settings.loading_steps), np.zeros(n_steps + 1)])
+    return (
+        np.concatenate([loading_p, pressure]).astype(np.float32),
+        np.concatenate([loading_q, flowrate]).astype(np.float32),
+        loading.astype(np.float32),
+    )
+
+
+def _interp_periodic(times, sample_times, values, period):
+    return np.stack(
+        [np.interp(times, sample_times, values[:, j], period=period) for j in range(values.shape[1])],
+        axis=1,
+    )
+
+
+def split_simulations(names: list[str], split: Split) -> dict[str, list[str]]:
+    """Shuffle simulations with the split's seed, then cut by the fractions (≥ 1 test, ≥ 1 train)."""
+    rng = np.random.default_rng(split.seed)
+    order = [names[i] for i in rng.permutation(len(names))]
+    n_test = max(1, int(round(split.test * len(names))))
+    n_valid = int(round(split.valid * len(names)))
+    if n_test + n_valid >= len(names):
+        raise SciquantError(
+            f"prepare.split: {len(names)} simulations leave none for training with "
+            f"test={split.test}, valid={split.valid}; add simulations or lower the fractions"
+        )
+    return {
+        "test": sorted(order[:n_test]),
+        "valid": sorted(order[n_test : n_test + n_valid]),
+        "train": sorted(order[n_test + n_valid :]),
+    }
+
+
+def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
+    """Ingest every simulation under `raw`, write samples and `index.json` into `out`."""
+    vtps = find_vtps(raw)
+    info_file = vtps / "dataset_info.json"
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as error:
+        raise SciquantError(f"{info_file}: not valid JSON ({error})") from error
+    paths = sorted(vtps.glob("*.vtp"))
+    if len(paths) < 3:
+        raise SciquantError(f"{vtps}: found {len(paths)} .vtp files; need at least 3 to split")
+    splits = split_simulations([p.stem for p in paths], settings.split)
+    split_of = {name: split for split, names in splits.items() for name in names}
+
+    graphs_dir = out / "graphs"
+    graphs_dir.mkdir(parents=True, exist_ok=True)
+    samples: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    collected: dict[str, list[np.ndarray]] = defaultdict(list)
+    for path in tqdm(paths, desc="prepare", unit="simulation"):
+        sim = load_simulation(path, info)
+        graph = build_graph(sim, settings)
+        split = split_of[sim.name]
+        offsets = settings.time_offsets if split == "train" else 1
+        for k in range(offsets):
+            pressure, flowrate, loading = resample(
+                sim, graph["source_points"], settings, offset=k * settings.dt / offsets
+            )
+            inlet = graph["node_type"] == INLET
+            sample = dict(
+                graph,
+                pressure=pressure,
+                flowrate=flowrate,
+                loading=loading,
+                period=np.float32(sim.info["T"]),
+                dt=np.float32(settings.dt),
+                diastolic=np.float32(pressure[settings.loading_steps :, inlet].min()),
+                systolic=np.float32(pressure[settings.loading_steps :, inlet].max()),
+            )
+            name = f"{sim.name}_o{k}"
+            _save_npz(graphs_dir / f"{name}.npz", sample)
+            samples[split].append(name)
+            if split == "train":
+                _collect_statistics(collected, sample)
+
+    index = {
+        "format_version": FORMAT_VERSION,
+        "workload": "bloodflow",
+        "settings": asdict(settings),
+        "simulations": splits,
+        "samples": samples,
+        "node_features": list(NODE_FEATURES),
+        "edge_features": list(EDGE_FEATURES),
+        "statistics": _statistics(collected),
+    }
+    target = out / "index.json"
+    tmp = target.with_name("index.json.part")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.stem + ".part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _collect_statistics(collected: dict[str, list[np.ndarray]], sample: dict[str, Any]) -> None:
+    steady = sample["loading"] == 0
+    outlets = sample["node_type"] == OUTLET
+    collected["pressure"].append(sample["pressure"].ravel())
+    collected["flowrate"].append(sample["flowrate"].ravel())
+    collected["delta_pressure"].append(np.diff(sample["pressure"][steady], axis=0).ravel())
+    collected["delta_flowrate"].append(np.diff(sample["flowrate"][steady], axis=0).ravel())
+    collected["area"].append(sample["area"])
+    for key in ("period", "diastolic", "systolic"):
+        collected[key].append(np.atleast_1d(sample[key]))
+    for key in ("R1", "C", "R2"):
+        collected[key].append(sample[key][outlets])
+    for j, key in enumerate(("dx", "dy", "dz", "distance")):
+        collected[key].append(sample["edge_features"][:, j])
+
+
+def _statistics(collected: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    statistics = {}
+    for key in STATISTICS:
+        values = np.concatenate(collected[key]).astype(np.float64)
+        std = float(values.std())
+        # A constant quantity (e.g. one period for all) must not divide by zero.
+        statistics[key] = {"mean": float(values.mean()), "std": std if std > 1e-12 else 1.0}
+    return statistics
+
+
+def load_index(prepared: Path) -> dict[str, Any]:
+    """Read `index.json` of a prepared dataset; errors name the file and the fix."""
+    path = prepared / "index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: not found; run the prepare stage first") from error
+    except json.JSONDecodeError as error:
+        raise SciquantError(f"{path}: not valid JSON ({error}); rerun prepare") from error
+    if index.get("format_version") != FORMAT_VERSION:
+        raise SciquantError(
+            f"{path}: format version {index.get('format_version')} is not {FORMAT_VERSION}; "
+            "rerun the prepare stage with this sciquant"
+        )
+    return index
+
+
+def load_sample(prepared: Path, name: str) -> dict[str, np.ndarray]:
+    """One prepared sample's arrays."""
+    path = prepared / "graphs" / f"{name}.npz"
+    try:
+        with np.load(path) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise SciquantError(f"{path}: cannot read the sample ({error}); rerun prepare") from error

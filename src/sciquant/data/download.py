@@ -1,0 +1,709 @@
+"""Download dataset files over HTTP(S), resuming, retrying and checking their sha256.
+
+`fetch` is what `sciquant fetch` runs: for each `RemoteFile` it downloads into a destination
+folder, verifies the sha256 over the whole file and, if asked, unpacks the archive there. A file
+that is already present with the right hash is left alone without any network traffic, so
+`fetch` can be rerun freely (for example as the first rule of a workflow).
+
+A download is written to `<target>.part` and only moved to `<target>` by `os.replace` once its
+hash is right, so a finished-looking file is always a verified one. An interrupted download
+(dropped connection, timeout, killed job) keeps its `.part`, and the next attempt, or the next
+run, asks the server for the rest with an HTTP `Range` header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import lzma
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+from tqdm import tqdm
+
+from sciquant import __version__
+from sciquant.errors import SciquantError
+
+__all__ = ["RemoteFile", "download", "extract_archive", "fetch"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMES = ("http", "https", "file")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_CHUNK = 1 << 20
+# 408/429 and 5xx say "not now" rather than "never"; every other status is final.
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_BACKOFF_S = 60.0
+# A server asking for a longer pause than this is better answered by rerunning later.
+_MAX_RETRY_AFTER_S = 300.0
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a dataset: where it lives, its sha256, and what to do with it.
+
+    `name` is the file name to save it under in the destination folder (default: the last part of
+    the URL's path, without query string). `extract` unpacks a zip or tar archive into the
+    destination folder after its hash has been checked. The URL scheme, the hash and the name are
+    checked when the object is made, so a bad config fails before anything is downloaded.
+    """
+
+    url: str
+    sha256: str
+    name: str | None = None
+    extract: bool = False
+
+    def __post_init__(self) -> None:
+        _check_url(self.url)
+        _check_sha256(self.sha256, self.url)
+        _check_name(self.filename, self.url)
+
+    @property
+    def filename(self) -> str:
+        """The name the file is saved under: `name`, or the basename of the URL's path."""
+        if self.name is not None:
+            return self.name
+        return unquote(PurePosixPath(urlsplit(self.url).path).name)
+
+
+def fetch(
+    files: Sequence[RemoteFile],
+    dest: Path,
+    *,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+) -> list[Path]:
+    """Download every file into `dest`, verify it, unpack archives; return the file paths.
+
+    The returned list holds one path per `RemoteFile`, in order: the verified downloaded file
+    (for an archive, the archive itself; its members are in `dest`). Files already in `dest` with
+    the right sha256 are not downloaded again. An archive is unpacked again only if it changed or
+    its top-level entries are gone from `dest` (a `.<name>.extracted` stamp records what was
+    unpacked; delete it to force unpacking). See `download` for `retries`, `backoff_s`,
+    `timeout_s` and `progress`. Run one `fetch` per `dest` at a time: two runs would write the
+    same `.part` files.
+    """
+    dest = Path(dest)
+    seen: dict[str, str] = {}
+    for remote in files:
+        # Two entries saved under one name would silently overwrite each other.
+        if remote.filename in seen:
+            raise SciquantError(
+                f"Two dataset files would be saved as {dest / remote.filename}:"
+                f" {seen[remote.filename]} and {remote.url}. Give one of them a different `name`"
+                " in the config."
+            )
+        seen[remote.filename] = remote.url
+    _check_settings(retries, backoff_s, timeout_s)
+    _mkdir(dest)
+
+    paths: list[Path] = []
+    with _new_session() as session:
+        for remote in files:
+            path = download(
+                remote.url,
+                dest / remote.filename,
+                remote.sha256,
+                retries=retries,
+                backoff_s=backoff_s,
+                timeout_s=timeout_s,
+                progress=progress,
+                session=session,
+            )
+            if remote.extract:
+                _extract_once(path, dest, _check_sha256(remote.sha256, remote.url))
+            paths.append(path)
+    return paths
+
+
+def download(
+    url: str,
+    target: Path,
+    sha256: str,
+    *,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+    session: requests.Session | None = None,
+) -> Path:
+    """Download `url` to `target` and check its sha256; return `target`.
+
+    If `target` already holds the right bytes nothing is downloaded. Otherwise the bytes go to
+    `<target>.part`, resuming from what is there, and are moved to `target` once the sha256 over
+    the whole file matches. A dropped connection, a timeout, HTTP 408, 429 or 5xx is retried up
+    to `retries` times, waiting `backoff_s`, then twice as long each time (at most 60 s); other
+    HTTP errors fail at once. `timeout_s` bounds connecting and each wait for data, not the
+    whole download. `progress` shows a progress bar on stderr. `file://` URLs are copied.
+    Proxies come from the usual HTTPS_PROXY / NO_PROXY variables.
+    """
+    expected = _check_sha256(sha256, url)
+    scheme = _check_url(url)
+    _check_settings(retries, backoff_s, timeout_s)
+    target = Path(target)
+    part = target.with_name(target.name + ".part")
+
+    if target.is_file():
+        if _sha256_of(target) == expected:
+            return target
+        logger.warning("%s does not have the expected sha256; downloading it again", target)
+    _mkdir(target.parent)
+
+    if scheme == "file":
+        _copy_local(url, part)
+        actual = _sha256_of(part)
+    else:
+        own_session = session is None
+        session = session or _new_session()
+        try:
+            transfer = _Transfer(url, part, session, retries, backoff_s, timeout_s, progress)
+            from_earlier_run = part.is_file() and part.stat().st_size > 0
+            transfer.run()
+            actual = _sha256_of(part)
+            if actual != expected and from_earlier_run:
+                # The .part may come from another version of the file (the URL or the file on the
+                # server changed since the interrupted run); one clean download settles it.
+                logger.warning(
+                    "Resuming %s from %s gave the wrong sha256; downloading it from the start",
+                    url,
+                    part,
+                )
+                part.unlink()
+                transfer.run()
+                actual = _sha256_of(part)
+        finally:
+            if own_session:
+                session.close()
+
+    if actual != expected:
+        part.unlink(missing_ok=True)
+        raise SciquantError(
+            f"Checksum mismatch for {url}: expected sha256 {expected}, got {actual}. The download"
+            " was deleted. Check that the sha256 in the config belongs to this URL (the file may"
+            " have been updated upstream, or the URL may serve a different file or an error page)."
+        )
+    try:
+        os.replace(part, target)
+    except OSError as exc:
+        raise SciquantError(f"Cannot move {part} to {target}: {exc}. Remove {target}.") from exc
+    return target
+
+
+def extract_archive(archive: Path, dest: Path) -> list[Path]:
+    """Unpack a zip or tar archive (plain, gz, bz2, xz) into `dest`; return the unpacked paths.
+
+    Every member is checked before anything is written: an absolute path, a `..` component, a
+    link whose target is outside `dest`, a path through a link in the archive or a device / FIFO
+    member rejects the whole archive with a `SciquantError` naming the archive and the member.
+    The archive is unpacked into a temporary folder inside `dest` and its entries are then moved
+    into place, merging into folders that already exist, so a failed or interrupted unpack
+    leaves no half-written files in `dest`.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise SciquantError(f"Cannot unpack {archive}: no such file. Fetch it first.")
+    kind = _archive_kind(archive)
+    _mkdir(dest)
+    staging = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".unpacking", dir=dest))
+    try:
+        try:
+            if kind == "zip":
+                with zipfile.ZipFile(archive) as zf:
+                    names = _checked_zip_members(zf, archive)
+                    zf.extractall(staging)
+            else:
+                with tarfile.open(archive, "r:*") as tf:
+                    names = _checked_tar_members(tf.getmembers(), archive)
+                    # The data filter is a second line of defence (and drops setuid bits and
+                    # unsafe permissions); it exists from Python 3.11.4.
+                    if hasattr(tarfile, "data_filter"):
+                        tf.extractall(staging, filter="data")
+                    else:
+                        tf.extractall(staging)
+        except NotImplementedError as exc:
+            # zipfile reads stored, deflate, bzip2 and lzma members, not e.g. deflate64.
+            raise SciquantError(
+                f"Cannot unpack {archive}: {exc}. Unpack it with `unzip` or 7-Zip and set"
+                " `extract: false` for it in the config."
+            ) from exc
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+            raise SciquantError(
+                f"Cannot unpack {archive} into {dest}: {exc}. Check free space and permissions"
+                " there; if the archive is damaged, delete it and fetch it again."
+            ) from exc
+        except lzma.LZMAError as exc:
+            raise SciquantError(
+                f"Cannot unpack {archive}: {exc}. The archive is damaged; delete it and fetch"
+                " it again."
+            ) from exc
+        _merge_into(staging, dest, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dest / name for name in names]
+
+
+# --- the transfer itself -------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    """A failed attempt worth repeating: dropped connection, timeout, 408, 429 or 5xx."""
+
+    def __init__(
+        self, reason: str, *, retry_after_s: float | None = None, restart: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+        # A restart (the .part was discarded) needs no pause: the server did nothing wrong.
+        self.restart = restart
+
+
+@dataclass
+class _Transfer:
+    """Bring `part` to the full content of `url`, resuming and retrying."""
+
+    url: str
+    part: Path
+    session: requests.Session
+    retries: int
+    backoff_s: float
+    timeout_s: float
+    progress: bool
+
+    def run(self) -> None:
+        """Attempt until `part` holds all bytes the server has, or raise `SciquantError`."""
+        attempt = 0
+        while True:
+            try:
+                self._attempt()
+                return
+            except _Transient as exc:
+                if attempt >= self.retries:
+                    have = self.part.stat().st_size if self.part.exists() else 0
+                    raise SciquantError(
+                        f"Download of {self.url} failed after {attempt + 1} attempts; last error:"
+                        f" {exc}. The {have} bytes received are kept in {self.part}; run the"
+                        " command again to resume. Compute nodes often have no internet access:"
+                        " fetch on a login node, or set HTTPS_PROXY."
+                    ) from exc
+                wait = 0.0 if exc.restart else min(self.backoff_s * 2**attempt, _MAX_BACKOFF_S)
+                if exc.retry_after_s is not None:
+                    wait = max(wait, min(exc.retry_after_s, _MAX_RETRY_AFTER_S))
+                attempt += 1
+                logger.warning(
+                    "%s: %s; retrying in %.1f s (retry %d of %d)",
+                    self.url,
+                    exc,
+                    wait,
+                    attempt,
+                    self.retries,
+                )
+                time.sleep(wait)
+
+    def _attempt(self) -> None:
+        offset = self.part.stat().st_size if self.part.exists() else 0
+        # Byte ranges count bytes as sent; transparent compression would shift them.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            response = self.session.get(
+                self.url, headers=headers, stream=True, timeout=self.timeout_s
+            )
+        except requests.exceptions.SSLError as exc:
+            raise SciquantError(
+                f"TLS certificate check failed for {self.url}: {exc}. Behind a site proxy that"
+                " inspects TLS, set REQUESTS_CA_BUNDLE to the site's CA bundle."
+            ) from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise SciquantError(
+                f"Cannot download {self.url}: {exc}. Check the URL in the config."
+            ) from exc
+
+        with response:
+            status = response.status_code
+            if status == 416 and offset:
+                self._range_not_satisfiable(response, offset)
+                return
+            if status in _RETRY_STATUS:
+                raise _Transient(
+                    f"HTTP {status} {response.reason}",
+                    retry_after_s=_retry_after(response.headers.get("Retry-After")),
+                )
+            if status not in (200, 206):
+                raise SciquantError(_http_error_message(self.url, status, response.reason))
+
+            if status == 206:
+                start, total = _content_range(response.headers.get("Content-Range"))
+                if start != offset:
+                    self.part.unlink(missing_ok=True)
+                    raise _Transient(
+                        f"asked for bytes from {offset}, the server sent them from {start};"
+                        " starting over",
+                        restart=True,
+                    )
+                mode = "ab"
+            else:
+                # 200: the whole file, whether or not we asked for a range (a server without
+                # range support simply ignores the header), so overwrite rather than append.
+                if offset:
+                    logger.info(
+                        "%s does not support resuming; downloading from the start", self.url
+                    )
+                offset, mode = 0, "wb"
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            self._receive(response, offset, total, mode)
+
+    def _receive(
+        self, response: requests.Response, offset: int, total: int | None, mode: str
+    ) -> None:
+        written = offset
+        try:
+            with (
+                open(self.part, mode) as out,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=self.part.name.removesuffix(".part"),
+                    file=sys.stderr,
+                    disable=not self.progress,
+                    # In a batch job's log every redraw is kept; one every 30 s is plenty there.
+                    mininterval=0.1 if sys.stderr.isatty() else 30.0,
+                ) as bar,
+            ):
+                # The raw stream gives the bytes as served: the sha256 is of the file as stored,
+                # even where a server labels a .gz file with Content-Encoding: gzip.
+                chunks = response.raw.stream(_CHUNK, decode_content=False)
+                while True:
+                    try:
+                        chunk = next(chunks, None)
+                    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                        raise _Transient(f"connection lost after {written} bytes ({exc})") from exc
+                    if chunk is None:
+                        break
+                    out.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                # The data must be on disk before a rename can make it look finished.
+                os.fsync(out.fileno())
+        except OSError as exc:
+            raise SciquantError(
+                f"Cannot write {self.part}: {exc}. Check free space and permissions there."
+            ) from exc
+        if total is not None and written != total:
+            raise _Transient(f"connection closed after {written} of {total} bytes")
+
+    def _range_not_satisfiable(self, response: requests.Response, offset: int) -> None:
+        """Handle 416: the .part is at least as long as the file on the server."""
+        _, total = _content_range(response.headers.get("Content-Range"), unsatisfied=True)
+        if total is None or total == offset:
+            # Most likely complete (a run stopped between download and rename); the sha256
+            # check that follows decides.
+            return
+        self.part.unlink()
+        raise _Transient(
+            f"{self.part} holds {offset} bytes but the file has {total}; starting over",
+            restart=True,
+        )
+
+
+def _content_range(value: str | None, *, unsatisfied: bool = False) -> tuple[int, int | None]:
+    """Parse `bytes START-END/TOTAL` (or `bytes */TOTAL` for 416) into (start, total)."""
+    pattern = r"bytes \*/(\d+)" if unsatisfied else r"bytes (\d+)-\d+/(\d+|\*)"
+    match = re.fullmatch(pattern, (value or "").strip())
+    if match is None:
+        # -1 never equals an offset, so a 206 without a usable Content-Range restarts cleanly.
+        return -1, None
+    if unsatisfied:
+        return 0, int(match[1])
+    return int(match[1]), None if match[2] == "*" else int(match[2])
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header; the HTTP-date form is ignored (backoff applies)."""
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+def _http_error_message(url: str, status: int, reason: str) -> str:
+    if status in (404, 410):
+        return (
+            f"{url} answered HTTP {status} {reason}: the file may have moved or been withdrawn."
+            " Find its current address on the dataset's page and set it in the config (with its"
+            " sha256, if the file changed)."
+        )
+    if status in (401, 403):
+        return (
+            f"{url} answered HTTP {status} {reason}: the server refused access. The file may"
+            " need a login or a different URL, or this node's network may be blocked (fetch on"
+            " a login node, or set HTTPS_PROXY)."
+        )
+    return f"{url} answered HTTP {status} {reason}. Check the URL in the config."
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Some data repositories throttle or refuse the anonymous default user agent.
+    session.headers["User-Agent"] = f"sciquant/{__version__} python-requests/{requests.__version__}"
+    return session
+
+
+def _copy_local(url: str, part: Path) -> None:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise SciquantError(
+            f"{url} names a file on host {parts.netloc!r}; file:// URLs must be local"
+            " (file:///path/to/file)."
+        )
+    source = Path(url2pathname(unquote(parts.path)))
+    if not source.is_file():
+        raise SciquantError(f"{url}: no such file {source}. Check the path in the config.")
+    try:
+        shutil.copyfile(source, part)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise SciquantError(f"Cannot copy {source} to {part}: {exc}.") from exc
+
+
+def _sha256_of(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        raise SciquantError(f"Cannot read {path}: {exc}.") from exc
+
+
+# --- checks on the config ------------------------------------------------------------------
+
+
+def _check_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        raise SciquantError(
+            f"Cannot download {url!r}: the URL scheme must be http, https or file, not"
+            f" {scheme or 'missing'!r}. Fix the URL in the config."
+        )
+    return scheme
+
+
+def _check_sha256(sha256: str, url: str) -> str:
+    if not isinstance(sha256, str) or _SHA256.fullmatch(sha256.strip()) is None:
+        raise SciquantError(
+            f"The sha256 given for {url} is {sha256!r}, not 64 hexadecimal digits. Put the"
+            " file's sha256 (as printed by `sha256sum FILE`) in the config."
+        )
+    return sha256.strip().lower()
+
+
+def _check_name(name: str, url: str) -> None:
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise SciquantError(
+            f"Cannot save {url} as {name!r}: it needs a plain file name. Set `name` for this"
+            " file in the config."
+        )
+
+
+def _check_settings(retries: int, backoff_s: float, timeout_s: float) -> None:
+    if retries < 0 or backoff_s < 0 or timeout_s <= 0:
+        raise SciquantError(
+            f"Download settings out of range: retries={retries}, backoff_s={backoff_s},"
+            f" timeout_s={timeout_s}. Use retries >= 0, backoff_s >= 0 and timeout_s > 0."
+        )
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SciquantError(f"Cannot create the folder {path}: {exc}.") from exc
+
+
+# --- archives ------------------------------------------------------------------------------
+
+
+def _archive_kind(archive: Path) -> str:
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith(_TAR_SUFFIXES):
+        return "tar"
+    # An unusual name (say a download saved without suffix): look at the content. Tar first,
+    # because a tar whose last member is a zip can pass zipfile's end-of-file test.
+    try:
+        if tarfile.is_tarfile(archive):
+            return "tar"
+        if zipfile.is_zipfile(archive):
+            return "zip"
+    except OSError as exc:
+        raise SciquantError(f"Cannot read {archive}: {exc}.") from exc
+    raise SciquantError(
+        f"Cannot unpack {archive}: it is neither a zip nor a tar archive. Set `extract: false`"
+        " for it in the config, or check that the URL serves the archive."
+    )
+
+
+def _member_parts(archive: Path, member: str) -> list[str]:
+    """Split a member name into its parts, rejecting absolute paths and `..`."""
+    if member.startswith("/") or re.match(r"[A-Za-z]:[/\\]", member):
+        raise _unsafe(archive, member, "is an absolute path")
+    parts = [p for p in member.split("/") if p not in ("", ".")]
+    # Legitimate archives never need `..` in member names; tarfile and zipfile would also each
+    # place such a member somewhere else.
+    if ".." in parts:
+        raise _unsafe(archive, member, "contains '..'")
+    return parts
+
+
+def _resolve(parts: Iterable[str], links: set[str]) -> str | None:
+    """Resolve a path from the archive root as the OS would; None if it leaves the root.
+
+    Raises `_ThroughLink` when the path continues past a member that is a symlink: the OS would
+    follow that link and the lexical answer would be wrong (the chained-symlink escape).
+    """
+    stack: list[str] = []
+    parts = [p for p in parts if p not in ("", ".")]
+    for i, part in enumerate(parts):
+        if part == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(part)
+        if i < len(parts) - 1 and "/".join(stack) in links:
+            raise _ThroughLink("/".join(stack))
+    return "/".join(stack)
+
+
+class _ThroughLink(Exception):
+    """A path goes through a symlink member of the same archive."""
+
+
+def _checked_tar_members(members: list[tarfile.TarInfo], archive: Path) -> list[str]:
+    names = {m.name: "/".join(_member_parts(archive, m.name)) for m in members}
+    links = {names[m.name] for m in members if m.issym()}
+    checked: list[str] = []
+    for m in members:
+        name = names[m.name]
+        if not name:
+            # `tar -C dir -cf x.tar .` stores the root itself as "./"; nothing to place.
+            if m.isdir():
+                continue
+            raise _unsafe(archive, m.name, "has an empty path")
+        try:
+            _resolve(name.split("/"), links)
+            if m.issym():
+                if m.linkname.startswith("/"):
+                    raise _unsafe(
+                        archive, m.name, f"is a symlink to the absolute path {m.linkname}"
+                    )
+                parent = name.split("/")[:-1]
+                if _resolve([*parent, *m.linkname.split("/")], links) is None:
+                    raise _unsafe(archive, m.name, f"is a symlink to {m.linkname}, outside")
+            elif m.islnk():
+                if m.linkname.startswith("/") or _resolve(m.linkname.split("/"), links) is None:
+                    raise _unsafe(archive, m.name, f"is a hard link to {m.linkname}, outside")
+            elif not (m.isfile() or m.isdir()):
+                raise _unsafe(archive, m.name, "is a device or FIFO")
+        except _ThroughLink as exc:
+            raise _unsafe(
+                archive, m.name, f"goes through the symlink {exc} in the archive"
+            ) from None
+        checked.append(name)
+    return list(dict.fromkeys(checked))
+
+
+def _checked_zip_members(zf: zipfile.ZipFile, archive: Path) -> list[str]:
+    # zipfile writes symlink entries as small regular files, so only the names need checking.
+    checked = []
+    for info in zf.infolist():
+        name = "/".join(_member_parts(archive, info.filename))
+        if not name and not info.is_dir():
+            raise _unsafe(archive, info.filename, "has an empty path")
+        if name:
+            checked.append(name)
+    return list(dict.fromkeys(checked))
+
+
+def _unsafe(archive: Path, member: str, why: str) -> SciquantError:
+    return SciquantError(
+        f"Refusing to unpack {archive}: member {member!r} {why}, which could write outside"
+        " the destination folder. Nothing was unpacked. Check that the URL serves the intended"
+        " archive, or unpack it by hand after inspecting it."
+    )
+
+
+def _merge_into(staging: Path, dest: Path, archive: Path) -> None:
+    """Move the unpacked tree from `staging` into `dest`, merging with folders already there.
+
+    Merging (rather than replacing whole folders) lets datasets split over several archives
+    that share a top-level folder unpack side by side. Each move is an atomic rename.
+    """
+    for root, dirs, files in os.walk(staging):
+        src_dir = Path(root)
+        dst_dir = dest / src_dir.relative_to(staging)
+        descend = []
+        for name in dirs:
+            src, dst = src_dir / name, dst_dir / name
+            if not src.is_symlink() and dst.is_dir():
+                descend.append(name)
+            else:
+                _move(src, dst, archive)
+        # Only folders that exist on both sides need walking; the rest moved in one rename.
+        dirs[:] = descend
+        for name in files:
+            _move(src_dir / name, dst_dir / name, archive)
+
+
+def _move(src: Path, dst: Path, archive: Path) -> None:
+    if dst.is_dir() and not dst.is_symlink():
+        raise SciquantError(
+            f"Cannot unpack {archive}: {dst} is a folder but the archive has a file there."
+            f" Move {dst} away and fetch again."
+        )
+    if src.is_dir() and not src.is_symlink() and (dst.exists() or dst.is_symlink()):
+        # rename() cannot put a folder over a file.
+        dst.unlink()
+    os.replace(src, dst)
+
+
+def _extract_once(archive: Path, dest: Path, sha256: str) -> None:
+    """Unpack `archive` unless the stamp says this exact archive is already unpacked."""
+    stamp = dest / f".{archive.name}.extracted"
+    try:
+        recorded = json.loads(stamp.read_text())
+        if recorded["sha256"] == sha256 and all(
+            (dest / top).exists() or (dest / top).is_symlink() for top in recorded["top"]
+        ):
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no stamp, or an unreadable one: unpack
+    names = extract_archive(archive, dest)
+    top = sorted({PurePosixPath(Path(n).relative_to(dest).as_posix()).parts[0] for n in names})
+    tmp = stamp.with_name(stamp.name + ".part")
+    tmp.write_text(json.dumps({"sha256": sha256, "top": top}))
+    os.replace(tmp, stamp)

@@ -1,0 +1,215 @@
+"""MeshGraphNet for the 1-D blood-flow surrogate, in plain torch ops (no DGL, no PyG).
+
+Architecture (as PhysicsNeMo's ``examples/healthcare/bloodflow_1d_mgn``; Pegolotti et al.,
+arXiv 2303.07310): node and edge encoder MLPs, ``processor_size`` message-passing blocks, and a
+decoder MLP to the per-node increments (Δp, Δq). Every MLP is ``Linear(in, h), ReLU,
+[Linear(h, h), ReLU] * (mlp_hidden_layers - 1), Linear(h, out)`` followed by ``LayerNorm(out)``,
+except the decoder's, which has no LayerNorm. One processor block is
+
+    e' = MLP_e([e, h_src, h_dst]);  e <- e + e'          (edge update, per edge)
+    agg_i = sum over edges with dst = i of e             (the *updated* edge features)
+    h <- h + MLP_n([h, agg])                             (node update, per node)
+
+``edge_index`` rows are (source, destination). A batch of disjoint graphs is one big graph whose
+``edge_index`` is offset per graph, so no batch vector is needed.
+
+The concat trick (the only place where a Linear is not called through its module)
+--------------------------------------------------------------------------------
+The first Linear of the edge MLP has weight ``W = [W_e | W_s | W_d]`` (column blocks of widths
+F_e, F_n, F_n) and bias ``b``. For an edge k = (s, d),
+
+    W @ [e_k, h_s, h_d] + b = W_e @ e_k + (W_s @ h_s + b) + W_d @ h_d
+                            = W_e @ e_k + P_src[s] + P_dst[d],
+    with P_src = h @ W_s^T + b and P_dst = h @ W_d^T  (N rows, computed once per block).
+
+So the nodes are projected first (N rows instead of E) and the projections are gathered; the
+[E, F_e + 2 F_n] concatenation is never built, and the E-row matmul has K = F_e instead of
+F_e + 2 F_n. The first Linear of the node MLP is split likewise on [h, agg]:
+``W @ [h, agg] + b = (h @ W_h^T + b) + agg @ W_a^T``. This is mathematically identical; the
+parameters remain one standard ``nn.Linear`` per layer, so checkpoints keep the usual layout.
+
+A quantizer that fake-quantizes the input of every Linear cannot see the concatenated input on the
+fast path. Two ways to get the plain ``linear(cat(...))`` path instead: set
+``model.concat_trick = False``, or replace the first Linear of an MLP by any module that is not
+exactly ``nn.Linear`` (e.g. a fake-quant wrapper): the split is only taken when
+``type(layer) is nn.Linear``. All other Linear layers are always called through their module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MLP",
+    "MeshGraphNet",
+    "MeshGraphNetConfig",
+    "export_onnx",
+    "random_tree_graph",
+]
+
+
+@dataclass(frozen=True)
+class MeshGraphNetConfig:
+    """Hyper-parameters; the defaults are the bloodflow example's (≈215 k parameters)."""
+
+    node_features: int = 18
+    edge_features: int = 9
+    outputs: int = 2
+    processor_size: int = 5
+    hidden: int = 64
+    mlp_hidden_layers: int = 2
+
+
+class MLP(nn.Module):
+    """``Linear, ReLU, (Linear, ReLU) * (hidden_layers - 1), Linear`` [+ ``LayerNorm(out)``]."""
+
+    def __init__(
+        self, in_features: int, hidden: int, out_features: int, hidden_layers: int, norm: bool
+    ) -> None:
+        super().__init__()
+        if hidden_layers < 1:
+            raise ValueError(f"mlp_hidden_layers must be >= 1, got {hidden_layers}")
+        widths = [in_features] + [hidden] * hidden_layers + [out_features]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.norm = nn.LayerNorm(out_features) if norm else None
+
+    def tail(self, z: Tensor) -> Tensor:
+        """The MLP after its first Linear: ``z`` is the first layer's pre-activation output.
+
+        ``z`` must be a fresh tensor owned by the caller: the first ReLU is applied in place.
+        """
+        for layer in self.layers[1:]:
+            z = layer(torch.relu_(z))
+        if self.norm is not None:
+            z = self.norm(z)
+        return z
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tail(self.layers[0](x))
+
+
+def _is_plain_linear(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear
+
+
+class MeshGraphNet(nn.Module):
+    """Encode–process–decode graph network; see the module docstring for the algebra."""
+
+    def __init__(self, config: MeshGraphNetConfig | None = None, concat_trick: bool = True):
+        super().__init__()
+        self.config = c = config or MeshGraphNetConfig()
+        self.concat_trick = concat_trick
+        h, k = c.hidden, c.mlp_hidden_layers
+        self.node_encoder = MLP(c.node_features, h, h, k, norm=True)
+        self.edge_encoder = MLP(c.edge_features, h, h, k, norm=True)
+        self.edge_mlps = nn.ModuleList(MLP(3 * h, h, h, k, norm=True) for _ in range(c.processor_size))
+        self.node_mlps = nn.ModuleList(MLP(2 * h, h, h, k, norm=True) for _ in range(c.processor_size))
+        self.decoder = MLP(h, h, c.outputs, k, norm=False)
+
+    # -- processor pieces --------------------------------------------------------------------
+
+    def _edge_update(self, mlp: MLP, e: Tensor, h: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+        """Returns ``MLP_e([e, h[src], h[dst]])``."""
+        first = mlp.layers[0]
+        if not (self.concat_trick and _is_plain_linear(first)):
+            return mlp(torch.cat([e, h.index_select(0, src), h.index_select(0, dst)], dim=1))
+        fe, fn = e.shape[1], h.shape[1]
+        w = first.weight
+        p_src = F.linear(h, w[:, fe : fe + fn], first.bias)  # [N, H], bias folded in
+        p_dst = F.linear(h, w[:, fe + fn :])  # [N, H]
+        # z = P_src[src] + e @ W_e^T + P_dst[dst]: the gather is the GEMM's accumulator.
+        z = torch.addmm(p_src.index_select(0, src), e, w[:, :fe].t())
+        z = z.add_(p_dst.index_select(0, dst))
+        return mlp.tail(z)
+
+    def _node_update(self, mlp: MLP, h: Tensor, agg: Tensor) -> Tensor:
+        """Returns ``MLP_n([h, agg])``."""
+        first = mlp.layers[0]
+        if not (self.concat_trick and _is_plain_linear(first)):
+            return mlp(torch.cat([h, agg], dim=1))
+        fn = h.shape[1]
+        w = first.weight
+        z = torch.addmm(F.linear(h, w[:, :fn], first.bias), agg, w[:, fn:].t())
+        return mlp.tail(z)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, node_features: Tensor, edge_features: Tensor, edge_index: Tensor) -> Tensor:
+        """``[N, F_n], [E, F_e], [2, E] (source, destination) -> [N, outputs]``."""
+        src, dst = edge_index[0], edge_index[1]
+        h = self.node_encoder(node_features)
+        e = self.edge_encoder(edge_features)
+        for edge_mlp, node_mlp in zip(self.edge_mlps, self.node_mlps, strict=True):
+            e = e + self._edge_update(edge_mlp, e, h, src, dst)
+            agg = torch.zeros_like(h).index_add_(0, dst, e)
+            h = h + self._node_update(node_mlp, h, agg)
+        return self.decoder(h)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def random_tree_graph(
+    num_nodes: int, seed: int, node_features: int = 18, edge_features: int = 9
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A random tree: node i >= 1 hangs off a uniformly random earlier node; edges both ways.
+
+    Returns ``(x [N, node_features], e [2(N-1), edge_features], edge_index [2, 2(N-1)])`` with
+    standard-normal features, reproducible from ``seed``.
+    """
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    g = torch.Generator().manual_seed(seed)
+    child = torch.arange(1, num_nodes)
+    parent = (torch.rand(num_nodes - 1, generator=g, dtype=torch.float64) * child).long()
+    edge_index = torch.stack([torch.cat([parent, child]), torch.cat([child, parent])])
+    x = torch.randn(num_nodes, node_features, generator=g)
+    e = torch.randn(edge_index.shape[1], edge_features, generator=g)
+    return x, e, edge_index
+
+
+def export_onnx(
+    model: MeshGraphNet,
+    path: str | Path,
+    num_nodes_example: int = 64,
+    opset: int = 18,
+    seed: int = 0,
+) -> Path:
+    """Exports ``model`` to ONNX with dynamic node and edge counts; checks the file.
+
+    Inputs ``node_features [N, F_n]``, ``edge_features [E, F_e]``, ``edge_index [2, E]`` (int64);
+    output ``delta [N, outputs]``.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    args = random_tree_graph(num_nodes_example, seed, c.node_features, c.edge_features)
+    was_training = model.training
+    model.eval()
+    try:
+        n, e = torch.export.Dim("num_nodes", min=2), torch.export.Dim("num_edges", min=2)
+        program = torch.onnx.export(
+            model,
+            args,
+            None,
+            input_names=["node_features", "edge_features", "edge_index"],
+            output_names=["delta"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=({0: n}, {0: e}, {1: e}),
+            verbose=False,
+        )
+        program.save(str(path))
+    finally:
+        model.train(was_training)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path

@@ -1,0 +1,222 @@
+"""A study config → the study matrix: runs, their coordinates and output paths.
+
+Used by `rules/common.smk` (after JSON-Schema validation) and by the submitit launcher. A run's
+coordinates are `dataset, model, seed, target, method, precision`; they name its folder and its row
+in the result cube, nothing else does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sciquant.errors import SciquantError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+#: Which model architectures can learn which workloads.
+ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",)}
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    """One evaluated model variant: its six coordinates."""
+
+    dataset: str
+    model: str
+    seed: int
+    target: str
+    method: str
+    precision: str
+
+    @property
+    def folder(self) -> str:
+        """The run's output folder, relative to the workflow directory."""
+        return (
+            f"results/{self.dataset}/{self.model}/seed{self.seed}/"
+            f"{self.target}/{self.method}/{self.precision}"
+        )
+
+    def coordinates(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "seed": self.seed,
+            "target": self.target,
+            "method": self.method,
+            "precision": self.precision,
+        }
+
+
+@dataclass(frozen=True)
+class Training:
+    """One FP32 training: a model on a dataset with a seed."""
+
+    dataset: str
+    model: str
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"results/{self.dataset}/{self.model}/seed{self.seed}/fp32"
+
+
+class Study:
+    """A validated study config and the runs it expands to."""
+
+    def __init__(self, config: dict[str, Any]):
+        check_semantics(config)
+        self.config = config
+
+    @property
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        return self.config["datasets"]
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.config["models"]
+
+    def trainings(self) -> Iterator[Training]:
+        for model, spec in sorted(self.models.items()):
+            for dataset in spec["datasets"]:
+                for seed in self.config["seeds"]:
+                    yield Training(dataset=dataset, model=model, seed=seed)
+
+    def runs(self) -> list[Run]:
+        """Every run of the study, FP32 reference first for each training."""
+        return [
+            Run(t.dataset, t.model, t.seed, target="reference", method="none", precision="fp32")
+            for t in self.trainings()
+        ]
+
+    def config_hash(self) -> str:
+        """SHA-256 of the resolved config (defaults filled), recorded as provenance."""
+        text = json.dumps(self.config, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_semantics(config: dict[str, Any]) -> None:
+    """What JSON Schema cannot say: cross references and impossible values."""
+    datasets = config.get("datasets", {})
+    for name, dataset in datasets.items():
+        source = dataset.get("source", {})
+        given = [k for k in ("embedded", "files") if k in source]
+        if len(given) != 1:
+            raise SciquantError(
+                f"config key datasets.{name}.source: give exactly one of `embedded` or `files` "
+                f"(found {given or 'neither'})"
+            )
+        split = dataset.get("prepare", {}).get("split", {})
+        fractions = [split.get(k, 0.0) for k in ("train", "valid", "test")]
+        if abs(sum(fractions) - 1.0) > 1e-6:
+            raise SciquantError(
+                f"config key datasets.{name}.prepare.split: train + valid + test must add up to 1 "
+                f"(they add up to {sum(fractions):g})"
+            )
+        if split.get("train", 0) <= 0 or split.get("test", 0) <= 0:
+            raise SciquantError(
+                f"config key datasets.{name}.prepare.split: train and test fractions must be > 0"
+            )
+        files = source.get("files", [])
+        names = [f.get("name") or f["url"].rstrip("/").rsplit("/", 1)[-1] for f in files]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise SciquantError(
+                f"config key datasets.{name}.source.files: two files would be saved as "
+                f"{', '.join(duplicates)}; give them distinct `name`s"
+            )
+        embedded = source.get("embedded")
+        if embedded is not None:
+            n_test = int(embedded.get("n_simulations", 24) * split.get("test", 0.2))
+            if n_test < 1:
+                raise SciquantError(
+                    f"config key datasets.{name}.source.embedded.n_simulations: too few "
+                    f"simulations for a test split of {split.get('test', 0.2):g}; raise it"
+                )
+
+    for name, model in config.get("models", {}).items():
+        allowed = ARCHITECTURE_WORKLOADS[model["architecture"]]
+        for dataset in model["datasets"]:
+            if dataset not in datasets:
+                raise SciquantError(
+                    f"config key models.{name}.datasets: unknown dataset '{dataset}'; "
+                    f"defined datasets are: {', '.join(sorted(datasets)) or 'none'}"
+                )
+            workload = datasets[dataset]["workload"]
+            if workload not in allowed:
+                raise SciquantError(
+                    f"config key models.{name}.datasets: a {model['architecture']} cannot learn "
+                    f"dataset '{dataset}' (workload {workload}); it learns: {', '.join(allowed)}"
+                )
+        train = model.get("train", {})
+        if train.get("learning_rate_min", 0) > train.get("learning_rate", 1e-3):
+            raise SciquantError(
+                f"config key models.{name}.train.learning_rate_min: must not exceed learning_rate"
+            )
+        node = train.get("node", "cpu")
+        if node != "cpu" and node not in config.get("nodes", {}):
+            raise SciquantError(
+                f"config key models.{name}.train.node: node type '{node}' has no entry in `nodes`; "
+                f"add nodes.{node} with its Slurm resources"
+            )
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a study YAML, validate it against the schema (filling defaults) and check semantics.
+
+    The same validation the workflow applies, for use outside Snakemake (submitit, tests).
+    """
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: config file not found") from error
+    except yaml.YAMLError as error:
+        raise SciquantError(f"{path}: not valid YAML: {error}") from error
+    config.update(overrides or {})
+    validate_config(config, source=str(path))
+    check_semantics(config)
+    return config
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> None:
+    """Validate against the JSON Schema, filling defaults; errors name the key path."""
+    errors = schema_errors(config)
+    if errors:
+        raise SciquantError(f"{source}: invalid study config:\n" + "\n".join(errors))
+
+
+def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:
+    """The config's schema violations, one line each naming the dotted key (defaults filled)."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator_class = _with_defaults(jsonschema.Draft202012Validator)
+    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.path))
+    return [describe(error) for error in errors[:limit]]
+
+
+def describe(error: Any) -> str:
+    """One line per schema violation: the dotted key and what is wrong."""
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"  config key {key}: {error.message}"
+
+
+def _with_defaults(validator_class: Any) -> Any:
+    import jsonschema
+
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, json.loads(json.dumps(subschema["default"])))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
