@@ -206,7 +206,8 @@ def select_points(centerline: Centerline, types: np.ndarray, keep_fraction: floa
         raise SciquantError(
             f"centerline has {int((~visited).sum())} points not connected to the inlet (point 0)"
         )
-    return np.asarray(kept), np.asarray(kept_edges, dtype=np.int64)
+    # Nodes in the file's point order, whatever order the walk met them in.
+    return np.sort(np.asarray(kept)), np.asarray(kept_edges, dtype=np.int64)
 
 
 def _tangents(pos: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -1,0 +1,137 @@
+"""Evaluation of a blood-flow surrogate: rollouts of every test simulation, errors, timings, plots."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
+from sciquant.data.features import GraphTensors, Normalizer, to_tensors  # noqa: E402
+from sciquant.evaluate.rollout import StepFunction, rollout, rollout_errors  # noqa: E402
+from sciquant.provenance import provenance, write_json  # noqa: E402
+from sciquant.train.bloodflow import load_model  # noqa: E402
+
+MMHG = 1333.2  # dyn/cm² per mmHg
+
+
+def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
+    """The test split's samples (time offset 0 only: the simulation's own time grid)."""
+    index = load_index(prepared)
+    return [to_tensors(name, load_sample(prepared, name), norm) for name in index["samples"]["test"]]
+
+
+def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int):
+    """Median and spread of the wall time to roll out all test simulations, after one warm-up."""
+    rollout(step, graphs[0], norm)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for graph in graphs:
+            rollout(step, graph, norm)
+        times.append(time.perf_counter() - started)
+    return {
+        "rollout_time_s_median": statistics.median(times),
+        "rollout_time_s_min": min(times),
+        "rollout_time_s_max": max(times),
+        "rollout_time_repeats": repeats,
+    }
+
+
+def evaluate_step(
+    step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int
+) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+    """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing."""
+    per_simulation = {}
+    predictions = []
+    for graph in graphs:
+        predicted_p, predicted_q = (t.numpy() for t in rollout(step, graph, norm))
+        predictions.append((predicted_p, predicted_q))
+        per_simulation[graph.name] = rollout_errors(predicted_p, predicted_q, graph, norm)
+    metrics: dict[str, Any] = {}
+    for field in ("pressure_error_pct", "flowrate_error_pct"):
+        values = np.array([errors[field] for errors in per_simulation.values()])
+        metrics[field] = float(values.mean())
+        metrics[f"{field}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        metrics[f"{field}_min"] = float(values.min())
+        metrics[f"{field}_max"] = float(values.max())
+    metrics["test_simulations"] = len(graphs)
+    metrics.update(time_rollouts(step, graphs, norm, repeats))
+    metrics["per_simulation"] = per_simulation
+    return metrics, predictions
+
+
+def plot_rollouts(graphs, predictions, norm: Normalizer, out: Path, count: int) -> None:  # noqa: ANN001
+    """`pressure.png` and `flowrate.png`: prediction (dashed) vs truth at inlet, junction, outlets."""
+    shown = list(zip(graphs, predictions, strict=True))[: max(count, 1)]
+    for field, unit, scale, index in (("pressure", "mmHg", MMHG, 0), ("flowrate", "mL/s", 1.0, 1)):
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.0 * len(shown), 3.4), squeeze=False)
+        for ax, (graph, predicted) in zip(axes[0], shown, strict=True):
+            exact = norm.denormalize(field, getattr(graph, field).numpy())
+            dt = 1.0  # steps; the loading ramp is shaded
+            steps = np.arange(graph.num_steps) * dt
+            for label, node in _plot_nodes(graph):
+                line = ax.plot(steps, exact[:, node] / scale, lw=1.4, label=label)[0]
+                ax.plot(steps, predicted[index][:, node] / scale, "--", color=line.get_color())
+            ax.axvspan(0, graph.loading_steps, color="0.9")
+            ax.set_title(graph.name, fontsize=9)
+            ax.set_xlabel("time step")
+        axes[0, 0].set_ylabel(f"{field} [{unit}]")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"{field}: simulation (solid) vs rollout (dashed); grey: loading ramp")
+        fig.tight_layout()
+        fig.savefig(out / f"{field}.png", dpi=100)
+        plt.close(fig)
+
+
+def _plot_nodes(graph: GraphTensors) -> list[tuple[str, int]]:
+    types = graph.node_type.numpy()
+    nodes = [("inlet", int(np.flatnonzero(types == INLET)[0]))]
+    junctions = np.flatnonzero(types == JUNCTION)
+    if len(junctions):
+        nodes.append(("junction", int(junctions[0])))
+    nodes += [(f"outlet {i}", int(n)) for i, n in enumerate(np.flatnonzero(types == OUTLET)[:3])]
+    return nodes
+
+
+def run(
+    checkpoint: Path,
+    prepared: Path,
+    out: Path,
+    settings: dict[str, Any],
+    coordinates: dict[str, Any],
+    threads: int | None = None,
+) -> Path:
+    """Evaluate the FP32 model of `checkpoint`; write metrics.json and figures into `out`."""
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    model, state = load_model(checkpoint)
+    norm = Normalizer.from_statistics(state["statistics"])
+    graphs = test_graphs(prepared, norm)
+    metrics, predictions = evaluate_step(model, graphs, norm, settings.get("repeats", 5))
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
+    payload = {
+        "coordinates": {k: coordinates[k] for k in ("dataset", "model", "seed", "target", "method", "precision")},  # noqa: E501
+        "study": coordinates.get("study"),
+        "config_hash": coordinates.get("config_hash"),
+        "simulated": False,
+        "metrics": metrics,
+        "provenance": provenance(time.perf_counter() - started, threads),
+    }
+    print(
+        f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
+        f"{metrics['flowrate_error_pct']:.2f} %, rollout {metrics['rollout_time_s_median']:.3f} s"
+    )
+    return write_json(out / "metrics.json", payload)

@@ -1,0 +1,369 @@
+"""FP32 training of MeshGraphNet on prepared blood-flow graphs.
+
+Adam with a cosine learning-rate schedule; each step draws `batch_size` (sample, start time) windows,
+batches them as one disjoint graph, adds Gaussian noise to the input pressure and flow (not to the
+imposed inlet flow), and rolls the model out `rollout_steps` steps on its own predictions with the
+inlet flow imposed. The loss of step k is the weighted mean squared error of the predicted
+normalized increment against the one that reaches the true next state, with weight 1 for k = 0 and
+`rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more.
+
+Determinism and resume: every epoch draws from generators seeded by (seed, epoch), so an epoch
+computes the same whether it runs after the previous one or after a resume from its checkpoint.
+A resume checkpoint (`resume.pt`) is written atomically after every epoch; a killed run restarts
+from the last finished epoch. SIGTERM/SIGUSR1 (Slurm preemption with `--signal`) stop training
+after the current step; the epoch is then redone on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sciquant.data.bloodflow import load_index, load_sample
+from sciquant.data.features import (
+    GraphTensors,
+    Normalizer,
+    boundary_mask,
+    node_features,
+    to_tensors,
+)
+from sciquant.errors import SciquantError
+from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
+
+CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
+CHECKPOINT_VERSION = 1
+LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The config's `models.<name>.train` section (see the schema for each key)."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    steps_per_epoch: int = 100
+    learning_rate: float = 1e-3
+    learning_rate_min: float = 1e-6
+    weight_decay: float = 0.0
+    noise_std: float = 0.02
+    rollout_steps: int = 5
+    rollout_weight: float = 0.5
+    boundary_weight: float = 100.0
+    gradient_clip: float = 1.0
+    node: str = "cpu"
+
+
+def architecture_from_settings(settings: dict[str, Any]) -> MeshGraphNetConfig:
+    return MeshGraphNetConfig(
+        hidden=settings.get("hidden", 64),
+        processor_size=settings.get("processor_size", 5),
+        mlp_hidden_layers=settings.get("mlp_hidden_layers", 2),
+    )
+
+
+@dataclass
+class Batch:
+    """Windows of several samples as one disjoint graph; time series are [R+1, N_total]."""
+
+    static: torch.Tensor
+    edge_features: torch.Tensor
+    edge_index: torch.Tensor
+    pressure: torch.Tensor
+    flowrate: torch.Tensor
+    loading: torch.Tensor
+    next_inlet: torch.Tensor
+    inlet: torch.Tensor
+    weight: torch.Tensor
+
+
+def make_batch(
+    graphs: list[GraphTensors], picks: list[tuple[int, int]], steps: int, boundary_weight: float
+) -> Batch:
+    """Stack windows [t, t + steps] of the picked (graph, t) pairs into one disjoint graph."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in Batch.__dataclass_fields__}
+    offset = 0
+    for graph_id, start in picks:
+        g = graphs[graph_id]
+        window = slice(start, start + steps + 1)
+        n = g.num_nodes
+        inlet = g.inlet
+        parts["static"].append(g.static)
+        parts["edge_features"].append(g.edge_features)
+        parts["edge_index"].append(g.edge_index + offset)
+        parts["pressure"].append(g.pressure[window])
+        parts["flowrate"].append(g.flowrate[window])
+        parts["loading"].append(g.loading[window, None].expand(-1, n))
+        # Input of step k carries the inlet flow of step k + 1 (imposed, known in advance).
+        inlet_next = g.flowrate[start + 1 : start + steps + 2, inlet][:, :1]
+        parts["next_inlet"].append(inlet_next.expand(-1, n))
+        parts["inlet"].append(inlet)
+        boundary = boundary_mask(g.node_type).float()
+        parts["weight"].append(1.0 + (boundary_weight - 1.0) * boundary)
+        offset += n
+    return Batch(
+        static=torch.cat(parts["static"]),
+        edge_features=torch.cat(parts["edge_features"]),
+        edge_index=torch.cat(parts["edge_index"], dim=1),
+        pressure=torch.cat(parts["pressure"], dim=1),
+        flowrate=torch.cat(parts["flowrate"], dim=1),
+        loading=torch.cat(parts["loading"], dim=1),
+        next_inlet=torch.cat(parts["next_inlet"], dim=1),
+        inlet=torch.cat(parts["inlet"]),
+        weight=torch.cat(parts["weight"]),
+    )
+
+
+def rollout_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    norm: Normalizer,
+    settings: TrainSettings,
+    noise: torch.Generator | None,
+) -> torch.Tensor:
+    """Weighted multi-step loss of one batch (see the module docstring)."""
+    pressure = batch.pressure[0].clone()
+    flowrate = batch.flowrate[0].clone()
+    if noise is not None and settings.noise_std > 0:
+        n = pressure.shape[0]
+        pressure = pressure + settings.noise_std * torch.randn(n, generator=noise)
+        flow_noise = settings.noise_std * torch.randn(n, generator=noise)
+        flowrate = flowrate + torch.where(batch.inlet, 0.0, flow_noise)
+    total = torch.zeros(())
+    weights_sum = batch.weight.sum()
+    for k in range(settings.rollout_steps):
+        x = node_features(batch.static, pressure, flowrate, batch.loading[k], batch.next_inlet[k])
+        delta = model(x, batch.edge_features, batch.edge_index)
+        # Increment (normalized-delta units) that takes the current state to the true next one.
+        needed_p = (batch.pressure[k + 1] - pressure) * norm.std["pressure"]
+        needed_q = (batch.flowrate[k + 1] - flowrate) * norm.std["flowrate"]
+        error_p = delta[:, 0] - norm.normalize("delta_pressure", needed_p)
+        error_q = delta[:, 1] - norm.normalize("delta_flowrate", needed_q)
+        # The inlet flow is imposed, so its prediction does not count.
+        error = error_p**2 + torch.where(batch.inlet, 0.0, error_q**2)
+        step_weight = 1.0 if k == 0 else settings.rollout_weight
+        total = total + step_weight * (batch.weight * error).sum() / weights_sum
+        pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
+        flowrate = flowrate + norm.denormalize("delta_flowrate", delta[:, 1]) / norm.std["flowrate"]
+        flowrate = torch.where(batch.inlet, batch.flowrate[k + 1], flowrate)
+    return total / (1.0 + settings.rollout_weight * (settings.rollout_steps - 1))
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGUSR1 so training stops cleanly after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signal = signum
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self)
+
+
+def load_graphs(prepared: Path, names: list[str], norm: Normalizer) -> list[GraphTensors]:
+    return [to_tensors(name, load_sample(prepared, name), norm) for name in names]
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training or final checkpoint safely (`weights_only=True`); errors name the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: checkpoint not found; run the train stage first") from error
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise SciquantError(
+            f"{path}: not a readable sciquant checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); delete it and rerun the train stage"
+        ) from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise SciquantError(
+            f"{path}: not a sciquant MeshGraphNet checkpoint; delete it and rerun the train stage"
+        )
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise SciquantError(
+            f"{path}: checkpoint version {checkpoint.get('version')} is not "
+            f"{CHECKPOINT_VERSION}; retrain with this sciquant"
+        )
+    return checkpoint
+
+
+def load_model(path: Path) -> tuple[MeshGraphNet, dict[str, Any]]:
+    """The trained model (eval mode) and its checkpoint dict (statistics, settings)."""
+    checkpoint = load_checkpoint(path)
+    model = MeshGraphNet(MeshGraphNetConfig(**checkpoint["architecture"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, checkpoint
+
+
+def validation_loss(model, graphs, norm, settings) -> float:  # noqa: ANN001
+    """Mean rollout loss over fixed windows of the validation samples (no noise)."""
+    if not graphs:
+        return float("nan")
+    losses = []
+    with torch.no_grad():
+        for graph_id, g in enumerate(graphs):
+            last = g.num_steps - settings.rollout_steps - 2
+            for start in np.linspace(g.loading_steps, last, 4).astype(int):
+                batch = make_batch(graphs, [(graph_id, int(start))], settings.rollout_steps, settings.boundary_weight)  # noqa: E501
+                losses.append(float(rollout_loss(model, batch, norm, settings, noise=None)))
+    return float(np.mean(losses))
+
+
+def run(
+    prepared: Path,
+    out: Path,
+    settings: dict[str, Any],
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume training) and write `checkpoint.pt` and `training_log.csv` into `out`."""
+    if threads:
+        torch.set_num_threads(threads)
+    train_settings = TrainSettings(**settings.get("train", {}))
+    architecture = architecture_from_settings(settings)
+    index = load_index(prepared)
+    norm = Normalizer.from_statistics(index["statistics"])
+    train_graphs = load_graphs(prepared, index["samples"]["train"], norm)
+    valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
+    steps = train_settings.rollout_steps
+    too_short = [g.name for g in train_graphs if g.num_steps < steps + 3]
+    if too_short:
+        raise SciquantError(
+            f"train.rollout_steps={steps} is longer than samples {too_short[:3]} allow; lower it"
+        )
+
+    torch.manual_seed(seed)
+    model = MeshGraphNet(architecture)
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=train_settings.learning_rate,
+        weight_decay=train_settings.weight_decay,
+    )
+    total_steps = train_settings.epochs * train_settings.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=total_steps, eta_min=train_settings.learning_rate_min
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    resume_path = out / "resume.pt"
+    log_rows: list[dict[str, float]] = []
+    first_epoch = 0
+    if resume_path.exists():
+        state = load_checkpoint(resume_path)
+        if state["settings"] != settings or state["seed"] != seed:
+            print(f"{resume_path}: written with other settings or seed; starting from scratch")
+        else:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            log_rows = list(state["log"])
+            first_epoch = int(state["epoch"]) + 1
+            print(f"resuming from {resume_path} after epoch {first_epoch}")
+
+    stop = _StopRequest()
+    stop.install()
+    print(
+        f"training {sum(p.numel() for p in model.parameters())} parameters on "
+        f"{len(train_graphs)} samples ({len(valid_graphs)} validation), epochs "
+        f"{first_epoch + 1}..{train_settings.epochs}"
+    )
+    for epoch in range(first_epoch, train_settings.epochs):
+        started = time.perf_counter()
+        rng = np.random.default_rng([seed, epoch])
+        noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        model.train()
+        losses = []
+        bar = tqdm(
+            range(train_settings.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{train_settings.epochs}",
+            disable=not progress,
+            mininterval=2.0,
+        )
+        for _ in bar:
+            picks = []
+            for graph_id in rng.integers(len(train_graphs), size=train_settings.batch_size):
+                g = train_graphs[graph_id]
+                picks.append((int(graph_id), int(rng.integers(g.num_steps - steps - 1))))
+            batch = make_batch(train_graphs, picks, steps, train_settings.boundary_weight)
+            loss = rollout_loss(model, batch, norm, train_settings, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_settings.gradient_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+            if stop.signal is not None:
+                print(f"signal {stop.signal}: stopping; epoch {epoch + 1} reruns on resume")
+                raise SystemExit(128 + stop.signal)
+        if not math.isfinite(losses[-1]):
+            raise SciquantError(
+                f"training diverged (loss {losses[-1]}) in epoch {epoch + 1}; lower "
+                "train.learning_rate or raise train.gradient_clip"
+            )
+        model.eval()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "valid_loss": validation_loss(model, valid_graphs, norm, train_settings),
+            "learning_rate": schedule.get_last_lr()[0],
+            "seconds": time.perf_counter() - started,
+        }
+        log_rows.append(row)
+        print(", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        _save_atomic(
+            {
+                **_final_state(model, architecture, index, settings, seed),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch,
+                "log": log_rows,
+            },
+            resume_path,
+        )
+
+    _write_log(out / "training_log.csv", log_rows)
+    target = out / "checkpoint.pt"
+    _save_atomic(_final_state(model, architecture, index, settings, seed), target)
+    return target
+
+
+def _final_state(model, architecture, index, settings, seed) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "architecture": asdict(architecture),
+        "state_dict": model.state_dict(),
+        "statistics": index["statistics"],
+        "settings": settings,
+        "seed": seed,
+    }
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

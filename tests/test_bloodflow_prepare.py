@@ -1,0 +1,177 @@
+"""Ingestion of VMR-format centerlines into graph samples, on a hand-made Y-shaped tree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sciquant.data import bloodflow
+from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET, PrepareSettings
+from sciquant.data.vtp import Centerline, read_centerline, write_centerline
+from sciquant.errors import SciquantError
+
+STEPS = 40
+DT = 0.025  # stored step, s; one cycle of T = 1 s
+
+
+def y_tree(points_per_branch: int = 20) -> tuple[Centerline, list[int]]:
+    """Parent along x, a junction point, two daughters diverging in the x-y plane."""
+    n = points_per_branch
+    parent = np.stack([np.linspace(0, 5, n), np.zeros(n), np.zeros(n)], axis=1)
+    junction = np.array([[5.25, 0.0, 0.0]])
+    up = np.stack([5.5 + np.linspace(0, 4, n), np.linspace(0.2, 3, n), np.zeros(n)], axis=1)
+    down = np.stack([5.5 + np.linspace(0, 4, n), -np.linspace(0.2, 3, n), np.zeros(n)], axis=1)
+    points = np.concatenate([parent, junction, up, down])
+    j = n
+    edges = [(i, i + 1) for i in range(n - 1)] + [(n - 1, j)]
+    edges += [(j, j + 1)] + [(i, i + 1) for i in range(j + 1, j + n)]
+    edges += [(j, j + n + 1)] + [(i, i + 1) for i in range(j + n + 1, j + 2 * n)]
+    branch = np.concatenate([np.zeros(n), [-1], np.ones(n), 2 * np.ones(n)]).astype(np.int32)
+    bifurcation = np.where(branch < 0, 0, -1).astype(np.int32)
+    area = np.where(branch == 0, 0.5, 0.3)
+    t = np.arange(STEPS) * DT
+    data = {"area": area, "BranchIdTmp": branch, "BifurcationId": bifurcation}
+    for k, time in enumerate(t):
+        inflow = 5 + 3 * np.sin(2 * np.pi * time)
+        flow = np.where(branch == 0, inflow, inflow / 2)
+        flow[j] = inflow
+        data[f"pressure_{k}"] = 1.2e5 + 2e4 * np.sin(2 * np.pi * time) - 100 * points[:, 0]
+        data[f"flow_{k}"] = flow
+    outlets = [j + n, j + 2 * n]
+    return Centerline(points, np.asarray(edges), data), outlets
+
+
+def write_dataset(raw: Path, n_simulations: int = 5) -> Path:
+    vtps = raw / "vtps"
+    info = {}
+    for s in range(n_simulations):
+        centerline, outlets = y_tree()
+        write_centerline(vtps / f"sim_{s:03d}.vtp", centerline)
+        info[f"sim_{s:03d}"] = {
+            "dt": DT, "T": 1.0, "time_shift": 0.0, "bc_type": "RCR", "outlets": outlets,
+            "R1": [1000.0 + s, 1100.0], "C": [1e-4, 2e-4], "R2": [9000.0, 9500.0],
+        }  # fmt: skip
+    (vtps / "dataset_info.json").write_text(json.dumps(info))
+    return vtps
+
+
+@pytest.fixture()
+def raw(tmp_path: Path) -> Path:
+    write_dataset(tmp_path / "raw")
+    return tmp_path / "raw"
+
+
+def test_vtp_round_trip(tmp_path: Path) -> None:
+    centerline, _ = y_tree()
+    write_centerline(tmp_path / "a.vtp", centerline)
+    back = read_centerline(tmp_path / "a.vtp")
+    np.testing.assert_allclose(back.points, centerline.points)
+    np.testing.assert_array_equal(np.sort(back.edges, axis=0), np.sort(centerline.edges, axis=0))
+    np.testing.assert_allclose(back.point_data["pressure_3"], centerline.point_data["pressure_3"])
+
+
+def test_graph_nodes_edges_and_types(raw: Path) -> None:
+    vtps = raw / "vtps"
+    info = json.loads((vtps / "dataset_info.json").read_text())
+    sim = bloodflow.load_simulation(vtps / "sim_000.vtp", info)
+    graph = bloodflow.build_graph(sim, PrepareSettings(keep_fraction=0.25, boundary_edge_hops=2))
+    types = graph["node_type"]
+    assert (types == INLET).sum() == 1 and types[0] == INLET
+    assert (types == OUTLET).sum() == 2
+    assert (types == JUNCTION).sum() == 1
+    n = len(types)
+    # A tree: n - 1 undirected tree edges, both directions, plus boundary edges (3 boundary nodes,
+    # each to its one node at 2 hops, both directions).
+    edge_type = graph["edge_features"][:, 4:].argmax(axis=1)
+    assert (edge_type <= 2).sum() == 2 * (n - 1)
+    assert (edge_type == 3).sum() == 2 and (edge_type == 4).sum() == 4
+    assert graph["edge_features"].shape == (len(edge_type), 9)
+    # Relative position and distance are consistent with node positions.
+    src, dst = graph["edge_index"]
+    np.testing.assert_allclose(
+        graph["edge_features"][:, :3], graph["pos"][dst] - graph["pos"][src], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        graph["edge_features"][:, 3],
+        np.linalg.norm(graph["pos"][dst] - graph["pos"][src], axis=1),
+        rtol=1e-5,
+    )
+    # Roughly keep_fraction of the 41 points are kept; inlet, junction, outlets always.
+    assert 0.15 * 41 <= n <= 0.45 * 41
+    # Windkessel values sit on the outlets only, in the listed order.
+    outlet_nodes = np.flatnonzero(types == OUTLET)
+    np.testing.assert_allclose(graph["R1"][outlet_nodes], [1000.0, 1100.0])
+    assert np.all(graph["R1"][types != OUTLET] == 0)
+    assert np.all(graph["branch_id"][types == JUNCTION] == -1)
+    assert set(graph["branch_id"][types == BRANCH]) <= {0, 1, 2}
+    np.testing.assert_allclose(np.linalg.norm(graph["tangent"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path) -> None:
+    settings = PrepareSettings(
+        keep_fraction=0.25, dt=0.05, loading_steps=4, time_offsets=3,
+        split={"train": 0.6, "valid": 0.2, "test": 0.2, "seed": 1},
+    )  # fmt: skip
+    out = tmp_path / "prepared"
+    bloodflow.prepare(raw, out, settings)
+    index = bloodflow.load_index(out)
+    simulations = index["simulations"]
+    assert sorted(sum(simulations.values(), [])) == [f"sim_{s:03d}" for s in range(5)]
+    assert len(simulations["test"]) == 1 and len(simulations["train"]) == 3
+    assert len(index["samples"]["train"]) == 3 * 3  # time-offset copies of training sims only
+    assert len(index["samples"]["test"]) == 1
+    sample = bloodflow.load_sample(out, index["samples"]["test"][0])
+    steps = 4 + int(round(1.0 / 0.05)) + 1
+    assert sample["pressure"].shape == (steps, len(sample["area"]))
+    assert sample["loading"].tolist() == [1.0] * 4 + [0.0] * (steps - 4)
+    # The loading ramp starts from zero flow and ends next to the cycle's first value.
+    assert np.all(sample["flowrate"][0] == 0)
+    # The resampled cycle reproduces the raw sine inflow at the inlet.
+    t = np.arange(steps - 4) * 0.05
+    np.testing.assert_allclose(sample["flowrate"][4:, 0], 5 + 3 * np.sin(2 * np.pi * t), atol=0.05)
+    stats = index["statistics"]
+    assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
+    assert stats["flowrate"]["std"] > 0
+    assert len(index["node_features"]) == 18 and len(index["edge_features"]) == 9
+
+
+def test_missing_array_names_file(raw: Path, tmp_path: Path) -> None:
+    path = raw / "vtps" / "sim_002.vtp"
+    centerline = read_centerline(path)
+    del centerline.point_data["area"]
+    write_centerline(path, centerline)
+    with pytest.raises(SciquantError, match=r"sim_002\.vtp.*'area' is missing"):
+        bloodflow.prepare(raw, tmp_path / "out", PrepareSettings())
+
+
+def test_nan_values_name_file(raw: Path, tmp_path: Path) -> None:
+    path = raw / "vtps" / "sim_001.vtp"
+    centerline = read_centerline(path)
+    centerline.point_data["pressure_7"][3] = np.nan
+    write_centerline(path, centerline)
+    with pytest.raises(SciquantError, match=r"sim_001\.vtp.*'pressure' contains NaN"):
+        bloodflow.prepare(raw, tmp_path / "out", PrepareSettings())
+
+
+def test_simulation_missing_from_dataset_info(raw: Path, tmp_path: Path) -> None:
+    info_path = raw / "vtps" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    del info["sim_003"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(SciquantError, match=r"sim_003\.vtp.*missing from dataset_info\.json"):
+        bloodflow.prepare(raw, tmp_path / "out", PrepareSettings())
+
+
+def test_not_a_vtp_names_file(raw: Path, tmp_path: Path) -> None:
+    (raw / "vtps" / "sim_004.vtp").write_text("not xml")
+    with pytest.raises(SciquantError, match=r"sim_004\.vtp"):
+        bloodflow.prepare(raw, tmp_path / "out", PrepareSettings())
+
+
+def test_no_dataset_info(tmp_path: Path) -> None:
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(SciquantError, match="no dataset_info.json"):
+        bloodflow.prepare(tmp_path / "raw", tmp_path / "out", PrepareSettings())
