@@ -5,7 +5,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "workflow/config/default.yaml"
+# The default study, unless --configfile names another: a study is one file, never a merge of two.
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/config/default.yaml"
 
 
 include: "rules/common.smk"

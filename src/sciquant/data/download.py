@@ -26,9 +26,9 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -79,7 +79,8 @@ class RemoteFile:
         """The name the file is saved under: `name`, or the basename of the URL's path."""
         if self.name is not None:
             return self.name
-        return unquote(PurePosixPath(urlsplit(self.url).path).name)
+        # Not PurePosixPath(...).name: that would turn ".../dir/" into "dir".
+        return unquote(urlsplit(self.url).path.rpartition("/")[2])
 
 
 def fetch(
@@ -308,7 +309,7 @@ class _Transfer:
                     wait = max(wait, min(exc.retry_after_s, _MAX_RETRY_AFTER_S))
                 attempt += 1
                 logger.warning(
-                    "%s: %s; retrying in %.1f s (retry %d of %d)",
+                    "%s: %s; retrying in %.2f s (retry %d of %d)",
                     self.url,
                     exc,
                     wait,
@@ -396,7 +397,7 @@ class _Transfer:
             ):
                 # The raw stream gives the bytes as served: the sha256 is of the file as stored,
                 # even where a server labels a .gz file with Content-Encoding: gzip.
-                chunks = response.raw.stream(_CHUNK, decode_content=False)
+                chunks = _raw_chunks(response.raw)
                 while True:
                     try:
                         chunk = next(chunks, None)
@@ -429,6 +430,18 @@ class _Transfer:
             f"{self.part} holds {offset} bytes but the file has {total}; starting over",
             restart=True,
         )
+
+
+def _raw_chunks(raw: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The body's bytes as they arrive, undecoded."""
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 < 2.3
+        yield from raw.stream(_CHUNK, decode_content=False)
+        return
+    # read1 hands over whatever has arrived, where read(n) waits for n bytes: on a stalled
+    # connection the bytes already received reach the .part instead of being lost.
+    while chunk := read1(_CHUNK, decode_content=False):
+        yield chunk
 
 
 def _content_range(value: str | None, *, unsatisfied: bool = False) -> tuple[int, int | None]:
@@ -702,8 +715,7 @@ def _extract_once(archive: Path, dest: Path, sha256: str) -> None:
             return
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no stamp, or an unreadable one: unpack
-    names = extract_archive(archive, dest)
-    top = sorted({PurePosixPath(Path(n).relative_to(dest).as_posix()).parts[0] for n in names})
+    top = sorted({p.relative_to(dest).parts[0] for p in extract_archive(archive, dest)})
     tmp = stamp.with_name(stamp.name + ".part")
     tmp.write_text(json.dumps({"sha256": sha256, "top": top}))
     os.replace(tmp, stamp)
