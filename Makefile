@@ -8,6 +8,8 @@ CORES ?= 2
 # `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?=
 PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# Rules call the `sciquant` command: the environment's bin folder goes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test venv system-packages lint dryrun clean
 

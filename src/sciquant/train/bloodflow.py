@@ -311,7 +311,7 @@ def run(
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_settings.gradient_clip)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             if stop.signal is not None:
                 print(f"signal {stop.signal}: stopping; epoch {epoch + 1} reruns on resume")

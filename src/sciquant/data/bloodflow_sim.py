@@ -1,0 +1,1242 @@
+"""Reduced-order (1D, lumped) hemodynamics of random vascular trees, as bloodflow_1d_mgn raw data.
+
+The embedded data source of the bloodflow study: it writes the VMR / PhysicsNeMo `bloodflow_1d_mgn`
+raw layout (`vtps/<name>.vtp` + `vtps/dataset_info.json`), so the real-data ingestion reads it
+unchanged.
+
+Model, in CGS units (cm, s, g; pressure dyn/cm², flowrate cm³/s):
+
+- A tree of straight-ish vessels (branches) of constant radius; every vessel is a chain of 1D
+  segments with resistance R = 8μh/(πr⁴), inductance L = ρh/(πr²) and compliance
+  C = 3πr³h/(2Eh), the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3 (Olufsen et al. 2000).
+- Unknowns: a pressure at every point, a flowrate per segment (L dQ/dt + R Q = P_up − P_down) and
+  the capacitor pressure of every outlet's RCR Windkessel. A point carries the compliance of half of
+  each adjacent segment; a junction point carries none (its halves go to the segments' other ends,
+  so the total compliance is conserved) and Kirchhoff's current law holds there as an algebraic
+  equation.
+- Inlet: prescribed pulsatile flowrate injected at point 0. Outlets: RCR Windkessel (Rp, C, Rd) to a
+  distal pressure of 0.
+- The linear DAE M x' = A x + b(t) is integrated with BDF2 (one backward-Euler start step), both
+  matrices factorised once by sparse LU since dt is constant.
+
+Stored flowrate convention: the flowrate at a point is the flowrate of the segment ENTERING that
+point from upstream; at the inlet point it is the imposed inflow. At an outlet point it is the
+flowrate that reaches the outlet point, which equals the flowrate into its Windkessel only in steady
+state (they differ by C_point·dP/dt). Hence at a junction point J,
+flow(J) = Σ flow(first point of each daughter). Written points between simulation points (the
+output is finer, `SimulationParams.output_spacing`) hold pressure and flowrate interpolated linearly
+along their vessel.
+
+Written files, per simulation `<name>`: `vtps/<name>.vtp` (points in cm, 2-point line cells, point
+0 the inlet, outlets the other degree-1 points; point data `area` (cm²), `BranchIdTmp` (vessel id,
+-1 on junction points), `BifurcationId` (junction id, -1 elsewhere), `pressure_<k>` (dyn/cm²) and
+`flow_<k>` (cm³/s), float32, k = 0..K−1 every `dt_store` over the last simulated cycle), and its
+entry in `vtps/dataset_info.json`: `dt`, `T`, `time_shift` (start time of the stored cycle),
+`bc_type` ("RCR"), `R1` (Rp), `C`, `R2` (Rd) and `outlets` (point ids, ascending; the lists share
+that order), `periodicity_error`.
+
+Calibration and start: outlet resistances are set so the cycle-mean inlet pressure is a drawn
+target, compliances (or, failing that, the inflow's pulsatile amplitude) so the inlet pulse
+pressure is; the integration starts on the exact periodic (frequency-domain) solution, so the
+stored cycle is periodic after few cycles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+from scipy.optimize import brentq
+from tqdm import tqdm
+
+from sciquant.data.vtp import Centerline, write_centerline
+from sciquant.errors import SciquantError
+
+MMHG = 1333.2
+"""dyn/cm² per mmHg."""
+BLOOD_VISCOSITY = 0.04
+"""Dynamic viscosity of blood, P = g/(cm·s)."""
+BLOOD_DENSITY = 1.06
+"""Density of blood, g/cm³."""
+OLUFSEN_STIFFNESS = (2.0e7, -22.53, 8.65e5)
+"""(k1 g/(s²·cm), k2 1/cm, k3 g/(s²·cm)) of Eh/r0 = k1·exp(k2·r0) + k3 (Olufsen et al. 2000)."""
+
+# Step of the generated vessel polylines (cm); finer than any default output spacing so that
+# resampling along arc length stays smooth.
+_POLYLINE_STEP = 0.05
+# Samples per period used to measure pulse pressure from the harmonic (frequency-domain) solution.
+_PULSE_SAMPLES = 256
+
+
+def _param(default: Any, unit: str, description: str) -> Any:
+    """A dataclass field whose metadata carries its unit and meaning (for a JSON-Schema config)."""
+    return field(default=default, metadata={"unit": unit, "description": description})
+
+
+@dataclass(frozen=True)
+class SimulationParams:
+    """Every knob of the synthetic data set; each field's `metadata` holds `unit` and `description`.
+
+    `*_range` fields are (min, max) pairs; a value is drawn uniformly in them per simulation (per
+    vessel or per outlet where the description says so).
+    """
+
+    branch_count_range: tuple[int, int] = _param(
+        (3, 15), "1",
+        "Number of vessels (branches) per tree, drawn uniformly in [min, max], 1 ≤ min ≤ max. A "
+        "count of 2 is impossible (a junction has ≥ 2 daughters) and is skipped; an even count "
+        "uses one trifurcation, all other junctions are bifurcations.",
+    )
+    root_radius_range: tuple[float, float] = _param(
+        (0.3, 1.0), "cm", "Radius of the root (inlet) vessel; typical 0.3 (carotid) – 1.0 (aorta).",
+    )
+    length_range: tuple[float, float] = _param(
+        (2.0, 12.0), "cm", "Length of each vessel (drawn per vessel); typical 2–12.",
+    )
+    murray_exponent: float = _param(
+        3.0, "1",
+        "Exponent γ of Murray's law r_parent^γ = Σ r_daughter^γ; also sets the outlet flow split "
+        "(∝ r^γ). Typical 2.3–3.",
+    )
+    daughter_flow_fraction_range: tuple[float, float] = _param(
+        (0.2, 0.5), "1",
+        "Share of the parent's flow sent to the smaller daughter of a bifurcation (asymmetry); "
+        "0 < min ≤ max ≤ 0.5, 0.5 = symmetric.",
+    )
+    branching_angle_range_deg: tuple[float, float] = _param(
+        (20.0, 60.0), "degree",
+        "Angle between a daughter's initial direction and the parent's end direction; the larger "
+        "daughter gets the smaller angle. 0 ≤ min ≤ max < 90.",
+    )
+    curvature_angle_max_deg: float = _param(
+        30.0, "degree",
+        "Largest total turning of a vessel's tangent along its length (a gently curved 3D arc with "
+        "slow torsion); 0 = straight vessels. 0–90.",
+    )
+    segment_length: float = _param(
+        0.35, "cm",
+        "Target length h of the 1D simulation segments; a vessel of length l gets "
+        "max(2, round(l/h)) equal segments. Typical 0.25–0.5.",
+    )
+    output_spacing: float = _param(
+        0.1, "cm",
+        "Target spacing of the written centerline points (each segment is split into "
+        "max(1, round(h/spacing)) pieces, fields linearly interpolated) so ingestion can subsample "
+        "(~6 % kept). Storage grows as 1/spacing.",
+    )
+    viscosity: float = _param(
+        BLOOD_VISCOSITY, "P = g/(cm·s)",
+        "Dynamic viscosity μ of blood (Newtonian; sets R = 8μh/(πr⁴)); typical 0.03–0.05.",
+    )
+    density: float = _param(
+        BLOOD_DENSITY, "g/cm³", "Density ρ of blood (sets the inertance L = ρh/(πr²)); ≈ 1.06.",
+    )
+    stiffness_k1: float = _param(
+        OLUFSEN_STIFFNESS[0], "g/(s²·cm)",
+        "k1 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; ≥ 0.",
+    )
+    stiffness_k2: float = _param(
+        OLUFSEN_STIFFNESS[1], "1/cm", "k2 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; ≤ 0.",
+    )
+    stiffness_k3: float = _param(
+        OLUFSEN_STIFFNESS[2], "g/(s²·cm)",
+        "k3 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; > 0.",
+    )
+    stiffness_scale_range: tuple[float, float] = _param(
+        (0.8, 1.25), "1",
+        "Per-simulation factor on k1 and k3 (stiffer or softer arteries: wave speed ∝ √factor).",
+    )
+    period_range: tuple[float, float] = _param(
+        (0.7, 1.1), "s",
+        "Cardiac period T (rounded to a multiple of dt_store); 0.7–1.1 ≈ 55–85 beats/min.",
+    )
+    mean_velocity_range: tuple[float, float] = _param(
+        (10.0, 25.0), "cm/s",
+        "Cycle-mean inlet velocity; mean inflow = velocity · π r_root². Typical 10–25.",
+    )
+    inflow_peak_to_mean_range: tuple[float, float] = _param(
+        (2.5, 5.0), "1",
+        "Peak systolic inflow divided by mean inflow (pulsatility of the inlet waveform); > 1. "
+        "Aorta ≈ 4–6, carotid ≈ 2.5–3.5.",
+    )
+    inflow_harmonics: int = _param(
+        12, "1",
+        "Fourier harmonics of the inlet waveform (systolic pulse, backflow dip, diastolic bump "
+        "projected onto them); 1–50.",
+    )
+    mean_pressure_range_mmhg: tuple[float, float] = _param(
+        (90.0, 100.0), "mmHg",
+        "Target cycle-mean inlet pressure; outlet Windkessel resistances are scaled to hit it.",
+    )
+    pulse_pressure_range_mmhg: tuple[float, float] = _param(
+        (30.0, 50.0), "mmHg",
+        "Target inlet pulse pressure (max − min over the cycle); outlet Windkessel compliances are "
+        "scaled to hit it (or, where they cannot, the inflow's pulsatile part).",
+    )
+    proximal_resistance_fraction_range: tuple[float, float] = _param(
+        (0.04, 0.10), "1",
+        "Rp/(Rp + Rd) of the outlet Windkessels (per simulation, ±20 % per outlet); 0 < min ≤ max "
+        "< 1.",
+    )
+    windkessel_time_constant_range: tuple[float, float] = _param(
+        (0.1, 20.0), "s",
+        "Bounds of the Windkessel time constant (Rp + Rd)·C searched to reach the pulse-pressure "
+        "target (all outlets share it; C ∝ flow share). Human systemic ≈ 1–2.",
+    )
+    inflow_pulse_scale_range: tuple[float, float] = _param(
+        (0.25, 4.0), "1",
+        "Bounds of the factor on the inflow's pulsatile part, applied only where no Windkessel "
+        "time constant in range reaches the pulse-pressure target (a tree whose own compliance or "
+        "inertance dominates); 1 must lie inside.",
+    )
+    outlet_flow_jitter: float = _param(
+        0.2, "1",
+        "Relative random perturbation of each outlet's mean flow share (∝ r^γ) before the "
+        "Windkessel resistances are derived from it; 0 ≤ value < 1.",
+    )
+    n_cycles: int = _param(
+        3, "1",
+        "Cardiac cycles integrated; the last is stored, the last two give the periodicity "
+        "error. ≥ 2.",
+    )
+    dt_store: float = _param(
+        0.005, "s", "Interval between stored steps (`pressure_<k>`, `flow_<k>`); > 0.",
+    )
+    substeps: int = _param(
+        5, "1", "Integrator steps per stored step (integration dt = dt_store / substeps); ≥ 1.",
+    )
+
+    def __post_init__(self) -> None:
+        _validate_params(self)
+
+
+def _fail(name: str, message: str) -> SciquantError:
+    """The error for a bad SimulationParams field `name`."""
+    return SciquantError(f"SimulationParams.{name}: {message}")
+
+
+def _check_range(params: SimulationParams, name: str, low: float, high: float,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Check that field `name` is a (min, max) pair with min ≤ max inside [low, high]."""
+    value = getattr(params, name)
+    if not isinstance(value, Sequence) or len(value) != 2:
+        raise _fail(name, f"expected a (min, max) pair, got {value!r}")
+    lo, hi = (float(v) for v in value)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise _fail(name, f"values must be finite, got {value!r}")
+    if lo > hi:
+        raise _fail(name, f"min {lo} > max {hi}; swap them")
+    too_low = lo <= low if low_open else lo < low
+    too_high = hi >= high if high_open else hi > high
+    if too_low or too_high:
+        raise _fail(name, f"{value!r} outside the allowed interval "
+                          f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_scalar(params: SimulationParams, name: str, low: float, high: float = math.inf,
+                  low_open: bool = False, integer: bool = False) -> None:
+    """Check that field `name` is a finite number (an int if `integer`) within [low, high]."""
+    value = getattr(params, name)
+    if integer and (not isinstance(value, int | np.integer) or isinstance(value, bool)):
+        raise _fail(name, f"expected an integer, got {value!r}")
+    if not isinstance(value, int | float | np.number) or not math.isfinite(float(value)):
+        raise _fail(name, f"expected a finite number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        raise _fail(name, f"{value!r} outside the allowed interval "
+                          f"{'(' if low_open else '['}{low}, {high}]")
+
+
+def _validate_params(p: SimulationParams) -> None:
+    """Raise SciquantError naming the first bad field of `p`."""
+    counts = p.branch_count_range
+    if not (isinstance(counts, Sequence) and len(counts) == 2
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in counts)):
+        raise _fail("branch_count_range", f"expected two integers (min, max), got {counts!r}")
+    _check_range(p, "branch_count_range", 1, 1000)
+    if counts[0] == counts[1] == 2:
+        raise _fail("branch_count_range",
+                    "2 branches cannot be built (a junction has ≥ 2 daughters)")
+    _check_range(p, "root_radius_range", 0.0, 10.0, low_open=True)
+    _check_range(p, "length_range", 0.0, 100.0, low_open=True)
+    _check_scalar(p, "murray_exponent", 0.0, 10.0, low_open=True)
+    _check_range(p, "daughter_flow_fraction_range", 0.0, 0.5, low_open=True)
+    _check_range(p, "branching_angle_range_deg", 0.0, 90.0, high_open=True)
+    _check_scalar(p, "curvature_angle_max_deg", 0.0, 90.0)
+    _check_scalar(p, "segment_length", 0.0, 10.0, low_open=True)
+    _check_scalar(p, "output_spacing", 0.0, 10.0, low_open=True)
+    _check_scalar(p, "viscosity", 0.0, low_open=True)
+    _check_scalar(p, "density", 0.0, low_open=True)
+    _check_scalar(p, "stiffness_k1", 0.0)
+    _check_scalar(p, "stiffness_k2", -math.inf, 0.0)
+    _check_scalar(p, "stiffness_k3", 0.0, low_open=True)
+    _check_range(p, "stiffness_scale_range", 0.0, 100.0, low_open=True)
+    _check_scalar(p, "dt_store", 0.0, 1.0, low_open=True)
+    _check_range(p, "period_range", 0.0, 10.0, low_open=True)
+    if p.period_range[0] < 4 * p.dt_store:
+        raise _fail("period_range", f"min {p.period_range[0]} s holds < 4 stored steps of "
+                                    f"dt_store = {p.dt_store} s")
+    _check_range(p, "mean_velocity_range", 0.0, 1000.0, low_open=True)
+    _check_range(p, "inflow_peak_to_mean_range", 1.0, 20.0, low_open=True)
+    _check_scalar(p, "inflow_harmonics", 1, 50, integer=True)
+    _check_range(p, "mean_pressure_range_mmhg", 0.0, 500.0, low_open=True)
+    _check_range(p, "pulse_pressure_range_mmhg", 0.0, 500.0, low_open=True)
+    _check_range(p, "proximal_resistance_fraction_range", 0.0, 1.0, low_open=True, high_open=True)
+    _check_range(p, "windkessel_time_constant_range", 0.0, 1000.0, low_open=True)
+    _check_range(p, "inflow_pulse_scale_range", 0.0, math.inf, low_open=True)
+    if not p.inflow_pulse_scale_range[0] <= 1.0 <= p.inflow_pulse_scale_range[1]:
+        raise _fail("inflow_pulse_scale_range", f"{p.inflow_pulse_scale_range!r} must contain 1")
+    _check_scalar(p, "outlet_flow_jitter", 0.0, 0.99)
+    _check_scalar(p, "n_cycles", 2, 1000, integer=True)
+    _check_scalar(p, "substeps", 1, 10000, integer=True)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Vascular tree (geometry and topology)
+
+
+@dataclass(frozen=True, eq=False)
+class Vessel:
+    """One vessel (branch) of constant radius.
+
+    `points` [n ≥ 2, 3] (cm): centerline polyline from proximal to distal end; `radius` (cm);
+    `parent`: index of the parent vessel, -1 for the root.
+    """
+
+    points: np.ndarray
+    radius: float
+    parent: int
+
+    @property
+    def length(self) -> float:
+        """Arc length of the centerline polyline (cm)."""
+        return float(np.linalg.norm(np.diff(self.points, axis=0), axis=1).sum())
+
+
+@dataclass(frozen=True, eq=False)
+class VascularTree:
+    """A tree of vessels, validated on construction.
+
+    Vessel 0 is the root (its first point is the inlet); every other vessel comes after its parent
+    and starts at the parent's last point (a junction); vessels without daughters end at outlets.
+    """
+
+    vessels: tuple[Vessel, ...]
+
+    def __post_init__(self) -> None:
+        if not self.vessels:
+            raise SciquantError("VascularTree: no vessels")
+        for i, vessel in enumerate(self.vessels):
+            points = np.asarray(vessel.points, dtype=np.float64)
+            if points.ndim != 2 or points.shape[0] < 2 or points.shape[1] != 3:
+                raise SciquantError(f"VascularTree: vessel {i} points must be [n ≥ 2, 3], "
+                                    f"got shape {points.shape}")
+            if not (vessel.radius > 0 and math.isfinite(vessel.radius)):
+                raise SciquantError(f"VascularTree: vessel {i} radius must be > 0, got "
+                                    f"{vessel.radius}")
+            if vessel.length <= 0:
+                raise SciquantError(f"VascularTree: vessel {i} has zero length")
+            if (i == 0) != (vessel.parent < 0):
+                raise SciquantError(f"VascularTree: vessel {i} has parent {vessel.parent}; only "
+                                    "vessel 0 (the root) may have parent -1")
+            if i > 0:
+                if vessel.parent >= i:
+                    raise SciquantError(f"VascularTree: vessel {i} has parent {vessel.parent}; a "
+                                        "parent must come before its daughters")
+                gap = np.linalg.norm(points[0] - self.vessels[vessel.parent].points[-1])
+                if gap > 1e-6:
+                    raise SciquantError(f"VascularTree: vessel {i} starts {gap:.3g} cm away from "
+                                        f"the end of its parent {vessel.parent}")
+
+    @property
+    def n_branches(self) -> int:
+        """Number of vessels (branches)."""
+        return len(self.vessels)
+
+    def children(self) -> list[list[int]]:
+        """Daughter vessel indices of every vessel, in index order."""
+        out: list[list[int]] = [[] for _ in self.vessels]
+        for i, vessel in enumerate(self.vessels[1:], start=1):
+            out[vessel.parent].append(i)
+        return out
+
+
+def _orthonormal_frame(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit `direction` d and two unit vectors u, w completing a right-handed frame."""
+    d = direction / np.linalg.norm(direction)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(d[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(d, helper)
+    u /= np.linalg.norm(u)
+    return d, u, np.cross(d, u)
+
+
+def _curved_polyline(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray,
+                     length: float, max_turn: float) -> tuple[np.ndarray, np.ndarray]:
+    """A gently curved 3D centerline of arc length `length` (cm) leaving `start` along `direction`.
+
+    The tangent tilts away from `direction` linearly in arc length up to a random total angle
+    ≤ `max_turn` (rad), in an azimuth that itself rotates slowly (torsion). Returns the points
+    [n, 3] and the unit end tangent [3].
+    """
+    d, u, w = _orthonormal_frame(direction)
+    n = max(2, math.ceil(length / _POLYLINE_STEP))
+    turn = rng.uniform(0.0, max_turn)
+    phase = rng.uniform(0.0, 2.0 * np.pi)
+    twist = rng.uniform(-0.5 * np.pi, 0.5 * np.pi)
+
+    def tangent(s: np.ndarray) -> np.ndarray:
+        tilt, azimuth = turn * s, phase + twist * s
+        side = np.cos(azimuth)[:, None] * u + np.sin(azimuth)[:, None] * w
+        return np.cos(tilt)[:, None] * d + np.sin(tilt)[:, None] * side
+
+    # Midpoint tangents of unit length keep the polyline's arc length exactly `length`.
+    steps = tangent((np.arange(n) + 0.5) / n) * (length / n)
+    points = start + np.vstack([np.zeros(3), np.cumsum(steps, axis=0)])
+    return points, tangent(np.array([1.0]))[0]
+
+
+def _daughter_fractions(rng: np.random.Generator, n_daughters: int,
+                        fraction_range: tuple[float, float]) -> list[float]:
+    """Flow shares (sum 1) of the daughters of one junction (2 or 3 daughters)."""
+    small = rng.uniform(*fraction_range)
+    if n_daughters == 2:
+        return [1.0 - small, small]
+    # A trifurcation is a bifurcation whose larger daughter splits again at the same point.
+    second = rng.uniform(*fraction_range)
+    return [(1.0 - small) * (1.0 - second), (1.0 - small) * second, small]
+
+
+def build_tree(rng: np.random.Generator,
+               params: SimulationParams = SimulationParams()) -> VascularTree:
+    """Draw a random vascular tree: topology, Murray's-law radii (cm), 3D curved centerlines (cm).
+
+    Terminal vessels are split with probability ∝ their flow share r^γ, so the tree grows where
+    the flow is (large vessels branch, small ones end). Vessels are numbered depth first.
+    """
+    lo, hi = params.branch_count_range
+    n_branches = int(rng.choice([n for n in range(lo, hi + 1) if n != 2]))
+    n_tri = (n_branches - 1) % 2
+    kinds = [2] * ((n_branches - 1 - 3 * n_tri) // 2) + [3] * n_tri
+    rng.shuffle(kinds)
+
+    gamma = params.murray_exponent
+    radius = [rng.uniform(*params.root_radius_range)]
+    parent = [-1]
+    children: list[list[int]] = [[]]
+    leaves = [0]
+    for n_daughters in kinds:
+        weights = np.array([radius[v] ** gamma for v in leaves])
+        v = leaves.pop(int(rng.choice(len(leaves), p=weights / weights.sum())))
+        for share in _daughter_fractions(rng, n_daughters, params.daughter_flow_fraction_range):
+            radius.append(radius[v] * share ** (1.0 / gamma))
+            parent.append(v)
+            children.append([])
+            children[v].append(len(radius) - 1)
+            leaves.append(len(radius) - 1)
+
+    order = []
+    stack = [0]
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        stack.extend(reversed(children[v]))
+    new_index = {old: new for new, old in enumerate(order)}
+
+    max_turn = math.radians(params.curvature_angle_max_deg)
+    angle_lo, angle_hi = (math.radians(a) for a in params.branching_angle_range_deg)
+    start = {0: np.zeros(3)}
+    direction = {0: _orthonormal_frame(rng.normal(size=3))[0]}
+    vessels = []
+    for v in order:
+        length = rng.uniform(*params.length_range)
+        points, end_tangent = _curved_polyline(rng, start[v], direction[v], length, max_turn)
+        vessels.append(Vessel(points=points, radius=float(radius[v]),
+                              parent=new_index[parent[v]] if parent[v] >= 0 else -1))
+        if children[v]:
+            d, u, w = _orthonormal_frame(end_tangent)
+            # Larger daughters deviate less from the parent's direction (as in real bifurcations).
+            angles = np.sort(rng.uniform(angle_lo, angle_hi, size=len(children[v])))
+            by_size = np.argsort([-radius[c] for c in children[v]], kind="stable")
+            phase = rng.uniform(0.0, 2.0 * np.pi)
+            for rank, i in enumerate(by_size):
+                azimuth = phase + 2.0 * np.pi * i / len(children[v])
+                alpha = angles[rank]
+                c = children[v][i]
+                start[c] = points[-1]
+                direction[c] = np.cos(alpha) * d + np.sin(alpha) * (
+                    np.cos(azimuth) * u + np.sin(azimuth) * w)
+    return VascularTree(vessels=tuple(vessels))
+
+
+# --------------------------------------------------------------------------------------------
+# 1D network (the lumped circuit)
+
+
+def wall_stiffness(radius: np.ndarray | float, k1: float, k2: float, k3: float) -> np.ndarray:
+    """Wall stiffness Eh/r0 (g/(s²·cm)) of vessels of `radius` r0 (cm): k1·e^(k2·r0) + k3."""
+    return k1 * np.exp(k2 * np.asarray(radius, dtype=np.float64)) + k3
+
+
+@dataclass(frozen=True, eq=False)
+class Network1D:
+    """The discretised tree: N points, E segments (upstream id < downstream id), outlets.
+
+    Point arrays [N]: `positions` [N, 3] (cm), `compliance` (cm⁵/dyn, 0 on junctions), `area`
+    (cm²), `point_vessel` (vessel id, -1 on junctions), `point_junction` (junction id, else -1).
+    Segment arrays [E]: `segments` [E, 2] point ids, `resistance` (dyn·s/cm⁵), `inductance`
+    (g/cm⁴), `segment_vessel`. `outlets` [n_out] point ids, ascending. Per vessel, the nodes along
+    its arc from s = 0 to its length: `vessel_nodes` (point ids, junction ends included),
+    `vessel_arc` (cm) and `vessel_flow_index` (index into [segment flowrates..., inflow]: the flow
+    entering that node along the vessel).
+    """
+
+    tree: VascularTree
+    positions: np.ndarray
+    compliance: np.ndarray
+    area: np.ndarray
+    point_vessel: np.ndarray
+    point_junction: np.ndarray
+    segments: np.ndarray
+    resistance: np.ndarray
+    inductance: np.ndarray
+    segment_vessel: np.ndarray
+    outlets: np.ndarray
+    vessel_nodes: tuple[np.ndarray, ...]
+    vessel_arc: tuple[np.ndarray, ...]
+    vessel_flow_index: tuple[np.ndarray, ...]
+
+    @property
+    def n_points(self) -> int:
+        """Number of points N (pressure unknowns)."""
+        return len(self.positions)
+
+    @property
+    def n_segments(self) -> int:
+        """Number of segments E (flowrate unknowns)."""
+        return len(self.segments)
+
+    @property
+    def junctions(self) -> np.ndarray:
+        """Point ids of the junction points, by junction id."""
+        ids = np.flatnonzero(self.point_junction >= 0)
+        return ids[np.argsort(self.point_junction[ids])]
+
+
+def _arc_length(points: np.ndarray) -> np.ndarray:
+    """Cumulative arc length [n] (cm) of a polyline [n, 3]."""
+    return np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+
+
+def _along(points: np.ndarray, arc: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Positions [len(s), 3] at arc lengths `s` (cm) along a polyline with cumulative arc `arc`."""
+    return np.stack([np.interp(s, arc, points[:, k]) for k in range(3)], axis=1)
+
+
+def discretize(tree: VascularTree, *, segment_length: float = 0.35,
+               viscosity: float = BLOOD_VISCOSITY, density: float = BLOOD_DENSITY,
+               stiffness: tuple[float, float, float] = OLUFSEN_STIFFNESS) -> Network1D:
+    """Discretise a tree into the lumped 1D circuit.
+
+    Every vessel of length l (cm) gets max(2, round(l/segment_length)) equal segments; viscosity in
+    P, density in g/cm³, `stiffness` = (k1, k2, k3) of Eh/r0. Points are numbered depth first
+    (inlet 0, a junction after its parent's points and before its daughters'), so every segment
+    runs from a lower to a higher id.
+    """
+    for name, value in (("segment_length", segment_length), ("viscosity", viscosity),
+                        ("density", density)):
+        if not (value > 0 and math.isfinite(value)):
+            raise SciquantError(f"discretize: {name} must be > 0, got {value}")
+    children = tree.children()
+    positions: list[np.ndarray] = []
+    area: list[float] = []
+    point_vessel: list[int] = []
+    point_junction: list[int] = []
+    up: list[int] = []
+    down: list[int] = []
+    seg_vessel: list[int] = []
+    seg_h: list[float] = []
+    outlets: list[int] = []
+    n_vessels = tree.n_branches
+    vessel_nodes: list[np.ndarray] = [np.empty(0, np.int64)] * n_vessels
+    vessel_arc: list[np.ndarray] = [np.empty(0)] * n_vessels
+    vessel_flow: list[np.ndarray] = [np.empty(0, np.int64)] * n_vessels
+    junction_of_vessel: dict[int, int] = {}
+
+    def new_point(position: np.ndarray, vessel: int, junction: int, radius: float) -> int:
+        positions.append(position)
+        area.append(math.pi * radius**2)
+        point_vessel.append(vessel)
+        point_junction.append(junction)
+        return len(positions) - 1
+
+    inflow = -1  # placeholder index of the inflow in the flow vector, set to E below
+    stack = [0]
+    while stack:
+        v = stack.pop()
+        vessel = tree.vessels[v]
+        points = np.asarray(vessel.points, dtype=np.float64)
+        arc = _arc_length(points)
+        n = max(2, round(arc[-1] / segment_length))
+        s = np.linspace(0.0, arc[-1], n + 1)
+        where = _along(points, arc, s)
+        r = vessel.radius
+        nodes = [new_point(where[0], v, -1, r) if vessel.parent < 0
+                 else junction_of_vessel[vessel.parent]]
+        nodes += [new_point(where[k], v, -1, r) for k in range(1, n)]
+        if children[v]:
+            junction_of_vessel[v] = new_point(where[n], -1, len(junction_of_vessel), r)
+            nodes.append(junction_of_vessel[v])
+        else:
+            nodes.append(new_point(where[n], v, -1, r))
+            outlets.append(nodes[-1])
+        first_segment = len(up)
+        up += nodes[:-1]
+        down += nodes[1:]
+        seg_vessel += [v] * n
+        seg_h += [arc[-1] / n] * n
+        segment_ids = list(range(first_segment, first_segment + n))
+        vessel_nodes[v] = np.asarray(nodes, dtype=np.int64)
+        vessel_arc[v] = s
+        # The flow entering node 0 along this vessel: the inflow at the inlet, else the flow of
+        # the vessel's first segment (a daughter's profile starts with its own flow, not the
+        # parent's).
+        vessel_flow[v] = np.asarray([inflow if vessel.parent < 0 else first_segment] + segment_ids,
+                                    dtype=np.int64)
+        stack.extend(reversed(children[v]))
+
+    segments = np.stack([up, down], axis=1).astype(np.int64)
+    n_segments = len(segments)
+    vessel_flow = [np.where(f < 0, n_segments, f) for f in vessel_flow]
+    radius = np.array([tree.vessels[v].radius for v in seg_vessel])
+    h = np.asarray(seg_h)
+    k1, k2, k3 = stiffness
+    segment_compliance = 3.0 * np.pi * radius**2 * h / (2.0 * wall_stiffness(radius, k1, k2, k3))
+    if not np.all(segment_compliance > 0):
+        raise SciquantError(f"discretize: wall stiffness {stiffness} gives non-positive compliance")
+
+    # Half of each segment's compliance to each end; a junction holds none (it is a KCL node), so
+    # its half goes to the segment's other end and the vessel's total compliance is conserved.
+    is_junction = np.asarray(point_junction) >= 0
+    up_share = np.where(is_junction[segments[:, 1]], 1.0, np.where(is_junction[segments[:, 0]],
+                                                                     0.0, 0.5))
+    compliance = np.zeros(len(positions))
+    np.add.at(compliance, segments[:, 0], up_share * segment_compliance)
+    np.add.at(compliance, segments[:, 1], (1.0 - up_share) * segment_compliance)
+
+    return Network1D(
+        tree=tree,
+        positions=np.asarray(positions),
+        compliance=compliance,
+        area=np.asarray(area),
+        point_vessel=np.asarray(point_vessel, dtype=np.int64),
+        point_junction=np.asarray(point_junction, dtype=np.int64),
+        segments=segments,
+        resistance=8.0 * viscosity * h / (np.pi * radius**4),
+        inductance=density * h / (np.pi * radius**2),
+        segment_vessel=np.asarray(seg_vessel, dtype=np.int64),
+        outlets=np.asarray(sorted(outlets), dtype=np.int64),
+        vessel_nodes=tuple(vessel_nodes),
+        vessel_arc=tuple(vessel_arc),
+        vessel_flow_index=tuple(vessel_flow),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary conditions
+
+
+@dataclass(frozen=True)
+class Windkessel:
+    """RCR Windkessel outlet; the distal pressure is 0.
+
+    `proximal_resistance` Rp and `distal_resistance` Rd (dyn·s/cm⁵), `compliance` C (cm⁵/dyn).
+    """
+
+    proximal_resistance: float
+    compliance: float
+    distal_resistance: float
+
+    def __post_init__(self) -> None:
+        for name in ("proximal_resistance", "compliance", "distal_resistance"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise SciquantError(f"Windkessel.{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True, eq=False)
+class InflowWaveform:
+    """Periodic inlet flowrate Q(t) = mean + Σ_n a_n·cos(nωt) + b_n·sin(nωt), ω = 2π/T.
+
+    `period` T (s), `mean` (cm³/s), `cosine` a_n and `sine` b_n [n_harmonics] (cm³/s). Calling it
+    with times (s, any shape) returns the flowrate (cm³/s, same shape).
+    """
+
+    period: float
+    mean: float
+    cosine: np.ndarray
+    sine: np.ndarray
+
+    def __call__(self, t: np.ndarray | float) -> np.ndarray:
+        phase = 2.0 * np.pi / self.period * np.asarray(t, dtype=np.float64)[..., None]
+        n = np.arange(1, len(self.cosine) + 1)
+        return self.mean + (np.cos(n * phase) @ self.cosine + np.sin(n * phase) @ self.sine)
+
+    @property
+    def harmonics(self) -> np.ndarray:
+        """Complex amplitudes Q̂_n [n_harmonics] with Q(t) = mean + Re Σ Q̂_n e^(i n ω t)."""
+        return np.asarray(self.cosine) - 1j * np.asarray(self.sine)
+
+
+def _periodic_gaussian(t: np.ndarray, center: float, width: float, period: float) -> np.ndarray:
+    """A Gaussian pulse of unit height, summed over neighbouring periods so it wraps smoothly."""
+    return sum(np.exp(-0.5 * ((t - center - k * period) / width) ** 2) for k in (-2, -1, 0, 1, 2))
+
+
+def make_inflow(rng: np.random.Generator, period: float, root_radius: float,
+                params: SimulationParams = SimulationParams()) -> InflowWaveform:
+    """Draw a smooth cardiac inflow waveform (cm³/s) of `period` (s) for a root of `root_radius`.
+
+    `root_radius` in cm. A systolic pulse, a small backflow dip and a diastolic bump, projected
+    onto the first `params.inflow_harmonics` Fourier harmonics and scaled to the drawn mean and
+    peak.
+    """
+    mean = rng.uniform(*params.mean_velocity_range) * math.pi * root_radius**2
+    peak_to_mean = rng.uniform(*params.inflow_peak_to_mean_range)
+    # Times in s from the start of the cycle; a systolic pulse of width 0.05–0.08 s ejects over
+    # ≈ 0.25–0.35 s, as in the human aorta, independent of the heart rate.
+    systole, systole_width = rng.uniform(0.10, 0.16), rng.uniform(0.05, 0.08)
+    backflow = rng.uniform(0.0, 0.25)
+    backflow_at, backflow_width = systole + rng.uniform(0.14, 0.20), rng.uniform(0.025, 0.045)
+    diastole = rng.uniform(0.0, 0.15)
+    diastole_at, diastole_width = systole + rng.uniform(0.30, 0.45), rng.uniform(0.05, 0.10)
+
+    n_grid = 1024
+    t = np.arange(n_grid) * (period / n_grid)
+    shape = (_periodic_gaussian(t, systole, systole_width, period)
+             - backflow * _periodic_gaussian(t, backflow_at, backflow_width, period)
+             + diastole * _periodic_gaussian(t, diastole_at, diastole_width, period))
+    spectrum = np.fft.rfft(shape)[1:params.inflow_harmonics + 1] * (2.0 / n_grid)
+    cosine, sine = spectrum.real.copy(), -spectrum.imag.copy()
+    oscillation = InflowWaveform(period, 0.0, cosine, sine)(t)
+    scale = (peak_to_mean - 1.0) * mean / oscillation.max()
+    return InflowWaveform(period=period, mean=mean, cosine=cosine * scale, sine=sine * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The linear DAE  M x' = A x + e_0 Q_in(t),
+# x = [pressures (N), flowrates (E), Windkessel capacitor pressures (n_out)]
+
+
+@dataclass(frozen=True, eq=False)
+class _System:
+    """The circuit's DAE M x' = A x + e_0 Q_in(t).
+
+    `m` [n]: diagonal of M; `minus_a`: −A [n, n] (csc) with every diagonal entry stored, so σ·M − A
+    is formed by editing its data at the `diagonal` positions.
+    """
+
+    m: np.ndarray
+    minus_a: sp.csc_matrix
+    diagonal: np.ndarray
+
+    def shifted(self, sigma: complex | float, m: np.ndarray | None = None) -> sp.csc_matrix:
+        """σ·M − A (csc); `m` replaces the diagonal of M if given."""
+        data = self.minus_a.data.astype(np.complex128 if np.iscomplexobj(sigma) else np.float64)
+        data[self.diagonal] += sigma * (self.m if m is None else m)
+        return sp.csc_matrix((data, self.minus_a.indices, self.minus_a.indptr),
+                             shape=self.minus_a.shape)
+
+
+def _system(network: Network1D, windkessels: Sequence[Windkessel]) -> _System:
+    """Assemble the circuit; row 0 (the inlet point) is the one that receives Q_in(t)."""
+    n_p, n_e, n_o = network.n_points, network.n_segments, len(network.outlets)
+    if len(windkessels) != n_o:
+        raise SciquantError(f"simulate: {len(windkessels)} Windkessels for {n_o} outlets")
+    n = n_p + n_e + n_o
+    up, down = network.segments[:, 0], network.segments[:, 1]
+    q = n_p + np.arange(n_e)
+    outlet = network.outlets
+    capacitor = n_p + n_e + np.arange(n_o)
+    g_p = np.array([1.0 / w.proximal_resistance for w in windkessels])
+    g_d = np.array([1.0 / w.distal_resistance for w in windkessels])
+    diagonal = np.arange(n)
+    rows = np.concatenate([down, up, q, q, q, outlet, outlet, capacitor, capacitor, diagonal])
+    cols = np.concatenate([q, q, up, down, q, outlet, capacitor, outlet, capacitor, diagonal])
+    vals = np.concatenate([
+        np.ones(n_e), -np.ones(n_e),  # mass balance: a segment's flow leaves `up`, enters `down`
+        np.ones(n_e), -np.ones(n_e), -network.resistance,  # L dQ/dt = P_up − P_down − R Q
+        -g_p, g_p,  # flow leaving each outlet point through Rp
+        g_p, -(g_p + g_d),  # C dPc/dt = (P_out − Pc)/Rp − Pc/Rd
+        np.zeros(n),  # explicit diagonal (junction rows have none) for fast σ·M − A
+    ])
+    minus_a = sp.csc_matrix((-vals, (rows, cols)), shape=(n, n))
+    minus_a.sort_indices()
+    col_of_entry = np.repeat(np.arange(n), np.diff(minus_a.indptr))
+    positions = np.flatnonzero(minus_a.indices == col_of_entry)
+    m = np.concatenate([network.compliance, network.inductance,
+                        [w.compliance for w in windkessels]])
+    return _System(m=m, minus_a=minus_a, diagonal=positions)
+
+
+def _steady_state(system: _System, inflow: float) -> np.ndarray:
+    """State [n] for a constant inflow (cm³/s): solve 0 = A x + e_0 Q."""
+    rhs = np.zeros(len(system.m))
+    rhs[0] = inflow
+    return spla.splu(system.shifted(0.0)).solve(rhs)
+
+
+def _harmonic_states(system: _System, inflow: InflowWaveform, m: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact periodic solution of the DAE: mean state [n] and complex amplitudes [H, n].
+
+    x(t) = mean + Re Σ_h x̂_h e^(i h ω t), each x̂_h solving (i h ω M − A) x̂_h = e_0 Q̂_h. `m`
+    overrides the diagonal of M.
+    """
+    x_mean = _steady_state(system, inflow.mean)
+    omega = 2.0 * np.pi / inflow.period
+    amplitudes = np.empty((len(inflow.cosine), len(system.m)), dtype=np.complex128)
+    rhs = np.zeros(len(system.m), dtype=np.complex128)
+    for h, q_hat in enumerate(inflow.harmonics, start=1):
+        rhs[0] = q_hat
+        amplitudes[h - 1] = spla.splu(system.shifted(1j * h * omega, m)).solve(rhs)
+    return x_mean, amplitudes
+
+
+def _evaluate_harmonics(x_mean: np.ndarray, amplitudes: np.ndarray, period: float,
+                        times: np.ndarray) -> np.ndarray:
+    """States [len(times), n] of a harmonic solution at `times` (s)."""
+    h = np.arange(1, len(amplitudes) + 1)
+    phase = np.exp(1j * 2.0 * np.pi / period * np.outer(times, h))
+    return x_mean + (phase @ amplitudes).real
+
+
+def periodic_state(network: Network1D, windkessels: Sequence[Windkessel], inflow: InflowWaveform,
+                   times: np.ndarray) -> np.ndarray:
+    """Exact periodic (frequency-domain) solution at `times` (s), states [len(times), n].
+
+    State order: pressures [N] (dyn/cm²), segment flowrates [E] (cm³/s), Windkessel capacitor
+    pressures [n_out] (dyn/cm²).
+    """
+    x_mean, amplitudes = _harmonic_states(_system(network, windkessels), inflow)
+    return _evaluate_harmonics(x_mean, amplitudes, inflow.period, np.asarray(times, float))
+
+
+@dataclass(frozen=True, eq=False)
+class SimulationResult:
+    """The last simulated cycle, sampled every stored step (K steps).
+
+    `times` [K] (s, from `time_shift`), `pressure` [K, N] (dyn/cm², per point), `flowrate` [K, E]
+    (cm³/s, per segment), `inflow` [K] (cm³/s), `windkessel_pressure` [K, n_out] (dyn/cm², capacitor
+    of each outlet), `periodicity_error`: max over pressure and flowrate of
+    max|x_last − x_previous| / max|x_last| between the last two cycles.
+    """
+
+    times: np.ndarray
+    pressure: np.ndarray
+    flowrate: np.ndarray
+    inflow: np.ndarray
+    windkessel_pressure: np.ndarray
+    time_shift: float
+    periodicity_error: float
+
+
+def simulate(network: Network1D, windkessels: Sequence[Windkessel],
+             inflow: Callable[[np.ndarray], np.ndarray], period: float, *, n_cycles: int = 3,
+             dt: float = 1e-3, store_every: int = 5,
+             initial: str | np.ndarray = "steady") -> SimulationResult:
+    """Integrate the circuit with BDF2 over `n_cycles` periods (s) and return the last cycle.
+
+    `inflow`: vectorised t (s) → inlet flowrate (cm³/s). `windkessels`: one per `network.outlets`
+    entry, same order. `dt` (s) must divide `period`, `store_every` (steps) the steps per cycle.
+    `initial`: "steady" (the steady state for the cycle-mean inflow), "zero", or a state vector.
+    """
+    steps_per_cycle = round(period / dt)
+    if steps_per_cycle < 1 or abs(steps_per_cycle * dt - period) > 1e-9 * period:
+        raise SciquantError(f"simulate: period {period} s is not a multiple of dt {dt} s")
+    if store_every < 1 or steps_per_cycle % store_every:
+        raise SciquantError(f"simulate: store_every {store_every} does not divide the "
+                            f"{steps_per_cycle} steps of a cycle")
+    if n_cycles < 2:
+        raise SciquantError(f"simulate: n_cycles must be ≥ 2 (got {n_cycles}) to measure "
+                            "periodicity")
+    n_steps = n_cycles * steps_per_cycle
+    t = np.arange(n_steps + 1) * dt
+    q_in = np.broadcast_to(np.asarray(inflow(t), dtype=np.float64), t.shape)
+    system = _system(network, windkessels)
+    n = len(system.m)
+
+    if isinstance(initial, str):
+        if initial == "steady":
+            x = _steady_state(system, float(q_in[-steps_per_cycle - 1:-1].mean()))
+        elif initial == "zero":
+            x = np.zeros(n)
+        else:
+            raise SciquantError(f"simulate: initial must be 'steady', 'zero' or a state, got "
+                                f"{initial!r}")
+    else:
+        x = np.asarray(initial, dtype=np.float64).copy()
+        if x.shape != (n,):
+            raise SciquantError(f"simulate: initial state has shape {x.shape}, expected ({n},)")
+
+    per_cycle = steps_per_cycle // store_every
+    first_stored = (n_cycles - 2) * steps_per_cycle
+    stored = np.empty((2 * per_cycle, n))
+
+    def store(step: int, state: np.ndarray) -> None:
+        offset = step - first_stored
+        if offset >= 0 and offset % store_every == 0:
+            stored[offset // store_every] = state
+
+    m_dt = system.m / dt
+    # dt is constant, so each implicit matrix is factorised once; BDF2 needs one backward-Euler
+    # start step. Both damp the index-2 junction constraints' modes (trapezoidal would not).
+    euler = spla.splu(system.shifted(1.0 / dt))
+    bdf2 = spla.splu(system.shifted(1.5 / dt))
+    store(0, x)
+    rhs = m_dt * x
+    rhs[0] += q_in[1]
+    x_previous, x = x, euler.solve(rhs)
+    store(1, x)
+    for step in range(2, n_steps):
+        rhs = m_dt * (2.0 * x - 0.5 * x_previous)
+        rhs[0] += q_in[step]
+        x_previous, x = x, bdf2.solve(rhs)
+        store(step, x)
+
+    n_p, n_e = network.n_points, network.n_segments
+    previous, last = stored[:per_cycle], stored[per_cycle:]
+    errors = [np.abs(last[:, cols] - previous[:, cols]).max() / max(np.abs(last[:, cols]).max(),
+                                                                    1e-300)
+              for cols in (slice(0, n_p), slice(n_p, n_p + n_e))]
+    steps = first_stored + steps_per_cycle + store_every * np.arange(per_cycle)
+    return SimulationResult(
+        times=t[steps],
+        pressure=last[:, :n_p],
+        flowrate=last[:, n_p:n_p + n_e],
+        inflow=np.array(q_in[steps]),
+        windkessel_pressure=last[:, n_p + n_e:],
+        time_shift=float(t[first_stored + steps_per_cycle]),
+        periodicity_error=float(max(errors)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Windkessel calibration
+
+
+def steady_pressures(network: Network1D, outlet_flowrates: np.ndarray,
+                     inlet_pressure: float) -> np.ndarray:
+    """Steady point pressures [N] (dyn/cm²) for prescribed outlet flowrates.
+
+    `outlet_flowrates` [n_out] (cm³/s, `network.outlets` order); `inlet_pressure` (dyn/cm²).
+    """
+    demand = np.zeros(network.n_points)
+    demand[network.outlets] = outlet_flowrates
+    entering = np.full(network.n_points, -1)
+    entering[network.segments[:, 1]] = np.arange(network.n_segments)
+    flow = np.zeros(network.n_segments)
+    # Depth-first numbering puts every point after its upstream neighbour, so a reverse sweep
+    # accumulates downstream demand and a forward sweep integrates the pressure drops.
+    for point in range(network.n_points - 1, 0, -1):
+        e = entering[point]
+        flow[e] = demand[point]
+        demand[network.segments[e, 0]] += demand[point]
+    pressure = np.empty(network.n_points)
+    pressure[0] = inlet_pressure
+    for point in range(1, network.n_points):
+        e = entering[point]
+        pressure[point] = pressure[network.segments[e, 0]] - network.resistance[e] * flow[e]
+    return pressure
+
+
+def calibrate_boundary_conditions(
+    rng: np.random.Generator, network: Network1D, inflow: InflowWaveform,
+    params: SimulationParams = SimulationParams(),
+) -> tuple[tuple[Windkessel, ...], InflowWaveform]:
+    """Draw outlet RCR Windkessels that give the inlet a drawn mean and pulse pressure.
+
+    Returns the Windkessels (`network.outlets` order) and the inflow, whose pulsatile part may be
+    rescaled (see below).
+
+    Mean: each outlet's mean flow share ∝ r^γ (jittered); its Rp + Rd is its steady pressure over
+    its flow, so the cycle-mean inlet pressure is the target exactly. Pulse: all Windkessel
+    compliances (∝ flow share, one common time constant (Rp + Rd)·C) are scaled by one factor found
+    by root finding on the exact periodic (frequency-domain) inlet pressure. Where no time constant
+    in `params.windkessel_time_constant_range` reaches the target (the tree's own compliance or
+    inertance dominates), the inflow's pulsatile part is scaled instead (pressure is linear in
+    it), within `params.inflow_pulse_scale_range`.
+    """
+    mean_target = rng.uniform(*params.mean_pressure_range_mmhg) * MMHG
+    pulse_target = rng.uniform(*params.pulse_pressure_range_mmhg) * MMHG
+    proximal_fraction = rng.uniform(*params.proximal_resistance_fraction_range)
+    outlet_vessels = network.point_vessel[network.outlets]
+    radius = np.array([network.tree.vessels[v].radius for v in outlet_vessels])
+    n_out = len(radius)
+    share = radius**params.murray_exponent * (
+        1.0 + params.outlet_flow_jitter * rng.uniform(-1.0, 1.0, size=n_out))
+    share /= share.sum()
+    fraction = np.minimum(proximal_fraction * rng.uniform(0.8, 1.2, size=n_out), 0.95)
+
+    outlet_flow = share * inflow.mean
+    outlet_pressure = steady_pressures(network, outlet_flow, mean_target)[network.outlets]
+    if outlet_pressure.min() < 0.2 * mean_target:
+        raise SciquantError(
+            "SimulationParams: the tree's own resistance drops the mean pressure below 20 % of "
+            f"the target at an outlet ({outlet_pressure.min() / MMHG:.1f} mmHg); raise "
+            "root_radius_range or mean_pressure_range_mmhg, or shorten length_range")
+    total_resistance = outlet_pressure / outlet_flow
+    # Compliance per unit time constant: C_k = τ · share_k · Q̄ / P̄ (≈ τ / (Rp + Rd)_k).
+    unit_compliance = share * inflow.mean / mean_target
+
+    system = _system(network, [Windkessel(float(r * f), float(c), float(r * (1.0 - f)))
+                               for r, f, c in zip(total_resistance, fraction, unit_compliance,
+                                                  strict=True)])
+    capacitors = slice(network.n_points + network.n_segments, None)
+    samples = np.arange(_PULSE_SAMPLES) * (inflow.period / _PULSE_SAMPLES)
+
+    def pulse_pressure(log_tau: float) -> float:
+        m = system.m.copy()
+        m[capacitors] = math.exp(log_tau) * unit_compliance
+        x_mean, amplitudes = _harmonic_states(system, inflow, m)
+        inlet = _evaluate_harmonics(x_mean[:1], amplitudes[:, :1], inflow.period, samples)
+        return float(np.ptp(inlet))
+
+    low, high = (math.log(t) for t in params.windkessel_time_constant_range)
+    pulse_scale = 1.0
+    if (pulse_high := pulse_pressure(high)) > pulse_target:
+        log_tau, pulse_scale = high, pulse_target / pulse_high
+    elif (pulse_low := pulse_pressure(low)) < pulse_target:
+        log_tau, pulse_scale = low, pulse_target / pulse_low
+    else:
+        log_tau = brentq(lambda t: pulse_pressure(t) - pulse_target, low, high, xtol=1e-3)
+    pulse_scale = float(np.clip(pulse_scale, *params.inflow_pulse_scale_range))
+    compliance = math.exp(log_tau) * unit_compliance
+    windkessels = tuple(
+        Windkessel(float(r * f), float(c), float(r * (1.0 - f)))
+        for r, f, c in zip(total_resistance, fraction, compliance, strict=True))
+    inflow = InflowWaveform(inflow.period, inflow.mean, inflow.cosine * pulse_scale,
+                            inflow.sine * pulse_scale)
+    return windkessels, inflow
+
+
+# --------------------------------------------------------------------------------------------
+# One simulation and the written data set
+
+
+@dataclass(frozen=True, eq=False)
+class SimulatedCase:
+    """Everything about one synthetic simulation: geometry, circuit, boundary conditions, result."""
+
+    tree: VascularTree
+    network: Network1D
+    windkessels: tuple[Windkessel, ...]
+    inflow: InflowWaveform
+    result: SimulationResult
+
+
+def run_case(seed: int, index: int, params: SimulationParams = SimulationParams()) -> SimulatedCase:
+    """Simulation `index` of data set `seed`; its generator is seeded from (seed, index) only."""
+    rng = np.random.default_rng([seed, index])
+    tree = build_tree(rng, params)
+    stiffness_scale = rng.uniform(*params.stiffness_scale_range)
+    network = discretize(
+        tree, segment_length=params.segment_length, viscosity=params.viscosity,
+        density=params.density,
+        stiffness=(params.stiffness_k1 * stiffness_scale, params.stiffness_k2,
+                   params.stiffness_k3 * stiffness_scale))
+    # Rounded so the file's T has no binary noise (0.83, not 0.8300000000000001).
+    period = round(max(4, round(rng.uniform(*params.period_range) / params.dt_store))
+                   * params.dt_store, 12)
+    inflow = make_inflow(rng, period, tree.vessels[0].radius, params)
+    windkessels, inflow = calibrate_boundary_conditions(rng, network, inflow, params)
+    # Start on the exact periodic solution so the integrated cycles are periodic from the start.
+    initial = periodic_state(network, windkessels, inflow, np.zeros(1))[0]
+    result = simulate(network, windkessels, inflow, period, n_cycles=params.n_cycles,
+                      dt=params.dt_store / params.substeps, store_every=params.substeps,
+                      initial=initial)
+    return SimulatedCase(tree, network, windkessels, inflow, result)
+
+
+def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
+                      ) -> tuple[Centerline, np.ndarray]:
+    """The `.vtp` content of a case and the written point id of every network point [N].
+
+    Each segment is split into max(1, round(h/output_spacing)) pieces; pressure and flowrate are
+    interpolated linearly along each vessel between its nodes (flow at a node = flow entering it
+    along that vessel). Written arrays: `area` (cm², float64), `BranchIdTmp`, `BifurcationId`
+    (int32), `pressure_<k>` (dyn/cm²) and `flow_<k>` (cm³/s) (float32), k = 0..K−1.
+    """
+    network, result = case.network, case.result
+    n_p, n_e = network.n_points, network.n_segments
+    children = network.tree.children()
+    points: list[np.ndarray] = []
+    area: list[float] = []
+    branch: list[int] = []
+    bifurcation: list[int] = []
+    edges: list[tuple[int, int]] = []
+    p_rows: list[int] = []
+    p_cols: list[int] = []
+    p_vals: list[float] = []
+    q_rows: list[int] = []
+    q_cols: list[int] = []
+    q_vals: list[float] = []
+    written = np.full(n_p, -1, dtype=np.int64)
+    daughters_of_junction: dict[int, list[int]] = {}
+
+    def emit(position: np.ndarray, cross_section: float, vessel: int, junction: int,
+             pressure: list[tuple[int, float]], flow: list[tuple[int, float]]) -> int:
+        row = len(points)
+        points.append(position)
+        area.append(cross_section)
+        branch.append(vessel)
+        bifurcation.append(junction)
+        for col, weight in pressure:
+            p_rows.append(row)
+            p_cols.append(col)
+            p_vals.append(weight)
+        for col, weight in flow:
+            q_rows.append(row)
+            q_cols.append(col)
+            q_vals.append(weight)
+        return row
+
+    stack = [0]
+    while stack:
+        v = stack.pop()
+        vessel = network.tree.vessels[v]
+        nodes, arc, flow_index = (network.vessel_nodes[v], network.vessel_arc[v],
+                                  network.vessel_flow_index[v])
+        n = len(nodes) - 1
+        pieces = max(1, round((arc[-1] / n) / output_spacing))
+        polyline = np.asarray(vessel.points, dtype=np.float64)
+        positions = _along(polyline, _arc_length(polyline), np.linspace(0, arc[-1], n * pieces + 1))
+        cross_section = math.pi * vessel.radius**2
+        ends_in_junction = bool(children[v])
+        first = 0 if vessel.parent < 0 else 1
+        last = n * pieces - 1 if ends_in_junction else n * pieces
+        previous = written[nodes[0]] if vessel.parent >= 0 else None
+        for j in range(first, last + 1):
+            k, r = divmod(j, pieces)
+            t = r / pieces
+            if r == 0:
+                pressure, flow = [(nodes[k], 1.0)], [(flow_index[k], 1.0)]
+            else:
+                pressure = [(nodes[k], 1.0 - t), (nodes[k + 1], t)]
+                # Equal flow indices (a daughter's first segment) must give that flow exactly.
+                flow = ([(flow_index[k], 1.0)] if flow_index[k] == flow_index[k + 1]
+                        else [(flow_index[k], 1.0 - t), (flow_index[k + 1], t)])
+            row = emit(positions[j], cross_section, v, -1, pressure, flow)
+            if r == 0:
+                written[nodes[k]] = row
+            if previous is not None:
+                edges.append((int(previous), row))
+            if j == 1 and vessel.parent >= 0:
+                daughters_of_junction[int(previous)].append(row)
+            previous = row
+        if ends_in_junction:
+            junction = nodes[n]
+            row = emit(positions[-1], cross_section, -1, int(network.point_junction[junction]),
+                       [(junction, 1.0)], [(flow_index[n], 1.0)])
+            written[junction] = row
+            edges.append((int(previous), row))
+            daughters_of_junction[row] = []
+        stack.extend(reversed(children[v]))
+
+    n_out = len(points)
+    interp_p = sp.csr_matrix((p_vals, (p_rows, p_cols)), shape=(n_out, n_p))
+    interp_q = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=(n_out, n_e + 1))
+    pressure = (interp_p @ result.pressure.T).astype(np.float32)
+    flows = np.concatenate([result.flowrate, result.inflow[:, None]], axis=1)
+    flowrate64 = interp_q @ flows.T
+    flowrate = flowrate64.astype(np.float32)
+    # flow(J) is the parent's last segment flow, equal to the daughters' sum up to solver round-off
+    # (checked here). Rounding Q_in and each Q_out to float32 independently would break
+    # |Q_in − ΣQ_out| ≤ 1e-6·|Q_in| when Q_in ≈ 0 with opposite daughter flows, so flow(J) is
+    # written as the float32 rounding of the written daughters' sum.
+    for junction, daughters in daughters_of_junction.items():
+        residual = np.abs(flowrate64[junction] - flowrate64[daughters].sum(axis=0)).max()
+        if residual > 1e-8 * np.abs(flowrate64[[junction, *daughters]]).max():
+            raise RuntimeError(f"bloodflow_sim: Kirchhoff residual {residual:.3g} cm³/s at "
+                               f"written junction point {junction} (internal error)")
+        flowrate[junction] = flowrate[daughters].astype(np.float64).sum(axis=0).astype(np.float32)
+
+    point_data: dict[str, np.ndarray] = {
+        "area": np.asarray(area, dtype=np.float64),
+        "BranchIdTmp": np.asarray(branch, dtype=np.int32),
+        "BifurcationId": np.asarray(bifurcation, dtype=np.int32),
+    }
+    for k in range(pressure.shape[1]):
+        point_data[f"pressure_{k}"] = pressure[:, k]
+    for k in range(flowrate.shape[1]):
+        point_data[f"flow_{k}"] = flowrate[:, k]
+    centerline = Centerline(points=np.asarray(points), edges=np.asarray(edges, dtype=np.int64),
+                            point_data=point_data)
+    return centerline, written
+
+
+def dataset_info_entry(case: SimulatedCase, written: np.ndarray, dt_store: float) -> dict[str, Any]:
+    """The `dataset_info.json` entry of a case (outlet lists by ascending written point id)."""
+    outlets = written[case.network.outlets]
+    order = np.argsort(outlets)
+    wk = [case.windkessels[i] for i in order]
+    return {
+        "dt": float(dt_store),
+        "T": float(case.inflow.period),
+        "time_shift": round(float(case.result.time_shift), 12),
+        "bc_type": "RCR",
+        "R1": [w.proximal_resistance for w in wk],
+        "C": [w.compliance for w in wk],
+        "R2": [w.distal_resistance for w in wk],
+        "outlets": [int(o) for o in outlets[order]],
+        "periodicity_error": float(case.result.periodicity_error),
+    }
+
+
+def synthesize(out_dir: Path, n_simulations: int, seed: int,
+               params: SimulationParams = SimulationParams(), progress: bool = True) -> list[str]:
+    """Write `n_simulations` simulations to `out_dir/vtps/` and return their names (`sim_<iii>`).
+
+    Files: `vtps/<name>.vtp` and `vtps/dataset_info.json` (see the module docstring). Simulation i
+    depends on (seed, i) and `params` only, so it is the same whatever `n_simulations`.
+    """
+    if not isinstance(n_simulations, int | np.integer) or n_simulations < 0:
+        raise SciquantError(f"synthesize: n_simulations must be an integer ≥ 0, got "
+                            f"{n_simulations!r}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise SciquantError(f"synthesize: seed must be an integer ≥ 0, got {seed!r}")
+    vtps = Path(out_dir) / "vtps"
+    vtps.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {}
+    names = []
+    for index in tqdm(range(n_simulations), desc="bloodflow simulations", unit="sim",
+                      disable=not progress):
+        name = f"sim_{index:03d}"
+        case = run_case(int(seed), index, params)
+        centerline, written = centerline_output(case, params.output_spacing)
+        write_centerline(vtps / f"{name}.vtp", centerline)
+        info[name] = dataset_info_entry(case, written, params.dt_store)
+        names.append(name)
+    tmp = vtps / "dataset_info.json.part"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(vtps / "dataset_info.json")
+    return names
+
+
+def params_from_mapping(values: dict[str, Any]) -> SimulationParams:
+    """SimulationParams from the config's `parameters` mapping (lists become [min, max] tuples)."""
+    known = {f.name for f in dataclasses.fields(SimulationParams)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SciquantError(
+            f"simulator parameters: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"  # noqa: E501
+        )
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return SimulationParams(**converted)
