@@ -8,7 +8,7 @@ min_version("9.0")
 # The default study, unless --configfile names another: a study is one file, never a merge of two.
 if not workflow.overwrite_configfiles:
 
-    configfile: "workflow/config/default.yaml"
+    configfile: f"{workflow.basedir}/workflow/config/default.yaml"
 
 
 include: "rules/common.smk"

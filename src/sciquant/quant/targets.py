@@ -1,0 +1,249 @@
+"""The hardware targets: one table, one row per target (like MQBench's platform table).
+
+A `Target` says where a quantized model runs (backend, node), which model frameworks reach it,
+how it quantizes weights and activations (a `Scheme` each: a `QuantSpec` without its bit-width),
+and which precisions it runs natively. Adding a target is adding a row to `TARGETS`.
+
+`Target.plan(precision, framework)` decides how a run executes; there are three outcomes:
+
+- native: the precision is one the target runs (`precision in native_precisions`); the runtime
+  is the target's backend (for `reference`, the model's own framework).
+- simulated: an integer precision the target does not run natively (any sub-8-bit precision,
+  w8a8 on `reference` and `npu-pow2`): fake-quantization in the model's framework under the
+  target's scheme, labelled `simulated` in the results.
+- impossible (SciquantError): the target does not accept the model's framework (`litert-cpu` is
+  for Keras models only), or a float precision the target does not run natively (fp16 on
+  `cpu-x86`, `npu-pow2`, `reference`; fp32 on `npu-pow2`). A float format has no simulation path
+  under an integer scheme, and fp32 of an integer-only accelerator is just the `reference`
+  baseline, which already is its own run.
+
+Weights are quantized per output channel where the scheme says `per_channel`; the channel axis
+depends on the framework's layout, so `weight_spec` takes it (0 for torch Linear/Conv weights,
+-1 for Keras Dense/Conv kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+from sciquant.errors import SciquantError
+from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
+
+__all__ = ["FRAMEWORKS", "TARGETS", "Plan", "Scheme", "Target", "get_target"]
+
+Backend = Literal["eager", "tensorrt", "onnxruntime", "litert", "simulated"]
+Node = Literal["cpu", "v100", "rtx3090"]
+Framework = Literal["torch", "keras"]
+FRAMEWORKS: tuple[Framework, ...] = ("torch", "keras")
+_BACKENDS = ("eager", "tensorrt", "onnxruntime", "litert", "simulated")
+_NODES = ("cpu", "v100", "rtx3090")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A `QuantSpec` template without bits: what a target does to every weight or activation."""
+
+    symmetric: bool
+    per_channel: bool = False
+    scale_kind: Literal["float", "pow2"] = "float"
+    narrow_range: bool = False
+    signed: bool | None = None
+
+    def spec(self, bits: int, channel_axis: int = 0) -> QuantSpec:
+        """The QuantSpec for `bits`; `channel_axis` is used only by per-channel schemes."""
+        granularity = PerChannel(channel_axis) if self.per_channel else PerTensor()
+        return QuantSpec(
+            bits=bits,
+            symmetric=self.symmetric,
+            granularity=granularity,
+            scale_kind=self.scale_kind,
+            narrow_range=self.narrow_range,
+            signed=self.signed,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one (target, precision, framework) runs.
+
+    runtime: "torch" or "keras" (eager, fake-quant when simulated), "tensorrt", "onnxruntime",
+    "litert". simulated: True when the results are a fake-quant simulation of the target.
+    """
+
+    target: Target
+    precision: Precision
+    framework: Framework
+    simulated: bool
+    runtime: str
+
+    @property
+    def label(self) -> str:
+        """`native` or `simulated`, as the results label the run."""
+        return "simulated" if self.simulated else "native"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One row of the hardware table.
+
+    backend: "eager" (the model's own framework), "tensorrt", "onnxruntime", "litert", or
+    "simulated" (no runtime here; everything runs as fake-quant). node: "cpu", "v100",
+    "rtx3090", or None for the run's own node. native_precisions: precision strings such as
+    "fp32", "fp16", "w8a8".
+    """
+
+    name: str
+    backend: Backend
+    node: Node | None
+    frameworks: frozenset[Framework]
+    weight_scheme: Scheme
+    activation_scheme: Scheme
+    native_precisions: frozenset[str]
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"target {self.name!r}: unknown backend {self.backend!r}")
+        if self.node is not None and self.node not in _NODES:
+            raise ValueError(f"target {self.name!r}: unknown node {self.node!r}")
+        if not self.frameworks or not self.frameworks <= set(FRAMEWORKS):
+            raise ValueError(f"target {self.name!r}: frameworks must be a subset of {FRAMEWORKS}")
+        for precision in self.native_precisions:
+            parse_precision(precision)
+
+    def weight_spec(self, bits: int, channel_axis: int = 0) -> QuantSpec:
+        """How this target quantizes weights to `bits`; `channel_axis` = output-channel axis."""
+        return self.weight_scheme.spec(bits, channel_axis)
+
+    def activation_spec(self, bits: int) -> QuantSpec:
+        """How this target quantizes activations to `bits` (per tensor on every target)."""
+        return self.activation_scheme.spec(bits)
+
+    def plan(self, precision: str, framework: str) -> Plan:
+        """Native, simulated, or SciquantError naming target, precision and why not."""
+        parsed = parse_precision(precision)
+        if framework not in FRAMEWORKS:
+            raise SciquantError(
+                f"framework {framework!r} is unknown; known frameworks are {', '.join(FRAMEWORKS)}"
+            )
+        if framework not in self.frameworks:
+            accepted = " and ".join(sorted(self.frameworks))
+            raise SciquantError(
+                f"target {self.name!r} cannot run precision {parsed} of a {framework} model: "
+                f"it takes {accepted} models only"
+            )
+        if str(parsed) in self.native_precisions:
+            runtime = framework if self.backend in ("eager", "simulated") else self.backend
+            return Plan(self, parsed, framework, simulated=False, runtime=runtime)
+        if parsed.kind == "float":
+            native = ", ".join(sorted(self.native_precisions)) or "none"
+            hint = "; the FP32 baseline is target 'reference'" if str(parsed) == "fp32" else ""
+            raise SciquantError(
+                f"target {self.name!r} cannot run precision {parsed}: it is not native there "
+                f"(native: {native}) and a float format has no simulation under an integer "
+                f"scheme{hint}"
+            )
+        return Plan(self, parsed, framework, simulated=True, runtime=framework)
+
+
+_TENSORRT_WEIGHTS = Scheme(symmetric=True, per_channel=True, narrow_range=True)
+_TENSORRT_ACTIVATIONS = Scheme(symmetric=True)
+_TENSORRT_SCHEME = (
+    "explicit-QDQ ONNX: symmetric int8, weights per output channel in [-127, 127], activations "
+    "per tensor, float scales; FP16 and INT8 native"
+)
+
+_ROWS = (
+    Target(
+        name="reference",
+        backend="eager",
+        node=None,
+        frameworks=frozenset(FRAMEWORKS),
+        weight_scheme=Scheme(symmetric=True, per_channel=True),
+        activation_scheme=Scheme(symmetric=False),
+        native_precisions=frozenset({"fp32"}),
+        description=(
+            "the model's framework (PyTorch / Keras eager) on the run's node: the FP32 baseline, "
+            "and fake-quant under an academic scheme (any bits; symmetric per-channel weights, "
+            "asymmetric per-tensor activations, float scales)"
+        ),
+    ),
+    Target(
+        name="trt-v100",
+        backend="tensorrt",
+        node="v100",
+        frameworks=frozenset(FRAMEWORKS),
+        weight_scheme=_TENSORRT_WEIGHTS,
+        activation_scheme=_TENSORRT_ACTIVATIONS,
+        native_precisions=frozenset({"fp32", "fp16", "w8a8"}),
+        description=(
+            f"TensorRT on V100 (sm70) from {_TENSORRT_SCHEME}; Volta needs TensorRT <= 10.4 "
+            "(10.5+ dropped it)"
+        ),
+    ),
+    Target(
+        name="trt-rtx3090",
+        backend="tensorrt",
+        node="rtx3090",
+        frameworks=frozenset(FRAMEWORKS),
+        weight_scheme=_TENSORRT_WEIGHTS,
+        activation_scheme=_TENSORRT_ACTIVATIONS,
+        native_precisions=frozenset({"fp32", "fp16", "w8a8"}),
+        description=f"TensorRT on RTX 3090 (sm86, INT8 tensor cores) from {_TENSORRT_SCHEME}",
+    ),
+    Target(
+        name="cpu-x86",
+        backend="onnxruntime",
+        node="cpu",
+        frameworks=frozenset(FRAMEWORKS),
+        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True),
+        activation_scheme=Scheme(symmetric=False),
+        native_precisions=frozenset({"fp32", "w8a8"}),
+        description=(
+            "ONNX Runtime static QDQ U8S8 on x86 (VNNI/AMX): int8 weights per channel, symmetric "
+            "in [-127, 127]; uint8 activations per tensor, asymmetric; INT8 native"
+        ),
+    ),
+    Target(
+        name="litert-cpu",
+        backend="litert",
+        node="cpu",
+        frameworks=frozenset({"keras"}),
+        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True),
+        activation_scheme=Scheme(symmetric=False, signed=True),
+        native_precisions=frozenset({"fp32", "fp16", "w8a8"}),
+        description=(
+            "LiteRT (TFLite) full-integer int8 for Keras models: weights per channel, symmetric "
+            "in [-127, 127]; int8 activations per tensor, asymmetric; FP16 and INT8 native"
+        ),
+    ),
+    Target(
+        name="npu-pow2",
+        backend="simulated",
+        node="cpu",
+        frameworks=frozenset(FRAMEWORKS),
+        weight_scheme=Scheme(symmetric=True, scale_kind="pow2"),
+        activation_scheme=Scheme(symmetric=True, scale_kind="pow2"),
+        native_precisions=frozenset(),
+        description=(
+            "Vitis/Quark-style DPU: symmetric int8, per tensor, power-of-two scales for weights "
+            "and activations; no DPU here, so every precision runs as simulation"
+        ),
+    ),
+)
+
+#: Every hardware target by name; adding a target is adding a row to `_ROWS`.
+TARGETS: Mapping[str, Target] = MappingProxyType({target.name: target for target in _ROWS})
+
+
+def get_target(name: str) -> Target:
+    """The target called `name`; SciquantError listing the known names otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise SciquantError(
+            f"unknown target {name!r}; known targets are {', '.join(sorted(TARGETS))}"
+        ) from None

@@ -1,0 +1,150 @@
+"""FP32 training and rollout evaluation: determinism, resume after a kill, error formula, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sciquant.data import bloodflow
+from sciquant.data.bloodflow import PrepareSettings
+from sciquant.errors import SciquantError
+from sciquant.evaluate import bloodflow as evaluate_bloodflow
+from sciquant.evaluate.rollout import branch_average, relative_error
+from sciquant.train import bloodflow as train_bloodflow
+from tests.test_bloodflow_prepare import write_dataset
+
+TINY = {
+    "hidden": 8,
+    "processor_size": 2,
+    "mlp_hidden_layers": 1,
+    "train": {"epochs": 3, "steps_per_epoch": 4, "batch_size": 2, "rollout_steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flow")
+    write_dataset(root / "raw", n_simulations=6)
+    settings = PrepareSettings(keep_fraction=0.3, dt=0.05, loading_steps=3, time_offsets=2,
+                               split={"train": 0.5, "valid": 0.17, "test": 0.33})  # fmt: skip
+    bloodflow.prepare(root / "raw", root / "prepared", settings)
+    return root / "prepared"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_same_seed_gives_identical_weights_and_losses(prepared: Path, tmp_path: Path) -> None:
+    first = train_bloodflow.run(prepared, tmp_path / "a", TINY, seed=3, progress=False)
+    second = train_bloodflow.run(prepared, tmp_path / "b", TINY, seed=3, progress=False)
+    other = train_bloodflow.run(prepared, tmp_path / "c", TINY, seed=4, progress=False)
+    for name, value in weights(first).items():
+        assert torch.equal(value, weights(second)[name]), name
+    assert any(not torch.equal(v, weights(other)[k]) for k, v in weights(first).items())
+    log_a = (tmp_path / "a" / "training_log.csv").read_text().splitlines()
+    log_b = (tmp_path / "b" / "training_log.csv").read_text().splitlines()
+    # Same loss curve (the last column is wall time).
+    assert [r.rsplit(",", 1)[0] for r in log_a] == [r.rsplit(",", 1)[0] for r in log_b]
+    assert len(log_a) == 1 + TINY["train"]["epochs"]
+
+
+def test_killed_training_resumes_from_last_epoch(prepared: Path, tmp_path: Path) -> None:
+    settings = json.loads(json.dumps(TINY))
+    settings["train"].update(epochs=6, steps_per_epoch=20)
+
+    def command(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "sciquant.cli", "train", "--prepared", str(prepared),
+            "--settings", json.dumps(settings), "--seed", "1", "--threads", "1", "--out", str(out),
+        ]  # fmt: skip
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "resume.pt").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no epoch finished within 120 s"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    done = torch.load(out / "resume.pt", weights_only=True)["epoch"] + 1
+    assert 1 <= done < 6 and not (out / "checkpoint.pt").exists()
+
+    rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming from {out / 'resume.pt'} after epoch {done}" in rerun.stdout
+    assert f"epochs {done + 1}..6" in rerun.stdout
+    # The resumed run ends where an uninterrupted one (same threads) ends.
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), capture_output=True, timeout=300, check=True)
+    for name, value in weights(straight / "checkpoint.pt").items():
+        assert torch.equal(value, weights(out / "checkpoint.pt")[name]), name
+
+
+def test_relative_error_formula_on_hand_made_case() -> None:
+    exact = np.array([[1.0, 2.0, 100.0], [3.0, 4.0, 100.0]])
+    predicted = np.array([[1.0, 2.5, 0.0], [2.0, 4.0, 0.0]])
+    mask = np.array([[1.0, 1.0, 0.0]])  # third node is not a branch node: ignored
+    expected = np.sqrt((0.5**2 + 1.0**2) / (1 + 4 + 9 + 16))
+    assert relative_error(predicted, exact, mask) == pytest.approx(expected, rel=1e-12)
+    assert relative_error(exact, exact, mask) == 0.0
+
+
+def test_branch_average_keeps_junctions() -> None:
+    flowrate = torch.tensor([1.0, 3.0, 7.0, 10.0, 20.0])
+    branch_id = torch.tensor([0, 0, -1, 1, 1])
+    averaged = branch_average(flowrate, branch_id, num_branches=2)
+    assert averaged.tolist() == [2.0, 2.0, 7.0, 15.0, 15.0]
+
+
+def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -> None:
+    checkpoint = train_bloodflow.run(prepared, tmp_path / "fp32", TINY, seed=0, progress=False)
+    coordinates = {"dataset": "flow", "model": "mgn", "seed": 0, "target": "reference",
+                   "method": "none", "precision": "fp32", "study": "t", "config_hash": "x"}  # fmt: skip
+    path = evaluate_bloodflow.run(
+        checkpoint, prepared, tmp_path / "run", {"repeats": 2, "figure_simulations": 1}, coordinates
+    )
+    payload = json.loads(path.read_text())
+    metrics = payload["metrics"]
+    assert payload["coordinates"]["precision"] == "fp32"
+    assert metrics["test_simulations"] == 2 and len(metrics["per_simulation"]) == 2
+    mean = np.mean([m["pressure_error_pct"] for m in metrics["per_simulation"].values()])
+    assert metrics["pressure_error_pct"] == pytest.approx(mean)
+    assert metrics["rollout_time_s_min"] <= metrics["rollout_time_s_median"]
+    assert (tmp_path / "run" / "pressure.png").stat().st_size > 5000
+
+
+def test_bad_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "checkpoint.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(SciquantError, match=r"checkpoint\.pt: not a readable sciquant checkpoint"):
+        train_bloodflow.load_model(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(SciquantError, match=r"foreign\.pt: not a sciquant MeshGraphNet checkpoint"):
+        train_bloodflow.load_model(foreign)
+    with pytest.raises(SciquantError, match="not found; run the train stage first"):
+        train_bloodflow.load_model(tmp_path / "missing.pt")
+
+
+def test_bad_checkpoint_cli_exits_2_without_traceback(prepared: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "checkpoint.pt"
+    garbage.write_text("nonsense")
+    result = subprocess.run(
+        [sys.executable, "-m", "sciquant.cli", "evaluate", "--checkpoint", str(garbage),
+         "--prepared", str(prepared), "--coordinates", "{}", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "checkpoint.pt: not a readable sciquant checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
