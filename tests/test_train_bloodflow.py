@@ -1,4 +1,4 @@
-"""FP32 training and rollout evaluation: determinism, resume after a kill, error formula, bad files."""
+"""FP32 training and rollout evaluation: determinism, resume after a kill, errors, bad files."""
 
 from __future__ import annotations
 
@@ -69,7 +69,9 @@ def test_killed_training_resumes_from_last_epoch(prepared: Path, tmp_path: Path)
         ]  # fmt: skip
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while not (out / "resume.pt").exists():
         assert process.poll() is None, process.stdout.read()
@@ -109,8 +111,10 @@ def test_branch_average_keeps_junctions() -> None:
 
 def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -> None:
     checkpoint = train_bloodflow.run(prepared, tmp_path / "fp32", TINY, seed=0, progress=False)
-    coordinates = {"dataset": "flow", "model": "mgn", "seed": 0, "target": "reference",
-                   "method": "none", "precision": "fp32", "study": "t", "config_hash": "x"}  # fmt: skip
+    coordinates = {
+        "dataset": "flow", "model": "mgn", "seed": 0, "target": "reference",
+        "method": "none", "precision": "fp32", "study": "t", "config_hash": "x",
+    }  # fmt: skip
     path = evaluate_bloodflow.run(
         checkpoint, prepared, tmp_path / "run", {"repeats": 2, "figure_simulations": 1}, coordinates
     )

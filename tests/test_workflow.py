@@ -1,4 +1,4 @@
-"""The workflow as users drive it: dry runs, lint, formatting, config errors, a tiny end-to-end run."""
+"""The workflow as users drive it: dry runs, lint, formatting, config errors, a tiny full run."""
 
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ BAD_CONFIGS = [
     ({"threads": 0}, "config key threads"),
     ({"colour": "blue"}, "'colour' was unexpected"),
     ({"datasets": {"Bad-Name": {"workload": "bloodflow"}}}, "config key datasets"),
-    ({"datasets": {"bloodflow": {"workload": "weather"}}}, "config key datasets.bloodflow.workload"),
+    (
+        {"datasets": {"bloodflow": {"workload": "weather"}}},
+        "config key datasets.bloodflow.workload",
+    ),
     (
         {"models": {"meshgraphnet": {"architecture": "meshgraphnet", "datasets": ["nowhere"]}}},
         "config key models.meshgraphnet.datasets: unknown dataset 'nowhere'",
@@ -104,9 +107,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_CONFIGS)
-def test_bad_config_fails_dry_run_naming_key(
-    tmp_path: Path, change: dict, message: str
-) -> None:
+def test_bad_config_fails_dry_run_naming_key(tmp_path: Path, change: dict, message: str) -> None:
     config = yaml.safe_load(CI_CONFIG.read_text())
     config.update(change)
     path = tmp_path / "bad.yaml"

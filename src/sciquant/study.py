@@ -17,11 +17,13 @@ from typing import Any
 import yaml
 
 from sciquant.errors import SciquantError
+from sciquant.quant.targets import Plan, get_target
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-#: Which model architectures can learn which workloads.
+#: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",)}
+ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch"}
 
 
 @dataclass(frozen=True, order=True)
@@ -88,12 +90,33 @@ class Study:
                 for seed in self.config["seeds"]:
                     yield Training(dataset=dataset, model=model, seed=seed)
 
+    def quantization_sweep(self) -> list[tuple[str, str, str]]:
+        """(target, method, precision) of every sweep entry, in config order, without repeats."""
+        combos: dict[tuple[str, str, str], None] = {}
+        for entry in self.config.get("quantize", {}).get("sweeps", []):
+            for target in entry["targets"]:
+                for method in entry["methods"]:
+                    for precision in entry["precisions"]:
+                        combos[(target, method, precision)] = None
+        return list(combos)
+
     def runs(self) -> list[Run]:
-        """Every run of the study, FP32 reference first for each training."""
-        return [
-            Run(t.dataset, t.model, t.seed, target="reference", method="none", precision="fp32")
-            for t in self.trainings()
-        ]
+        """Every run of the study: per training, the FP32 reference, then the quantized runs."""
+        runs = []
+        for t in self.trainings():
+            runs.append(Run(t.dataset, t.model, t.seed, "reference", "none", "fp32"))
+            for target, method, precision in self.quantization_sweep():
+                runs.append(Run(t.dataset, t.model, t.seed, target, method, precision))
+        return runs
+
+    def plan(self, run: Run) -> Plan:
+        """How the run executes (runtime, native or simulated); see `Target.plan`."""
+        framework = ARCHITECTURE_FRAMEWORK[self.models[run.model]["architecture"]]
+        return get_target(run.target).plan(run.precision, framework)
+
+    def node(self, run: Run) -> str:
+        """The node type a run's evaluation needs: its target's, or `cpu` for `reference`."""
+        return get_target(run.target).node or "cpu"
 
     def config_hash(self) -> str:
         """SHA-256 of the resolved config (defaults filled), recorded as provenance."""
@@ -140,6 +163,7 @@ def check_semantics(config: dict[str, Any]) -> None:
                     f"simulations for a test split of {split.get('test', 0.2):g}; raise it"
                 )
 
+    _check_sweep(config)
     for name, model in config.get("models", {}).items():
         allowed = ARCHITECTURE_WORKLOADS[model["architecture"]]
         for dataset in model["datasets"]:
@@ -165,6 +189,32 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key models.{name}.train.node: node type '{node}' has no entry in `nodes`; "
                 f"add nodes.{node} with its Slurm resources"
             )
+
+
+def _check_sweep(config: dict[str, Any]) -> None:
+    """Every (target, precision) must be runnable for every model's framework; nodes must exist."""
+    nodes = config.get("nodes", {})
+    frameworks = {
+        ARCHITECTURE_FRAMEWORK[m["architecture"]] for m in config.get("models", {}).values()
+    }
+    for i, entry in enumerate(config.get("quantize", {}).get("sweeps", [])):
+        key = f"config key quantize.sweeps.{i}"
+        for target_name in entry["targets"]:
+            target = get_target(target_name)
+            node = target.node or "cpu"
+            if node != "cpu" and node not in nodes:
+                raise SciquantError(
+                    f"{key}.targets: target {target_name} runs on node type '{node}', which has "
+                    f"no entry in `nodes`; add nodes.{node} with its Slurm resources"
+                )
+            for precision in entry["precisions"]:
+                for framework in frameworks:
+                    try:
+                        target.plan(precision, framework)
+                    except SciquantError as error:
+                        raise SciquantError(f"{key}: {error}") from None
+        if "none" in entry["methods"]:
+            raise SciquantError(f"{key}.methods: `none` is the FP32 baseline, always included")
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

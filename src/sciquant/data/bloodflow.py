@@ -1,4 +1,4 @@
-"""Blood-flow ingestion: VMR-format centerlines (`vtps/*.vtp` + `dataset_info.json`) → graph samples.
+"""Blood-flow ingestion: VMR centerlines (`vtps/*.vtp` + `dataset_info.json`) → graph samples.
 
 Graphs are built as PhysicsNeMo's bloodflow_1d_mgn builds them: a fraction of the centerline points
 is kept (inlet, outlets and junction points always), consecutive kept points are joined by
@@ -178,7 +178,9 @@ def select_points(centerline: Centerline, types: np.ndarray, keep_fraction: floa
     points = centerline.points
     n_points = len(points)
     neighbours = _adjacency(n_points, centerline.edges)
-    lengths = np.linalg.norm(points[centerline.edges[:, 0]] - points[centerline.edges[:, 1]], axis=1)
+    lengths = np.linalg.norm(
+        points[centerline.edges[:, 0]] - points[centerline.edges[:, 1]], axis=1
+    )
     spacing = float(lengths.mean()) / keep_fraction
     degree = np.array([len(n) for n in neighbours])
     always = (types != BRANCH) | (degree != 2)
@@ -339,13 +341,16 @@ def resample(sim: Simulation, kept: np.ndarray, settings: PrepareSettings, offse
 
 def _interp_periodic(times, sample_times, values, period):
     return np.stack(
-        [np.interp(times, sample_times, values[:, j], period=period) for j in range(values.shape[1])],
+        [
+            np.interp(times, sample_times, values[:, j], period=period)
+            for j in range(values.shape[1])
+        ],
         axis=1,
     )
 
 
 def split_simulations(names: list[str], split: Split) -> dict[str, list[str]]:
-    """Shuffle simulations with the split's seed, then cut by the fractions (≥ 1 test, ≥ 1 train)."""
+    """Shuffle simulations with the split seed, then cut by the fractions (≥ 1 test, ≥ 1 train)."""
     rng = np.random.default_rng(split.seed)
     order = [names[i] for i in rng.permutation(len(names))]
     n_test = max(1, int(round(split.test * len(names))))

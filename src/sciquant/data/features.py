@@ -111,8 +111,12 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         static=torch.from_numpy(static),
         edge_features=torch.from_numpy(edges),
         edge_index=torch.from_numpy(sample["edge_index"].astype(np.int64)),
-        pressure=torch.from_numpy(norm.normalize("pressure", sample["pressure"]).astype(np.float32)),
-        flowrate=torch.from_numpy(norm.normalize("flowrate", sample["flowrate"]).astype(np.float32)),
+        pressure=torch.from_numpy(
+            norm.normalize("pressure", sample["pressure"]).astype(np.float32)
+        ),
+        flowrate=torch.from_numpy(
+            norm.normalize("flowrate", sample["flowrate"]).astype(np.float32)
+        ),
         loading=torch.from_numpy(loading.astype(np.float32)),
         node_type=torch.from_numpy(node_type),
         branch_id=torch.from_numpy(sample["branch_id"].astype(np.int64)),

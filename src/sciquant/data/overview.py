@@ -26,7 +26,9 @@ def plot_bloodflow(raw: Path, out: Path, n_simulations: int = 4) -> Path:
         sim = load_simulation(path, info)
         types = point_types(sim.centerline)
         locations = [("inlet", int(np.flatnonzero(types == INLET)[0]))]
-        locations += [(f"outlet {i}", int(p)) for i, p in enumerate(np.flatnonzero(types == OUTLET))]
+        locations += [
+            (f"outlet {i}", int(p)) for i, p in enumerate(np.flatnonzero(types == OUTLET))
+        ]
         for label, point in locations:
             style = {"lw": 2.0, "color": "k"} if label == "inlet" else {"lw": 1.0}
             axes[0, column].plot(sim.times, sim.pressure[:, point] / MMHG, label=label, **style)

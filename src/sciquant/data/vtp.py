@@ -33,7 +33,9 @@ def write_centerline(path: Path, centerline: Centerline) -> None:
     """Write a centerline as binary, zlib-compressed XML PolyData (what vtk and ParaView read)."""
     poly = vtkPolyData()
     points = vtkPoints()
-    points.SetData(numpy_to_vtk(np.ascontiguousarray(centerline.points, dtype=np.float64), deep=True))
+    points.SetData(
+        numpy_to_vtk(np.ascontiguousarray(centerline.points, dtype=np.float64), deep=True)
+    )
     poly.SetPoints(points)
 
     edges = np.asarray(centerline.edges, dtype=np.int64)

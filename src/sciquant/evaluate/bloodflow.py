@@ -1,4 +1,4 @@
-"""Evaluation of a blood-flow surrogate: rollouts of every test simulation, errors, timings, plots."""
+"""Evaluation of a blood-flow surrogate: rollouts of the test simulations, errors, timings."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ MMHG = 1333.2  # dyn/cm² per mmHg
 def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
     """The test split's samples (time offset 0 only: the simulation's own time grid)."""
     index = load_index(prepared)
-    return [to_tensors(name, load_sample(prepared, name), norm) for name in index["samples"]["test"]]
+    return [
+        to_tensors(name, load_sample(prepared, name), norm) for name in index["samples"]["test"]
+    ]
 
 
 def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int):
@@ -70,7 +72,7 @@ def evaluate_step(
 
 
 def plot_rollouts(graphs, predictions, norm: Normalizer, out: Path, count: int) -> None:  # noqa: ANN001
-    """`pressure.png` and `flowrate.png`: prediction (dashed) vs truth at inlet, junction, outlets."""
+    """`pressure.png`, `flowrate.png`: prediction (dashed) vs truth at inlet, junction, outlets."""
     shown = list(zip(graphs, predictions, strict=True))[: max(count, 1)]
     for field, unit, scale, index in (("pressure", "mmHg", MMHG, 0), ("flowrate", "mL/s", 1.0, 1)):
         fig, axes = plt.subplots(1, len(shown), figsize=(4.0 * len(shown), 3.4), squeeze=False)
@@ -123,7 +125,9 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
     payload = {
-        "coordinates": {k: coordinates[k] for k in ("dataset", "model", "seed", "target", "method", "precision")},  # noqa: E501
+        "coordinates": {
+            k: coordinates[k] for k in ("dataset", "model", "seed", "target", "method", "precision")
+        },  # noqa: E501
         "study": coordinates.get("study"),
         "config_hash": coordinates.get("config_hash"),
         "simulated": False,

@@ -23,10 +23,12 @@ StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def branch_average(flowrate: Tensor, branch_id: Tensor, num_branches: int) -> Tensor:
-    """Replace the flow on each branch's nodes by the branch mean; junction nodes (-1) keep theirs."""
+    """Replace the flow on each branch by its mean over the branch; junctions (-1) keep theirs."""
     on_branch = branch_id >= 0
     ids = branch_id.clamp(min=0)
-    sums = torch.zeros(num_branches, dtype=flowrate.dtype).index_add_(0, ids[on_branch], flowrate[on_branch])  # noqa: E501
+    sums = torch.zeros(num_branches, dtype=flowrate.dtype).index_add_(
+        0, ids[on_branch], flowrate[on_branch]
+    )  # noqa: E501
     counts = torch.zeros(num_branches, dtype=flowrate.dtype).index_add_(
         0, ids[on_branch], torch.ones_like(flowrate[on_branch])
     )

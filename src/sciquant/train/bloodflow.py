@@ -1,8 +1,8 @@
 """FP32 training of MeshGraphNet on prepared blood-flow graphs.
 
-Adam with a cosine learning-rate schedule; each step draws `batch_size` (sample, start time) windows,
-batches them as one disjoint graph, adds Gaussian noise to the input pressure and flow (not to the
-imposed inlet flow), and rolls the model out `rollout_steps` steps on its own predictions with the
+Adam with a cosine learning-rate schedule; each step draws `batch_size` (sample, start time)
+windows, batches them as one disjoint graph, adds Gaussian noise to the input pressure and flow
+(not to the imposed inlet flow), and rolls the model out `rollout_steps` steps on its own predictions with the
 inlet flow imposed. The loss of step k is the weighted mean squared error of the predicted
 normalized increment against the one that reaches the true next state, with weight 1 for k = 0 and
 `rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more.
@@ -223,7 +223,12 @@ def validation_loss(model, graphs, norm, settings) -> float:  # noqa: ANN001
         for graph_id, g in enumerate(graphs):
             last = g.num_steps - settings.rollout_steps - 2
             for start in np.linspace(g.loading_steps, last, 4).astype(int):
-                batch = make_batch(graphs, [(graph_id, int(start))], settings.rollout_steps, settings.boundary_weight)  # noqa: E501
+                batch = make_batch(
+                    graphs,
+                    [(graph_id, int(start))],
+                    settings.rollout_steps,
+                    settings.boundary_weight,
+                )  # noqa: E501
                 losses.append(float(rollout_loss(model, batch, norm, settings, noise=None)))
     return float(np.mean(losses))
 
@@ -245,23 +250,50 @@ def run(
     norm = Normalizer.from_statistics(index["statistics"])
     train_graphs = load_graphs(prepared, index["samples"]["train"], norm)
     valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
-    steps = train_settings.rollout_steps
+    torch.manual_seed(seed)
+    model = MeshGraphNet(architecture)
+
+    def final_state(trained: torch.nn.Module) -> dict[str, Any]:
+        return _final_state(trained, architecture, index, settings, seed)
+
+    fit(model, train_graphs, valid_graphs, norm, train_settings, seed, out, final_state, progress)
+    target = out / "checkpoint.pt"
+    _save_atomic(final_state(model), target)
+    return target
+
+
+def fit(
+    model: torch.nn.Module,
+    train_graphs: list[GraphTensors],
+    valid_graphs: list[GraphTensors],
+    norm: Normalizer,
+    settings: TrainSettings,
+    seed: int,
+    out: Path,
+    checkpoint_state: Any,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """The training loop (FP32 training and QAT): epochs of rollout-loss steps, resumable.
+
+    `checkpoint_state(model)` gives what the resume checkpoint stores besides the optimizer
+    (format, weights, settings). Writes `resume.pt` every epoch and `training_log.csv` at the end;
+    returns the log rows.
+    """
+    steps = settings.rollout_steps
     too_short = [g.name for g in train_graphs if g.num_steps < steps + 3]
     if too_short:
         raise SciquantError(
             f"train.rollout_steps={steps} is longer than samples {too_short[:3]} allow; lower it"
         )
-
-    torch.manual_seed(seed)
-    model = MeshGraphNet(architecture)
     optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=train_settings.learning_rate,
-        weight_decay=train_settings.weight_decay,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
     )
-    total_steps = train_settings.epochs * train_settings.steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_steps, eta_min=train_settings.learning_rate_min
+        optimizer,
+        T_max=settings.epochs * settings.steps_per_epoch,
+        eta_min=settings.learning_rate_min,
     )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +302,8 @@ def run(
     first_epoch = 0
     if resume_path.exists():
         state = load_checkpoint(resume_path)
-        if state["settings"] != settings or state["seed"] != seed:
+        expected = checkpoint_state(model)
+        if state["settings"] != expected["settings"] or state["seed"] != seed:
             print(f"{resume_path}: written with other settings or seed; starting from scratch")
         else:
             model.load_state_dict(state["state_dict"])
@@ -283,32 +316,32 @@ def run(
     stop = _StopRequest()
     stop.install()
     print(
-        f"training {sum(p.numel() for p in model.parameters())} parameters on "
+        f"training {sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters on "
         f"{len(train_graphs)} samples ({len(valid_graphs)} validation), epochs "
-        f"{first_epoch + 1}..{train_settings.epochs}"
+        f"{first_epoch + 1}..{settings.epochs}"
     )
-    for epoch in range(first_epoch, train_settings.epochs):
+    for epoch in range(first_epoch, settings.epochs):
         started = time.perf_counter()
         rng = np.random.default_rng([seed, epoch])
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
         model.train()
         losses = []
         bar = tqdm(
-            range(train_settings.steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{train_settings.epochs}",
+            range(settings.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{settings.epochs}",
             disable=not progress,
             mininterval=2.0,
         )
         for _ in bar:
             picks = []
-            for graph_id in rng.integers(len(train_graphs), size=train_settings.batch_size):
+            for graph_id in rng.integers(len(train_graphs), size=settings.batch_size):
                 g = train_graphs[graph_id]
                 picks.append((int(graph_id), int(rng.integers(g.num_steps - steps - 1))))
-            batch = make_batch(train_graphs, picks, steps, train_settings.boundary_weight)
-            loss = rollout_loss(model, batch, norm, train_settings, noise)
+            batch = make_batch(train_graphs, picks, steps, settings.boundary_weight)
+            loss = rollout_loss(model, batch, norm, settings, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_settings.gradient_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.gradient_clip)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
@@ -325,7 +358,7 @@ def run(
         row = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
-            "valid_loss": validation_loss(model, valid_graphs, norm, train_settings),
+            "valid_loss": validation_loss(model, valid_graphs, norm, settings),
             "learning_rate": schedule.get_last_lr()[0],
             "seconds": time.perf_counter() - started,
         }
@@ -333,7 +366,7 @@ def run(
         print(", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
         _save_atomic(
             {
-                **_final_state(model, architecture, index, settings, seed),
+                **checkpoint_state(model),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
                 "epoch": epoch,
@@ -341,11 +374,8 @@ def run(
             },
             resume_path,
         )
-
     _write_log(out / "training_log.csv", log_rows)
-    target = out / "checkpoint.pt"
-    _save_atomic(_final_state(model, architecture, index, settings, seed), target)
-    return target
+    return log_rows
 
 
 def _final_state(model, architecture, index, settings, seed) -> dict[str, Any]:  # noqa: ANN001
