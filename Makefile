@@ -29,11 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install $(PIP_TORCH) -e ".[dev]"
 	touch $@
 
-# Debian packages the tests use: a real Slurm (slurmctld, slurmd, slurmdbd, munge, mariadb).
-# Needs root; without it the Slurm tests are skipped and say why.
+# Debian packages the tests use: a real Slurm (slurmctld, slurmd, slurmdbd, munge, mariadb) and
+# Chromium (the report is checked in a headless browser). Needs root; without it those tests are
+# skipped and say why.
 system-packages:
-	@if [ "$$(id -u)" = 0 ]; then scripts/install-slurm.sh; \
-	else echo "not root: skipping Debian packages (Slurm tests will be skipped)"; fi
+	@if [ "$$(id -u)" = 0 ]; then scripts/install-slurm.sh && scripts/install-chromium.sh; \
+	else echo "not root: skipping Debian packages (Slurm and browser tests will be skipped)"; fi
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -40,8 +40,8 @@ wildcard_constraints:
 
 
 def get_final_output():
-    """Every run's metrics.json and each dataset's overview figure."""
-    outputs = [f"{run.folder}/metrics.json" for run in study.runs()]
+    """The report (which needs every run's metrics.json) and each dataset's overview figure."""
+    outputs = ["results/report/index.html"]
     outputs += [f"results/{name}/overview.png" for name in dataset_names()]
     return outputs
 
@@ -127,3 +127,30 @@ def scaled(key, base, node=None):
         return config["nodes"].get(chosen, {}).get(key, base) * attempt
 
     return resource
+
+
+def get_all_metrics():
+    """Every run's metrics.json (the cube's inputs)."""
+    return [f"{run.folder}/metrics.json" for run in study.runs()]
+
+
+def get_report_figures():
+    """Rollout figures of the first seed's FP32 reference run of each dataset × model."""
+    first_seed = min(config["seeds"])
+    return [
+        f"{run.folder}/{field}.png"
+        for run in study.runs()
+        if (run.seed, run.target, run.method, run.precision)
+        == (first_seed, "reference", "none", "fp32")
+        for field in ("pressure", "flowrate")
+    ]
+
+
+def get_study_info():
+    """The study's name and config hash, as JSON for the command line (cube attributes)."""
+    return json.dumps({"study": config["study"], "config_hash": study.config_hash()})
+
+
+def get_report_budget():
+    """The error budget of "what to deploy" (JSON; null: the package's default budget)."""
+    return json.dumps(config.get("report", {}).get("budget"))

@@ -85,12 +85,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=None, help="torch threads")
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
 
+    aggregate = commands.add_parser(
+        "aggregate", help="every run's metrics.json → result cube (NetCDF) + CSV"
+    )
+    aggregate.add_argument(
+        "--metrics", type=Path, nargs="+", required=True, help="metrics.json files"
+    )
+    aggregate.add_argument("--out-nc", type=Path, required=True, help="NetCDF cube to write")
+    aggregate.add_argument("--out-csv", type=Path, required=True, help="tidy CSV (one row per run)")
+    aggregate.add_argument(
+        "--study-info", type=_json_argument, default={}, help="study attributes (JSON)"
+    )
+
+    report = commands.add_parser("report", help="result cube → self-contained HTML report")
+    report.add_argument("--cube", type=Path, required=True, help="NetCDF cube from `aggregate`")
+    report.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    report.add_argument(
+        "--budget", type=_json_argument, default=None, help="error budget (JSON; null: default)"
+    )
+    report.add_argument("--figures", type=Path, nargs="*", default=[], help="figures to embed")
+    report.add_argument(
+        "--sensitivity", type=Path, nargs="*", default=[], help="per-layer sensitivity CSVs"
+    )
+
     check = commands.add_parser("check-config", help="validate a study config file")
     check.add_argument("config", type=Path)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("what", choices=["mgn"])
+    bench.add_argument("what", choices=["mgn", "aggregate", "report"])
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up")
+    bench.add_argument("--runs", type=int, default=1000, help="runs of the generated study")
     bench.add_argument("--threads", type=int, default=None, help="torch threads")
     return parser
 
@@ -143,15 +167,28 @@ def run(args: argparse.Namespace) -> None:
             coordinates=args.coordinates,
             threads=args.threads,
         )
+    elif args.command == "aggregate":
+        from sciquant.report import cube
+
+        cube.aggregate(args.metrics, args.out_nc, args.out_csv, args.study_info)
+    elif args.command == "report":
+        from sciquant.report import html
+
+        html.build_report(args.cube, args.out, args.budget, args.figures, args.sensitivity)
     elif args.command == "check-config":
         from sciquant.study import Study, load_config
 
         study = Study(load_config(args.config))
         print(f"{args.config}: valid; {len(study.runs())} runs")
-    elif args.command == "bench":
+    elif args.command == "bench" and args.what == "mgn":
         from sciquant.benchmarks import mgn
 
         print(mgn.format_table(mgn.run(repeats=args.repeats, threads=args.threads)))
+    elif args.command == "bench":
+        from sciquant.report import cube, html
+
+        measure = cube.bench_aggregate if args.what == "aggregate" else html.bench_report
+        print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

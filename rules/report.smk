@@ -1,0 +1,51 @@
+# Aggregation of every run's metrics.json into the result cube, and the HTML report of it.
+
+
+rule aggregate:
+    input:
+        metrics=get_all_metrics(),
+    output:
+        cube="results/summary/metrics.nc",
+        table="results/summary/metrics.csv",
+    log:
+        "logs/summary/aggregate.log",
+    benchmark:
+        "benchmarks/summary/aggregate.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    params:
+        study_info=get_study_info(),
+    shell:
+        "sciquant aggregate --metrics {input.metrics} --out-nc {output.cube}"
+        " --out-csv {output.table} --study-info {params.study_info:q} > {log} 2>&1"
+
+
+rule report:
+    input:
+        cube="results/summary/metrics.nc",
+        figures=get_report_figures(),
+    output:
+        report(
+            "results/report/index.html",
+            caption="../workflow/report/summary.rst",
+            category="Summary",
+        ),
+    log:
+        "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    params:
+        budget=get_report_budget(),
+    shell:
+        "sciquant report --cube {input.cube} --out {output} --budget {params.budget:q}"
+        " --figures {input.figures} > {log} 2>&1"

@@ -1,0 +1,654 @@
+"""The result cube: every run's metrics.json → one xarray Dataset (NetCDF) and a tidy CSV.
+
+Dims are a run's coordinates `(dataset, model, seed, target, method, precision)`; every numeric
+scalar in a run's `"metrics"` becomes a float64 variable (nested tables such as `per_simulation`
+stay in the run's own metrics.json), plus `simulated` (1.0 / 0.0). A combination that was not run
+is NaN, never dropped. Provenance (package versions, devices, git revisions, config hashes, study)
+is kept as attributes, JSON strings where the value is not a scalar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from sciquant.errors import SciquantError
+from sciquant.provenance import write_json
+
+COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
+
+#: Display and sort order of known labels; unknown labels follow, alphabetically.
+TARGET_ORDER = ("reference", "trt-v100", "trt-rtx3090", "cpu-x86", "litert-cpu", "npu-pow2")
+METHOD_ORDER = (
+    "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
+)  # fmt: skip
+
+PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
+UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
+UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
+CACHE_VERSION = 1  # raise when RunRecord or read_metrics changes, so old caches are not reused
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One parsed metrics.json: coordinates, scalar metrics, provenance."""
+
+    path: str
+    coordinates: tuple[Any, ...]
+    simulated: bool
+    metrics: dict[str, float | int]
+    study: str | None
+    config_hash: str | None
+    provenance: dict[str, Any]
+
+
+def precision_bits(precision: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of a precision label: fp32 → (32, 32), w4a8 → (4, 8)."""
+    if precision.startswith("fp") and precision[2:].isdigit():
+        return int(precision[2:]), int(precision[2:])
+    match = PRECISION_PATTERN.match(precision)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    return 0, 0
+
+
+def label_order(dim: str, labels: Iterable[Any]) -> list[Any]:
+    """The labels of a dim in display order (FP32 first, then fewer bits; known targets first)."""
+    unique = set(labels)
+    if dim == "seed":
+        return sorted(unique)
+    if dim == "precision":
+        return sorted(unique, key=lambda p: (*(-b for b in precision_bits(p)), p))
+    known = {"target": TARGET_ORDER, "method": METHOD_ORDER}.get(dim, ())
+    rank = {label: i for i, label in enumerate(known)}
+    return sorted(unique, key=lambda label: (rank.get(label, len(known)), str(label)))
+
+
+def label_ranks(dim: str, labels: Iterable[Any]) -> dict[Any, int]:
+    """Each label's position in `label_order`."""
+    return {label: i for i, label in enumerate(label_order(dim, labels))}
+
+
+def read_metrics(path: Path) -> RunRecord:
+    """Parse one metrics.json; numeric scalars only (bool → 0/1, null → NaN); tables skipped."""
+    try:
+        payload = json.loads(Path(path).read_bytes())
+        coordinates = payload["coordinates"]
+        key = tuple(coordinates[name] for name in COORDINATES)
+        key = (*key[:2], int(key[2]), *key[3:])
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: metrics file not found; rerun its evaluate stage") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SciquantError(
+            f"{path}: not valid JSON ({error}); delete it and rerun its evaluate stage"
+        ) from error
+    except (KeyError, TypeError, ValueError) as error:
+        raise SciquantError(
+            f"{path}: no `coordinates` with {', '.join(COORDINATES)} and an integer seed "
+            f"({type(error).__name__}: {error}); it was not written by `sciquant evaluate`; "
+            "delete it and rerun that stage"
+        ) from error
+    metrics = {}
+    for name, value in payload.get("metrics", {}).items():
+        if value is None:
+            metrics[name] = math.nan
+        elif isinstance(value, bool):
+            metrics[name] = int(value)
+        elif isinstance(value, int | float):
+            metrics[name] = value
+    return RunRecord(
+        path=str(path),
+        coordinates=key,
+        simulated=bool(payload.get("simulated", False)),
+        metrics=metrics,
+        study=payload.get("study"),
+        config_hash=payload.get("config_hash"),
+        provenance=payload.get("provenance") or {},
+    )
+
+
+def file_signature(path: Path) -> list[int]:
+    """What tells a rewritten metrics.json from the one cached: mtime [ns] and size [bytes]."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: metrics file not found; rerun its evaluate stage") from error
+    return [stat.st_mtime_ns, stat.st_size]
+
+
+def read_cache(cache: Path) -> dict[str, Any]:
+    """The cached records by path; empty where the cache is absent, unreadable or outdated."""
+    try:
+        content = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content.get("records", {}) if content.get("version") == CACHE_VERSION else {}
+
+
+def read_records(metrics_files: Sequence[Path], cache: Path | None) -> list[RunRecord]:
+    """Parse each metrics.json, reusing `cache`'s record where the file is unchanged."""
+    cached = read_cache(cache) if cache else {}
+    records, entries = [], {}
+    for path in metrics_files:
+        signature = file_signature(path)
+        entry = cached.get(str(path))
+        if entry is not None and entry["signature"] == signature:
+            fields = entry["record"]
+            record = RunRecord(**fields | {"coordinates": tuple(fields["coordinates"])})
+        else:
+            record = read_metrics(path)
+        records.append(record)
+        entries[str(path)] = {"signature": signature, "record": asdict(record)}
+    if cache:
+        partial = cache.with_name(cache.name + ".part")
+        partial.write_text(json.dumps({"version": CACHE_VERSION, "records": entries}))
+        partial.replace(cache)
+    return records
+
+
+def read_all(metrics_files: Sequence[Path], cache: Path | None = None) -> list[RunRecord]:
+    """Parse every metrics.json, sorted by coordinates; two files for one run is an error."""
+    records = read_records(metrics_files, cache)
+    ranks = [
+        label_ranks(dim, (r.coordinates[d] for r in records)) for d, dim in enumerate(COORDINATES)
+    ]
+    records.sort(key=lambda r: tuple(map(dict.__getitem__, ranks, r.coordinates)))
+    for first, second in zip(records, records[1:], strict=False):
+        if first.coordinates == second.coordinates:
+            run = ", ".join(f"{k}={v}" for k, v in zip(COORDINATES, first.coordinates, strict=True))
+            raise SciquantError(
+                f"{first.path} and {second.path}: both hold the run {run}; remove the stale one"
+            )
+    return records
+
+
+def metric_names(records: Sequence[RunRecord]) -> list[str]:
+    """Every scalar metric of any run, in order of first appearance."""
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record.metrics))
+    return list(names)
+
+
+def to_dataset(records: Sequence[RunRecord], study_info: dict[str, Any]) -> xr.Dataset:
+    """The cube of these runs: the full product of coordinates, NaN where a run is absent."""
+    labels = {
+        dim: label_order(dim, (r.coordinates[d] for r in records))
+        for d, dim in enumerate(COORDINATES)
+    }
+    positions = {dim: label_ranks(dim, labels[dim]) for dim in COORDINATES}
+    index = tuple(
+        np.array([positions[dim][r.coordinates[d]] for r in records], dtype=np.intp)
+        for d, dim in enumerate(COORDINATES)
+    )
+    shape = tuple(len(labels[dim]) for dim in COORDINATES)
+    variables = {}
+    for name in ["simulated", *metric_names(records)]:
+        values = np.full(shape, np.nan)
+        if name == "simulated":
+            values[index] = [float(r.simulated) for r in records]
+        else:
+            values[index] = [r.metrics.get(name, math.nan) for r in records]
+        variables[name] = (COORDINATES, values, variable_attrs(name))
+    coords = {
+        dim: np.array(labels[dim], dtype=np.int64 if dim == "seed" else object)
+        for dim in COORDINATES
+    }
+    return xr.Dataset(variables, coords=coords, attrs=provenance_attrs(records, study_info))
+
+
+def variable_attrs(name: str) -> dict[str, str]:
+    """`units` from the metric's name (`_pct` → %, `_s` → s, `_ms` → ms, `_bytes` → bytes)."""
+    if name == "simulated":
+        return {"description": "1: bit-width below the target's native ones, run as simulation"}
+    match = UNIT_PATTERN.search(name)
+    return {"units": UNITS[match.group(1)]} if match else {}
+
+
+def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -> dict[str, Any]:
+    """Study info and what the runs were made with, as NetCDF-safe attributes."""
+
+    def distinct(values: Iterable[Any]) -> list[Any]:
+        return sorted({v for v in values if v is not None}, key=str)
+
+    packages: dict[str, set[str]] = {}
+    devices: dict[str, set[str]] = {}
+    for record in records:
+        for package, version in record.provenance.get("packages", {}).items():
+            packages.setdefault(package, set()).add(str(version))
+        device = record.provenance.get("device")
+        if device is not None:
+            devices.setdefault(record.coordinates[3], set()).add(str(device))
+    attrs: dict[str, Any] = {"title": "sciquant result cube", "runs": len(records)}
+    attrs["study"] = study_info.get("study") or ", ".join(distinct(r.study for r in records))
+    for key, value in study_info.items():
+        if key != "study":
+            attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
+    attrs["run_config_hashes"] = json.dumps(distinct(r.config_hash for r in records))
+    attrs["packages"] = json.dumps({p: sorted(v) for p, v in sorted(packages.items())})
+    attrs["devices"] = json.dumps({t: sorted(devices[t]) for t in label_order("target", devices)})
+    for key, name in (("git_revision", "git_revisions"), ("python", "python_versions"),
+                      ("host", "hosts")):  # fmt: skip
+        attrs[name] = json.dumps(distinct(r.provenance.get(key) for r in records))
+    attrs["wall_time_s_total"] = float(sum(r.provenance.get("wall_time_s") or 0.0 for r in records))
+    return attrs
+
+
+def to_table(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """The tidy table: one row per run, columns coordinates, `simulated`, metrics."""
+    names = metric_names(records)
+    rows = [
+        [*r.coordinates, r.simulated, *(r.metrics.get(n, math.nan) for n in names)] for r in records
+    ]
+    return pd.DataFrame(rows, columns=[*COORDINATES, "simulated", *names])
+
+
+def cache_path(out_nc: Path) -> Path:
+    """Where `aggregate` keeps its parsed records: `metrics.nc` → `metrics.cache.json`."""
+    return out_nc.with_name(out_nc.stem + ".cache.json")
+
+
+def aggregate(
+    metrics_files: Sequence[Path],
+    out_nc: Path,
+    out_csv: Path,
+    study_info: dict[str, Any],
+    use_cache: bool = True,
+) -> xr.Dataset:
+    """Every run's metrics.json → `out_nc` (NetCDF, h5netcdf) and `out_csv` (one row per run).
+
+    With `use_cache`, parsed files are kept in `cache_path(out_nc)`, so a re-aggregation after a
+    rerun of some stages parses only the metrics.json files that changed (mtime or size).
+    """
+    if not metrics_files:
+        raise SciquantError("no metrics.json files given; the study has no runs to aggregate")
+    out_nc.parent.mkdir(parents=True, exist_ok=True)
+    records = read_all(metrics_files, cache_path(out_nc) if use_cache else None)
+    cube = to_dataset(records, study_info)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    partial_nc = out_nc.with_name(out_nc.name + ".part")
+    cube.to_netcdf(partial_nc, engine="h5netcdf")
+    partial_nc.replace(out_nc)
+    partial_csv = out_csv.with_name(out_csv.name + ".part")
+    to_table(records).to_csv(partial_csv, index=False)
+    partial_csv.replace(out_csv)
+    print(
+        f"{len(records)} runs, {len(cube.data_vars)} variables, "
+        f"dims {dict(cube.sizes)} → {out_nc}, {out_csv}"
+    )
+    return cube
+
+
+def load_cube(path: Path) -> xr.Dataset:
+    """Read a cube written by `aggregate` fully into memory (the file is closed again)."""
+    if not Path(path).is_file():
+        raise SciquantError(f"{path}: result cube not found; run `sciquant aggregate` first")
+    with xr.open_dataset(path, engine="h5netcdf") as opened:
+        cube = opened.load()
+    return cube
+
+
+def fake_metrics(run_index: int, coordinates: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.json payload shaped like `sciquant evaluate`'s, with made-up numbers."""
+    rng = np.random.default_rng(run_index)
+    weight_bits = precision_bits(coordinates["precision"])[0]
+    error = 1.0 + 8.0 / max(weight_bits, 1) + 0.1 * rng.random()
+    per_simulation = {
+        f"sim_{i:03d}": {"pressure_error_pct": error * (1 + 0.1 * rng.standard_normal()),
+                         "flowrate_error_pct": 2 * error}
+        for i in range(5)
+    }  # fmt: skip
+    metrics = {
+        "pressure_error_pct": error,
+        "pressure_error_pct_std": 0.1 * error,
+        "flowrate_error_pct": 2.0 * error,
+        "flowrate_error_pct_std": 0.2 * error,
+        "test_simulations": 5,
+        "rollout_time_s_median": 0.01 * weight_bits * (1 + 0.05 * rng.random()),
+        "rollout_time_repeats": 5,
+        "parameters": 12345,
+        "model_bytes": 12345 * weight_bits // 8,
+        "per_simulation": per_simulation,
+    }
+    return {
+        "coordinates": coordinates,
+        "study": "bench",
+        "config_hash": "0" * 64,
+        "simulated": weight_bits < 8,
+        "metrics": metrics,
+        "provenance": {"packages": {"sciquant": "0.1.0"}, "python": "3.11", "device": "cpu",
+                       "host": "bench", "threads": 1, "git_revision": "unknown",
+                       "wall_time_s": 1.0},
+    }  # fmt: skip
+
+
+def write_fake_study(root: Path, n_runs: int) -> list[Path]:
+    """`n_runs` fake metrics.json files under `root/results/...` (for benchmarks)."""
+    precisions = ["fp32", "fp16", "w8a8", "w8a4", "w6a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8"]
+    grid = (
+        (dataset, "meshgraphnet", seed, target, method, precision)
+        for dataset in (f"bloodflow{i}" for i in range(100))
+        for seed in range(5)
+        for target in TARGET_ORDER
+        for method in METHOD_ORDER
+        for precision in precisions
+    )
+    paths = []
+    for run_index, key in zip(range(n_runs), grid, strict=False):
+        coordinates = dict(zip(COORDINATES, key, strict=True))
+        folder = "results/{}/{}/seed{}/{}/{}/{}".format(*key)
+        payload = fake_metrics(run_index, coordinates)
+        paths.append(write_json(root / folder / "metrics.json", payload))
+    return paths
+
+
+def bench_aggregate(n_runs: int = 1000, rerun_fraction: float | None = None) -> float:
+    """Seconds to aggregate `n_runs` fake metrics.json files (writing them is not timed).
+
+    Without `rerun_fraction`: from scratch (no cache). With it: after a first aggregation, that
+    fraction of the runs is rewritten, as after a rerun of some stages, and only then timed.
+    """
+    with tempfile.TemporaryDirectory(prefix="sciquant-bench-") as folder:
+        root = Path(folder)
+        paths = write_fake_study(root, n_runs)
+        out_nc, out_csv = root / "metrics.nc", root / "metrics.csv"
+        if rerun_fraction is not None:
+            aggregate(paths, out_nc, out_csv, {"study": "bench"})
+            for index, path in enumerate(paths[: round(rerun_fraction * len(paths))]):
+                payload = fake_metrics(n_runs + index, json.loads(path.read_text())["coordinates"])
+                write_json(path, payload)
+        started = time.perf_counter()
+        aggregate(paths, out_nc, out_csv, {"study": "bench"})
+        return time.perf_counter() - started
+
+
+# Summaries over seeds: what the report's tables and figures show.
+
+SPREAD_SUFFIXES = ("_std", "_min", "_max", "_repeats")
+COUNT_METRICS = ("simulated", "test_simulations")
+SCORE_PREFIXES = ("accuracy", "balanced_accuracy", "f1", "auc", "recall", "r2")
+TIME_PATTERN = re.compile(r"(?:^|_)(?:time|latency|ms|s)(?:_|$)")
+ERROR_PATTERN = re.compile(r"error|loss|(?:^|_)(?:mse|rmse|mae)(?:_|$)")
+PREFERRED_TIMES = ("latency_ms_median", "rollout_time_s_median")
+
+
+def metric_kind(name: str) -> str:
+    """`error` (lower is better), `score` (higher is better), `time` (lower is better), `other`."""
+    if name.startswith(SCORE_PREFIXES):
+        return "score"
+    if ERROR_PATTERN.search(name):
+        return "error"
+    if TIME_PATTERN.search(name):
+        return "time"
+    return "other"
+
+
+def headline_metrics(cube: xr.Dataset) -> list[str]:
+    """Measured metrics worth a table column: quality first, then times, then the rest."""
+    names = [
+        name
+        for name in cube.data_vars
+        if name not in COUNT_METRICS
+        and not str(name).endswith(SPREAD_SUFFIXES)
+        and bool(cube[name].notnull().any())
+    ]
+    rank = {"error": 0, "score": 0, "time": 1, "other": 2}
+    return sorted(names, key=lambda name: rank[metric_kind(name)])
+
+
+def quality_metrics(cube: xr.Dataset) -> list[str]:
+    return [name for name in headline_metrics(cube) if metric_kind(name) in ("error", "score")]
+
+
+def time_metric(cube: xr.Dataset) -> str | None:
+    """The end-to-end time that speed-ups are computed from (None where no run was timed)."""
+    times = [name for name in headline_metrics(cube) if metric_kind(name) == "time"]
+    for name in (*PREFERRED_TIMES, *(n for n in times if n.endswith("_median")), *times):
+        if name in times:
+            return name
+    return None
+
+
+def workload_slices(cube: xr.Dataset) -> list[tuple[str, str, xr.Dataset]]:
+    """(dataset, model, runs) for each pair with runs; labels without a run are dropped."""
+    slices = []
+    for dataset in cube["dataset"].values:
+        for model in cube["model"].values:
+            runs = cube.sel({"dataset": dataset, "model": model})
+            present = runs["simulated"].notnull()
+            if not bool(present.any()):
+                continue
+            keep = {
+                dim: present.any([d for d in present.dims if d != dim]).values
+                for dim in present.dims
+            }
+            slices.append((str(dataset), str(model), runs.isel(keep)))
+    return slices
+
+
+RunKey = tuple[str, str, str]  # (target, method, precision)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over seeds, half-width of its 95 % confidence interval (t-distribution), seed count."""
+
+    mean: float
+    half_width: float
+    n: int
+
+
+def seed_estimates(values: xr.DataArray) -> dict[RunKey, Estimate]:
+    """Mean ± 95 % CI over `seed` for every (target, method, precision) with at least one value."""
+    from scipy.special import stdtrit  # the t quantile, without scipy.stats' slow import
+
+    n = values.count("seed")
+    mean = values.mean("seed", skipna=True)
+    std = values.std("seed", ddof=1, skipna=True) if values.sizes["seed"] > 1 else mean * np.nan
+    t_quantile = stdtrit(np.maximum(n.values - 1, 1), 0.975)
+    half_width = np.where(
+        n.values > 1, t_quantile * std.values / np.sqrt(np.maximum(n.values, 1)), np.nan
+    )
+    labels = [[str(label) for label in mean[dim].values] for dim in mean.dims]
+    means, counts = mean.values, n.values
+    return {
+        tuple(labels[d][i] for d, i in enumerate(index)): Estimate(
+            float(means[index]), float(half_width[index]), int(counts[index])
+        )
+        for index in zip(*np.nonzero(counts), strict=True)
+    }
+
+
+def fp32_baseline(runs: xr.Dataset, name: str, target: str) -> tuple[xr.DataArray, str] | None:
+    """A metric's FP32 values per seed on `target`, else on `reference`, with that target's name."""
+    for candidate in (target, "reference"):
+        try:
+            fp32 = {"target": candidate, "method": "none", "precision": "fp32"}
+            values = runs[name].sel(fp32).drop_vars(list(fp32))
+        except KeyError:
+            continue
+        if bool(values.notnull().any()):
+            return values, candidate
+    return None
+
+
+def speedups(runs: xr.Dataset, name: str) -> tuple[xr.DataArray, dict[str, str]]:
+    """FP32 time / run time per seed (×), against the same target's FP32 or else the reference's.
+
+    Returns the speed-ups (dims seed, target, method, precision) and each target's baseline.
+    """
+    ratios = []
+    baselines = {}
+    for target in runs["target"].values:
+        found = fp32_baseline(runs, name, str(target))
+        times = runs[name].sel(target=target)
+        if found is None:
+            ratios.append(times * np.nan)
+            continue
+        baseline, baselines[str(target)] = found
+        ratios.append(baseline / times)
+    return xr.concat(ratios, dim="target").transpose(*runs[name].dims), baselines
+
+
+# The error budget of "what to deploy".
+
+BUDGET_BOUNDS = ("max_ratio_to_fp32", "min_ratio_to_fp32", "max_value", "min_value")
+
+#: Used when a study gives none: errors at most 1.2 × FP32's, scores at least 0.99 × FP32's.
+DEFAULT_BUDGET = (
+    {"metric": "pressure_error_pct", "max_ratio_to_fp32": 1.2},
+    {"metric": "flowrate_error_pct", "max_ratio_to_fp32": 1.2},
+    {"metric": "accuracy", "min_ratio_to_fp32": 0.99},
+)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One bound on one metric's mean over seeds: `{"metric": ..., <bound>: number}`."""
+
+    metric: str
+    bound: str
+    limit: float
+
+    def threshold(self, fp32: float) -> float:
+        """The bound in the metric's own units (ratios scaled by the FP32 mean)."""
+        return self.limit * fp32 if self.bound.endswith("_to_fp32") else self.limit
+
+    def holds(self, value: float, threshold: float) -> bool:
+        """Whether `value` is within `threshold` (from `threshold(fp32)`)."""
+        return value <= threshold if self.bound.startswith("max") else value >= threshold
+
+    @property
+    def sign(self) -> str:
+        return "≤" if self.bound.startswith("max") else "≥"
+
+    def describe(self) -> str:
+        scale = " × FP32" if self.bound.endswith("_to_fp32") else ""
+        return f"{self.metric} {self.sign} {self.limit:g}{scale}"
+
+
+def parse_budget(budget: dict[str, Any] | Sequence[dict[str, Any]] | None) -> list[Constraint]:
+    """A budget (one constraint or a list, all must hold; None: `DEFAULT_BUDGET`) → constraints.
+
+    A constraint is `{"metric": NAME, BOUND: NUMBER}` with BOUND one of `max_ratio_to_fp32`,
+    `min_ratio_to_fp32` (relative to the FP32 mean on the same target, else the reference's),
+    `max_value`, `min_value` (in the metric's units); several bounds may share one metric.
+    """
+    items = DEFAULT_BUDGET if budget is None else [budget] if isinstance(budget, dict) else budget
+    constraints = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("metric"), str):
+            raise SciquantError(f"error budget {item!r}: each entry needs a `metric` name")
+        unknown = sorted(set(item) - {"metric", *BUDGET_BOUNDS})
+        bounds = [key for key in BUDGET_BOUNDS if key in item]
+        if unknown or not bounds:
+            raise SciquantError(
+                f"error budget {item!r}: give `metric` and one or more of "
+                f"{', '.join(BUDGET_BOUNDS)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        for key in bounds:
+            if not isinstance(item[key], int | float) or isinstance(item[key], bool):
+                raise SciquantError(f"error budget {item!r}: `{key}` must be a number")
+            constraints.append(Constraint(item["metric"], key, float(item[key])))
+    return constraints
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint, the chosen run's mean and the threshold it was held to (metric's units)."""
+
+    constraint: Constraint
+    value: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The choice for one target: the fastest (method, precision) within the budget, or None."""
+
+    target: str
+    method: str | None
+    precision: str | None
+    time: Estimate | None
+    speedup: Estimate | None
+    checks: tuple[Check, ...]
+    reason: str
+
+
+def applicable_constraints(runs: xr.Dataset, constraints: Sequence[Constraint]) -> list[Constraint]:
+    """The constraints on metrics these runs have."""
+    return [c for c in constraints if c.metric in runs and bool(runs[c.metric].notnull().any())]
+
+
+def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> list[Deployment]:
+    """Per target: the fastest measured, non-simulated (method, precision) within every constraint.
+
+    Values are means over seeds; where no run of the target was timed, the fewest bits wins.
+    Constraints on metrics these runs do not have are left out (no deployments if none is left).
+    """
+    applicable = applicable_constraints(runs, constraints)
+    if not applicable:
+        return []
+    means = {c.metric: seed_estimates(runs[c.metric]) for c in applicable}
+    time_name = time_metric(runs)
+    times = seed_estimates(runs[time_name]) if time_name else {}
+    gains = seed_estimates(speedups(runs, time_name)[0]) if time_name else {}
+    # Simulated runs are not candidates: the target cannot run that precision natively.
+    native = [key for key, e in seed_estimates(runs["simulated"]).items() if e.mean == 0]
+    deployments = []
+    for target in map(str, runs["target"].values):
+        thresholds = {}
+        for c in applicable:
+            found = fp32_baseline(runs, c.metric, target)
+            thresholds[c] = c.threshold(float(found[0].mean()) if found else math.nan)
+        if any(math.isnan(t) for t in thresholds.values()):
+            reason = "no FP32 run to scale the budget by"
+            deployments.append(Deployment(target, None, None, None, None, (), reason))
+            continue
+        eligible = [
+            key
+            for key in native
+            if key[0] == target
+            and all(key in means[c.metric] for c in applicable)
+            and all(c.holds(means[c.metric][key].mean, thresholds[c]) for c in applicable)
+        ]
+        deployments.append(fastest(target, eligible, means, thresholds, times, gains))
+    return deployments
+
+
+def fastest(
+    target: str,
+    eligible: list[RunKey],
+    means: dict[str, dict[RunKey, Estimate]],
+    thresholds: dict[Constraint, float],
+    times: dict[RunKey, Estimate],
+    gains: dict[RunKey, Estimate],
+) -> Deployment:
+    """The fastest eligible run of `target` (fewest bits where none was timed)."""
+    if not eligible:
+        return Deployment(target, None, None, None, None, (), "no measured run within the budget")
+    timed = [key for key in eligible if key in times]
+    if timed:
+        chosen = min(timed, key=lambda key: times[key].mean)
+        reason = "fastest within the budget"
+    else:
+        chosen = min(eligible, key=lambda key: sum(precision_bits(key[2])))
+        reason = "fewest bits within the budget (no timings)"
+    checks = tuple(
+        Check(c, means[c.metric][chosen].mean, threshold) for c, threshold in thresholds.items()
+    )
+    return Deployment(
+        target, chosen[1], chosen[2], times.get(chosen), gains.get(chosen), checks, reason
+    )

@@ -1,0 +1,428 @@
+"""The report a person reads: one self-contained HTML page (figures embedded as base64 PNG).
+
+Per (dataset, model): what to deploy on each target under the error budget, the table of every
+target × method × precision (mean ± 95 % CI over seeds, speed-up over FP32) and the figures.
+Every number is the cube's value through `format_value`; table cells also carry it unrounded in
+`data-value` (and `data-ci`, `data-n`), so a reader or a test can check them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from sciquant.report import figures
+from sciquant.report.cube import (
+    Constraint,
+    Deployment,
+    Estimate,
+    RunKey,
+    applicable_constraints,
+    choose_deployments,
+    headline_metrics,
+    load_cube,
+    parse_budget,
+    quality_metrics,
+    seed_estimates,
+    speedups,
+    time_metric,
+    workload_slices,
+)
+
+SIMULATED_NOTE = (
+    "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
+    "under the target's scheme; its errors are the simulation's, its timings are not those of "
+    "a low-precision kernel."
+)
+REFERENCE_BASELINE_NOTE = (
+    "‡ this target has no FP32 run: speed-up relative to the reference FP32 (another runtime)."
+)
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+STYLE = """
+:root { color-scheme: light; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
+       line-height: 1.45; color: #1d1d1f; background: #fff; }
+main { max-width: 1100px; margin: 0 auto; padding: 1rem; }
+h1 { font-size: 1.5rem; margin: 0.5rem 0; }
+h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 2px solid #ddd; }
+h3 { font-size: 1.05rem; margin-top: 1.5rem; }
+code { word-break: break-all; }
+.meta, .note, figcaption { color: #555; font-size: 0.9rem; }
+.table-scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; margin: 0.5rem 0 1rem;
+                border: 1px solid #e5e5e5; }
+table { border-collapse: collapse; font-size: 0.88rem; white-space: nowrap; }
+th, td { padding: 0.3rem 0.6rem; border-bottom: 1px solid #eee; text-align: right; }
+th { background: #f5f5f7; position: sticky; top: 0; }
+th.label, td.label { text-align: left; }
+tr.baseline td { font-weight: 600; }
+tr.group-start td { border-top: 2px solid #ccc; }
+figure { margin: 1rem 0; }
+img { max-width: 100%; height: auto; display: block; }
+nav ul { padding-left: 1.2rem; }
+details { margin: 0.5rem 0; }
+@media (max-width: 600px) { main { padding: 0.6rem; } h1 { font-size: 1.25rem; }
+                            table { font-size: 0.8rem; } }
+"""
+
+
+def significant_decimals(value: float, digits: int) -> int:
+    """Decimals that show `value` to `digits` significant digits."""
+    return max(0, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+def format_value(value: float, digits: int = 4) -> str:
+    """A number as the report shows it: integers whole, others to `digits` significant digits."""
+    if value is None or math.isnan(value):
+        return "—"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    if abs(value) < 1e-3:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{significant_decimals(value, digits)}f}"
+
+
+def format_estimate(estimate: Estimate) -> str:
+    """`mean ± half-width` (half-width to 2 significant digits); the mean alone for one seed."""
+    if estimate.n < 2 or math.isnan(estimate.half_width):
+        return format_value(estimate.mean)
+    return f"{format_value(estimate.mean)} ± {format_value(estimate.half_width, digits=2)}"
+
+
+def estimate_cell(metric: str, estimate: Estimate | None, suffix: str = "") -> str:
+    """A table cell with the formatted estimate and its unrounded value in data attributes."""
+    if estimate is None:
+        return f'<td data-metric="{escape(metric)}">—</td>'
+    return (
+        f'<td data-metric="{escape(metric)}" data-value="{estimate.mean!r}" '
+        f'data-ci="{estimate.half_width!r}" data-n="{estimate.n}">'
+        f"{escape(format_estimate(estimate))}{suffix}</td>"
+    )
+
+
+def table(head: Sequence[str], rows: Sequence[str], css_class: str, data: str = "") -> str:
+    """A horizontally scrollable table of already rendered `<th>`s and `<tr>`s."""
+    thead = f"<thead><tr>{''.join(head)}</tr></thead>" if head else ""
+    return (
+        f'<div class="table-scroll"><table class="{css_class}"{data}>{thead}'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def precision_label(precision: str, simulated: bool) -> str:
+    return f"{precision}*" if simulated else precision
+
+
+def results_table(dataset: str, model: str, runs: xr.Dataset) -> str:
+    """Every (target, method, precision) run: seeds, headline metrics, speed-up over FP32."""
+    metrics = headline_metrics(runs)
+    estimates = {name: seed_estimates(runs[name]) for name in metrics}
+    simulated = seed_estimates(runs["simulated"])
+    time_name = time_metric(runs)
+    gains, baselines = speedups(runs, time_name) if time_name else (None, {})
+    if gains is not None:
+        estimates["speedup"] = seed_estimates(gains)
+    head = [f'<th class="label">{label}</th>' for label in ("target", "method", "precision")]
+    head.append("<th>seeds</th>")
+    head += [
+        f'<th data-metric="{escape(n)}" title="{escape(n)}">{escape(figures.metric_label(n))}</th>'
+        for n in metrics
+    ]
+    if gains is not None:
+        head.append('<th data-metric="speedup">speed-up over FP32 [×]</th>')
+    rows = []
+    previous_target = None
+    for key in simulated:  # in cube order: grouped by target, its FP32 first
+        target = key[0]
+        against_reference = baselines.get(target, target) != target
+        first_of_target = target != previous_target
+        rows.append(result_row(key, simulated[key], estimates, against_reference, first_of_target))
+        previous_target = target
+    data = f' data-dataset="{escape(dataset)}" data-model="{escape(model)}"'
+    return table(head, rows, "results", data) + results_notes(simulated, baselines, time_name)
+
+
+def result_row(
+    key: RunKey,
+    simulated: Estimate,
+    estimates: dict[str, dict[RunKey, Estimate]],
+    against_reference: bool,
+    first_of_target: bool,
+) -> str:
+    """One run's row: labels (precision marked `*` where simulated), seeds, metric cells."""
+    target, method, precision = key
+    classes = ["baseline"] if (method, precision) == ("none", "fp32") else []
+    if first_of_target:
+        classes.append("group-start")
+    cells = [
+        f'<td class="label">{escape(target)}</td>',
+        f'<td class="label">{escape(method)}</td>',
+        f'<td class="label">{escape(precision_label(precision, simulated.mean > 0))}</td>',
+        f"<td>n={simulated.n}</td>",
+    ]
+    for name, by_run in estimates.items():
+        marker = " ‡" if name == "speedup" and against_reference else ""
+        cells.append(estimate_cell(name, by_run.get(key), marker))
+    return (
+        f'<tr class="{" ".join(classes)}" data-target="{escape(target)}" '
+        f'data-method="{escape(method)}" data-precision="{escape(precision)}">'
+        + "".join(cells)
+        + "</tr>"
+    )
+
+
+def results_notes(
+    simulated: dict[RunKey, Estimate],
+    baselines: dict[str, str],
+    time_name: str | None,
+) -> str:
+    """The footnotes the table needs: simulated precisions, reference baselines, statistics."""
+    notes = []
+    if any(e.mean > 0 for e in simulated.values()):
+        notes.append(SIMULATED_NOTE)
+    if any(baselines.get(t, t) != t for t in {key[0] for key in simulated}):
+        notes.append(REFERENCE_BASELINE_NOTE)
+    if time_name:
+        notes.append(f"Speed-ups are FP32 {escape(time_name)} / the run's, per seed.")
+    notes.append("Mean ± 95 % confidence interval over seeds (t-distribution); n: seeds.")
+    return "".join(f'<p class="note">{note}</p>' for note in notes)
+
+
+def budget_text(constraints: Sequence[Constraint]) -> str:
+    return " and ".join(c.describe() for c in constraints)
+
+
+def deploy_table(
+    deployments: Sequence[Deployment], constraints: Sequence[Constraint], time_name: str | None
+) -> str:
+    """Per target: the precision and method to deploy, the checks it passed, its speed."""
+    head = [
+        f'<th class="label">{label}</th>'
+        for label in ("target", "deploy", "method", "within budget", "why")
+    ]
+    time_label = figures.metric_label(time_name) if time_name else "time"
+    head += [f"<th>{escape(time_label)}</th>", "<th>speed-up over FP32 [×]</th>"]
+    rows = []
+    for choice in deployments:
+        checks = "; ".join(
+            f"{figures.metric_label(c.constraint.metric)} {format_value(c.value)} "
+            f"{c.constraint.sign} {format_value(c.threshold)}"
+            for c in choice.checks
+        )
+        rows.append(
+            f'<tr data-target="{escape(choice.target)}" '
+            f'data-precision="{escape(choice.precision or "")}" '
+            f'data-method="{escape(choice.method or "")}">'
+            f'<td class="label">{escape(choice.target)}</td>'
+            f'<td class="label"><strong>{escape(choice.precision or "—")}</strong></td>'
+            f'<td class="label">{escape(choice.method or "—")}</td>'
+            f'<td class="label">{escape(checks or "—")}</td>'
+            f'<td class="label">{escape(choice.reason)}</td>'
+            + estimate_cell("time", choice.time)
+            + estimate_cell("speedup", choice.speedup)
+            + "</tr>"
+        )
+    budget = (
+        f'<p class="note">Budget: {escape(budget_text(constraints))} (means over seeds; FP32 of '
+        "the same target, else the reference's). Simulated precisions are not candidates.</p>"
+    )
+    return budget + table(head, rows, "deploy")
+
+
+def image_html(data: bytes, caption: str, mime: str = "image/png") -> str:
+    """A figure with its image embedded as base64."""
+    encoded = base64.b64encode(data).decode("ascii")
+    return (
+        f'<figure><img src="data:{mime};base64,{encoded}" alt="{escape(caption)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
+
+
+def workload_figures(runs: xr.Dataset) -> list[str]:
+    """Error vs precision per quality metric, speed-up vs precision, and the Pareto front."""
+    rendered = []
+    qualities = quality_metrics(runs)
+    for name in qualities:
+        png = figures.error_vs_bits(runs, name)
+        if png:
+            caption = f"{figures.metric_label(name)} per target and method (mean ± 95 % CI)"
+            rendered.append(image_html(png, caption))
+    time_name = time_metric(runs)
+    if time_name:
+        png = figures.speedup_vs_precision(runs, time_name)
+        if png:
+            rendered.append(image_html(png, "speed-up over FP32 per target"))
+        if qualities:
+            png = figures.accuracy_speed_pareto(runs, qualities[0], time_name)
+            if png:
+                rendered.append(image_html(png, "accuracy–speed Pareto front"))
+    return rendered
+
+
+def anchor(dataset: str, model: str) -> str:
+    return escape(f"{dataset}--{model}")
+
+
+def workload_section(
+    dataset: str, model: str, runs: xr.Dataset, constraints: Sequence[Constraint]
+) -> str:
+    """What to deploy, the results table and the figures of one (dataset, model)."""
+    parts = [f'<section id="{anchor(dataset, model)}"><h2>{escape(dataset)} · {escape(model)}</h2>']
+    deployments = choose_deployments(runs, constraints)
+    parts.append("<h3>What to deploy</h3>")
+    if deployments:
+        applicable = applicable_constraints(runs, constraints)
+        parts.append(deploy_table(deployments, applicable, time_metric(runs)))
+    else:
+        parts.append(
+            f'<p class="note">No budget constraint applies: {escape(budget_text(constraints))} '
+            "names no metric these runs have.</p>"
+        )
+    parts.append("<h3>Results over seeds</h3>")
+    parts.append(results_table(dataset, model, runs))
+    parts.append("<h3>Figures</h3>")
+    parts += workload_figures(runs)
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def extra_figures_section(
+    extra_figures: Sequence[Path], sensitivity_csvs: Sequence[Path], relative_to: Path
+) -> str:
+    """Rollout curves and per-layer sensitivity heat maps, those whose files exist."""
+    rendered = []
+    for path in map(Path, extra_figures):
+        mime = IMAGE_TYPES.get(path.suffix.lower())
+        if mime and path.is_file():
+            rendered.append(image_html(path.read_bytes(), display_path(path, relative_to), mime))
+    for path in map(Path, sensitivity_csvs):
+        png = figures.sensitivity_heatmap(path)
+        if png:
+            rendered.append(image_html(png, display_path(path, relative_to)))
+    if not rendered:
+        return ""
+    return (
+        '<section id="figures"><h2>Rollouts and sensitivity</h2>' + "".join(rendered) + "</section>"
+    )
+
+
+def display_path(path: Path, relative_to: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(relative_to.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def provenance_section(cube: xr.Dataset) -> str:
+    """What the numbers were made with: packages, devices, revisions, config hashes."""
+    rows = []
+    for key in ("study", "config_hash", "run_config_hashes", "git_revisions", "devices",
+                "packages", "python_versions", "hosts", "wall_time_s_total"):  # fmt: skip
+        if key in cube.attrs:
+            value = cube.attrs[key]
+            text = format_attr(value)
+            rows.append(f'<tr><th class="label">{escape(key)}</th><td class="label">'
+                        f"<code>{escape(text)}</code></td></tr>")  # fmt: skip
+    return (
+        '<section id="provenance"><h2>Provenance</h2><details open><summary>versions, devices, '
+        "revisions</summary>" + table([], rows, "provenance") + "</details></section>"
+    )
+
+
+def format_attr(value: Any) -> str:
+    """A cube attribute for display: JSON lists and mappings unpacked into short text."""
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(parsed, list):
+            return ", ".join(map(str, parsed))
+        if isinstance(parsed, dict):
+            return "; ".join(
+                f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in parsed.items()
+            )
+        return value
+    if isinstance(value, float):
+        return format_value(value)
+    return str(value)
+
+
+def render(
+    cube: xr.Dataset,
+    constraints: Sequence[Constraint],
+    extras: str,
+    source: str,
+) -> str:
+    """The whole page."""
+    slices = workload_slices(cube)
+    study = str(cube.attrs.get("study", "")) or "study"
+    contents = "".join(
+        f'<li><a href="#{anchor(d, m)}">{escape(d)} · {escape(m)}</a></li>' for d, m, _ in slices
+    )
+    if extras:
+        contents += '<li><a href="#figures">Rollouts and sensitivity</a></li>'
+    contents += '<li><a href="#provenance">Provenance</a></li>'
+    seeds = ", ".join(str(s) for s in cube["seed"].values)
+    head = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>sciquant report: {escape(study)}</title><style>{STYLE}</style></head><body><main>"
+        f"<h1>Quantization study “{escape(study)}”</h1>"
+        f'<p class="meta">{int(cube.attrs.get("runs", 0))} runs · seeds {escape(seeds)} · '
+        f"from <code>{escape(source)}</code></p>"
+        f"<nav><ul>{contents}</ul></nav>"
+    )
+    body = "".join(workload_section(d, m, runs, constraints) for d, m, runs in slices)
+    return head + body + extras + provenance_section(cube) + "</main></body></html>\n"
+
+
+def build_report(
+    cube_path: Path,
+    out_html: Path,
+    error_budget: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    extra_figures: Sequence[Path] = (),
+    sensitivity_csvs: Sequence[Path] = (),
+) -> Path:
+    """Write the self-contained HTML report of a result cube (`results/report/index.html`).
+
+    `error_budget`: `{"metric": NAME, "max_ratio_to_fp32" | "min_ratio_to_fp32" | "max_value" |
+    "min_value": NUMBER}` or a list of them (all must hold); None: `cube.DEFAULT_BUDGET`.
+    `extra_figures` (PNG/JPEG, e.g. rollouts) and `sensitivity_csvs` (per-layer tables) are
+    embedded where the files exist and skipped where not.
+    """
+    constraints = parse_budget(error_budget)
+    cube = load_cube(cube_path)
+    extras = extra_figures_section(extra_figures, sensitivity_csvs, Path.cwd())
+    page = render(cube, constraints, extras, display_path(Path(cube_path), Path.cwd()))
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_html.with_name(out_html.name + ".part")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(out_html)
+    print(f"report of {int(cube.attrs.get('runs', 0))} runs → {out_html} ({len(page) // 1024} KiB)")
+    return out_html
+
+
+def bench_report(n_runs: int = 1000) -> float:
+    """Seconds to build the report of `n_runs` fake runs (writing and aggregating not timed)."""
+    from sciquant.report.cube import aggregate, write_fake_study
+
+    with tempfile.TemporaryDirectory(prefix="sciquant-bench-") as folder:
+        root = Path(folder)
+        paths = write_fake_study(root, n_runs)
+        aggregate(paths, root / "metrics.nc", root / "metrics.csv", {"study": "bench"})
+        started = time.perf_counter()
+        build_report(root / "metrics.nc", root / "index.html")
+        return time.perf_counter() - started
