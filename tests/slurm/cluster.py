@@ -1,7 +1,7 @@
 """A real one-node Slurm cluster on 127.0.0.1 for tests (root, no systemd).
 
 ``LocalSlurm(workdir)`` writes its own ``slurm.conf`` / ``slurmdbd.conf`` / ``gres.conf`` /
-``cgroup.conf`` under ``workdir/etc`` (all Slurm programs find them through the ``SLURM_CONF``
+``cgroup.conf`` under ``workdir/etc`` (Slurm programs find them through the ``SLURM_CONF``
 environment variable; nothing under ``/etc`` is written) and starts, by hand:
 
 * ``munged`` as user ``munge`` on its default socket (an already working munged is reused and
@@ -9,6 +9,14 @@ environment variable; nothing under ``/etc`` is written) and starts, by hand:
 * ``mariadbd`` with ``--skip-networking`` and its data directory and socket in ``workdir``,
 * ``slurmdbd``, ``slurmctld`` and ``slurmd`` in the foreground of their own sessions, on free
   TCP ports, with state, spool, logs and pid files in ``workdir``.
+
+slurmd runs "configless" (``--conf-server``): it caches the config in its spool dir and links
+``/run/slurm/conf`` to it. Programs that run inside jobs without ``SLURM_CONF`` find the cluster
+through that link; this matters because the Snakemake jobstep plugin strips every ``SLURM_*``
+variable (``SLURM_CONF`` included) before its nested ``srun``. Outside ``workdir`` only
+``/run/munge`` (munged) and ``/run/slurm/conf`` (removed again by ``stop()``) are touched. An
+existing ``/etc/slurm/slurm.conf`` would win over ``/run/slurm/conf`` for those nested calls, so
+``start()`` warns when one exists.
 
 The single node carries ``Feature=v100,rtx3090`` and two fake GPUs (``Gres=gpu:v100:2``, backed
 by ``/dev/null`` and ``/dev/zero``) so that constraint / GRES routing can be tested without
@@ -27,6 +35,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REQUIRED_BINARIES = (
@@ -50,6 +59,7 @@ REQUIRED_BINARIES = (
 
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUNDIR = Path("/run/munge")
+RUN_SLURM_CONF = Path("/run/slurm/conf")  # slurmd's link to its configless cache
 ACCOUNT = "default"
 
 
@@ -103,10 +113,12 @@ class LocalSlurm:
         workdir: str | os.PathLike,
         cluster_name: str = "sciquant",
         startup_timeout: float = 60.0,
+        extra_config: str = "",
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.cluster_name = cluster_name
         self.startup_timeout = startup_timeout
+        self.extra_config = extra_config  # lines appended to slurm.conf
         self.etc = self.workdir / "etc"
         self.logdir = self.workdir / "log"
         self.rundir = self.workdir / "run"
@@ -130,6 +142,7 @@ class LocalSlurm:
         self._started_munge = False
         self._munge_pidfile = MUNGE_RUNDIR / "munged.pid"
         self.startup_seconds: float | None = None
+        self._last_probe = ""
 
     # ------------------------------------------------------------------ public API
 
@@ -165,8 +178,20 @@ class LocalSlurm:
             )
         if os.geteuid() != 0:
             raise SlurmClusterError("LocalSlurm must run as root")
-        for d in (self.etc, self.logdir, self.rundir, self.workdir / "state",
-                  self.workdir / "spool"):
+        if Path("/etc/slurm/slurm.conf").exists():
+            warnings.warn(
+                "/etc/slurm/slurm.conf exists: Slurm commands run inside test jobs without "
+                "SLURM_CONF (e.g. the srun of the Snakemake jobstep) will use it instead of the "
+                "local test cluster",
+                stacklevel=2,
+            )
+        for d in (
+            self.etc,
+            self.logdir,
+            self.rundir,
+            self.workdir / "state",
+            self.workdir / "spool",
+        ):
             d.mkdir(parents=True, exist_ok=True)
         self.mysql_socket.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -178,8 +203,16 @@ class LocalSlurm:
             self._wait(self._dbd_ready, "slurmdbd accepting connections", ["slurmdbd"])
             self._start_daemon("slurmctld", ["slurmctld", "-D", "-i"])
             self._wait(self._ctld_ready, "slurmctld answering", ["slurmctld"])
+            # slurmd runs "configless": it fetches slurm.conf/gres.conf/cgroup.conf from
+            # slurmctld and caches them under its spool dir, linked from /run/slurm/conf.
+            # Client commands without SLURM_CONF (e.g. the nested `srun` of the Snakemake
+            # jobstep plugin, which strips all SLURM_* variables) find the config there.
+            self._start_daemon(
+                "slurmd",
+                ["slurmd", "-D", "--conf-server", f"127.0.0.1:{self.ports['ctld']}"],
+                without_conf=True,
+            )
             self._setup_accounts()
-            self._start_daemon("slurmd", ["slurmd", "-D"])
             self._wait(self._node_idle, f"node {self.nodename} idle", ["slurmd", "slurmctld"])
             self._wait(self._sacct_ready, "sacct answering", ["slurmdbd", "slurmctld"])
         except BaseException:
@@ -203,11 +236,21 @@ class LocalSlurm:
                 pass
         for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd"):
             self._stop_one(name, timeout)
+        self._remove_conf_link()
         if self._started_munge:
             pid = self._read_pid(self._munge_pidfile)
             if pid:
                 self._kill_and_wait(pid, timeout)
             self._started_munge = False
+
+    def _remove_conf_link(self) -> None:
+        """Drop slurmd's /run/slurm/conf link if it points into this cluster's spool dir."""
+        link = RUN_SLURM_CONF
+        try:
+            if link.is_symlink() and (self.workdir / "spool") in Path(os.readlink(link)).parents:
+                link.unlink()
+        except OSError:
+            pass
 
     def __enter__(self) -> LocalSlurm:
         return self.start()
@@ -308,9 +351,11 @@ class LocalSlurm:
     def _mysql_ready(self) -> bool:
         return self.mysql_socket.exists() and self._mysql("SELECT 1;").returncode == 0
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], without_conf: bool = False) -> None:
         log = open(self.logdir / f"{name}.stdout", "w")
         env = self.env()
+        if without_conf:
+            del env["SLURM_CONF"]
         # the MariaDB client library used by slurmdbd reads the socket path from here
         env["MYSQL_UNIX_PORT"] = str(self.mysql_socket)
         self._procs[name] = subprocess.Popen(
@@ -324,8 +369,8 @@ class LocalSlurm:
         )
         log.close()
 
-    def _start_daemon(self, name: str, cmd: list[str]) -> None:
-        self._spawn(name, cmd)
+    def _start_daemon(self, name: str, cmd: list[str], without_conf: bool = False) -> None:
+        self._spawn(name, cmd, without_conf=without_conf)
 
     def _read_pid(self, path: Path) -> int | None:
         try:
@@ -384,7 +429,7 @@ class LocalSlurm:
             if time.monotonic() > deadline:
                 raise SlurmClusterError(
                     f"timed out after {timeout or self.startup_timeout:.0f} s waiting for "
-                    f"{what}\n{self.logs()}"
+                    f"{what}\n----- last probe -----\n{self._last_probe}\n{self.logs()}"
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
@@ -393,10 +438,16 @@ class LocalSlurm:
         return f"----- {name} stdout/stderr -----\n" + _tail(self.logdir / f"{name}.stdout")
 
     def _quiet(self, *args: str) -> subprocess.CompletedProcess | None:
+        """Run a readiness probe; remember its output for the error message."""
         try:
-            return self.run(*args, check=False, timeout=10)
+            res = self.run(*args, check=False, timeout=10)
         except subprocess.TimeoutExpired:
+            self._last_probe = f"$ {' '.join(args)}\n<timed out after 10 s>"
             return None
+        self._last_probe = (
+            f"$ {' '.join(args)}  (exit {res.returncode})\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        )
+        return res
 
     def _dbd_ready(self) -> bool:
         res = self._quiet("sacctmgr", "-n", "-P", "show", "cluster", "format=cluster")
@@ -414,15 +465,33 @@ class LocalSlurm:
 
         self._wait(cluster_known, "cluster registration in slurmdbd", ["slurmctld", "slurmdbd"])
         for args in (
-            ("sacctmgr", "-i", "add", "account", ACCOUNT, f"cluster={self.cluster_name}",
-             "Description=tests", "Organization=sciquant"),
-            ("sacctmgr", "-i", "add", "user", "root", f"account={ACCOUNT}",
-             f"DefaultAccount={ACCOUNT}", f"cluster={self.cluster_name}"),
+            (
+                "sacctmgr",
+                "-i",
+                "add",
+                "account",
+                ACCOUNT,
+                f"cluster={self.cluster_name}",
+                "Description=tests",
+                "Organization=sciquant",
+            ),
+            (
+                "sacctmgr",
+                "-i",
+                "add",
+                "user",
+                "root",
+                f"account={ACCOUNT}",
+                f"DefaultAccount={ACCOUNT}",
+                f"cluster={self.cluster_name}",
+            ),
         ):
             res = self.run(*args, check=False)
             text = res.stdout + res.stderr
-            if res.returncode != 0 and "Nothing new added" not in text and (
-                "already exists" not in text
+            if (
+                res.returncode != 0
+                and "Nothing new added" not in text
+                and ("already exists" not in text)
             ):
                 raise SlurmClusterError(f"{' '.join(args)} failed:\n{text}\n{self.logs()}")
 
@@ -440,8 +509,13 @@ class LocalSlurm:
     # ------------------------------------------------------------------ configuration
 
     def _node_line(self) -> str:
-        res = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30,
-                             env={k: v for k, v in self.env().items() if k != "SLURM_CONF"})
+        res = subprocess.run(
+            ["slurmd", "-C"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={k: v for k, v in self.env().items() if k != "SLURM_CONF"},
+        )
         first = next((ln for ln in res.stdout.splitlines() if ln.startswith("NodeName=")), None)
         if first is None:
             raise SlurmClusterError(f"`slurmd -C` gave no node line:\n{res.stdout}{res.stderr}")
@@ -461,21 +535,21 @@ class LocalSlurm:
 # generated by tests/slurm/cluster.py (LocalSlurm)
 ClusterName={self.cluster_name}
 SlurmctldHost={self.nodename}(127.0.0.1)
-SlurmctldPort={self.ports['ctld']}
-SlurmdPort={self.ports['slurmd']}
+SlurmctldPort={self.ports["ctld"]}
+SlurmdPort={self.ports["slurmd"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-StateSaveLocation={w / 'state'}
-SlurmdSpoolDir={w / 'spool'}
-SlurmctldPidFile={self._pidfiles['slurmctld']}
-SlurmdPidFile={self._pidfiles['slurmd']}
-SlurmctldLogFile={self.logdir / 'slurmctld.log'}
-SlurmdLogFile={self.logdir / 'slurmd.log'}
+StateSaveLocation={w / "state"}
+SlurmdSpoolDir={w / "spool"}
+SlurmctldPidFile={self._pidfiles["slurmctld"]}
+SlurmdPidFile={self._pidfiles["slurmd"]}
+SlurmctldLogFile={self.logdir / "slurmctld.log"}
+SlurmdLogFile={self.logdir / "slurmd.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
-PlugStackConfig={self.etc / 'plugstack.conf'}
+PlugStackConfig={self.etc / "plugstack.conf"}
 MpiDefault=none
 SwitchType=switch/none
 ProctrackType=proctrack/linuxproc
@@ -485,6 +559,8 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 SchedulerType=sched/backfill
 MinJobAge=300
+# batch jobs are requeueable only when submitted with --requeue (shows what the profile asks for)
+JobRequeue=0
 KillWait=5
 ReturnToService=2
 SlurmdTimeout=60
@@ -493,16 +569,18 @@ Waittime=0
 GresTypes=gpu
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort={self.ports['dbd']}
+AccountingStoragePort={self.ports["dbd"]}
 AccountingStorageTRES=gres/gpu,gres/gpu:v100
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 MailProg=/bin/true
+SlurmctldParameters=enable_configless
 {node_line}
 PartitionName=cpu Nodes={self.nodename} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={self.nodename} Default=NO MaxTime=INFINITE State=UP
+{self.extra_config}
 """
         self.conf.write_text(slurm_conf)
         (self.etc / "gres.conf").write_text(
@@ -519,11 +597,11 @@ PartitionName=gpu Nodes={self.nodename} Default=NO MaxTime=INFINITE State=UP
 AuthType=auth/munge
 DbdAddr=127.0.0.1
 DbdHost=localhost
-DbdPort={self.ports['dbd']}
+DbdPort={self.ports["dbd"]}
 SlurmUser=root
 DebugLevel=info
-LogFile={self.logdir / 'slurmdbd.log'}
-PidFile={self._pidfiles['slurmdbd']}
+LogFile={self.logdir / "slurmdbd.log"}
+PidFile={self._pidfiles["slurmdbd"]}
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=root

@@ -50,8 +50,9 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(reason)
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     cluster.start()
-    print(f"\nlocal Slurm up in {cluster.startup_seconds:.1f} s ({cluster.workdir})",
-          file=sys.stderr)
+    print(
+        f"\nlocal Slurm up in {cluster.startup_seconds:.1f} s ({cluster.workdir})", file=sys.stderr
+    )
     try:
         yield cluster
     finally:
