@@ -1,9 +1,9 @@
 """Autoregressive rollout of a blood-flow surrogate and its relative errors.
 
 From the true state at step 0, every step builds the node features, asks the model for the
-normalized increments, adds them (in physical units), imposes the next inlet flow exactly and
-replaces the flow of every branch by its mean over the branch's nodes (flow is nearly constant along
-a vessel). Errors per field over branch nodes and all steps after the loading ramp:
+normalized increments, adds them (in physical units), replaces the flow of every branch by its
+mean over the branch's nodes (flow is nearly constant along a vessel) and imposes the next inlet
+flow exactly. Errors per field over branch nodes and all steps after the loading ramp:
 
     err = sqrt( Σ_t Σ_i ((pred - exact) · mask)² / Σ_t Σ_i (exact · mask)² )     (reported in %)
 """
@@ -53,8 +53,9 @@ def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[
         delta = step(x, graph.edge_features, graph.edge_index)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
         flowrate = flowrate + norm.denormalize("delta_flowrate", delta[:, 1]) / norm.std["flowrate"]
-        flowrate = torch.where(inlet, graph.flowrate[t + 1], flowrate)
         flowrate = branch_average(flowrate, graph.branch_id, num_branches)
+        # Imposed after averaging: the inlet's flow is the boundary condition, not a prediction.
+        flowrate = torch.where(inlet, graph.flowrate[t + 1], flowrate)
         predicted_p.append(pressure)
         predicted_q.append(flowrate)
     return (
