@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -4,7 +4,8 @@ import json
 from snakemake.utils import validate
 
 from sciquant.errors import SciquantError
-from sciquant.study import Study, schema_errors
+from sciquant.quant.targets import TARGETS
+from sciquant.study import QUANTIZATION_METHODS, Run, Study, schema_errors
 
 try:
     validate(config, schema="../workflow/schemas/config.schema.yaml")
@@ -37,6 +38,9 @@ wildcard_constraints:
     dataset=alternatives(dataset_names()),
     model=alternatives(sorted(study.models)),
     seed=r"\d+",
+    target=alternatives(sorted(TARGETS)),
+    method=alternatives(QUANTIZATION_METHODS),
+    precision=r"fp16|w[2-8]a[4-8]",
 
 
 def get_final_output():
@@ -68,30 +72,66 @@ def get_model(wildcards):
     return study.models[wildcards.model]
 
 
+def get_train_settings(wildcards):
+    """Architecture and training settings of the model (its config minus `datasets`)."""
+    return {
+        key: value for key, value in get_model(wildcards).items() if key != "datasets"
+    }
+
+
 def get_train_params(wildcards):
     """Architecture and training settings of the model, as JSON for the command line."""
-    spec = get_model(wildcards)
-    return json.dumps({key: value for key, value in spec.items() if key != "datasets"})
+    return json.dumps(get_train_settings(wildcards))
 
 
 def get_evaluate_params(wildcards):
     return json.dumps(config["evaluate"])
 
 
+CONFIG_HASH = study.config_hash()
+
+
+def run_of(wildcards):
+    """The run a job's wildcards name (the FP32 rule's target/method/precision are literal)."""
+    return Run(
+        wildcards.dataset,
+        wildcards.model,
+        int(wildcards.seed),
+        wildcards.get("target", "reference"),
+        wildcards.get("method", "none"),
+        wildcards.get("precision", "fp32"),
+    )
+
+
 def get_run_coordinates(wildcards):
     """The run's coordinates and the study's provenance, as JSON for the command line."""
+    coordinates = run_of(wildcards).coordinates()
+    coordinates.update(study=config["study"], config_hash=CONFIG_HASH)
+    return json.dumps(coordinates)
+
+
+def get_quantize_params(wildcards):
+    """The quantize section and the model's settings (QAT reuses its training), as JSON."""
     return json.dumps(
-        {
-            "study": config["study"],
-            "config_hash": study.config_hash(),
-            "dataset": wildcards.dataset,
-            "model": wildcards.model,
-            "seed": int(wildcards.seed),
-            "target": "reference",
-            "method": "none",
-            "precision": "fp32",
-        }
+        {"quantize": config["quantize"], "model": get_train_settings(wildcards)}
     )
+
+
+def get_quantized_artifacts(wildcards):
+    """quantized.pt, plus model.onnx when the target runs the precision on ONNX Runtime."""
+    folder = run_of(wildcards).folder
+    artifacts = {"quantized": f"{folder}/quantized.pt"}
+    if study.plan(run_of(wildcards)).runtime == "onnxruntime":
+        artifacts["onnx"] = f"{folder}/model.onnx"
+    return artifacts
+
+
+def get_runtime_arguments(wildcards, input):
+    """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label."""
+    flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
+    if study.plan(run_of(wildcards)).simulated:
+        flags.append("--simulated")
+    return " ".join(flags)
 
 
 def node_resources(node):
@@ -148,7 +188,7 @@ def get_report_figures():
 
 def get_study_info():
     """The study's name and config hash, as JSON for the command line (cube attributes)."""
-    return json.dumps({"study": config["study"], "config_hash": study.config_hash()})
+    return json.dumps({"study": config["study"], "config_hash": CONFIG_HASH})
 
 
 def get_report_budget():

@@ -49,3 +49,34 @@ rule evaluate_fp32:
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {threads} --out {params.folder} > {log} 2>&1"
+
+
+rule evaluate_quantized:
+    input:
+        unpack(get_quantized_artifacts),
+        index="results/{dataset}/prepared/index.json",
+    output:
+        metrics="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/metrics.json",
+        pressure="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/pressure.png",
+        flowrate="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/flowrate.png",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 60, node="cpu"),
+    params:
+        settings=get_evaluate_params,
+        coordinates=get_run_coordinates,
+        runtime=get_runtime_arguments,
+        folder=subpath(output.metrics, parent=True),
+    shell:
+        "sciquant evaluate --checkpoint {input.quantized} {params.runtime}"
+        " --prepared results/{wildcards.dataset}/prepared"
+        " --settings {params.settings:q} --coordinates {params.coordinates:q}"
+        " --threads {threads} --out {params.folder} > {log} 2>&1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinates", type=_json_argument, required=True, help="the run's coordinates (JSON)"
     )
     evaluate.add_argument("--threads", type=int, default=None, help="torch threads")
+    evaluate.add_argument(
+        "--onnx", type=Path, default=None, help="run this ONNX file with ONNX Runtime instead"
+    )
+    evaluate.add_argument(
+        "--simulated", action="store_true", help="label the run as a fake-quant simulation"
+    )
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
+
+    quantize = commands.add_parser(
+        "quantize", help="PTQ or QAT of a trained model for a target, method and precision"
+    )
+    quantize.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
+    quantize.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
+    quantize.add_argument("--target", required=True, help="hardware target (e.g. cpu-x86)")
+    quantize.add_argument("--method", required=True, help="e.g. ptq-mse, qat-lsq")
+    quantize.add_argument("--precision", required=True, help="wXaY, e.g. w8a8")
+    _add_settings(quantize, '{"quantize": the config\'s quantize section, "model": the model\'s}')
+    quantize.add_argument("--seed", type=int, default=0, help="seed of QAT fine-tuning")
+    quantize.add_argument("--threads", type=int, default=None, help="torch threads")
+    quantize.add_argument("--out", type=Path, required=True, help="run folder to write")
+
+    export = commands.add_parser("export", help="quantized model → ONNX QDQ with its own scales")
+    export.add_argument("--quantized", type=Path, required=True, help="quantized.pt")
+    export.add_argument("--prepared", type=Path, required=True, help="prepared data (an example)")
+    export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
 
     aggregate = commands.add_parser(
         "aggregate", help="every run's metrics.json → result cube (NetCDF) + CSV"
@@ -112,10 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("what", choices=["mgn", "aggregate", "report"])
+    bench.add_argument("what", choices=["mgn", "aggregate", "report", "dryrun"])
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up")
     bench.add_argument("--runs", type=int, default=1000, help="runs of the generated study")
     bench.add_argument("--threads", type=int, default=None, help="torch threads")
+
+    from sciquant.launch import add_submit_parser
+
+    add_submit_parser(commands)
     return parser
 
 
@@ -166,7 +195,20 @@ def run(args: argparse.Namespace) -> None:
             settings=args.settings,
             coordinates=args.coordinates,
             threads=args.threads,
+            onnx=args.onnx,
+            simulated=args.simulated,
         )
+    elif args.command == "quantize":
+        from sciquant.quant import bloodflow as quantize_bloodflow
+
+        quantize_bloodflow.run(
+            args.checkpoint, args.prepared, args.out, args.target, args.method, args.precision,
+            settings=args.settings, seed=args.seed, threads=args.threads,
+        )  # fmt: skip
+    elif args.command == "export":
+        from sciquant.quant import bloodflow as quantize_bloodflow
+
+        quantize_bloodflow.export(args.quantized, args.prepared, args.out)
     elif args.command == "aggregate":
         from sciquant.report import cube
 
@@ -184,6 +226,14 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.benchmarks import mgn
 
         print(mgn.format_table(mgn.run(repeats=args.repeats, threads=args.threads)))
+    elif args.command == "bench" and args.what == "dryrun":
+        from sciquant.benchmarks import dryrun
+
+        print(dryrun.format_table(dryrun.run(n_runs=max(args.runs, 10_000))))
+    elif args.command == "submit":
+        from sciquant.launch import run_submit
+
+        run_submit(args)
     elif args.command == "bench":
         from sciquant.report import cube, html
 
@@ -191,9 +241,28 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
 
 
+FAULT_VARIABLE = "SCIQUANT_FAIL_STAGE"
+
+
+def inject_fault(args: argparse.Namespace, words: Sequence[str]) -> None:
+    """Fail on purpose when SCIQUANT_FAIL_STAGE names this stage (for testing recovery).
+
+    `SCIQUANT_FAIL_STAGE=train` fails every `sciquant train`; `train:seed1` only those whose
+    arguments contain `seed1` (e.g. the output folder). Nothing is written before the failure.
+    """
+    wanted = os.environ.get(FAULT_VARIABLE, "")
+    if not wanted:
+        return
+    stage, _, needle = wanted.partition(":")
+    if stage == args.command and needle in " ".join(words):
+        raise SciquantError(f"injected failure of stage '{stage}' ({FAULT_VARIABLE}={wanted})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
     try:
+        inject_fault(args, words)
         run(args)
     except SciquantError as error:
         print(f"sciquant {args.command}: error: {error}", file=sys.stderr)

@@ -24,6 +24,9 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 #: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",)}
 ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch"}
+QUANTIZATION_METHODS = (
+    "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)

@@ -104,6 +104,54 @@ def _plot_nodes(graph: GraphTensors) -> list[tuple[str, int]]:
     return nodes
 
 
+def load_step(
+    checkpoint: Path, onnx: Path | None, threads: int | None
+) -> tuple[StepFunction, dict[str, Any], dict[str, Any]]:
+    """The step function to roll out, the checkpoint's state, and size metrics of the artifact.
+
+    checkpoint: an FP32 `checkpoint.pt` or a `quantized.pt` (its format says which); onnx: run
+    this ONNX file with ONNX Runtime instead (the checkpoint then only gives the statistics).
+    """
+    from sciquant.quant.bloodflow import QUANTIZED_FORMAT, load_quantized
+
+    raw = (
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if checkpoint.is_file()
+        else {}
+    )
+    if isinstance(raw, dict) and raw.get("format") == QUANTIZED_FORMAT:
+        model, state = load_quantized(checkpoint)
+        sizes = quantized_size(model)
+    else:
+        model, state = load_model(checkpoint)
+        sizes = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        }
+    if onnx is not None:
+        from sciquant.runtime.onnxruntime import OrtStep
+
+        sizes["artifact_bytes"] = onnx.stat().st_size
+        return OrtStep(onnx, intra_op_num_threads=threads or 1), state, sizes
+    return model, state, sizes
+
+
+def quantized_size(qmodel: Any) -> dict[str, Any]:
+    """Parameters and deployed bytes: quantized weights at their bit-width, the rest float32."""
+    layers = qmodel.quant_linears()
+    quantized_weights = {id(layer.weight) for layer in layers.values() if hasattr(layer, "weight")}
+    total_bytes = 0.0
+    for name, layer in layers.items():
+        bits = qmodel.layer_precisions[name].weight_bits
+        total_bytes += layer.weight.numel() * bits / 8
+    parameters = 0
+    for parameter in qmodel.model.parameters():
+        parameters += parameter.numel()
+        if id(parameter) not in quantized_weights:
+            total_bytes += parameter.numel() * 4
+    return {"parameters": parameters, "model_bytes": int(round(total_bytes))}
+
+
 def run(
     checkpoint: Path,
     prepared: Path,
@@ -111,26 +159,34 @@ def run(
     settings: dict[str, Any],
     coordinates: dict[str, Any],
     threads: int | None = None,
+    onnx: Path | None = None,
+    simulated: bool = False,
 ) -> Path:
-    """Evaluate the FP32 model of `checkpoint`; write metrics.json and figures into `out`."""
+    """Roll out the test simulations with the artifact; write metrics.json and figures to `out`."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    model, state = load_model(checkpoint)
+    step, state, sizes = load_step(checkpoint, onnx, threads)
     norm = Normalizer.from_statistics(state["statistics"])
     graphs = test_graphs(prepared, norm)
-    metrics, predictions = evaluate_step(model, graphs, norm, settings.get("repeats", 5))
-    metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    metrics["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    metrics, predictions = evaluate_step(step, graphs, norm, settings.get("repeats", 5))
+    metrics.update(sizes)
+    if hasattr(step, "timing_summary"):
+        metrics.update(
+            {
+                f"{k}_ms" if k != "calls" else "runtime_calls": v
+                for k, v in step.timing_summary().items()
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
+    keys = ("dataset", "model", "seed", "target", "method", "precision")
     payload = {
-        "coordinates": {
-            k: coordinates[k] for k in ("dataset", "model", "seed", "target", "method", "precision")
-        },  # noqa: E501
+        "coordinates": {k: coordinates[k] for k in keys},
         "study": coordinates.get("study"),
         "config_hash": coordinates.get("config_hash"),
-        "simulated": False,
+        "simulated": simulated,
+        "runtime": "onnxruntime" if onnx is not None else "torch",
         "metrics": metrics,
         "provenance": provenance(time.perf_counter() - started, threads),
     }

@@ -2,10 +2,10 @@
 
 Adam with a cosine learning-rate schedule; each step draws `batch_size` (sample, start time)
 windows, batches them as one disjoint graph, adds Gaussian noise to the input pressure and flow
-(not to the imposed inlet flow), and rolls the model out `rollout_steps` steps on its own predictions with the
-inlet flow imposed. The loss of step k is the weighted mean squared error of the predicted
-normalized increment against the one that reaches the true next state, with weight 1 for k = 0 and
-`rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more.
+(not to the imposed inlet flow), and rolls the model out `rollout_steps` steps on its own
+predictions with the inlet flow imposed. The loss of step k is the weighted mean squared error of
+the predicted normalized increment against the one that reaches the true next state, with weight 1
+for k = 0 and `rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more.
 
 Determinism and resume: every epoch draws from generators seeded by (seed, epoch), so an epoch
 computes the same whether it runs after the previous one or after a resume from its checkpoint.
@@ -176,14 +176,20 @@ def load_graphs(prepared: Path, names: list[str], norm: Normalizer) -> list[Grap
     return [to_tensors(name, load_sample(prepared, name), norm) for name in names]
 
 
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a `.part` file, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".part")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a training or final checkpoint safely (`weights_only=True`); errors name the file."""
+def load_checkpoint(
+    path: Path,
+    expected_format: str = CHECKPOINT_FORMAT,
+    version: int = CHECKPOINT_VERSION,
+    label: str = "sciquant MeshGraphNet",
+) -> dict[str, Any]:
+    """Load a checkpoint safely (`weights_only=True`); errors name the file and the fix."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
@@ -193,14 +199,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a readable sciquant checkpoint ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200]}); delete it and rerun the train stage"
         ) from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != expected_format:
+        raise SciquantError(f"{path}: not a {label} checkpoint; delete it and rerun its stage")
+    if checkpoint.get("version") != version:
         raise SciquantError(
-            f"{path}: not a sciquant MeshGraphNet checkpoint; delete it and rerun the train stage"
-        )
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise SciquantError(
-            f"{path}: checkpoint version {checkpoint.get('version')} is not "
-            f"{CHECKPOINT_VERSION}; retrain with this sciquant"
+            f"{path}: checkpoint version {checkpoint.get('version')} is not {version}; "
+            "rerun its stage with this sciquant"
         )
     return checkpoint
 
@@ -258,7 +262,7 @@ def run(
 
     fit(model, train_graphs, valid_graphs, norm, train_settings, seed, out, final_state, progress)
     target = out / "checkpoint.pt"
-    _save_atomic(final_state(model), target)
+    save_atomic(final_state(model), target)
     return target
 
 
@@ -301,8 +305,8 @@ def fit(
     log_rows: list[dict[str, float]] = []
     first_epoch = 0
     if resume_path.exists():
-        state = load_checkpoint(resume_path)
         expected = checkpoint_state(model)
+        state = load_checkpoint(resume_path, expected["format"], expected["version"])
         if state["settings"] != expected["settings"] or state["seed"] != seed:
             print(f"{resume_path}: written with other settings or seed; starting from scratch")
         else:
@@ -364,7 +368,7 @@ def fit(
         }
         log_rows.append(row)
         print(", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-        _save_atomic(
+        save_atomic(
             {
                 **checkpoint_state(model),
                 "optimizer": optimizer.state_dict(),

@@ -1,0 +1,49 @@
+# Quantization: one job per run of the sweep (PTQ calibration or QAT fine-tuning), then the ONNX
+# QDQ export for runs whose target runs them natively on ONNX Runtime.
+
+
+rule quantize:
+    input:
+        checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+        index="results/{dataset}/prepared/index.json",
+    output:
+        "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantized.pt",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 60, node="cpu"),
+    params:
+        settings=get_quantize_params,
+        folder=subpath(output[0], parent=True),
+    shell:
+        "sciquant quantize --checkpoint {input.checkpoint}"
+        " --prepared results/{wildcards.dataset}/prepared --target {wildcards.target}"
+        " --method {wildcards.method} --precision {wildcards.precision}"
+        " --settings {params.settings:q} --seed {wildcards.seed} --threads {threads}"
+        " --out {params.folder} > {log} 2>&1"
+
+
+rule export_onnx:
+    input:
+        quantized="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantized.pt",
+        index="results/{dataset}/prepared/index.json",
+    output:
+        "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/model.onnx",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/export.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    shell:
+        "sciquant export --quantized {input.quantized}"
+        " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"

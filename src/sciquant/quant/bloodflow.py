@@ -1,0 +1,174 @@
+"""The quantize stage for blood-flow surrogates: PTQ or QAT of a trained MeshGraphNet.
+
+PTQ calibrates the ranges on the calibration split: the true states of the first
+`calibration_samples` training samples at `calibration_steps` evenly spaced time steps (the inputs
+the model sees in a rollout). QAT starts from that calibration and fine-tunes with the FP32
+training loss (`sciquant.train.bloodflow.fit`): STE moves the weights through the fake-quant
+kernels' straight-through gradient, LSQ also learns the scales. The result is saved as
+`quantized.pt` (weights, qparams, how it was made), loadable with `load_quantized`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sciquant.data.bloodflow import load_index
+from sciquant.data.features import GraphTensors, Normalizer, node_features
+from sciquant.errors import SciquantError
+from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
+from sciquant.quant.pytorch import (
+    QuantizedModel,
+    calibrate,
+    enable_lsq,
+    quantize_model,
+    set_mode,
+)
+from sciquant.quant.spec import parse_precision
+from sciquant.train.bloodflow import (
+    TrainSettings,
+    fit,
+    load_checkpoint,
+    load_graphs,
+    load_model,
+    save_atomic,
+)
+
+QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
+QUANTIZED_VERSION = 1
+
+
+def calibration_inputs(
+    graphs: list[GraphTensors], steps_per_graph: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Model inputs (node features, edge features, edge index) at evenly spaced true states."""
+    for graph in graphs:
+        inlet = graph.inlet
+        ones = torch.ones(graph.num_nodes)
+        for t in np.linspace(0, graph.num_steps - 2, steps_per_graph).astype(int):
+            next_inlet = graph.flowrate[t + 1][inlet][:1].expand(graph.num_nodes)
+            x = node_features(
+                graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
+                next_inlet,
+            )  # fmt: skip
+            yield x, graph.edge_features, graph.edge_index
+
+
+def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSettings:
+    """The FP32 training settings with the QAT section's epochs, steps and learning rate."""
+    base = TrainSettings(**model_settings.get("train", {}))
+    return dataclasses.replace(
+        base,
+        epochs=qat.get("epochs", 4),
+        steps_per_epoch=qat.get("steps_per_epoch", 50),
+        learning_rate=qat.get("learning_rate", 1e-4),
+        learning_rate_min=min(base.learning_rate_min, qat.get("learning_rate", 1e-4)),
+    )
+
+
+def run(
+    checkpoint: Path,
+    prepared: Path,
+    out: Path,
+    target: str,
+    method: str,
+    precision: str,
+    settings: dict[str, Any],
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Quantize the FP32 model of `checkpoint`; write `quantized.pt` into `out`.
+
+    settings: {"quantize": the config's quantize section, "model": the model's settings}.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    model, fp32_state = load_model(checkpoint)
+    norm = Normalizer.from_statistics(fp32_state["statistics"])
+    index = load_index(prepared)
+    quantize_settings = settings.get("quantize", {})
+    train_names = index["samples"]["train"]
+    calibration = load_graphs(
+        prepared, train_names[: quantize_settings.get("calibration_samples", 8)], norm
+    )
+    qmodel = quantize_model(model, target, precision, method)
+    steps = quantize_settings.get("calibration_steps", 16)
+    calibrate(qmodel, calibration_inputs(calibration, steps))
+    print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
+
+    if method.startswith("qat-"):
+        if method == "qat-lsq":
+            enable_lsq(qmodel)
+        train_graphs = load_graphs(prepared, train_names, norm)
+        valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
+        fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))
+        torch.manual_seed(seed)
+
+        def state(trained: QuantizedModel) -> dict[str, Any]:
+            return _quantized_state(trained, fp32_state, target, method, precision, settings)
+
+        fit(qmodel, train_graphs, valid_graphs, norm, fine_tune, seed, out, state, progress)
+        set_mode(qmodel, "quantize")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "quantized.pt"
+    save_atomic(_quantized_state(qmodel, fp32_state, target, method, precision, settings), path)
+    return path
+
+
+def _quantized_state(qmodel, fp32_state, target, method, precision, settings) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "format": QUANTIZED_FORMAT,
+        "version": QUANTIZED_VERSION,
+        "architecture": fp32_state["architecture"],
+        "statistics": fp32_state["statistics"],
+        "target": target,
+        "method": method,
+        "precision": precision,
+        "layer_precisions": {k: str(v) for k, v in qmodel.layer_precisions.items()},
+        "state_dict": qmodel.state_dict(),
+        "settings": settings,
+        "seed": fp32_state["seed"],
+    }
+
+
+def load_quantized(path: Path) -> tuple[QuantizedModel, dict[str, Any]]:
+    """Rebuild a quantized model from `quantized.pt` (eval mode) and return it with its state."""
+    state = load_checkpoint(
+        path, QUANTIZED_FORMAT, QUANTIZED_VERSION, label="sciquant quantized MeshGraphNet"
+    )
+    model = MeshGraphNet(MeshGraphNetConfig(**state["architecture"]))
+    qmodel = quantize_model(
+        model,
+        state["target"],
+        parse_precision(state["precision"]),
+        state["method"],
+        precisions=state["layer_precisions"],
+    )
+    try:
+        # The saved mode (quantize) and the frozen qparams come back with the state.
+        qmodel.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise SciquantError(
+            f"{path}: does not match its recorded architecture ({error}); rerun quantize"
+        ) from error
+    qmodel.eval()
+    return qmodel, state
+
+
+def export(quantized: Path, prepared: Path, out: Path) -> Path:
+    """Write the quantized model as ONNX QDQ (its own scales), traced on a test graph."""
+    from sciquant.evaluate.bloodflow import test_graphs
+    from sciquant.quant.export import export_qdq_onnx
+
+    qmodel, state = load_quantized(quantized)
+    norm = Normalizer.from_statistics(state["statistics"])
+    example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return export_qdq_onnx(qmodel, out, example)

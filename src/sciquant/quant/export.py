@@ -1,0 +1,299 @@
+"""ONNX export of fake-quantized models as QDQ graphs that carry the calibrated qparams.
+
+`export_qdq_onnx` writes, for every quantized Linear (bias b float, W [out, in]):
+
+    x ─ QuantizeLinear(s_x, z_x) ─ DequantizeLinear(s_x, z_x) ─┐
+    W_q (8-bit initializer) ─ DequantizeLinear(s_w, z_w, axis=0) ─ Gemm(transB=1) ─ Add(b) ─ y
+
+with the scales and zero points of the torch simulation (nothing is re-calibrated) and the
+weight integers that simulation uses, so ONNX Runtime's CPU EP fuses each group into an integer
+``QGemm`` (per-channel weights, float output). The bias is a separate Add because ORT's QDQ Gemm
+fusion wants every Gemm input from a DequantizeLinear (an int32 bias), and a MatMul + Add form
+would first be fused into a float Gemm (MatMulAddFusion) before the QDQ pass sees it.
+Activations: uint8 asymmetric (cpu-x86), int8 symmetric (TensorRT, npu-pow2); only 8-bit
+activations have a QDQ form (QuantizeLinear saturates to the full 8-bit range). Weights of 2 to
+8 bits are stored in 8 bits with their own integer range, so that a w4a8 model also exports.
+
+Weight storage (``weight_dtype``): ``int8`` with zero point 0 is the standard format (TensorRT,
+ORT U8S8). On x86 without VNNI, ORT's U8S8 GEMM saturates (`sciquant.runtime.onnxruntime`), so
+for the onnxruntime target the default there is ``uint8``: the same integers + 128 with zero
+point 128, i.e. the same dequantized weights, run by the exact U8U8 kernel.
+
+Why custom ops: in torch 2.13 neither exporter gives a correct QDQ graph of a MeshGraphNet.
+``dynamo=True`` (torch.export) traces ``torch.fake_quantize_*`` into ``*_cachemask`` ops that have
+no fake-tensor kernel, so export with dynamic node and edge counts fails
+(UnsupportedOperatorException); it also rejects the narrow int8 range [-127, 127] of the weights.
+``dynamo=False`` (TorchScript) writes clean Q/DQ pairs but lowers ``index_add_`` to
+ScatterElements without ``reduction="add"`` (wrong aggregation, see
+``sciquant.models.meshgraphnet.export_onnx``). So each QuantLinear is swapped for an export module
+whose forward calls ``sciquant::quantize_linear`` / ``sciquant::dequantize_linear``: custom ops with
+ONNX semantics in eager mode, fake kernels for tracing, and a ``custom_translation_table`` that maps
+them one-to-one onto QuantizeLinear / DequantizeLinear; the integer weights are buffers, hence
+8-bit initializers, with no post-processing of the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as onnx_op
+from torch import Tensor, nn
+
+from sciquant.errors import SciquantError
+from sciquant.models.meshgraphnet import export_onnx
+from sciquant.quant.pytorch import QuantizedModel, QuantLinear
+from sciquant.quant.spec import QuantSpec
+from sciquant.runtime.onnxruntime import cpu_has_vnni
+
+__all__ = ["export_fp32_onnx", "export_qdq_onnx", "weight_initializers"]
+
+OPSET = 18
+INPUT_NAMES = ("node_features", "edge_features", "edge_index")
+OUTPUT_NAME = "delta"
+WeightDtype = Literal["int8", "uint8"]
+_STORAGE = {"int8": torch.int8, "uint8": torch.uint8}
+
+
+# -- QuantizeLinear / DequantizeLinear as torch custom ops -------------------------------------
+
+
+def _broadcast(qparam: Tensor, ndim: int, axis: int) -> Tensor:
+    """A per-tensor ([]) or per-axis ([C]) qparam shaped to broadcast along `axis`."""
+    if qparam.dim() == 0:
+        return qparam
+    shape = [1] * ndim
+    shape[axis] = -1
+    return qparam.reshape(shape)
+
+
+@torch.library.custom_op("sciquant::quantize_linear", mutates_args=())
+def quantize_linear(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero_point dtype.
+
+    x: float, any shape; scale, zero_point: [] or [C] along `axis` (uint8 or int8 zero_point).
+    """
+    limits = torch.iinfo(zero_point.dtype)
+    scale = _broadcast(scale, x.dim(), axis)
+    zero_point = _broadcast(zero_point, x.dim(), axis)
+    x_q = torch.round(x / scale) + zero_point.to(x.dtype)
+    return x_q.clamp(limits.min, limits.max).to(zero_point.dtype)
+
+
+@quantize_linear.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x, dtype=zero_point.dtype)
+
+
+@torch.library.custom_op("sciquant::dequantize_linear", mutates_args=())
+def dequantize_linear(x_q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    """ONNX DequantizeLinear: (x_q - zero_point) * scale, in scale's dtype."""
+    scale = _broadcast(scale, x_q.dim(), axis)
+    zero_point = _broadcast(zero_point, x_q.dim(), axis)
+    return (x_q.to(torch.int32) - zero_point.to(torch.int32)).to(scale.dtype) * scale
+
+
+@dequantize_linear.register_fake
+def _(x_q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    return torch.empty_like(x_q, dtype=scale.dtype)
+
+
+def _onnx_quantize_linear(x, scale, zero_point, axis: int):
+    return onnx_op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+
+def _onnx_dequantize_linear(x_q, scale, zero_point, axis: int):
+    return onnx_op.DequantizeLinear(x_q, scale, zero_point, axis=axis)
+
+
+_TRANSLATIONS = {
+    torch.ops.sciquant.quantize_linear.default: _onnx_quantize_linear,
+    torch.ops.sciquant.dequantize_linear.default: _onnx_dequantize_linear,
+}
+
+
+# -- the export module of one quantized Linear -------------------------------------------------
+
+
+class _QDQLinear(nn.Module):
+    """A calibrated QuantLinear as QuantizeLinear/DequantizeLinear ops; [*, in] -> [*, out]."""
+
+    def __init__(self, layer: QuantLinear, weight_dtype: WeightDtype) -> None:
+        super().__init__()
+        input_scale, input_zero_point = layer.input_qparams()
+        activation_dtype = _activation_storage(layer.activation_spec)
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("input_zero_point", input_zero_point.to(activation_dtype))
+        weight_scale, weight_zero_point = layer.weight_qparams()
+        weight_q = _weight_integers(layer, weight_scale, weight_zero_point)
+        shift = _storage_shift(layer.weight_spec, weight_dtype)
+        storage = _STORAGE[weight_dtype]
+        self.register_buffer("weight_q", (weight_q + shift).to(storage))
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_zero_point", (weight_zero_point + shift).to(storage))
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # axis 1 is QuantizeLinear's default; it is unused with per-tensor qparams
+        x_q = torch.ops.sciquant.quantize_linear(x, self.input_scale, self.input_zero_point, 1)
+        x = torch.ops.sciquant.dequantize_linear(x_q, self.input_scale, self.input_zero_point, 1)
+        weight = torch.ops.sciquant.dequantize_linear(
+            self.weight_q, self.weight_scale, self.weight_zero_point, 0
+        )
+        y = F.linear(x, weight)
+        return y if self.bias is None else y + self.bias
+
+
+def _activation_storage(spec: QuantSpec) -> torch.dtype:
+    ranges = {(0, 255): torch.uint8, (-128, 127): torch.int8}
+    dtype = ranges.get((spec.qmin, spec.qmax))
+    if dtype is None:
+        raise SciquantError(
+            f"activations of {spec.bits} bits in [{spec.qmin}, {spec.qmax}] have no ONNX QDQ "
+            "form (QuantizeLinear saturates to the full uint8/int8 range); export 8-bit "
+            "activations, run the others as simulation"
+        )
+    return dtype
+
+
+def _weight_integers(layer: QuantLinear, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """The integers the simulation uses, int32 [out, in].
+
+    Read back from the fake-quantized weight, (x_q - z)·s → x_q, exact since x_q - z is an
+    integer far below 2^24; this keeps the ONNX weights bit-identical to the simulation's.
+    """
+    with torch.no_grad():
+        weight_hat = layer.fake_quantize_weight().float()
+    axis = 0
+    scale_b = _broadcast(scale, weight_hat.dim(), axis)
+    zero_point_b = _broadcast(zero_point, weight_hat.dim(), axis)
+    return (torch.round(weight_hat / scale_b) + zero_point_b).to(torch.int32)
+
+
+def _storage_shift(spec: QuantSpec, weight_dtype: WeightDtype) -> int:
+    """What to add to the spec's integers to store them in `weight_dtype` (0 or ±128)."""
+    native = "int8" if spec.signed else "uint8"
+    shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((native, weight_dtype), 0)
+    limits = torch.iinfo(_STORAGE[weight_dtype])
+    if spec.bits > 8 or not limits.min <= spec.qmin + shift <= spec.qmax + shift <= limits.max:
+        raise SciquantError(
+            f"weights in [{spec.qmin}, {spec.qmax}] do not fit {weight_dtype} storage; "
+            "export weights of at most 8 bits"
+        )
+    return shift
+
+
+def _default_weight_dtype(qmodel: QuantizedModel) -> WeightDtype:
+    if qmodel.target.backend == "onnxruntime" and not cpu_has_vnni():
+        return "uint8"
+    return "int8"
+
+
+def _check_calibrated(qmodel: QuantizedModel) -> dict[str, QuantLinear]:
+    layers = qmodel.quant_linears()
+    pending = [
+        name for name, layer in layers.items() if layer.mode == "observe" or not layer.calibrated
+    ]
+    if pending:
+        raise SciquantError(
+            f"layers {', '.join(pending)} are not calibrated; run calibrate(qmodel, inputs) "
+            "before exporting"
+        )
+    return layers
+
+
+def _qdq_copy(qmodel: QuantizedModel, weight_dtype: WeightDtype) -> nn.Module:
+    """A copy of the inner model with every quantizing QuantLinear as a `_QDQLinear`."""
+    layers = _check_calibrated(qmodel)
+    model = copy.deepcopy(qmodel.model)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if layer.mode == "float":  # switched off: exported as the float Linear it stands for
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.weight, linear.bias = layer.weight, layer.bias
+            setattr(parent, child, linear)
+        else:
+            setattr(parent, child, _QDQLinear(layer, weight_dtype))
+    return model.eval()
+
+
+def export_qdq_onnx(
+    qmodel: QuantizedModel,
+    path: str | Path,
+    example_inputs: Sequence[Tensor],
+    weight_dtype: WeightDtype | None = None,
+) -> Path:
+    """Write the calibrated fake-quant `qmodel` as an ONNX QDQ graph (opset 18) and check it.
+
+    Inputs ``node_features [N, F_n]`` float32, ``edge_features [E, F_e]`` float32,
+    ``edge_index [2, E]`` int64 with N and E symbolic (``num_nodes``, ``num_edges``; any graph
+    with N, E >= 2 runs); output ``delta [N, outputs]``. `example_inputs` is one such graph, for
+    tracing. weight_dtype: ``int8`` or ``uint8`` weight storage; None picks ``uint8`` for the
+    onnxruntime target on a CPU without VNNI, else ``int8`` (module docstring). The model's
+    metadata records target, precision, method and weight storage.
+    """
+    weight_dtype = weight_dtype or _default_weight_dtype(qmodel)
+    if weight_dtype not in _STORAGE:
+        raise SciquantError(f"weight_dtype must be int8 or uint8, got {weight_dtype!r}")
+    if len(example_inputs) != len(INPUT_NAMES):
+        raise SciquantError(
+            f"example_inputs must be ({', '.join(INPUT_NAMES)}), got {len(example_inputs)} tensors"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = _qdq_copy(qmodel, weight_dtype)
+    nodes = torch.export.Dim("num_nodes", min=2)
+    edges = torch.export.Dim("num_edges", min=2)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            tuple(example_inputs),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: nodes}, {0: edges}, {1: edges}),
+            custom_translation_table=_TRANSLATIONS,
+            verbose=False,
+        )
+    proto = onnx.load(str(path))
+    metadata = {
+        "sciquant.target": qmodel.target.name,
+        "sciquant.precision": str(qmodel.precision),
+        "sciquant.method": qmodel.method,
+        "sciquant.weight_dtype": weight_dtype,
+        "sciquant.layer_precisions": json.dumps(
+            {name: str(precision) for name, precision in qmodel.layer_precisions.items()}
+        ),
+    }
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def export_fp32_onnx(model: nn.Module, path: str | Path, num_nodes_example: int = 64) -> Path:
+    """The float model as ONNX (same inputs and output as `export_qdq_onnx`)."""
+    return export_onnx(model, path, num_nodes_example=num_nodes_example)
+
+
+def weight_initializers(path: str | Path) -> dict[str, np.ndarray]:
+    """The 8-bit initializers of an exported model (the integer weights and zero points)."""
+    proto = onnx.load(str(path))
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return {
+        tensor.name: onnx.numpy_helper.to_array(tensor)
+        for tensor in proto.graph.initializer
+        if tensor.data_type in eight_bit
+    }

@@ -1,0 +1,332 @@
+"""PyTorch fake-quant (sciquant.quant.pytorch), its ONNX QDQ export and the ONNX Runtime step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sciquant.errors import SciquantError
+from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
+from sciquant.quant.export import export_qdq_onnx, weight_initializers
+from sciquant.quant.pytorch import (
+    QuantLinear,
+    calibrate,
+    enable_lsq,
+    layer_names,
+    lsq_parameters,
+    quantize_model,
+)
+from sciquant.quant.spec import PerTensor, dequantize, fake_quantize, quantize
+from sciquant.quant.targets import get_target
+from sciquant.runtime.onnxruntime import OrtStep, integer_kernels, kernel_summary
+
+SMALL = MeshGraphNetConfig(hidden=16, processor_size=2)
+
+
+def _small_model(seed: int = 0) -> MeshGraphNet:
+    torch.manual_seed(seed)
+    return MeshGraphNet(SMALL).eval()
+
+
+def _calibration_graphs() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [random_tree_graph(120, seed) for seed in range(4)]
+
+
+def _calibrated_layer(target: str, precision: str = "w8a8", seed: int = 0) -> QuantLinear:
+    """A QuantLinear [24 -> 12] calibrated with min/max on shifted normal inputs."""
+    torch.manual_seed(seed)
+    plan = get_target(target)
+    weight_bits, activation_bits = int(precision[1]), int(precision[3])
+    layer = QuantLinear(
+        nn.Linear(24, 12),
+        plan.weight_spec(weight_bits, channel_axis=0),
+        plan.activation_spec(activation_bits),
+    )
+    layer(torch.randn(500, 24) * 2 + 0.5)
+    layer.freeze()
+    return layer
+
+
+# -- QuantLinear against the NumPy reference ---------------------------------------------------
+
+
+def _assert_on_reference_grid(fake: np.ndarray, x: np.ndarray, scale, zero_point, spec) -> None:
+    """`fake` (float32, from torch) equals the float64 NumPy reference up to rounding ties.
+
+    torch rounds x · fl(1/s) in float32, a relative error of at most ~2u (u = 2^-24) on x / s;
+    only where x / s lies within 3u·|x / s| of a tie may its code differ, and then by one.
+    """
+    axis = None if isinstance(spec.granularity, PerTensor) else spec.granularity.axis
+    shape = [1] * x.ndim
+    if axis is not None:
+        shape[axis] = -1
+    scale64 = np.asarray(scale, dtype=np.float64)
+    codes_ref = quantize(x.astype(np.float64), scale64, zero_point, spec)
+    # the integers torch used, read back exactly from its float32 output
+    codes = np.rint(fake.astype(np.float64) / scale64.reshape(shape)).astype(np.int64)
+    codes += np.asarray(zero_point).reshape(shape)
+    assert codes.min() >= spec.qmin and codes.max() <= spec.qmax
+    np.testing.assert_array_equal(fake, dequantize(codes, scale, zero_point, spec))
+    ratio = x.astype(np.float64) / scale64.reshape(shape)
+    near_tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) <= 3 * 2.0**-24 * np.abs(ratio)
+    assert np.all(np.abs(codes - codes_ref) <= near_tie.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    ("target", "precision"),
+    [("cpu-x86", "w8a8"), ("reference", "w4a8"), ("trt-v100", "w8a8"), ("npu-pow2", "w8a8")],
+)
+def test_quant_linear_equals_numpy_reference(target, precision):
+    layer = _calibrated_layer(target, precision)
+    torch.manual_seed(1)
+    x = torch.randn(4000, 24) * 2.5 + 0.5  # wider than calibration: clipping is exercised
+    input_scale, input_zero_point = (t.numpy() for t in layer.input_qparams())
+    weight_scale, weight_zero_point = (t.numpy() for t in layer.weight_qparams())
+    if layer.weight_spec.scale_kind == "pow2":
+        for scale in (input_scale, weight_scale):
+            assert np.all(np.exp2(np.round(np.log2(scale))) == scale)
+    with torch.no_grad():
+        x_hat = layer.fake_quantize_input(x).numpy()
+        w_hat = layer.fake_quantize_weight().numpy()
+        y = layer(x).numpy()
+    w = layer.weight.detach().numpy()
+    _assert_on_reference_grid(
+        x_hat, x.numpy(), input_scale, input_zero_point, layer.activation_spec
+    )
+    _assert_on_reference_grid(w_hat, w, weight_scale, weight_zero_point, layer.weight_spec)
+    # the layer is F.linear of the two: compare with float64 math on the reference values
+    ref_x = fake_quantize(
+        x.numpy().astype(np.float64), input_scale, input_zero_point, layer.activation_spec
+    )
+    ref_w = fake_quantize(w.astype(np.float64), weight_scale, weight_zero_point, layer.weight_spec)
+    expected = ref_x @ ref_w.T + layer.bias.detach().numpy().astype(np.float64)
+    flipped = np.any(np.abs(x_hat - ref_x) > 0.5 * float(input_scale), axis=1)
+    assert flipped.sum() <= 2  # ties are rare; rows with one are off by a step, skip them
+    np.testing.assert_allclose(y[~flipped], expected[~flipped], rtol=1e-5, atol=1e-5)
+
+
+def test_minmax_calibration_gives_the_expected_qparams():
+    linear = nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.5, -1.27, 0.1], [2.54, 0.0, -0.3]]))
+    inputs = [torch.tensor([[-1.0, 0.0, 2.0]]), torch.tensor([[3.0, 0.5, -0.25]])]
+    cpu = get_target("cpu-x86")
+    layer = QuantLinear(linear, cpu.weight_spec(8), cpu.activation_spec(8))
+    for x in inputs:
+        layer(x)
+    layer.freeze()
+    # uint8 asymmetric over [-1, 3]: scale 4/255, zero point round(0 - (-1)/scale) = round(63.75)
+    assert layer.input_scale.item() == pytest.approx(4.0 / 255.0, rel=1e-6)
+    assert layer.input_zero_point.item() == 64
+    # int8 symmetric per output channel: max|w| / 127
+    np.testing.assert_allclose(layer.weight_scale.numpy(), [1.27 / 127, 2.54 / 127], rtol=1e-6)
+    assert layer.weight_zero_point.tolist() == [0, 0]
+
+    npu = get_target("npu-pow2")
+    layer = QuantLinear(nn.Linear(3, 2), npu.weight_spec(8), npu.activation_spec(8))
+    for x in inputs:
+        layer(x)
+    layer.freeze()
+    # symmetric: 3 / 127 = 0.0236 -> nearest power of two by ratio, 2^round(-5.40) = 2^-5
+    assert layer.input_scale.item() == 2.0**-5
+    assert layer.input_zero_point.item() == 0
+
+
+# -- whole models ------------------------------------------------------------------------------
+
+
+def _relative_error(qmodel, model, graph) -> float:
+    with torch.no_grad():
+        reference = model(*graph)
+        return float((qmodel(*graph) - reference).norm() / reference.norm())
+
+
+def test_ptq_w8a8_is_close_to_fp32_and_w4a8_is_further():
+    model = _small_model()
+    graph = random_tree_graph(300, seed=99)
+    errors = {}
+    for precision in ("w8a8", "w4a8"):
+        qmodel = calibrate(quantize_model(model, "cpu-x86", precision), _calibration_graphs())
+        assert qmodel.quantized_layers() == layer_names(model)
+        assert all(layer.mode == "quantize" for layer in qmodel.quant_linears().values())
+        errors[precision] = _relative_error(qmodel, model, graph)
+    assert errors["w8a8"] < 0.05
+    assert errors["w4a8"] > 2 * errors["w8a8"]
+
+
+def test_layer_subset_and_precision_overrides():
+    model = _small_model()
+    names = layer_names(model)
+    assert len(names) == 3 * (2 + 2 * SMALL.processor_size + 1)
+    one = names[5]
+    qmodel = calibrate(
+        quantize_model(model, "cpu-x86", "w8a8", layers={one}), _calibration_graphs()
+    )
+    assert qmodel.quantized_layers() == [one]
+    assert type(qmodel.model.get_submodule(names[0])) is nn.Linear
+    assert 0 < _relative_error(qmodel, model, random_tree_graph(100, seed=7)) < 0.05
+
+    mixed = quantize_model(model, "cpu-x86", "w8a8", precisions={names[-1]: "w4a8"})
+    last = mixed.quant_linears()[names[-1]]
+    assert (last.weight_spec.bits, last.activation_spec.bits) == (4, 8)
+    assert mixed.quant_linears()[names[0]].weight_spec.bits == 8
+    with pytest.raises(SciquantError, match="unknown layer"):
+        quantize_model(model, "cpu-x86", "w8a8", layers={"decoder.layers.9"})
+    with pytest.raises(SciquantError, match="not a quantized layer"):
+        quantize_model(model, "cpu-x86", "w8a8", layers={one}, precisions={names[0]: "w4a8"})
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_float_precisions_are_refused(precision):
+    with pytest.raises(SciquantError, match="float format"):
+        quantize_model(_small_model(), "trt-v100", precision)
+
+
+def test_unknown_method_and_keras_only_target_are_refused():
+    with pytest.raises(SciquantError, match="unknown quantization method"):
+        quantize_model(_small_model(), "cpu-x86", "w8a8", "adaround")
+    with pytest.raises(SciquantError, match="keras"):
+        quantize_model(_small_model(), "litert-cpu", "w8a8")
+
+
+def test_uncalibrated_model_cannot_fake_quantize_or_export(tmp_path):
+    qmodel = quantize_model(_small_model(), "cpu-x86", "w8a8")
+    with pytest.raises(SciquantError, match="before calibration"):
+        enable_lsq(qmodel)
+    with pytest.raises(SciquantError, match="not calibrated"):
+        export_qdq_onnx(qmodel, tmp_path / "q.onnx", random_tree_graph(16, 0))
+
+
+# -- QAT hooks and state -----------------------------------------------------------------------
+
+
+def test_lsq_scales_require_grad_and_get_finite_gradients():
+    model = _small_model()
+    qmodel = enable_lsq(calibrate(quantize_model(model, "cpu-x86", "w8a8"), _calibration_graphs()))
+    learnable = lsq_parameters(qmodel)
+    layers = qmodel.quant_linears()
+    # per layer: input scale, input zero point (uint8 asymmetric), weight scales (symmetric)
+    assert len(learnable) == 3 * len(layers)
+    assert all(parameter.requires_grad for parameter in learnable)
+    graph = random_tree_graph(80, seed=5)
+    with torch.no_grad():
+        before = qmodel(*graph)
+    qmodel.train()
+    loss = qmodel(*graph).square().mean()
+    loss.backward()
+    for name, layer in layers.items():
+        for grad in (layer.input_scale.grad, layer.weight_scale.grad):
+            assert grad is not None and torch.all(torch.isfinite(grad)), name
+        assert layer.weight_scale.grad.abs().sum() > 0, name
+    # LSQ starts from the calibrated qparams: same forward as quantize mode
+    with torch.no_grad():
+        np.testing.assert_array_equal(before.numpy(), qmodel.eval()(*graph).numpy())
+
+
+def test_lsq_is_refused_for_power_of_two_scales():
+    qmodel = calibrate(quantize_model(_small_model(), "npu-pow2", "w8a8"), _calibration_graphs())
+    with pytest.raises(SciquantError, match="power-of-two"):
+        enable_lsq(qmodel)
+
+
+@pytest.mark.parametrize("lsq", [False, True])
+def test_state_dict_round_trip(tmp_path, lsq):
+    model = _small_model()
+    qmodel = calibrate(quantize_model(model, "cpu-x86", "w8a8"), _calibration_graphs())
+    if lsq:
+        enable_lsq(qmodel)
+        with torch.no_grad():  # learned values that are not on the int32 grid any more
+            for parameter in lsq_parameters(qmodel):
+                parameter.mul_(1.01).add_(0.3)
+    path = tmp_path / "qmodel.pt"
+    torch.save(qmodel.state_dict(), path)
+    fresh = quantize_model(model, "cpu-x86", "w8a8")
+    fresh.load_state_dict(torch.load(path))
+    graph = random_tree_graph(90, seed=3)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh(*graph).numpy(), qmodel(*graph).numpy())
+    assert {layer.mode for layer in fresh.quant_linears().values()} == {
+        "lsq" if lsq else "quantize"
+    }
+
+
+# -- ONNX QDQ export and ONNX Runtime ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_w8a8(tmp_path_factory):
+    """The calibrated cpu-x86 w8a8 small model and its QDQ export (default weight storage)."""
+    qmodel = calibrate(quantize_model(_small_model(), "cpu-x86", "w8a8"), _calibration_graphs())
+    path = tmp_path_factory.mktemp("onnx") / "w8a8.onnx"
+    export_qdq_onnx(qmodel, path, random_tree_graph(64, seed=0))
+    return qmodel, path
+
+
+def test_ort_int8_agrees_with_the_simulation_within_one_output_step(exported_w8a8):
+    """ORT's integer kernels vs the fake-quant simulation, on a graph it was not traced with.
+
+    Both do the same integer arithmetic with the same qparams and weight integers; they differ
+    only in float rounding (summation order, x/s vs x·(1/s)), whose only visible effect can be a
+    flipped rounding of single activation codes. The bound, per output column j, is one step at
+    the output: delta_j = s_in · sum_k |W_hat[j, k]| with s_in the input scale of the decoder's
+    last Linear, the most output j moves when every input code of that layer moves by one.
+    Observed on the development machine: max error 6e-8 against delta ≈ 1e-2.
+    """
+    qmodel, path = exported_w8a8
+    graph = random_tree_graph(500, seed=123)
+    step = OrtStep(path)
+    ort_delta = step(*graph)
+    with torch.no_grad():
+        simulated = qmodel(*graph)
+        last = qmodel.quant_linears()["decoder.layers.2"]
+        input_scale, _ = last.input_qparams()
+        one_step = input_scale * last.fake_quantize_weight().abs().sum(dim=1)
+    error = (ort_delta - simulated).abs()
+    assert ort_delta.shape == simulated.shape == (500, SMALL.outputs)
+    assert torch.all(error <= one_step), (error.max(dim=0).values, one_step)
+    # and not merely within a step: most outputs agree to float rounding
+    assert error.median() <= 1e-3 * one_step.min()
+    assert step.timings[-1]["compute"] > 0 and step.timings[-1]["h2d"] == 0.0
+
+    # every Linear runs as an integer kernel: no float GEMM and no DequantizeLinear is left
+    summary = kernel_summary(path)
+    assert sum(integer_kernels(summary).values()) == len(qmodel.quantized_layers()), summary
+    assert not {"Gemm", "FusedGemm", "MatMul", "DequantizeLinear"} & set(summary), summary
+
+
+def test_export_carries_our_integer_weights_and_qparams(exported_w8a8):
+    qmodel, path = exported_w8a8
+    import onnx
+
+    proto = onnx.load(str(path))
+    storage = {p.key: p.value for p in proto.metadata_props}["sciquant.weight_dtype"]
+    integers = weight_initializers(path)
+    ops = [node.op_type for node in proto.graph.node]
+    linear_count = len(qmodel.quantized_layers())
+    assert ops.count("QuantizeLinear") == linear_count
+    assert ops.count("DequantizeLinear") == 2 * linear_count
+    assert [value.name for value in proto.graph.input] == [
+        "node_features",
+        "edge_features",
+        "edge_index",
+    ]
+    assert [value.name for value in proto.graph.output] == ["delta"]
+    # every weight matrix is an 8-bit initializer holding the simulation's integers
+    layer = qmodel.quant_linears()["decoder.layers.0"]
+    scale, zero_point = layer.weight_qparams()
+    with torch.no_grad():
+        codes = (
+            torch.round(layer.fake_quantize_weight() / scale[:, None]).numpy()
+            + zero_point[:, None].numpy()
+        )
+    shift = 128 if storage == "uint8" else 0
+    matrices = [a for a in integers.values() if a.shape == tuple(layer.weight.shape)]
+    assert any(np.array_equal(a.astype(np.int32) - shift, codes) for a in matrices)
+    assert sum(a.ndim == 2 for a in integers.values()) == linear_count
+
+
+def test_ort_step_rejects_a_missing_file(tmp_path):
+    with pytest.raises(SciquantError, match="does not exist"):
+        OrtStep(tmp_path / "missing.onnx")
