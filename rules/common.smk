@@ -39,8 +39,8 @@ wildcard_constraints:
     model=alternatives(sorted(study.models)),
     seed=r"\d+",
     target=alternatives(sorted(TARGETS)),
-    method=alternatives(QUANTIZATION_METHODS),
-    precision=r"fp16|w[2-8]a[4-8]",
+    method=alternatives(("none",) + QUANTIZATION_METHODS),
+    precision=r"fp32|fp16|w[2-8]a[4-8]",
 
 
 def get_final_output():
@@ -117,12 +117,19 @@ def get_quantize_params(wildcards):
     )
 
 
-def get_quantized_artifacts(wildcards):
-    """quantized.pt, plus model.onnx when the target runs the precision on ONNX Runtime."""
-    folder = run_of(wildcards).folder
-    artifacts = {"quantized": f"{folder}/quantized.pt"}
-    if study.plan(run_of(wildcards)).runtime == "onnxruntime":
-        artifacts["onnx"] = f"{folder}/model.onnx"
+def get_run_artifacts(wildcards):
+    """The run's checkpoint (FP32 or quantized.pt), plus model.onnx for ONNX Runtime runs."""
+    run = run_of(wildcards)
+    training = f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32"
+    artifacts = {
+        "checkpoint": (
+            f"{training}/checkpoint.pt"
+            if run.method == "none"
+            else f"{run.folder}/quantized.pt"
+        )
+    }
+    if study.plan(run).runtime == "onnxruntime":
+        artifacts["onnx"] = f"{run.folder}/model.onnx"
     return artifacts
 
 

@@ -1,4 +1,5 @@
-# Evaluation: full autoregressive rollouts of every test simulation; metrics.json per run.
+# Evaluation: full autoregressive rollouts of every test simulation; metrics.json per run
+# (FP32 reference in eager torch; other runs with their runtime: fake-quant or ONNX Runtime).
 
 
 rule evaluate_fp32:
@@ -51,9 +52,12 @@ rule evaluate_fp32:
         " --threads {threads} --out {params.folder} > {log} 2>&1"
 
 
-rule evaluate_quantized:
+ruleorder: evaluate_fp32 > evaluate_run
+
+
+rule evaluate_run:
     input:
-        unpack(get_quantized_artifacts),
+        unpack(get_run_artifacts),
         index="results/{dataset}/prepared/index.json",
     output:
         metrics="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/metrics.json",
@@ -76,7 +80,7 @@ rule evaluate_quantized:
         runtime=get_runtime_arguments,
         folder=subpath(output.metrics, parent=True),
     shell:
-        "sciquant evaluate --checkpoint {input.quantized} {params.runtime}"
+        "sciquant evaluate --checkpoint {input.checkpoint} {params.runtime}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {threads} --out {params.folder} > {log} 2>&1"

@@ -12,6 +12,8 @@ rule quantize:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.log",
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
+    wildcard_constraints:
+        method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
@@ -38,6 +40,8 @@ rule export_onnx:
         "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/model.onnx",
     log:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/export.log",
+    wildcard_constraints:
+        method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
     resources:
@@ -45,5 +49,22 @@ rule export_onnx:
         mem_mb=scaled("mem_mb", 2000, node="cpu"),
         runtime=scaled("runtime", 10, node="cpu"),
     shell:
-        "sciquant export --quantized {input.quantized}"
+        "sciquant export --checkpoint {input.quantized}"
         " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"
+
+
+rule export_fp32_onnx:
+    input:
+        checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+    output:
+        "results/{dataset}/{model}/seed{seed}/{target}/none/fp32/model.onnx",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/none/fp32/export.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    shell:
+        "sciquant export --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"

@@ -105,9 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--threads", type=int, default=None, help="torch threads")
     quantize.add_argument("--out", type=Path, required=True, help="run folder to write")
 
-    export = commands.add_parser("export", help="quantized model → ONNX QDQ with its own scales")
-    export.add_argument("--quantized", type=Path, required=True, help="quantized.pt")
-    export.add_argument("--prepared", type=Path, required=True, help="prepared data (an example)")
+    export = commands.add_parser(
+        "export", help="model → ONNX (FP32, or QDQ carrying a quantized model's own scales)"
+    )
+    export.add_argument(
+        "--checkpoint", type=Path, required=True, help="FP32 checkpoint.pt or quantized.pt"
+    )
+    export.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="prepared data (a quantized export traces a test graph)",
+    )
     export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
 
     aggregate = commands.add_parser(
@@ -208,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         from sciquant.quant import bloodflow as quantize_bloodflow
 
-        quantize_bloodflow.export(args.quantized, args.prepared, args.out)
+        quantize_bloodflow.export(args.checkpoint, args.prepared, args.out)
     elif args.command == "aggregate":
         from sciquant.report import cube
 

@@ -103,11 +103,22 @@ class Study:
                         combos[(target, method, precision)] = None
         return list(combos)
 
+    def fp32_targets(self) -> list[str]:
+        """Swept targets that run FP32 themselves; each gets an FP32 run (the speed-up base)."""
+        targets = dict.fromkeys(target for target, _, _ in self.quantization_sweep())
+        return [
+            name
+            for name in targets
+            if name != "reference" and "fp32" in get_target(name).native_precisions
+        ]
+
     def runs(self) -> list[Run]:
-        """Every run of the study: per training, the FP32 reference, then the quantized runs."""
+        """Every run: per training, the FP32 reference, each target's FP32, the quantized runs."""
         runs = []
         for t in self.trainings():
             runs.append(Run(t.dataset, t.model, t.seed, "reference", "none", "fp32"))
+            for target in self.fp32_targets():
+                runs.append(Run(t.dataset, t.model, t.seed, target, "none", "fp32"))
             for target, method, precision in self.quantization_sweep():
                 runs.append(Run(t.dataset, t.model, t.seed, target, method, precision))
         return runs

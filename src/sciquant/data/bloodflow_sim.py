@@ -90,128 +90,162 @@ class SimulationParams:
     """
 
     branch_count_range: tuple[int, int] = _param(
-        (3, 15), "1",
+        (3, 15),
+        "1",
         "Number of vessels (branches) per tree, drawn uniformly in [min, max], 1 ≤ min ≤ max. A "
         "count of 2 is impossible (a junction has ≥ 2 daughters) and is skipped; an even count "
         "uses one trifurcation, all other junctions are bifurcations.",
     )
     root_radius_range: tuple[float, float] = _param(
-        (0.3, 1.0), "cm", "Radius of the root (inlet) vessel; typical 0.3 (carotid) – 1.0 (aorta).",
+        (0.3, 1.0),
+        "cm",
+        "Radius of the root (inlet) vessel; typical 0.3 (carotid) – 1.0 (aorta).",
     )
     length_range: tuple[float, float] = _param(
-        (2.0, 12.0), "cm", "Length of each vessel (drawn per vessel); typical 2–12.",
+        (2.0, 12.0),
+        "cm",
+        "Length of each vessel (drawn per vessel); typical 2–12.",
     )
     murray_exponent: float = _param(
-        3.0, "1",
+        3.0,
+        "1",
         "Exponent γ of Murray's law r_parent^γ = Σ r_daughter^γ; also sets the outlet flow split "
         "(∝ r^γ). Typical 2.3–3.",
     )
     daughter_flow_fraction_range: tuple[float, float] = _param(
-        (0.2, 0.5), "1",
+        (0.2, 0.5),
+        "1",
         "Share of the parent's flow sent to the smaller daughter of a bifurcation (asymmetry); "
         "0 < min ≤ max ≤ 0.5, 0.5 = symmetric.",
     )
     branching_angle_range_deg: tuple[float, float] = _param(
-        (20.0, 60.0), "degree",
+        (20.0, 60.0),
+        "degree",
         "Angle between a daughter's initial direction and the parent's end direction; the larger "
         "daughter gets the smaller angle. 0 ≤ min ≤ max < 90.",
     )
     curvature_angle_max_deg: float = _param(
-        30.0, "degree",
+        30.0,
+        "degree",
         "Largest total turning of a vessel's tangent along its length (a gently curved 3D arc with "
         "slow torsion); 0 = straight vessels. 0–90.",
     )
     segment_length: float = _param(
-        0.35, "cm",
+        0.35,
+        "cm",
         "Target length h of the 1D simulation segments; a vessel of length l gets "
         "max(2, round(l/h)) equal segments. Typical 0.25–0.5.",
     )
     output_spacing: float = _param(
-        0.1, "cm",
+        0.1,
+        "cm",
         "Target spacing of the written centerline points (each segment is split into "
         "max(1, round(h/spacing)) pieces, fields linearly interpolated) so ingestion can subsample "
         "(~6 % kept). Storage grows as 1/spacing.",
     )
     viscosity: float = _param(
-        BLOOD_VISCOSITY, "P = g/(cm·s)",
+        BLOOD_VISCOSITY,
+        "P = g/(cm·s)",
         "Dynamic viscosity μ of blood (Newtonian; sets R = 8μh/(πr⁴)); typical 0.03–0.05.",
     )
     density: float = _param(
-        BLOOD_DENSITY, "g/cm³", "Density ρ of blood (sets the inertance L = ρh/(πr²)); ≈ 1.06.",
+        BLOOD_DENSITY,
+        "g/cm³",
+        "Density ρ of blood (sets the inertance L = ρh/(πr²)); ≈ 1.06.",
     )
     stiffness_k1: float = _param(
-        OLUFSEN_STIFFNESS[0], "g/(s²·cm)",
+        OLUFSEN_STIFFNESS[0],
+        "g/(s²·cm)",
         "k1 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; ≥ 0.",
     )
     stiffness_k2: float = _param(
-        OLUFSEN_STIFFNESS[1], "1/cm", "k2 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; ≤ 0.",
+        OLUFSEN_STIFFNESS[1],
+        "1/cm",
+        "k2 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; ≤ 0.",
     )
     stiffness_k3: float = _param(
-        OLUFSEN_STIFFNESS[2], "g/(s²·cm)",
+        OLUFSEN_STIFFNESS[2],
+        "g/(s²·cm)",
         "k3 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; > 0.",
     )
     stiffness_scale_range: tuple[float, float] = _param(
-        (0.8, 1.25), "1",
+        (0.8, 1.25),
+        "1",
         "Per-simulation factor on k1 and k3 (stiffer or softer arteries: wave speed ∝ √factor).",
     )
     period_range: tuple[float, float] = _param(
-        (0.7, 1.1), "s",
+        (0.7, 1.1),
+        "s",
         "Cardiac period T (rounded to a multiple of dt_store); 0.7–1.1 ≈ 55–85 beats/min.",
     )
     mean_velocity_range: tuple[float, float] = _param(
-        (10.0, 25.0), "cm/s",
+        (10.0, 25.0),
+        "cm/s",
         "Cycle-mean inlet velocity; mean inflow = velocity · π r_root². Typical 10–25.",
     )
     inflow_peak_to_mean_range: tuple[float, float] = _param(
-        (2.5, 5.0), "1",
+        (2.5, 5.0),
+        "1",
         "Peak systolic inflow divided by mean inflow (pulsatility of the inlet waveform); > 1. "
         "Aorta ≈ 4–6, carotid ≈ 2.5–3.5.",
     )
     inflow_harmonics: int = _param(
-        12, "1",
+        12,
+        "1",
         "Fourier harmonics of the inlet waveform (systolic pulse, backflow dip, diastolic bump "
         "projected onto them); 1–50.",
     )
     mean_pressure_range_mmhg: tuple[float, float] = _param(
-        (90.0, 100.0), "mmHg",
+        (90.0, 100.0),
+        "mmHg",
         "Target cycle-mean inlet pressure; outlet Windkessel resistances are scaled to hit it.",
     )
     pulse_pressure_range_mmhg: tuple[float, float] = _param(
-        (30.0, 50.0), "mmHg",
+        (30.0, 50.0),
+        "mmHg",
         "Target inlet pulse pressure (max − min over the cycle); outlet Windkessel compliances are "
         "scaled to hit it (or, where they cannot, the inflow's pulsatile part).",
     )
     proximal_resistance_fraction_range: tuple[float, float] = _param(
-        (0.04, 0.10), "1",
+        (0.04, 0.10),
+        "1",
         "Rp/(Rp + Rd) of the outlet Windkessels (per simulation, ±20 % per outlet); 0 < min ≤ max "
         "< 1.",
     )
     windkessel_time_constant_range: tuple[float, float] = _param(
-        (0.1, 20.0), "s",
+        (0.1, 20.0),
+        "s",
         "Bounds of the Windkessel time constant (Rp + Rd)·C searched to reach the pulse-pressure "
         "target (all outlets share it; C ∝ flow share). Human systemic ≈ 1–2.",
     )
     inflow_pulse_scale_range: tuple[float, float] = _param(
-        (0.25, 4.0), "1",
+        (0.25, 4.0),
+        "1",
         "Bounds of the factor on the inflow's pulsatile part, applied only where no Windkessel "
         "time constant in range reaches the pulse-pressure target (a tree whose own compliance or "
         "inertance dominates); 1 must lie inside.",
     )
     outlet_flow_jitter: float = _param(
-        0.2, "1",
+        0.2,
+        "1",
         "Relative random perturbation of each outlet's mean flow share (∝ r^γ) before the "
         "Windkessel resistances are derived from it; 0 ≤ value < 1.",
     )
     n_cycles: int = _param(
-        3, "1",
+        3,
+        "1",
         "Cardiac cycles integrated; the last is stored, the last two give the periodicity "
         "error. ≥ 2.",
     )
     dt_store: float = _param(
-        0.005, "s", "Interval between stored steps (`pressure_<k>`, `flow_<k>`); > 0.",
+        0.005,
+        "s",
+        "Interval between stored steps (`pressure_<k>`, `flow_<k>`); > 0.",
     )
     substeps: int = _param(
-        5, "1", "Integrator steps per stored step (integration dt = dt_store / substeps); ≥ 1.",
+        5,
+        "1",
+        "Integrator steps per stored step (integration dt = dt_store / substeps); ≥ 1.",
     )
 
     def __post_init__(self) -> None:
@@ -223,8 +257,14 @@ def _fail(name: str, message: str) -> SciquantError:
     return SciquantError(f"SimulationParams.{name}: {message}")
 
 
-def _check_range(params: SimulationParams, name: str, low: float, high: float,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def _check_range(
+    params: SimulationParams,
+    name: str,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Check that field `name` is a (min, max) pair with min ≤ max inside [low, high]."""
     value = getattr(params, name)
     if not isinstance(value, Sequence) or len(value) != 2:
@@ -237,12 +277,21 @@ def _check_range(params: SimulationParams, name: str, low: float, high: float,
     too_low = lo <= low if low_open else lo < low
     too_high = hi >= high if high_open else hi > high
     if too_low or too_high:
-        raise _fail(name, f"{value!r} outside the allowed interval "
-                          f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+        raise _fail(
+            name,
+            f"{value!r} outside the allowed interval "
+            f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}",
+        )
 
 
-def _check_scalar(params: SimulationParams, name: str, low: float, high: float = math.inf,
-                  low_open: bool = False, integer: bool = False) -> None:
+def _check_scalar(
+    params: SimulationParams,
+    name: str,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Check that field `name` is a finite number (an int if `integer`) within [low, high]."""
     value = getattr(params, name)
     if integer and (not isinstance(value, int | np.integer) or isinstance(value, bool)):
@@ -250,20 +299,25 @@ def _check_scalar(params: SimulationParams, name: str, low: float, high: float =
     if not isinstance(value, int | float | np.number) or not math.isfinite(float(value)):
         raise _fail(name, f"expected a finite number, got {value!r}")
     if (value <= low if low_open else value < low) or value > high:
-        raise _fail(name, f"{value!r} outside the allowed interval "
-                          f"{'(' if low_open else '['}{low}, {high}]")
+        raise _fail(
+            name, f"{value!r} outside the allowed interval {'(' if low_open else '['}{low}, {high}]"
+        )
 
 
 def _validate_params(p: SimulationParams) -> None:
     """Raise SciquantError naming the first bad field of `p`."""
     counts = p.branch_count_range
-    if not (isinstance(counts, Sequence) and len(counts) == 2
-            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in counts)):
+    if not (
+        isinstance(counts, Sequence)
+        and len(counts) == 2
+        and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in counts)
+    ):
         raise _fail("branch_count_range", f"expected two integers (min, max), got {counts!r}")
     _check_range(p, "branch_count_range", 1, 1000)
     if counts[0] == counts[1] == 2:
-        raise _fail("branch_count_range",
-                    "2 branches cannot be built (a junction has ≥ 2 daughters)")
+        raise _fail(
+            "branch_count_range", "2 branches cannot be built (a junction has ≥ 2 daughters)"
+        )
     _check_range(p, "root_radius_range", 0.0, 10.0, low_open=True)
     _check_range(p, "length_range", 0.0, 100.0, low_open=True)
     _check_scalar(p, "murray_exponent", 0.0, 10.0, low_open=True)
@@ -281,8 +335,10 @@ def _validate_params(p: SimulationParams) -> None:
     _check_scalar(p, "dt_store", 0.0, 1.0, low_open=True)
     _check_range(p, "period_range", 0.0, 10.0, low_open=True)
     if p.period_range[0] < 4 * p.dt_store:
-        raise _fail("period_range", f"min {p.period_range[0]} s holds < 4 stored steps of "
-                                    f"dt_store = {p.dt_store} s")
+        raise _fail(
+            "period_range",
+            f"min {p.period_range[0]} s holds < 4 stored steps of dt_store = {p.dt_store} s",
+        )
     _check_range(p, "mean_velocity_range", 0.0, 1000.0, low_open=True)
     _check_range(p, "inflow_peak_to_mean_range", 1.0, 20.0, low_open=True)
     _check_scalar(p, "inflow_harmonics", 1, 50, integer=True)
@@ -296,7 +352,6 @@ def _validate_params(p: SimulationParams) -> None:
     _check_scalar(p, "outlet_flow_jitter", 0.0, 0.99)
     _check_scalar(p, "n_cycles", 2, 1000, integer=True)
     _check_scalar(p, "substeps", 1, 10000, integer=True)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,24 +392,32 @@ class VascularTree:
         for i, vessel in enumerate(self.vessels):
             points = np.asarray(vessel.points, dtype=np.float64)
             if points.ndim != 2 or points.shape[0] < 2 or points.shape[1] != 3:
-                raise SciquantError(f"VascularTree: vessel {i} points must be [n ≥ 2, 3], "
-                                    f"got shape {points.shape}")
+                raise SciquantError(
+                    f"VascularTree: vessel {i} points must be [n ≥ 2, 3], got shape {points.shape}"
+                )
             if not (vessel.radius > 0 and math.isfinite(vessel.radius)):
-                raise SciquantError(f"VascularTree: vessel {i} radius must be > 0, got "
-                                    f"{vessel.radius}")
+                raise SciquantError(
+                    f"VascularTree: vessel {i} radius must be > 0, got {vessel.radius}"
+                )
             if vessel.length <= 0:
                 raise SciquantError(f"VascularTree: vessel {i} has zero length")
             if (i == 0) != (vessel.parent < 0):
-                raise SciquantError(f"VascularTree: vessel {i} has parent {vessel.parent}; only "
-                                    "vessel 0 (the root) may have parent -1")
+                raise SciquantError(
+                    f"VascularTree: vessel {i} has parent {vessel.parent}; only "
+                    "vessel 0 (the root) may have parent -1"
+                )
             if i > 0:
                 if vessel.parent >= i:
-                    raise SciquantError(f"VascularTree: vessel {i} has parent {vessel.parent}; a "
-                                        "parent must come before its daughters")
+                    raise SciquantError(
+                        f"VascularTree: vessel {i} has parent {vessel.parent}; a "
+                        "parent must come before its daughters"
+                    )
                 gap = np.linalg.norm(points[0] - self.vessels[vessel.parent].points[-1])
                 if gap > 1e-6:
-                    raise SciquantError(f"VascularTree: vessel {i} starts {gap:.3g} cm away from "
-                                        f"the end of its parent {vessel.parent}")
+                    raise SciquantError(
+                        f"VascularTree: vessel {i} starts {gap:.3g} cm away from "
+                        f"the end of its parent {vessel.parent}"
+                    )
 
     @property
     def n_branches(self) -> int:
@@ -378,8 +441,13 @@ def _orthonormal_frame(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return d, u, np.cross(d, u)
 
 
-def _curved_polyline(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray,
-                     length: float, max_turn: float) -> tuple[np.ndarray, np.ndarray]:
+def _curved_polyline(
+    rng: np.random.Generator,
+    start: np.ndarray,
+    direction: np.ndarray,
+    length: float,
+    max_turn: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """A gently curved 3D centerline of arc length `length` (cm) leaving `start` along `direction`.
 
     The tangent tilts away from `direction` linearly in arc length up to a random total angle
@@ -403,8 +471,9 @@ def _curved_polyline(rng: np.random.Generator, start: np.ndarray, direction: np.
     return points, tangent(np.array([1.0]))[0]
 
 
-def _daughter_fractions(rng: np.random.Generator, n_daughters: int,
-                        fraction_range: tuple[float, float]) -> list[float]:
+def _daughter_fractions(
+    rng: np.random.Generator, n_daughters: int, fraction_range: tuple[float, float]
+) -> list[float]:
     """Flow shares (sum 1) of the daughters of one junction (2 or 3 daughters)."""
     small = rng.uniform(*fraction_range)
     if n_daughters == 2:
@@ -414,8 +483,9 @@ def _daughter_fractions(rng: np.random.Generator, n_daughters: int,
     return [(1.0 - small) * (1.0 - second), (1.0 - small) * second, small]
 
 
-def build_tree(rng: np.random.Generator,
-               params: SimulationParams = SimulationParams()) -> VascularTree:
+def build_tree(
+    rng: np.random.Generator, params: SimulationParams = SimulationParams()
+) -> VascularTree:
     """Draw a random vascular tree: topology, Murray's-law radii (cm), 3D curved centerlines (cm).
 
     Terminal vessels are split with probability ∝ their flow share r^γ, so the tree grows where
@@ -458,8 +528,13 @@ def build_tree(rng: np.random.Generator,
     for v in order:
         length = rng.uniform(*params.length_range)
         points, end_tangent = _curved_polyline(rng, start[v], direction[v], length, max_turn)
-        vessels.append(Vessel(points=points, radius=float(radius[v]),
-                              parent=new_index[parent[v]] if parent[v] >= 0 else -1))
+        vessels.append(
+            Vessel(
+                points=points,
+                radius=float(radius[v]),
+                parent=new_index[parent[v]] if parent[v] >= 0 else -1,
+            )
+        )
         if children[v]:
             d, u, w = _orthonormal_frame(end_tangent)
             # Larger daughters deviate less from the parent's direction (as in real bifurcations).
@@ -472,7 +547,8 @@ def build_tree(rng: np.random.Generator,
                 c = children[v][i]
                 start[c] = points[-1]
                 direction[c] = np.cos(alpha) * d + np.sin(alpha) * (
-                    np.cos(azimuth) * u + np.sin(azimuth) * w)
+                    np.cos(azimuth) * u + np.sin(azimuth) * w
+                )
     return VascularTree(vessels=tuple(vessels))
 
 
@@ -540,9 +616,14 @@ def _along(points: np.ndarray, arc: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(s, arc, points[:, k]) for k in range(3)], axis=1)
 
 
-def discretize(tree: VascularTree, *, segment_length: float = 0.35,
-               viscosity: float = BLOOD_VISCOSITY, density: float = BLOOD_DENSITY,
-               stiffness: tuple[float, float, float] = OLUFSEN_STIFFNESS) -> Network1D:
+def discretize(
+    tree: VascularTree,
+    *,
+    segment_length: float = 0.35,
+    viscosity: float = BLOOD_VISCOSITY,
+    density: float = BLOOD_DENSITY,
+    stiffness: tuple[float, float, float] = OLUFSEN_STIFFNESS,
+) -> Network1D:
     """Discretise a tree into the lumped 1D circuit.
 
     Every vessel of length l (cm) gets max(2, round(l/segment_length)) equal segments; viscosity in
@@ -550,8 +631,11 @@ def discretize(tree: VascularTree, *, segment_length: float = 0.35,
     (inlet 0, a junction after its parent's points and before its daughters'), so every segment
     runs from a lower to a higher id.
     """
-    for name, value in (("segment_length", segment_length), ("viscosity", viscosity),
-                        ("density", density)):
+    for name, value in (
+        ("segment_length", segment_length),
+        ("viscosity", viscosity),
+        ("density", density),
+    ):
         if not (value > 0 and math.isfinite(value)):
             raise SciquantError(f"discretize: {name} must be > 0, got {value}")
     children = tree.children()
@@ -588,8 +672,11 @@ def discretize(tree: VascularTree, *, segment_length: float = 0.35,
         s = np.linspace(0.0, arc[-1], n + 1)
         where = _along(points, arc, s)
         r = vessel.radius
-        nodes = [new_point(where[0], v, -1, r) if vessel.parent < 0
-                 else junction_of_vessel[vessel.parent]]
+        nodes = [
+            new_point(where[0], v, -1, r)
+            if vessel.parent < 0
+            else junction_of_vessel[vessel.parent]
+        ]
         nodes += [new_point(where[k], v, -1, r) for k in range(1, n)]
         if children[v]:
             junction_of_vessel[v] = new_point(where[n], -1, len(junction_of_vessel), r)
@@ -608,8 +695,9 @@ def discretize(tree: VascularTree, *, segment_length: float = 0.35,
         # The flow entering node 0 along this vessel: the inflow at the inlet, else the flow of
         # the vessel's first segment (a daughter's profile starts with its own flow, not the
         # parent's).
-        vessel_flow[v] = np.asarray([inflow if vessel.parent < 0 else first_segment] + segment_ids,
-                                    dtype=np.int64)
+        vessel_flow[v] = np.asarray(
+            [inflow if vessel.parent < 0 else first_segment] + segment_ids, dtype=np.int64
+        )
         stack.extend(reversed(children[v]))
 
     segments = np.stack([up, down], axis=1).astype(np.int64)
@@ -625,8 +713,9 @@ def discretize(tree: VascularTree, *, segment_length: float = 0.35,
     # Half of each segment's compliance to each end; a junction holds none (it is a KCL node), so
     # its half goes to the segment's other end and the vessel's total compliance is conserved.
     is_junction = np.asarray(point_junction) >= 0
-    up_share = np.where(is_junction[segments[:, 1]], 1.0, np.where(is_junction[segments[:, 0]],
-                                                                     0.0, 0.5))
+    up_share = np.where(
+        is_junction[segments[:, 1]], 1.0, np.where(is_junction[segments[:, 0]], 0.0, 0.5)
+    )
     compliance = np.zeros(len(positions))
     np.add.at(compliance, segments[:, 0], up_share * segment_compliance)
     np.add.at(compliance, segments[:, 1], (1.0 - up_share) * segment_compliance)
@@ -700,8 +789,12 @@ def _periodic_gaussian(t: np.ndarray, center: float, width: float, period: float
     return sum(np.exp(-0.5 * ((t - center - k * period) / width) ** 2) for k in (-2, -1, 0, 1, 2))
 
 
-def make_inflow(rng: np.random.Generator, period: float, root_radius: float,
-                params: SimulationParams = SimulationParams()) -> InflowWaveform:
+def make_inflow(
+    rng: np.random.Generator,
+    period: float,
+    root_radius: float,
+    params: SimulationParams = SimulationParams(),
+) -> InflowWaveform:
     """Draw a smooth cardiac inflow waveform (cm³/s) of `period` (s) for a root of `root_radius`.
 
     `root_radius` in cm. A systolic pulse, a small backflow dip and a diastolic bump, projected
@@ -720,10 +813,12 @@ def make_inflow(rng: np.random.Generator, period: float, root_radius: float,
 
     n_grid = 1024
     t = np.arange(n_grid) * (period / n_grid)
-    shape = (_periodic_gaussian(t, systole, systole_width, period)
-             - backflow * _periodic_gaussian(t, backflow_at, backflow_width, period)
-             + diastole * _periodic_gaussian(t, diastole_at, diastole_width, period))
-    spectrum = np.fft.rfft(shape)[1:params.inflow_harmonics + 1] * (2.0 / n_grid)
+    shape = (
+        _periodic_gaussian(t, systole, systole_width, period)
+        - backflow * _periodic_gaussian(t, backflow_at, backflow_width, period)
+        + diastole * _periodic_gaussian(t, diastole_at, diastole_width, period)
+    )
+    spectrum = np.fft.rfft(shape)[1 : params.inflow_harmonics + 1] * (2.0 / n_grid)
     cosine, sine = spectrum.real.copy(), -spectrum.imag.copy()
     oscillation = InflowWaveform(period, 0.0, cosine, sine)(t)
     scale = (peak_to_mean - 1.0) * mean / oscillation.max()
@@ -751,8 +846,9 @@ class _System:
         """σ·M − A (csc); `m` replaces the diagonal of M if given."""
         data = self.minus_a.data.astype(np.complex128 if np.iscomplexobj(sigma) else np.float64)
         data[self.diagonal] += sigma * (self.m if m is None else m)
-        return sp.csc_matrix((data, self.minus_a.indices, self.minus_a.indptr),
-                             shape=self.minus_a.shape)
+        return sp.csc_matrix(
+            (data, self.minus_a.indices, self.minus_a.indptr), shape=self.minus_a.shape
+        )
 
 
 def _system(network: Network1D, windkessels: Sequence[Windkessel]) -> _System:
@@ -770,19 +866,27 @@ def _system(network: Network1D, windkessels: Sequence[Windkessel]) -> _System:
     diagonal = np.arange(n)
     rows = np.concatenate([down, up, q, q, q, outlet, outlet, capacitor, capacitor, diagonal])
     cols = np.concatenate([q, q, up, down, q, outlet, capacitor, outlet, capacitor, diagonal])
-    vals = np.concatenate([
-        np.ones(n_e), -np.ones(n_e),  # mass balance: a segment's flow leaves `up`, enters `down`
-        np.ones(n_e), -np.ones(n_e), -network.resistance,  # L dQ/dt = P_up − P_down − R Q
-        -g_p, g_p,  # flow leaving each outlet point through Rp
-        g_p, -(g_p + g_d),  # C dPc/dt = (P_out − Pc)/Rp − Pc/Rd
-        np.zeros(n),  # explicit diagonal (junction rows have none) for fast σ·M − A
-    ])
+    vals = np.concatenate(
+        [
+            np.ones(n_e),
+            -np.ones(n_e),  # mass balance: a segment's flow leaves `up`, enters `down`
+            np.ones(n_e),
+            -np.ones(n_e),
+            -network.resistance,  # L dQ/dt = P_up − P_down − R Q
+            -g_p,
+            g_p,  # flow leaving each outlet point through Rp
+            g_p,
+            -(g_p + g_d),  # C dPc/dt = (P_out − Pc)/Rp − Pc/Rd
+            np.zeros(n),  # explicit diagonal (junction rows have none) for fast σ·M − A
+        ]
+    )
     minus_a = sp.csc_matrix((-vals, (rows, cols)), shape=(n, n))
     minus_a.sort_indices()
     col_of_entry = np.repeat(np.arange(n), np.diff(minus_a.indptr))
     positions = np.flatnonzero(minus_a.indices == col_of_entry)
-    m = np.concatenate([network.compliance, network.inductance,
-                        [w.compliance for w in windkessels]])
+    m = np.concatenate(
+        [network.compliance, network.inductance, [w.compliance for w in windkessels]]
+    )
     return _System(m=m, minus_a=minus_a, diagonal=positions)
 
 
@@ -793,8 +897,9 @@ def _steady_state(system: _System, inflow: float) -> np.ndarray:
     return spla.splu(system.shifted(0.0)).solve(rhs)
 
 
-def _harmonic_states(system: _System, inflow: InflowWaveform, m: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _harmonic_states(
+    system: _System, inflow: InflowWaveform, m: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact periodic solution of the DAE: mean state [n] and complex amplitudes [H, n].
 
     x(t) = mean + Re Σ_h x̂_h e^(i h ω t), each x̂_h solving (i h ω M − A) x̂_h = e_0 Q̂_h. `m`
@@ -810,16 +915,18 @@ def _harmonic_states(system: _System, inflow: InflowWaveform, m: np.ndarray | No
     return x_mean, amplitudes
 
 
-def _evaluate_harmonics(x_mean: np.ndarray, amplitudes: np.ndarray, period: float,
-                        times: np.ndarray) -> np.ndarray:
+def _evaluate_harmonics(
+    x_mean: np.ndarray, amplitudes: np.ndarray, period: float, times: np.ndarray
+) -> np.ndarray:
     """States [len(times), n] of a harmonic solution at `times` (s)."""
     h = np.arange(1, len(amplitudes) + 1)
     phase = np.exp(1j * 2.0 * np.pi / period * np.outer(times, h))
     return x_mean + (phase @ amplitudes).real
 
 
-def periodic_state(network: Network1D, windkessels: Sequence[Windkessel], inflow: InflowWaveform,
-                   times: np.ndarray) -> np.ndarray:
+def periodic_state(
+    network: Network1D, windkessels: Sequence[Windkessel], inflow: InflowWaveform, times: np.ndarray
+) -> np.ndarray:
     """Exact periodic (frequency-domain) solution at `times` (s), states [len(times), n].
 
     State order: pressures [N] (dyn/cm²), segment flowrates [E] (cm³/s), Windkessel capacitor
@@ -848,10 +955,17 @@ class SimulationResult:
     periodicity_error: float
 
 
-def simulate(network: Network1D, windkessels: Sequence[Windkessel],
-             inflow: Callable[[np.ndarray], np.ndarray], period: float, *, n_cycles: int = 3,
-             dt: float = 1e-3, store_every: int = 5,
-             initial: str | np.ndarray = "steady") -> SimulationResult:
+def simulate(
+    network: Network1D,
+    windkessels: Sequence[Windkessel],
+    inflow: Callable[[np.ndarray], np.ndarray],
+    period: float,
+    *,
+    n_cycles: int = 3,
+    dt: float = 1e-3,
+    store_every: int = 5,
+    initial: str | np.ndarray = "steady",
+) -> SimulationResult:
     """Integrate the circuit with BDF2 over `n_cycles` periods (s) and return the last cycle.
 
     `inflow`: vectorised t (s) → inlet flowrate (cm³/s). `windkessels`: one per `network.outlets`
@@ -862,11 +976,14 @@ def simulate(network: Network1D, windkessels: Sequence[Windkessel],
     if steps_per_cycle < 1 or abs(steps_per_cycle * dt - period) > 1e-9 * period:
         raise SciquantError(f"simulate: period {period} s is not a multiple of dt {dt} s")
     if store_every < 1 or steps_per_cycle % store_every:
-        raise SciquantError(f"simulate: store_every {store_every} does not divide the "
-                            f"{steps_per_cycle} steps of a cycle")
+        raise SciquantError(
+            f"simulate: store_every {store_every} does not divide the "
+            f"{steps_per_cycle} steps of a cycle"
+        )
     if n_cycles < 2:
-        raise SciquantError(f"simulate: n_cycles must be ≥ 2 (got {n_cycles}) to measure "
-                            "periodicity")
+        raise SciquantError(
+            f"simulate: n_cycles must be ≥ 2 (got {n_cycles}) to measure periodicity"
+        )
     n_steps = n_cycles * steps_per_cycle
     t = np.arange(n_steps + 1) * dt
     q_in = np.broadcast_to(np.asarray(inflow(t), dtype=np.float64), t.shape)
@@ -875,12 +992,13 @@ def simulate(network: Network1D, windkessels: Sequence[Windkessel],
 
     if isinstance(initial, str):
         if initial == "steady":
-            x = _steady_state(system, float(q_in[-steps_per_cycle - 1:-1].mean()))
+            x = _steady_state(system, float(q_in[-steps_per_cycle - 1 : -1].mean()))
         elif initial == "zero":
             x = np.zeros(n)
         else:
-            raise SciquantError(f"simulate: initial must be 'steady', 'zero' or a state, got "
-                                f"{initial!r}")
+            raise SciquantError(
+                f"simulate: initial must be 'steady', 'zero' or a state, got {initial!r}"
+            )
     else:
         x = np.asarray(initial, dtype=np.float64).copy()
         if x.shape != (n,):
@@ -913,16 +1031,17 @@ def simulate(network: Network1D, windkessels: Sequence[Windkessel],
 
     n_p, n_e = network.n_points, network.n_segments
     previous, last = stored[:per_cycle], stored[per_cycle:]
-    errors = [np.abs(last[:, cols] - previous[:, cols]).max() / max(np.abs(last[:, cols]).max(),
-                                                                    1e-300)
-              for cols in (slice(0, n_p), slice(n_p, n_p + n_e))]
+    errors = [
+        np.abs(last[:, cols] - previous[:, cols]).max() / max(np.abs(last[:, cols]).max(), 1e-300)
+        for cols in (slice(0, n_p), slice(n_p, n_p + n_e))
+    ]
     steps = first_stored + steps_per_cycle + store_every * np.arange(per_cycle)
     return SimulationResult(
         times=t[steps],
         pressure=last[:, :n_p],
-        flowrate=last[:, n_p:n_p + n_e],
+        flowrate=last[:, n_p : n_p + n_e],
         inflow=np.array(q_in[steps]),
-        windkessel_pressure=last[:, n_p + n_e:],
+        windkessel_pressure=last[:, n_p + n_e :],
         time_shift=float(t[first_stored + steps_per_cycle]),
         periodicity_error=float(max(errors)),
     )
@@ -932,8 +1051,9 @@ def simulate(network: Network1D, windkessels: Sequence[Windkessel],
 # Windkessel calibration
 
 
-def steady_pressures(network: Network1D, outlet_flowrates: np.ndarray,
-                     inlet_pressure: float) -> np.ndarray:
+def steady_pressures(
+    network: Network1D, outlet_flowrates: np.ndarray, inlet_pressure: float
+) -> np.ndarray:
     """Steady point pressures [N] (dyn/cm²) for prescribed outlet flowrates.
 
     `outlet_flowrates` [n_out] (cm³/s, `network.outlets` order); `inlet_pressure` (dyn/cm²).
@@ -958,7 +1078,9 @@ def steady_pressures(network: Network1D, outlet_flowrates: np.ndarray,
 
 
 def calibrate_boundary_conditions(
-    rng: np.random.Generator, network: Network1D, inflow: InflowWaveform,
+    rng: np.random.Generator,
+    network: Network1D,
+    inflow: InflowWaveform,
     params: SimulationParams = SimulationParams(),
 ) -> tuple[tuple[Windkessel, ...], InflowWaveform]:
     """Draw outlet RCR Windkessels that give the inlet a drawn mean and pulse pressure.
@@ -981,7 +1103,8 @@ def calibrate_boundary_conditions(
     radius = np.array([network.tree.vessels[v].radius for v in outlet_vessels])
     n_out = len(radius)
     share = radius**params.murray_exponent * (
-        1.0 + params.outlet_flow_jitter * rng.uniform(-1.0, 1.0, size=n_out))
+        1.0 + params.outlet_flow_jitter * rng.uniform(-1.0, 1.0, size=n_out)
+    )
     share /= share.sum()
     fraction = np.minimum(proximal_fraction * rng.uniform(0.8, 1.2, size=n_out), 0.95)
 
@@ -991,14 +1114,19 @@ def calibrate_boundary_conditions(
         raise SciquantError(
             "SimulationParams: the tree's own resistance drops the mean pressure below 20 % of "
             f"the target at an outlet ({outlet_pressure.min() / MMHG:.1f} mmHg); raise "
-            "root_radius_range or mean_pressure_range_mmhg, or shorten length_range")
+            "root_radius_range or mean_pressure_range_mmhg, or shorten length_range"
+        )
     total_resistance = outlet_pressure / outlet_flow
     # Compliance per unit time constant: C_k = τ · share_k · Q̄ / P̄ (≈ τ / (Rp + Rd)_k).
     unit_compliance = share * inflow.mean / mean_target
 
-    system = _system(network, [Windkessel(float(r * f), float(c), float(r * (1.0 - f)))
-                               for r, f, c in zip(total_resistance, fraction, unit_compliance,
-                                                  strict=True)])
+    system = _system(
+        network,
+        [
+            Windkessel(float(r * f), float(c), float(r * (1.0 - f)))
+            for r, f, c in zip(total_resistance, fraction, unit_compliance, strict=True)
+        ],
+    )
     capacitors = slice(network.n_points + network.n_segments, None)
     samples = np.arange(_PULSE_SAMPLES) * (inflow.period / _PULSE_SAMPLES)
 
@@ -1021,9 +1149,11 @@ def calibrate_boundary_conditions(
     compliance = math.exp(log_tau) * unit_compliance
     windkessels = tuple(
         Windkessel(float(r * f), float(c), float(r * (1.0 - f)))
-        for r, f, c in zip(total_resistance, fraction, compliance, strict=True))
-    inflow = InflowWaveform(inflow.period, inflow.mean, inflow.cosine * pulse_scale,
-                            inflow.sine * pulse_scale)
+        for r, f, c in zip(total_resistance, fraction, compliance, strict=True)
+    )
+    inflow = InflowWaveform(
+        inflow.period, inflow.mean, inflow.cosine * pulse_scale, inflow.sine * pulse_scale
+    )
     return windkessels, inflow
 
 
@@ -1048,25 +1178,40 @@ def run_case(seed: int, index: int, params: SimulationParams = SimulationParams(
     tree = build_tree(rng, params)
     stiffness_scale = rng.uniform(*params.stiffness_scale_range)
     network = discretize(
-        tree, segment_length=params.segment_length, viscosity=params.viscosity,
+        tree,
+        segment_length=params.segment_length,
+        viscosity=params.viscosity,
         density=params.density,
-        stiffness=(params.stiffness_k1 * stiffness_scale, params.stiffness_k2,
-                   params.stiffness_k3 * stiffness_scale))
+        stiffness=(
+            params.stiffness_k1 * stiffness_scale,
+            params.stiffness_k2,
+            params.stiffness_k3 * stiffness_scale,
+        ),
+    )
     # Rounded so the file's T has no binary noise (0.83, not 0.8300000000000001).
-    period = round(max(4, round(rng.uniform(*params.period_range) / params.dt_store))
-                   * params.dt_store, 12)
+    period = round(
+        max(4, round(rng.uniform(*params.period_range) / params.dt_store)) * params.dt_store, 12
+    )
     inflow = make_inflow(rng, period, tree.vessels[0].radius, params)
     windkessels, inflow = calibrate_boundary_conditions(rng, network, inflow, params)
     # Start on the exact periodic solution so the integrated cycles are periodic from the start.
     initial = periodic_state(network, windkessels, inflow, np.zeros(1))[0]
-    result = simulate(network, windkessels, inflow, period, n_cycles=params.n_cycles,
-                      dt=params.dt_store / params.substeps, store_every=params.substeps,
-                      initial=initial)
+    result = simulate(
+        network,
+        windkessels,
+        inflow,
+        period,
+        n_cycles=params.n_cycles,
+        dt=params.dt_store / params.substeps,
+        store_every=params.substeps,
+        initial=initial,
+    )
     return SimulatedCase(tree, network, windkessels, inflow, result)
 
 
-def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
-                      ) -> tuple[Centerline, np.ndarray]:
+def centerline_output(
+    case: SimulatedCase, output_spacing: float = 0.1
+) -> tuple[Centerline, np.ndarray]:
     """The `.vtp` content of a case and the written point id of every network point [N].
 
     Each segment is split into max(1, round(h/output_spacing)) pieces; pressure and flowrate are
@@ -1091,8 +1236,14 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
     written = np.full(n_p, -1, dtype=np.int64)
     daughters_of_junction: dict[int, list[int]] = {}
 
-    def emit(position: np.ndarray, cross_section: float, vessel: int, junction: int,
-             pressure: list[tuple[int, float]], flow: list[tuple[int, float]]) -> int:
+    def emit(
+        position: np.ndarray,
+        cross_section: float,
+        vessel: int,
+        junction: int,
+        pressure: list[tuple[int, float]],
+        flow: list[tuple[int, float]],
+    ) -> int:
         row = len(points)
         points.append(position)
         area.append(cross_section)
@@ -1112,8 +1263,11 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
     while stack:
         v = stack.pop()
         vessel = network.tree.vessels[v]
-        nodes, arc, flow_index = (network.vessel_nodes[v], network.vessel_arc[v],
-                                  network.vessel_flow_index[v])
+        nodes, arc, flow_index = (
+            network.vessel_nodes[v],
+            network.vessel_arc[v],
+            network.vessel_flow_index[v],
+        )
         n = len(nodes) - 1
         pieces = max(1, round((arc[-1] / n) / output_spacing))
         polyline = np.asarray(vessel.points, dtype=np.float64)
@@ -1131,8 +1285,11 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
             else:
                 pressure = [(nodes[k], 1.0 - t), (nodes[k + 1], t)]
                 # Equal flow indices (a daughter's first segment) must give that flow exactly.
-                flow = ([(flow_index[k], 1.0)] if flow_index[k] == flow_index[k + 1]
-                        else [(flow_index[k], 1.0 - t), (flow_index[k + 1], t)])
+                flow = (
+                    [(flow_index[k], 1.0)]
+                    if flow_index[k] == flow_index[k + 1]
+                    else [(flow_index[k], 1.0 - t), (flow_index[k + 1], t)]
+                )
             row = emit(positions[j], cross_section, v, -1, pressure, flow)
             if r == 0:
                 written[nodes[k]] = row
@@ -1143,8 +1300,14 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
             previous = row
         if ends_in_junction:
             junction = nodes[n]
-            row = emit(positions[-1], cross_section, -1, int(network.point_junction[junction]),
-                       [(junction, 1.0)], [(flow_index[n], 1.0)])
+            row = emit(
+                positions[-1],
+                cross_section,
+                -1,
+                int(network.point_junction[junction]),
+                [(junction, 1.0)],
+                [(flow_index[n], 1.0)],
+            )
             written[junction] = row
             edges.append((int(previous), row))
             daughters_of_junction[row] = []
@@ -1164,8 +1327,10 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
     for junction, daughters in daughters_of_junction.items():
         residual = np.abs(flowrate64[junction] - flowrate64[daughters].sum(axis=0)).max()
         if residual > 1e-8 * np.abs(flowrate64[[junction, *daughters]]).max():
-            raise RuntimeError(f"bloodflow_sim: Kirchhoff residual {residual:.3g} cm³/s at "
-                               f"written junction point {junction} (internal error)")
+            raise RuntimeError(
+                f"bloodflow_sim: Kirchhoff residual {residual:.3g} cm³/s at "
+                f"written junction point {junction} (internal error)"
+            )
         flowrate[junction] = flowrate[daughters].astype(np.float64).sum(axis=0).astype(np.float32)
 
     point_data: dict[str, np.ndarray] = {
@@ -1177,8 +1342,9 @@ def centerline_output(case: SimulatedCase, output_spacing: float = 0.1
         point_data[f"pressure_{k}"] = pressure[:, k]
     for k in range(flowrate.shape[1]):
         point_data[f"flow_{k}"] = flowrate[:, k]
-    centerline = Centerline(points=np.asarray(points), edges=np.asarray(edges, dtype=np.int64),
-                            point_data=point_data)
+    centerline = Centerline(
+        points=np.asarray(points), edges=np.asarray(edges, dtype=np.int64), point_data=point_data
+    )
     return centerline, written
 
 
@@ -1200,24 +1366,31 @@ def dataset_info_entry(case: SimulatedCase, written: np.ndarray, dt_store: float
     }
 
 
-def synthesize(out_dir: Path, n_simulations: int, seed: int,
-               params: SimulationParams = SimulationParams(), progress: bool = True) -> list[str]:
+def synthesize(
+    out_dir: Path,
+    n_simulations: int,
+    seed: int,
+    params: SimulationParams = SimulationParams(),
+    progress: bool = True,
+) -> list[str]:
     """Write `n_simulations` simulations to `out_dir/vtps/` and return their names (`sim_<iii>`).
 
     Files: `vtps/<name>.vtp` and `vtps/dataset_info.json` (see the module docstring). Simulation i
     depends on (seed, i) and `params` only, so it is the same whatever `n_simulations`.
     """
     if not isinstance(n_simulations, int | np.integer) or n_simulations < 0:
-        raise SciquantError(f"synthesize: n_simulations must be an integer ≥ 0, got "
-                            f"{n_simulations!r}")
+        raise SciquantError(
+            f"synthesize: n_simulations must be an integer ≥ 0, got {n_simulations!r}"
+        )
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise SciquantError(f"synthesize: seed must be an integer ≥ 0, got {seed!r}")
     vtps = Path(out_dir) / "vtps"
     vtps.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {}
     names = []
-    for index in tqdm(range(n_simulations), desc="bloodflow simulations", unit="sim",
-                      disable=not progress):
+    for index in tqdm(
+        range(n_simulations), desc="bloodflow simulations", unit="sim", disable=not progress
+    ):
         name = f"sim_{index:03d}"
         case = run_case(int(seed), index, params)
         centerline, written = centerline_output(case, params.output_spacing)

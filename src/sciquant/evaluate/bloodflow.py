@@ -112,14 +112,9 @@ def load_step(
     checkpoint: an FP32 `checkpoint.pt` or a `quantized.pt` (its format says which); onnx: run
     this ONNX file with ONNX Runtime instead (the checkpoint then only gives the statistics).
     """
-    from sciquant.quant.bloodflow import QUANTIZED_FORMAT, load_quantized
+    from sciquant.quant.bloodflow import is_quantized, load_quantized
 
-    raw = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if checkpoint.is_file()
-        else {}
-    )
-    if isinstance(raw, dict) and raw.get("format") == QUANTIZED_FORMAT:
+    if is_quantized(checkpoint):
         model, state = load_quantized(checkpoint)
         sizes = quantized_size(model)
     else:

@@ -162,13 +162,30 @@ def load_quantized(path: Path) -> tuple[QuantizedModel, dict[str, Any]]:
     return qmodel, state
 
 
-def export(quantized: Path, prepared: Path, out: Path) -> Path:
-    """Write the quantized model as ONNX QDQ (its own scales), traced on a test graph."""
-    from sciquant.evaluate.bloodflow import test_graphs
-    from sciquant.quant.export import export_qdq_onnx
+def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
+    """Write a model as ONNX: FP32 from `checkpoint.pt`, QDQ (its own scales) from `quantized.pt`.
 
-    qmodel, state = load_quantized(quantized)
+    A quantized export is traced on the first test graph of `prepared`.
+    """
+    from sciquant.evaluate.bloodflow import test_graphs
+    from sciquant.quant.export import export_fp32_onnx, export_qdq_onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not is_quantized(checkpoint):
+        model, _ = load_model(checkpoint)
+        return export_fp32_onnx(model, out)
+    if prepared is None:
+        raise SciquantError(f"{checkpoint}: exporting a quantized model needs --prepared")
+    qmodel, state = load_quantized(checkpoint)
     norm = Normalizer.from_statistics(state["statistics"])
     example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
     return export_qdq_onnx(qmodel, out, example)
+
+
+def is_quantized(path: Path) -> bool:
+    """Whether `path` is a quantized.pt (False for an FP32 checkpoint or an unreadable file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a missing or corrupt file is reported by the loaders with its fix
+        return False
+    return isinstance(state, dict) and state.get("format") == QUANTIZED_FORMAT

@@ -1,0 +1,337 @@
+"""`sciquant submit`: run workflow stages as submitit job arrays (Slurm, or local processes).
+
+The same stage functions as the Snakemake rules (through the `sciquant` CLI) are called with the
+same arguments, in the working directory, so the same files appear under `resources/` and
+`results/`. One job array per stage and node type; with `--stage all` (or several stages) the
+stages run in dependency order, each waiting for the previous one. Slurm resources come from the
+config's `nodes:` mapping (partition, constraint, GPUs), command-line options override them.
+
+    sciquant submit --config workflow/config/ci.yaml --stage all --runs seed=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sciquant.errors import SciquantError
+from sciquant.study import Run, Study, Training, load_config
+
+#: Stages in dependency order (`fetch` is the raw stage of datasets with a `files` source).
+STAGES = ("synthesize", "fetch", "prepare", "train", "evaluate")
+COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
+#: First-attempt (mem_mb, runtime in minutes) of each stage, as in its rule, unless `nodes` says.
+STAGE_RESOURCES = {
+    "synthesize": (2000, 30),
+    "fetch": (1000, 120),
+    "prepare": (4000, 30),
+    "train": (4000, 120),
+    "evaluate": (4000, 60),
+}
+
+
+# ------------------------------------------------------------------ stage functions (in the job)
+
+
+def synthesize(raw: str, settings: dict[str, Any]) -> None:
+    from sciquant.data import bloodflow_sim
+    from sciquant.data.manifest import write_manifest
+
+    params = bloodflow_sim.params_from_mapping(settings.get("parameters", {}))
+    bloodflow_sim.synthesize(
+        Path(raw),
+        n_simulations=settings.get("n_simulations", 24),
+        seed=settings.get("seed", 0),
+        params=params,
+    )
+    write_manifest(Path(raw), source={"embedded": settings})
+
+
+def fetch(raw: str, files: list[dict[str, Any]]) -> None:
+    from sciquant.data.download import RemoteFile
+    from sciquant.data.download import fetch as download
+    from sciquant.data.manifest import write_manifest
+
+    download([RemoteFile(**spec) for spec in files], Path(raw))
+    write_manifest(Path(raw), source={"files": files})
+
+
+def prepare(raw: str, out: str, settings: dict[str, Any]) -> None:
+    from sciquant.data import bloodflow
+
+    bloodflow.prepare(Path(raw), Path(out), bloodflow.PrepareSettings(**settings))
+
+
+def train(prepared: str, out: str, settings: dict[str, Any], seed: int, threads: int) -> None:
+    from sciquant.train import bloodflow
+
+    bloodflow.run(Path(prepared), Path(out), settings=settings, seed=seed, threads=threads)
+
+
+def evaluate(
+    checkpoint: str,
+    prepared: str,
+    out: str,
+    settings: dict[str, Any],
+    coordinates: dict[str, Any],
+    threads: int,
+) -> None:
+    from sciquant.evaluate import bloodflow
+
+    bloodflow.run(
+        Path(checkpoint),
+        Path(prepared),
+        Path(out),
+        settings=settings,
+        coordinates=coordinates,
+        threads=threads,
+    )
+
+
+@dataclass
+class Task:
+    """One job: a stage function, its keyword arguments, where it runs (folder, node type)."""
+
+    stage: str
+    label: str
+    node: str
+    function: Callable[..., None]
+    kwargs: dict[str, Any]
+    workdir: str = "."
+
+    def __call__(self) -> str:
+        os.chdir(self.workdir)  # relative paths, exactly as the rules give them
+        self.function(**self.kwargs)
+        return self.label
+
+
+def _execute(task: Task) -> str:
+    return task()
+
+
+# ------------------------------------------------------------------ the study → tasks
+
+
+def select_runs(study: Study, filters: list[str]) -> list[Run]:
+    """The study's runs whose coordinates match every `key=value` filter."""
+    wanted: dict[str, str] = {}
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if not sep or key not in COORDINATES:
+            raise SciquantError(
+                f"--runs {item!r}: give key=value with key one of {', '.join(COORDINATES)}"
+            )
+        wanted[key] = value
+    runs = [
+        run
+        for run in study.runs()
+        if all(str(getattr(run, key)) == value for key, value in wanted.items())
+    ]
+    if not runs:
+        raise SciquantError(f"--runs {' '.join(filters)}: no run of the study matches")
+    return runs
+
+
+def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list[Task]:
+    """The jobs of one stage for the selected runs (the rules' inputs, outputs and params)."""
+    config = study.config
+    datasets = sorted({run.dataset for run in runs})
+    raw = "resources/{}/raw".format
+    prepared = "results/{}/prepared".format
+    tasks = []
+    if stage in ("synthesize", "fetch"):
+        kind = "embedded" if stage == "synthesize" else "files"
+        for name in datasets:
+            source = study.datasets[name]["source"]
+            if kind == "embedded" and kind in source:
+                kwargs = {"raw": raw(name), "settings": source[kind]}
+                tasks.append(Task(stage, name, "cpu", synthesize, kwargs, workdir))
+            elif kind in source:
+                kwargs = {"raw": raw(name), "files": source[kind]}
+                tasks.append(Task(stage, name, "cpu", fetch, kwargs, workdir))
+    elif stage == "prepare":
+        for name in datasets:
+            kwargs = {
+                "raw": raw(name),
+                "out": prepared(name),
+                "settings": study.datasets[name]["prepare"],
+            }
+            tasks.append(Task(stage, name, "cpu", prepare, kwargs, workdir))
+    elif stage == "train":
+        for dataset, model, seed in sorted({(r.dataset, r.model, r.seed) for r in runs}):
+            spec = study.models[model]
+            settings = {key: value for key, value in spec.items() if key != "datasets"}
+            folder = Training(dataset, model, seed).folder
+            kwargs = {
+                "prepared": prepared(dataset),
+                "out": folder,
+                "settings": settings,
+                "seed": seed,
+                "threads": config["threads"],
+            }
+            label = f"{dataset}/{model}/seed{seed}"
+            tasks.append(Task(stage, label, spec["train"]["node"], train, kwargs, workdir))
+    elif stage == "evaluate":
+        fp32 = [
+            r for r in runs if (r.target, r.method, r.precision) == ("reference", "none", "fp32")
+        ]
+        if len(fp32) < len(runs):
+            print(
+                f"evaluate: skipping {len(runs) - len(fp32)} quantized run(s): "
+                "only FP32 reference runs have an evaluation stage so far"
+            )
+        for run in fp32:
+            coordinates = {
+                "study": config["study"],
+                "config_hash": study.config_hash(),
+                **run.coordinates(),
+            }
+            kwargs = {
+                "checkpoint": f"{Training(run.dataset, run.model, run.seed).folder}/checkpoint.pt",
+                "prepared": prepared(run.dataset),
+                "out": run.folder,
+                "settings": config["evaluate"],
+                "coordinates": coordinates,
+                "threads": config["threads"],
+            }
+            label = run.folder.removeprefix("results/")
+            tasks.append(Task(stage, label, study.node(run), evaluate, kwargs, workdir))
+    return tasks
+
+
+# ------------------------------------------------------------------ submission
+
+
+def executor_parameters(
+    config: dict[str, Any], stage: str, node: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """submitit parameters of a node type: the config's `nodes` entry, then the CLI overrides."""
+    spec = config["nodes"].get(node, {})
+    mem_mb, runtime = STAGE_RESOURCES[stage]
+    extra = {}
+    if args.constraint or spec.get("constraint"):
+        extra["constraint"] = args.constraint or spec["constraint"]
+    if spec.get("gres"):
+        extra["gres"] = spec["gres"]
+    elif spec.get("gpu"):
+        model = f"{spec['gpu_model']}:" if spec.get("gpu_model") else ""
+        extra["gres"] = f"gpu:{model}{spec['gpu']}"
+    params = {
+        "name": f"sciquant-{stage}",
+        "timeout_min": args.timeout_min or spec.get("runtime", runtime),
+        "mem_gb": args.mem_gb or spec.get("mem_mb", mem_mb) / 1000,
+        "cpus_per_task": args.cpus or spec.get("cpus_per_task", config["threads"]),
+        "slurm_array_parallelism": args.array_parallelism,
+        "slurm_additional_parameters": extra,
+    }
+    partition = args.partition or spec.get("slurm_partition")
+    if partition:
+        params["slurm_partition"] = partition
+    if args.account:
+        params["slurm_account"] = args.account
+    return params
+
+
+def make_executor(args: argparse.Namespace, folder: Path) -> Any:
+    import submitit
+
+    cluster = None if args.executor == "auto" else args.executor
+    try:
+        return submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except (RuntimeError, ValueError) as error:
+        raise SciquantError(f"--executor {args.executor}: {error}") from error
+
+
+def submit_stage(tasks: list[Task], config: dict[str, Any], args: argparse.Namespace) -> None:
+    """Submit one stage's tasks (one array per node type) and wait; raise if any job failed."""
+    import submitit
+
+    folder = Path(args.workdir, args.folder)
+    jobs = []
+    for node in sorted({task.node for task in tasks}):
+        group = [task for task in tasks if task.node == node]
+        executor = make_executor(args, folder)
+        params = executor_parameters(config, group[0].stage, node, args)
+        if executor.cluster != "slurm":
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        executor.update_parameters(**params)
+        submitted = executor.map_array(_execute, group)
+        where = params.get("slurm_partition", executor.cluster)
+        print(
+            f"{group[0].stage}: {len(group)} job(s) on {node} ({where}): "
+            f"{submitted[0].job_id.split('_')[0]}",
+            flush=True,
+        )
+        jobs += zip(submitted, group, strict=True)
+    failures = []
+    for job in submitit.helpers.as_completed([job for job, _ in jobs], poll_frequency=1):
+        task = next(task for j, task in jobs if j is job)
+        error = job.exception()
+        status = "done" if error is None else f"FAILED (stderr: {job.paths.stderr})"
+        print(f"  {task.stage} {task.label} [{job.job_id}]: {status}", flush=True)
+        if error is not None:
+            failures.append(f"{task.stage} {task.label} (job {job.job_id}): see {job.paths.stderr}")
+    if failures:
+        raise SciquantError(f"{len(failures)} job(s) failed:\n  " + "\n  ".join(failures))
+
+
+def run_submit(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    study = Study(config)
+    runs = select_runs(study, args.runs)
+    stages = STAGES if "all" in args.stage else [s for s in STAGES if s in args.stage]
+    workdir = str(Path(args.workdir).resolve())
+    print(f"{args.config}: {len(runs)} run(s); stages {', '.join(stages)}; workdir {workdir}")
+    for stage in stages:
+        tasks = stage_tasks(stage, study, runs, workdir)
+        if not tasks:
+            continue
+        started = time.monotonic()
+        submit_stage(tasks, config, args)
+        print(f"{stage}: {len(tasks)} job(s) finished in {time.monotonic() - started:.0f} s")
+
+
+def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "submit",
+        help="run stages of a study as submitit job arrays (Slurm or local)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--config", type=Path, required=True, help="study config (YAML)")
+    add(
+        "--stage",
+        nargs="+",
+        default=["all"],
+        choices=[*STAGES, "all"],
+        help="stage(s) to run, in dependency order (default: all)",
+    )
+    add(
+        "--runs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"only runs whose coordinates match ({', '.join(COORDINATES)}), e.g. seed=0",
+    )
+    add(
+        "--executor",
+        choices=["auto", "slurm", "local"],
+        default="auto",
+        help="where jobs run (auto: Slurm when sbatch is available, else local processes)",
+    )
+    add("--folder", default="logs/submitit/%j", help="submitit logs, relative to --workdir")
+    add("--partition", help="Slurm partition (default: from the config's `nodes`)")
+    add("--constraint", help="Slurm constraint (default: from the config's `nodes`)")
+    add("--account", help="Slurm account (default: the user's default account)")
+    add("--array-parallelism", type=int, default=64, help="jobs of an array running at once")
+    add("--timeout-min", type=int, help="time limit per job (default: the stage's runtime)")
+    add("--mem-gb", type=float, help="memory per job (default: the stage's mem_mb)")
+    add("--cpus", type=int, help="CPUs per job (default: the config's threads)")
+    add("--workdir", type=Path, default=Path("."), help="where resources/ and results/ go")
+    return parser
