@@ -40,7 +40,7 @@ wildcard_constraints:
     seed=r"\d+",
     target=alternatives(sorted(TARGETS)),
     method=alternatives(("none",) + QUANTIZATION_METHODS),
-    precision=r"fp32|fp16|w[2-8]a[4-8]",
+    precision=r"fp32|fp16|w[2-8]a[4-8]|mixed",
 
 
 def get_final_output():
@@ -117,6 +117,30 @@ def get_quantize_params(wildcards):
     )
 
 
+def get_quantize_section(wildcards):
+    """The config's quantize section, as JSON for the command line."""
+    return json.dumps(config["quantize"])
+
+
+def get_quantize_inputs(wildcards):
+    """The FP32 checkpoint, plus the sensitivity recommendation for the `mixed` run."""
+    run = run_of(wildcards)
+    training = f"results/{run.dataset}/{run.model}/seed{run.seed}"
+    inputs = {"checkpoint": f"{training}/fp32/checkpoint.pt"}
+    if run.precision == "mixed":
+        inputs["recommendation"] = f"{training}/sensitivity/recommendation.json"
+    return inputs
+
+
+def get_recommendation_argument(wildcards, input):
+    """`--recommendation FILE` for the mixed-precision run, else nothing."""
+    return (
+        f"--recommendation {input.recommendation}"
+        if "recommendation" in input.keys()
+        else ""
+    )
+
+
 def get_run_artifacts(wildcards):
     """The run's checkpoint (FP32 or quantized.pt), plus model.onnx for ONNX Runtime runs."""
     run = run_of(wildcards)
@@ -190,6 +214,16 @@ def get_report_figures():
         if (run.seed, run.target, run.method, run.precision)
         == (first_seed, "reference", "none", "fp32")
         for field in ("pressure", "flowrate")
+    ]
+
+
+def get_sensitivity_tables():
+    """Every training's per-layer sensitivity table (empty without a sensitivity analysis)."""
+    if not study.sensitivity():
+        return []
+    return [
+        f"{t.folder.rsplit('/', 1)[0]}/sensitivity/sensitivity.csv"
+        for t in study.trainings()
     ]
 
 

@@ -2,9 +2,57 @@
 # QDQ export for runs whose target runs them natively on ONNX Runtime.
 
 
-rule quantize:
+rule sensitivity:
     input:
         checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+        index="results/{dataset}/prepared/index.json",
+    output:
+        recommendation="results/{dataset}/{model}/seed{seed}/sensitivity/recommendation.json",
+        table=report(
+            "results/{dataset}/{model}/seed{seed}/sensitivity/sensitivity.csv",
+            caption="../workflow/report/sensitivity.rst",
+            category="Sensitivity",
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "file": "table",
+            },
+        ),
+        figure=report(
+            "results/{dataset}/{model}/seed{seed}/sensitivity/sensitivity.png",
+            caption="../workflow/report/sensitivity.rst",
+            category="Sensitivity",
+            labels={
+                "dataset": "{dataset}",
+                "model": "{model}",
+                "seed": "{seed}",
+                "file": "figure",
+            },
+        ),
+    log:
+        "logs/{dataset}/{model}/seed{seed}/sensitivity.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/sensitivity.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 60, node="cpu"),
+    params:
+        settings=get_quantize_section,
+        folder=subpath(output.recommendation, parent=True),
+    shell:
+        "sciquant sensitivity --checkpoint {input.checkpoint}"
+        " --prepared results/{wildcards.dataset}/prepared --settings {params.settings:q}"
+        " --threads {threads} --out {params.folder} > {log} 2>&1"
+
+
+rule quantize:
+    input:
+        unpack(get_quantize_inputs),
         index="results/{dataset}/prepared/index.json",
     output:
         "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantized.pt",
@@ -23,13 +71,14 @@ rule quantize:
         runtime=scaled("runtime", 60, node="cpu"),
     params:
         settings=get_quantize_params,
+        recommendation=get_recommendation_argument,
         folder=subpath(output[0], parent=True),
     shell:
         "sciquant quantize --checkpoint {input.checkpoint}"
         " --prepared results/{wildcards.dataset}/prepared --target {wildcards.target}"
         " --method {wildcards.method} --precision {wildcards.precision}"
         " --settings {params.settings:q} --seed {wildcards.seed} --threads {threads}"
-        " --out {params.folder} > {log} 2>&1"
+        " {params.recommendation} --out {params.folder} > {log} 2>&1"
 
 
 rule export_onnx:

@@ -28,6 +28,7 @@ rule report:
     input:
         cube="results/summary/metrics.nc",
         figures=get_report_figures(),
+        sensitivity=get_sensitivity_tables(),
     output:
         report(
             "results/report/index.html",
@@ -48,4 +49,4 @@ rule report:
         budget=get_report_budget(),
     shell:
         "sciquant report --cube {input.cube} --out {output} --budget {params.budget:q}"
-        " --figures {input.figures} > {log} 2>&1"
+        " --figures {input.figures} --sensitivity {input.sensitivity} > {log} 2>&1"

@@ -102,8 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--precision", required=True, help="wXaY, e.g. w8a8")
     _add_settings(quantize, '{"quantize": the config\'s quantize section, "model": the model\'s}')
     quantize.add_argument("--seed", type=int, default=0, help="seed of QAT fine-tuning")
+    quantize.add_argument(
+        "--recommendation",
+        type=Path,
+        default=None,
+        help="recommendation.json of `sensitivity` (for --precision mixed)",
+    )
     quantize.add_argument("--threads", type=int, default=None, help="torch threads")
     quantize.add_argument("--out", type=Path, required=True, help="run folder to write")
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer sensitivity and a mixed-precision recommendation"
+    )
+    sensitivity.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
+    sensitivity.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
+    _add_settings(sensitivity, "the config's quantize section")
+    sensitivity.add_argument("--threads", type=int, default=None, help="torch threads")
+    sensitivity.add_argument("--out", type=Path, required=True, help="folder to write")
 
     export = commands.add_parser(
         "export", help="model → ONNX (FP32, or QDQ carrying a quantized model's own scales)"
@@ -213,7 +228,14 @@ def run(args: argparse.Namespace) -> None:
         quantize_bloodflow.run(
             args.checkpoint, args.prepared, args.out, args.target, args.method, args.precision,
             settings=args.settings, seed=args.seed, threads=args.threads,
+            recommendation=args.recommendation,
         )  # fmt: skip
+    elif args.command == "sensitivity":
+        from sciquant.quant import sensitivity
+
+        sensitivity.run(
+            args.checkpoint, args.prepared, args.out, args.settings, threads=args.threads
+        )
     elif args.command == "export":
         from sciquant.quant import bloodflow as quantize_bloodflow
 

@@ -24,6 +24,8 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 #: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",)}
 ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch"}
+#: Precision label of the run that evaluates the sensitivity analysis' mixed assignment.
+MIXED = "mixed"
 QUANTIZATION_METHODS = (
     "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
 )  # fmt: skip
@@ -121,12 +123,26 @@ class Study:
                 runs.append(Run(t.dataset, t.model, t.seed, target, "none", "fp32"))
             for target, method, precision in self.quantization_sweep():
                 runs.append(Run(t.dataset, t.model, t.seed, target, method, precision))
+            sensitivity = self.sensitivity()
+            if sensitivity:
+                target, method = sensitivity["target"], sensitivity["method"]
+                runs.append(Run(t.dataset, t.model, t.seed, target, method, MIXED))
         return runs
 
+    def sensitivity(self) -> dict[str, Any] | None:
+        """The sensitivity analysis settings (defaults filled), or None when not asked for."""
+        return self.config.get("quantize", {}).get("sensitivity")
+
     def plan(self, run: Run) -> Plan:
-        """How the run executes (runtime, native or simulated); see `Target.plan`."""
+        """How the run executes (runtime, native or simulated); see `Target.plan`.
+
+        A `mixed` run is planned as its low precision: native only if that one is.
+        """
         framework = ARCHITECTURE_FRAMEWORK[self.models[run.model]["architecture"]]
-        return get_target(run.target).plan(run.precision, framework)
+        precision = run.precision
+        if precision == MIXED:
+            precision = self.sensitivity()["precision"]
+        return get_target(run.target).plan(precision, framework)
 
     def node(self, run: Run) -> str:
         """The node type a run's evaluation needs: its target's, or `cpu` for `reference`."""
@@ -229,6 +245,15 @@ def _check_sweep(config: dict[str, Any]) -> None:
                         raise SciquantError(f"{key}: {error}") from None
         if "none" in entry["methods"]:
             raise SciquantError(f"{key}.methods: `none` is the FP32 baseline, always included")
+    sensitivity = config.get("quantize", {}).get("sensitivity")
+    if sensitivity:
+        target = get_target(sensitivity.get("target", "reference"))
+        for key in ("precision", "fallback"):
+            for framework in frameworks:
+                try:
+                    target.plan(sensitivity.get(key, "w4a8"), framework)
+                except SciquantError as error:
+                    raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ kernels' straight-through gradient, LSQ also learns the scales. The result is sa
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sciquant.quant.pytorch import (
     set_mode,
 )
 from sciquant.quant.spec import parse_precision
+from sciquant.study import MIXED
 from sciquant.train.bloodflow import (
     TrainSettings,
     fit,
@@ -83,10 +85,12 @@ def run(
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
+    recommendation: Path | None = None,
 ) -> Path:
     """Quantize the FP32 model of `checkpoint`; write `quantized.pt` into `out`.
 
     settings: {"quantize": the config's quantize section, "model": the model's settings}.
+    precision `mixed`: the per-layer precisions of `recommendation` (from `sensitivity`).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -98,7 +102,14 @@ def run(
     calibration = load_graphs(
         prepared, train_names[: quantize_settings.get("calibration_samples", 8)], norm
     )
-    qmodel = quantize_model(model, target, precision, method)
+    layer_precisions = None
+    if precision == MIXED:
+        if recommendation is None:
+            raise SciquantError("precision `mixed` needs --recommendation (from `sensitivity`)")
+        chosen = load_recommendation(recommendation)
+        layer_precisions = chosen["layer_precisions"]
+        precision = chosen["high"]
+    qmodel = quantize_model(model, target, precision, method, precisions=layer_precisions)
     steps = quantize_settings.get("calibration_steps", 16)
     calibrate(qmodel, calibration_inputs(calibration, steps))
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
@@ -189,3 +200,13 @@ def is_quantized(path: Path) -> bool:
     except Exception:  # a missing or corrupt file is reported by the loaders with its fix
         return False
     return isinstance(state, dict) and state.get("format") == QUANTIZED_FORMAT
+
+
+def load_recommendation(path: Path) -> dict[str, Any]:
+    """The mixed-precision recommendation written by `sciquant sensitivity`."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SciquantError(
+            f"{path}: cannot read the recommendation ({error}); rerun sensitivity"
+        ) from error
