@@ -16,9 +16,10 @@ import torch
 
 from sciquant.data import bloodflow
 from sciquant.data.bloodflow import PrepareSettings
+from sciquant.data.features import Normalizer, to_tensors
 from sciquant.errors import SciquantError
 from sciquant.evaluate import bloodflow as evaluate_bloodflow
-from sciquant.evaluate.rollout import branch_average, relative_error
+from sciquant.evaluate.rollout import branch_average, relative_error, rollout, rollout_all
 from sciquant.train import bloodflow as train_bloodflow
 from tests.test_bloodflow_prepare import write_dataset
 
@@ -100,6 +101,26 @@ def test_relative_error_formula_on_hand_made_case() -> None:
     expected = np.sqrt((0.5**2 + 1.0**2) / (1 + 4 + 9 + 16))
     assert relative_error(predicted, exact, mask) == pytest.approx(expected, rel=1e-12)
     assert relative_error(exact, exact, mask) == 0.0
+
+
+def test_batched_rollout_equals_one_by_one(prepared: Path, tmp_path: Path) -> None:
+    checkpoint = train_bloodflow.run(prepared, tmp_path / "m", TINY, seed=0, progress=False)
+    model, state = train_bloodflow.load_model(checkpoint)
+    norm = Normalizer.from_statistics(state["statistics"])
+    index = bloodflow.load_index(prepared)
+    graphs = [
+        to_tensors(n, bloodflow.load_sample(prepared, n), norm)
+        for n in index["samples"]["train"][:3]
+    ]
+    # Different lengths: the batched rollout pads the shorter ones and cuts them back.
+    graphs[1].pressure, graphs[1].flowrate = graphs[1].pressure[:-4], graphs[1].flowrate[:-4]
+    graphs[1].loading = graphs[1].loading[:-4]
+    together = rollout_all(model, graphs, norm)
+    for graph, (pressure, flowrate) in zip(graphs, together, strict=True):
+        alone_p, alone_q = rollout(model, graph, norm)
+        assert pressure.shape == tuple(alone_p.shape)
+        np.testing.assert_allclose(pressure, alone_p.numpy(), rtol=1e-5, atol=1e-2)
+        np.testing.assert_allclose(flowrate, alone_q.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_branch_average_keeps_junctions() -> None:

@@ -61,6 +61,14 @@ class GraphTensors:
     node_type: Tensor
     branch_id: Tensor
     loading_steps: int
+    inlet_index: Tensor | None = None  # [N] each node's inlet node, when graphs are merged
+
+    def inlet_of_nodes(self) -> Tensor:
+        """[N] index of the inlet node of each node's own graph (its inlet flow is imposed)."""
+        if self.inlet_index is not None:
+            return self.inlet_index
+        inlet_node = int(torch.nonzero(self.inlet)[0])
+        return torch.full((self.num_nodes,), inlet_node, dtype=torch.long)
 
     @property
     def num_nodes(self) -> int:
@@ -122,6 +130,46 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         branch_id=torch.from_numpy(sample["branch_id"].astype(np.int64)),
         loading_steps=int(loading.sum()),
     )
+
+
+def merge_graphs(graphs: list[GraphTensors]) -> tuple[GraphTensors, list[tuple[slice, int]]]:
+    """Several samples as one disjoint graph (rolled out at once), and each one's nodes and steps.
+
+    Time series are padded to the longest sample by repeating their last step; branch ids are
+    made unique across samples. Every sample must have the same loading ramp.
+    """
+    steps = max(g.num_steps for g in graphs)
+    if len({g.loading_steps for g in graphs}) != 1:
+        raise ValueError("merged samples must share their number of loading steps")
+
+    def padded(series: Tensor) -> Tensor:
+        return torch.cat([series, series[-1:].expand(steps - series.shape[0], -1)])
+
+    parts: list[tuple[slice, int]] = []
+    inlet_index, branch_id, edge_index = [], [], []
+    node_offset = branch_offset = 0
+    for g in graphs:
+        parts.append((slice(node_offset, node_offset + g.num_nodes), g.num_steps))
+        inlet_index.append(g.inlet_of_nodes() + node_offset)
+        branch_id.append(torch.where(g.branch_id >= 0, g.branch_id + branch_offset, -1))
+        edge_index.append(g.edge_index + node_offset)
+        node_offset += g.num_nodes
+        branch_offset += int(g.branch_id.max()) + 1
+    loading = graphs[0].loading
+    merged = GraphTensors(
+        name="+".join(g.name for g in graphs),
+        static=torch.cat([g.static for g in graphs]),
+        edge_features=torch.cat([g.edge_features for g in graphs]),
+        edge_index=torch.cat(edge_index, dim=1),
+        pressure=torch.cat([padded(g.pressure) for g in graphs], dim=1),
+        flowrate=torch.cat([padded(g.flowrate) for g in graphs], dim=1),
+        loading=torch.cat([loading, loading.new_zeros(steps - loading.shape[0])]),
+        node_type=torch.cat([g.node_type for g in graphs]),
+        branch_id=torch.cat(branch_id),
+        loading_steps=graphs[0].loading_steps,
+        inlet_index=torch.cat(inlet_index),
+    )
+    return merged, parts
 
 
 def node_features(

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer, to_tensors  # noqa: E402
-from sciquant.evaluate.rollout import StepFunction, rollout, rollout_errors  # noqa: E402
+from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
 from sciquant.provenance import provenance, write_json  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
 
@@ -33,12 +33,11 @@ def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
 
 def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int):
     """Median and spread of the wall time to roll out all test simulations, after one warm-up."""
-    rollout(step, graphs[0], norm)
+    rollout_all(step, graphs, norm)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        for graph in graphs:
-            rollout(step, graph, norm)
+        rollout_all(step, graphs, norm)
         times.append(time.perf_counter() - started)
     return {
         "rollout_time_s_median": statistics.median(times),
@@ -51,13 +50,15 @@ def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normaliz
 def evaluate_step(
     step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
-    """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing."""
-    per_simulation = {}
-    predictions = []
-    for graph in graphs:
-        predicted_p, predicted_q = (t.numpy() for t in rollout(step, graph, norm))
-        predictions.append((predicted_p, predicted_q))
-        per_simulation[graph.name] = rollout_errors(predicted_p, predicted_q, graph, norm)
+    """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing.
+
+    All test simulations are rolled out together as one disjoint graph (one step for all).
+    """
+    predictions = rollout_all(step, graphs, norm)
+    per_simulation = {
+        graph.name: rollout_errors(predicted_p, predicted_q, graph, norm)
+        for graph, (predicted_p, predicted_q) in zip(graphs, predictions, strict=True)
+    }
     metrics: dict[str, Any] = {}
     for field in ("pressure_error_pct", "flowrate_error_pct"):
         values = np.array([errors[field] for errors in per_simulation.values()])

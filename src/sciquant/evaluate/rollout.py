@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sciquant.data.features import GraphTensors, Normalizer, branch_mask, node_features
+from sciquant.data.features import (
+    GraphTensors,
+    Normalizer,
+    branch_mask,
+    merge_graphs,
+    node_features,
+)
 
 #: model(node_features [N, 18], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -43,12 +49,13 @@ def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[
     pressure = graph.pressure[0].clone()
     flowrate = graph.flowrate[0].clone()
     inlet = graph.inlet
+    inlet_of_nodes = graph.inlet_of_nodes()
     num_branches = int(graph.branch_id.max()) + 1
     predicted_p = [pressure]
     predicted_q = [flowrate]
     ones = torch.ones(graph.num_nodes)
     for t in range(steps - 1):
-        next_inlet = graph.flowrate[t + 1][inlet][:1].expand(graph.num_nodes)
+        next_inlet = graph.flowrate[t + 1][inlet_of_nodes]
         x = node_features(graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet)
         delta = step(x, graph.edge_features, graph.edge_index)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
@@ -62,6 +69,21 @@ def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[
         norm.denormalize("pressure", torch.stack(predicted_p)),
         norm.denormalize("flowrate", torch.stack(predicted_q)),
     )
+
+
+def rollout_all(
+    step: StepFunction, graphs: list[GraphTensors], norm: Normalizer
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Roll out all samples at once as one disjoint graph; per sample (pressure, flow) [S, N].
+
+    Message passing never crosses between the samples' graphs, so this equals rolling each out
+    alone, at a fraction of the per-step overhead.
+    """
+    merged, parts = merge_graphs(graphs)
+    pressure, flowrate = rollout(step, merged, norm)
+    return [
+        (pressure[:steps, nodes].numpy(), flowrate[:steps, nodes].numpy()) for nodes, steps in parts
+    ]
 
 
 def relative_error(predicted: np.ndarray, exact: np.ndarray, mask: np.ndarray) -> float:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from sciquant.data.bloodflow import load_index  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer  # noqa: E402
-from sciquant.evaluate.rollout import StepFunction, rollout, rollout_errors  # noqa: E402
+from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
 from sciquant.quant.bloodflow import calibration_inputs  # noqa: E402
 from sciquant.quant.pytorch import calibrate, layer_names, quantize_model  # noqa: E402
 from sciquant.train.bloodflow import load_graphs, load_model  # noqa: E402
@@ -35,7 +35,8 @@ FIELDS = ("pressure_error_pct", "flowrate_error_pct")
 
 def mean_errors(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer) -> dict:
     """Mean rollout errors (%) over the graphs."""
-    errors = [rollout_errors(*(t.numpy() for t in rollout(step, g, norm)), g, norm) for g in graphs]
+    predictions = rollout_all(step, graphs, norm)
+    errors = [rollout_errors(p, q, g, norm) for g, (p, q) in zip(graphs, predictions, strict=True)]
     return {field: float(np.mean([e[field] for e in errors])) for field in FIELDS}
 
 
