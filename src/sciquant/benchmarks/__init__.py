@@ -1,0 +1,1 @@
+"""sciquant.benchmarks: micro-benchmarks of the model implementations."""
