@@ -65,7 +65,8 @@ def run(
     model, state = load_model(checkpoint)
     norm = Normalizer.from_statistics(state["statistics"])
     index = load_index(prepared)
-    judged = load_graphs(prepared, index["samples"]["valid"] or index["samples"]["train"][:2], norm)
+    validation = index["samples"]["valid"] or index["samples"]["train"][:2]
+    judged = load_graphs(prepared, validation[: options.get("simulations", 4)], norm)
     calibration = load_graphs(
         prepared, index["samples"]["train"][: settings.get("calibration_samples", 8)], norm
     )
