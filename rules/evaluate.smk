@@ -52,9 +52,6 @@ rule evaluate_fp32:
         " --threads {threads} --out {params.folder} > {log} 2>&1"
 
 
-ruleorder: evaluate_fp32 > evaluate_run
-
-
 rule evaluate_run:
     input:
         unpack(get_run_artifacts),
@@ -67,6 +64,9 @@ rule evaluate_run:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.log",
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
+    wildcard_constraints:
+        # FP32 runs have their own rules: no second candidate job per FP32 metrics.json
+        method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
@@ -84,3 +84,17 @@ rule evaluate_run:
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {threads} --out {params.folder} > {log} 2>&1"
+
+
+# The FP32 run of every swept target that runs FP32 natively (the speed-up baseline).
+use rule evaluate_run as evaluate_target_fp32 with:
+    output:
+        metrics="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/metrics.json",
+        pressure="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/pressure.png",
+        flowrate="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/flowrate.png",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/none/fp32/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/none/fp32/evaluate.tsv"
+    wildcard_constraints:
+        target=alternatives(study.fp32_targets()),

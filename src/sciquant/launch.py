@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,8 +183,8 @@ def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list
         ]
         if len(fp32) < len(runs):
             print(
-                f"evaluate: skipping {len(runs) - len(fp32)} quantized run(s): "
-                "only FP32 reference runs have an evaluation stage so far"
+                f"evaluate: skipping {len(runs) - len(fp32)} run(s) other than the FP32 "
+                "reference: quantization stages are not in `submit` yet (use Snakemake)"
             )
         for run in fp32:
             coordinates = {
@@ -221,6 +222,11 @@ def executor_parameters(
     elif spec.get("gpu"):
         model = f"{spec['gpu_model']}:" if spec.get("gpu_model") else ""
         extra["gres"] = f"gpu:{model}{spec['gpu']}"
+    for token in shlex.split(spec.get("slurm_extra", "")):  # verbatim sbatch arguments
+        if not token.startswith("--"):
+            raise SciquantError(f"nodes.{node}.slurm_extra: use --key=value forms ({token!r})")
+        key, _, value = token[2:].partition("=")
+        extra[key] = value or True
     params = {
         "name": f"sciquant-{stage}",
         "timeout_min": args.timeout_min or spec.get("runtime", runtime),

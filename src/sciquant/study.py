@@ -186,6 +186,7 @@ def check_semantics(config: dict[str, Any]) -> None:
             )
         embedded = source.get("embedded")
         if embedded is not None:
+            _check_simulator(name, embedded.get("parameters", {}))
             n_test = int(embedded.get("n_simulations", 24) * split.get("test", 0.2))
             if n_test < 1:
                 raise SciquantError(
@@ -219,6 +220,17 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key models.{name}.train.node: node type '{node}' has no entry in `nodes`; "
                 f"add nodes.{node} with its Slurm resources"
             )
+
+
+def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:
+    """Impossible simulator values (e.g. a range with min > max) fail the dry run, not the job."""
+    from sciquant.data.bloodflow_sim import params_from_mapping
+
+    try:
+        params_from_mapping(parameters)
+    except SciquantError as error:
+        key = f"config key datasets.{dataset}.source.embedded.parameters"
+        raise SciquantError(f"{key}: {error}") from None
 
 
 def _check_sweep(config: dict[str, Any]) -> None:
