@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from sciquant.data.vtp import Centerline, read_centerline
 from sciquant.errors import SciquantError
+from sciquant.provenance import write_json
 
 FORMAT_VERSION = 1
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
@@ -421,11 +422,7 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
         "edge_features": list(EDGE_FEATURES),
         "statistics": _statistics(collected),
     }
-    target = out / "index.json"
-    tmp = target.with_name("index.json.part")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, target)
-    return target
+    return write_json(out / "index.json", index)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -163,14 +163,14 @@ def download(
     part = target.with_name(target.name + ".part")
 
     if target.is_file():
-        if _sha256_of(target) == expected:
+        if sha256_of(target) == expected:
             return target
         logger.warning("%s does not have the expected sha256; downloading it again", target)
     _mkdir(target.parent)
 
     if scheme == "file":
         _copy_local(url, part)
-        actual = _sha256_of(part)
+        actual = sha256_of(part)
     else:
         own_session = session is None
         session = session or _new_session()
@@ -178,7 +178,7 @@ def download(
             transfer = _Transfer(url, part, session, retries, backoff_s, timeout_s, progress)
             from_earlier_run = part.is_file() and part.stat().st_size > 0
             transfer.run()
-            actual = _sha256_of(part)
+            actual = sha256_of(part)
             if actual != expected and from_earlier_run:
                 # The .part may come from another version of the file (the URL or the file on the
                 # server changed since the interrupted run); one clean download settles it.
@@ -189,7 +189,7 @@ def download(
                 )
                 part.unlink()
                 transfer.run()
-                actual = _sha256_of(part)
+                actual = sha256_of(part)
         finally:
             if own_session:
                 session.close()
@@ -503,7 +503,8 @@ def _copy_local(url: str, part: Path) -> None:
         raise SciquantError(f"Cannot copy {source} to {part}: {exc}.") from exc
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """SHA-256 hex digest of a file; SciquantError naming it if it cannot be read."""
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()

@@ -6,22 +6,13 @@ workflow reruns the stage instead of reading half a dataset.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from sciquant.data.download import sha256_of
+from sciquant.provenance import write_json
+
 MANIFEST = "manifest.json"
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(raw: Path, source: dict[str, Any]) -> Path:
@@ -35,8 +26,4 @@ def write_manifest(raw: Path, source: dict[str, Any]) -> Path:
         for path in sorted(raw.rglob("*"))
         if path.is_file() and path.name != MANIFEST and not path.name.endswith(".part")
     ]
-    target = raw / MANIFEST
-    tmp = target.with_name(MANIFEST + ".part")
-    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1))
-    os.replace(tmp, target)
-    return target
+    return write_json(raw / MANIFEST, {"source": source, "files": files})

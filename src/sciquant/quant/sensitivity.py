@@ -11,8 +11,6 @@ like every other run, precision label `mixed`) are not selected on.
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch  # noqa: E402
 from sciquant.data.bloodflow import load_index  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer  # noqa: E402
 from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
+from sciquant.provenance import write_json  # noqa: E402
 from sciquant.quant.bloodflow import calibration_inputs  # noqa: E402
 from sciquant.quant.pytorch import calibrate, layer_names, quantize_model  # noqa: E402
 from sciquant.train.bloodflow import load_graphs, load_model  # noqa: E402
@@ -125,10 +124,7 @@ def run(
         "lowered_layers": lowered,
         "layer_precisions": assignment,
     }
-    path = out / "recommendation.json"
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(recommendation, indent=1))
-    os.replace(tmp, path)
+    path = write_json(out / "recommendation.json", recommendation)
     print(f"{len(lowered)} of {len(names)} layers at {low}, the rest {high}: {combined}")
     return path
 
