@@ -29,6 +29,16 @@ def dataset_names(source=None):
     )
 
 
+def datasets_of(workload):
+    """Names of the datasets of a workload (`bloodflow` or `md`)."""
+    return [name for name in dataset_names() if study.workload(name) == workload]
+
+
+def models_of(framework):
+    """Names of the models of a framework (`torch` or `keras`)."""
+    return [name for name in sorted(study.models) if study.framework(name) == framework]
+
+
 def alternatives(names):
     """A wildcard regex matching exactly these names (one that matches nothing if empty)."""
     return "|".join(names) if names else "(?!x)x"
@@ -157,6 +167,16 @@ def get_run_artifacts(wildcards):
     return artifacts
 
 
+def get_keras_artifacts(wildcards):
+    """A Keras run's input: the FP32 model.keras, or the run's quantization.json."""
+    run = run_of(wildcards)
+    if (run.target, run.method, run.precision) == ("reference", "none", "fp32"):
+        return {
+            "artifact": f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32/model.keras"
+        }
+    return {"artifact": f"{run.folder}/quantization.json"}
+
+
 def get_runtime_arguments(wildcards, input):
     """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label."""
     flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
@@ -178,23 +198,44 @@ def get_train_node(wildcards):
     return get_model(wildcards)["train"]["node"]
 
 
-def get_node_resource(key, default=None):
-    """A resource function for rules whose node depends on the model wildcard."""
+def get_run_node(wildcards):
+    """The node type a run's evaluation needs: its target's (`cpu` for reference/CPU targets)."""
+    return study.node(run_of(wildcards))
+
+
+def get_node_resource(key, default=None, node_of=get_train_node):
+    """A resource function for rules whose node depends on the wildcards (the model's training
+    node by default; `node_of=get_run_node` for evaluations, which run on their target's node).
+    """
 
     def resource(wildcards):
-        return node_resources(get_train_node(wildcards)).get(key, default)
+        return node_resources(node_of(wildcards)).get(key, default)
 
     return resource
 
 
-def scaled(key, base, node=None):
+def run_node_resources():
+    """Slurm resources of an evaluation job: those of its target's node type, per run."""
+    defaults = {"slurm_partition": "", "constraint": "", "gpu": 0, "gpu_model": ""}
+    for spec in config["nodes"].values():
+        for key in spec:
+            if key not in defaults and key not in ("mem_mb", "runtime"):
+                defaults[key] = config["threads"] if key == "cpus_per_task" else ""
+    return {
+        key: get_node_resource(key, default, node_of=get_run_node)
+        for key, default in defaults.items()
+    }
+
+
+def scaled(key, base, node=None, node_of=get_train_node):
     """`mem_mb` / `runtime` that grow with the attempt, so `--retries` asks for more each time.
 
-    The node type's value in `nodes` (or `base`) is the first attempt's.
+    The node type's value in `nodes` (or `base`) is the first attempt's; the node is `node`, or
+    the one `node_of(wildcards)` names.
     """
 
     def resource(wildcards, attempt):
-        chosen = node if node is not None else get_train_node(wildcards)
+        chosen = node if node is not None else node_of(wildcards)
         return config["nodes"].get(chosen, {}).get(key, base) * attempt
 
     return resource
@@ -208,22 +249,22 @@ def get_all_metrics():
 def get_report_figures():
     """Rollout figures of the first seed's FP32 reference run of each dataset × model."""
     first_seed = min(config["seeds"])
+    fields = {"bloodflow": ("pressure", "flowrate"), "md": ("confusion",)}
     return [
         f"{run.folder}/{field}.png"
         for run in study.runs()
         if (run.seed, run.target, run.method, run.precision)
         == (first_seed, "reference", "none", "fp32")
-        for field in ("pressure", "flowrate")
+        for field in fields[study.workload(run.dataset)]
     ]
 
 
 def get_sensitivity_tables():
     """Every training's per-layer sensitivity table (empty without a sensitivity analysis)."""
-    if not study.sensitivity():
-        return []
     return [
         f"{t.folder.rsplit('/', 1)[0]}/sensitivity/sensitivity.csv"
         for t in study.trainings()
+        if study.has_sensitivity(t.model)
     ]
 
 

@@ -17,9 +17,10 @@ rule synthesize:
         mem_mb=scaled("mem_mb", 2000, node="cpu"),
         runtime=scaled("runtime", 30, node="cpu"),
     params:
+        workload=lambda wildcards: study.workload(wildcards.dataset),
         settings=get_simulation_params,
     shell:
-        "sciquant synthesize bloodflow --settings {params.settings:q}"
+        "sciquant synthesize {params.workload} --settings {params.settings:q}"
         " --out resources/{wildcards.dataset}/raw > {log} 2>&1"
 
 
@@ -53,6 +54,8 @@ rule prepare:
         "logs/{dataset}/prepare.log",
     benchmark:
         "benchmarks/{dataset}/prepare.tsv"
+    wildcard_constraints:
+        dataset=alternatives(datasets_of("bloodflow")),
     conda:
         "../envs/torch.yaml"
     resources:
@@ -73,6 +76,8 @@ rule overview:
         "results/{dataset}/overview.png",
     log:
         "logs/{dataset}/overview.log",
+    wildcard_constraints:
+        dataset=alternatives(datasets_of("bloodflow")),
     conda:
         "../envs/torch.yaml"
     resources:
@@ -82,3 +87,49 @@ rule overview:
     shell:
         "sciquant overview bloodflow --raw resources/{wildcards.dataset}/raw"
         " --out {output} > {log} 2>&1"
+
+
+# md workload: trajectories → ICNNMD pixel maps (time-block splits), and an overview figure.
+rule prepare_md:
+    input:
+        "resources/{dataset}/raw/manifest.json",
+    output:
+        index="results/{dataset}/prepared/index.json",
+        pixelmaps="results/{dataset}/prepared/pixelmaps.npz",
+    log:
+        "logs/{dataset}/prepare.log",
+    benchmark:
+        "benchmarks/{dataset}/prepare.tsv"
+    wildcard_constraints:
+        dataset=alternatives(datasets_of("md")),
+    conda:
+        "../envs/tensorflow.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 30, node="cpu"),
+    params:
+        settings=get_prepare_params,
+    shell:
+        "sciquant prepare md --raw resources/{wildcards.dataset}/raw"
+        " --settings {params.settings:q} --out results/{wildcards.dataset}/prepared > {log} 2>&1"
+
+
+rule overview_md:
+    input:
+        "results/{dataset}/prepared/pixelmaps.npz",
+    output:
+        "results/{dataset}/overview.png",
+    log:
+        "logs/{dataset}/overview.log",
+    wildcard_constraints:
+        dataset=alternatives(datasets_of("md")),
+    conda:
+        "../envs/tensorflow.yaml"
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    shell:
+        "sciquant overview md --raw resources/{wildcards.dataset}/raw"
+        " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"

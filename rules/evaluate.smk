@@ -34,6 +34,8 @@ rule evaluate_fp32:
         "logs/{dataset}/{model}/seed{seed}/reference/none/fp32/evaluate.log",
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/reference/none/fp32/evaluate.tsv"
+    wildcard_constraints:
+        model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
@@ -65,15 +67,16 @@ rule evaluate_run:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
     wildcard_constraints:
+        model=alternatives(models_of("torch")),
         # FP32 runs have their own rules: no second candidate job per FP32 metrics.json
         method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 60, node="cpu"),
+        **run_node_resources(),
+        mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
+        runtime=scaled("runtime", 60, node_of=get_run_node),
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
@@ -97,4 +100,39 @@ use rule evaluate_run as evaluate_target_fp32 with:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/none/fp32/evaluate.tsv"
     wildcard_constraints:
+        model=alternatives(models_of("torch")),
         target=alternatives(study.fp32_targets()),
+
+
+# Keras classifiers (md datasets): accuracy, F1, confusion matrix and batch-1 latency of every
+# run, FP32 reference included, on its runtime (Keras eager / fake-quant, or LiteRT).
+rule evaluate_md:
+    input:
+        unpack(get_keras_artifacts),
+        pixelmaps="results/{dataset}/prepared/pixelmaps.npz",
+    output:
+        metrics="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/metrics.json",
+        confusion="results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/confusion.png",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
+    wildcard_constraints:
+        model=alternatives(models_of("keras")),
+    conda:
+        "../envs/tensorflow.yaml"
+    threads: config["threads"]
+    resources:
+        **run_node_resources(),
+        mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
+        runtime=scaled("runtime", 30, node_of=get_run_node),
+    params:
+        settings=get_evaluate_params,
+        coordinates=get_run_coordinates,
+        runtime=get_runtime_arguments,
+        folder=subpath(output.metrics, parent=True),
+    shell:
+        "sciquant evaluate --checkpoint {input.artifact} {params.runtime}"
+        " --prepared results/{wildcards.dataset}/prepared"
+        " --settings {params.settings:q} --coordinates {params.coordinates:q}"
+        " --threads {threads} --out {params.folder} > {log} 2>&1"

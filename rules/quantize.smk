@@ -34,6 +34,8 @@ rule sensitivity:
         "logs/{dataset}/{model}/seed{seed}/sensitivity.log",
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/sensitivity.tsv"
+    wildcard_constraints:
+        model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
@@ -61,6 +63,7 @@ rule quantize:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
     wildcard_constraints:
+        model=alternatives(models_of("torch")),
         method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
@@ -90,6 +93,7 @@ rule export_onnx:
     log:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/export.log",
     wildcard_constraints:
+        model=alternatives(models_of("torch")),
         method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
@@ -109,6 +113,8 @@ rule export_fp32_onnx:
         "results/{dataset}/{model}/seed{seed}/{target}/none/fp32/model.onnx",
     log:
         "logs/{dataset}/{model}/seed{seed}/{target}/none/fp32/export.log",
+    wildcard_constraints:
+        model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
     resources:
@@ -117,3 +123,35 @@ rule export_fp32_onnx:
         runtime=scaled("runtime", 10, node="cpu"),
     shell:
         "sciquant export --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
+
+
+# Keras models: PTQ / QAT / conversion per run (every run but the FP32 reference). The artifact
+# (model.keras for fake-quant simulation, model.tflite for LiteRT) is named in quantization.json.
+rule quantize_keras:
+    input:
+        model="results/{dataset}/{model}/seed{seed}/fp32/model.keras",
+        pixelmaps="results/{dataset}/prepared/pixelmaps.npz",
+    output:
+        "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantization.json",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
+    wildcard_constraints:
+        model=alternatives(models_of("keras")),
+    conda:
+        "../envs/tensorflow.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 4000, node="cpu"),
+        runtime=scaled("runtime", 30, node="cpu"),
+    params:
+        settings=get_quantize_params,
+        folder=subpath(output[0], parent=True),
+    shell:
+        "sciquant quantize --checkpoint {input.model}"
+        " --prepared results/{wildcards.dataset}/prepared --target {wildcards.target}"
+        " --method {wildcards.method} --precision {wildcards.precision}"
+        " --settings {params.settings:q} --seed {wildcards.seed} --threads {threads}"
+        " --out {params.folder} > {log} 2>&1"

@@ -105,7 +105,7 @@ CASES = [
     # quantization sweeps: unknown or impossible combinations, missing nodes
     ("target-unknown", sweep(targets=["tpu-v5"]),
      "config key quantize.sweeps.0.targets.0: 'tpu-v5' is not one of"),
-    ("method-none", sweep(methods=["none"]), "config key quantize.sweeps.0.methods.0: 'none'"),
+    ("method-none", sweep(methods=["none"]), "config key quantize.sweeps.0.methods: `none`"),
     ("precision-int8", sweep(precisions=["int8"]), "quantize.sweeps.0.precisions.0: 'int8'"),
     ("fp16-on-cpu-x86", sweep(precisions=["fp16"]),
      "config key quantize.sweeps.0: target 'cpu-x86' cannot run precision fp16"),

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize = commands.add_parser(
         "synthesize", help="write the embedded dataset (simulated, in the real raw format)"
     )
-    synthesize.add_argument("workload", choices=["bloodflow"])
-    _add_settings(synthesize, "simulator settings (n_simulations, seed, parameters)")
+    synthesize.add_argument("workload", choices=["bloodflow", "md"])
+    _add_settings(
+        synthesize,
+        "simulator settings (bloodflow: n_simulations, seed, parameters; md: n_beads, frames,"
+        " seed)",
+    )
     synthesize.add_argument("--out", type=Path, required=True, help="raw data folder to write")
 
     fetch = commands.add_parser("fetch", help="download raw files by URL, verify sha256, unpack")
@@ -53,19 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--files",
         type=_json_argument,
         required=True,
-        help='JSON list of {"url", "sha256", "name"?, "extract"?}',
+        help='JSON list of {"url", "sha256", "name"?, "extract"?} (md files also "role", "label")',
     )
     fetch.add_argument("--out", type=Path, required=True, help="raw data folder to write")
 
-    prepare = commands.add_parser("prepare", help="raw files → graph samples, splits, statistics")
-    prepare.add_argument("workload", choices=["bloodflow"])
-    prepare.add_argument("--raw", type=Path, required=True, help="raw data folder (with vtps/)")
+    prepare = commands.add_parser(
+        "prepare", help="raw files → graph samples (bloodflow) or pixel maps (md), splits"
+    )
+    prepare.add_argument("workload", choices=["bloodflow", "md"])
+    prepare.add_argument(
+        "--raw",
+        type=Path,
+        required=True,
+        help="raw data folder (bloodflow: with vtps/; md: topology + trajectories + manifest.json)",
+    )
     _add_settings(prepare, "preparation settings")
     prepare.add_argument("--out", type=Path, required=True, help="prepared data folder to write")
 
-    overview = commands.add_parser("overview", help="figure of the raw data (inlet and outlets)")
-    overview.add_argument("workload", choices=["bloodflow"])
-    overview.add_argument("--raw", type=Path, required=True, help="raw data folder (with vtps/)")
+    overview = commands.add_parser(
+        "overview", help="figure of the data (bloodflow: inlet and outlets; md: pixel maps)"
+    )
+    overview.add_argument("workload", choices=["bloodflow", "md"])
+    overview.add_argument("--raw", type=Path, required=True, help="raw data folder")
+    overview.add_argument(
+        "--prepared", type=Path, default=None, help="prepared data folder (md: the pixel maps)"
+    )
     overview.add_argument("--out", type=Path, required=True, help="PNG file to write")
     overview.add_argument("--simulations", type=int, default=4, help="simulations to plot")
 
@@ -76,8 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="torch threads")
     train.add_argument("--out", type=Path, required=True, help="training folder to write")
 
-    evaluate = commands.add_parser("evaluate", help="roll out the test simulations, write metrics")
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="roll out the test simulations (bloodflow) or classify the test frames (md); metrics",
+    )
+    evaluate.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint.pt / quantized.pt, or model.keras / a run's quantization.json (md)",
+    )
     evaluate.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     _add_settings(evaluate, "evaluation settings")
     evaluate.add_argument(
@@ -95,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser(
         "quantize", help="PTQ or QAT of a trained model for a target, method and precision"
     )
-    quantize.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
+    quantize.add_argument(
+        "--checkpoint", type=Path, required=True, help="FP32 checkpoint.pt or model.keras"
+    )
     quantize.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     quantize.add_argument("--target", required=True, help="hardware target (e.g. cpu-x86)")
     quantize.add_argument("--method", required=True, help="e.g. ptq-mse, qat-lsq")
@@ -161,10 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path)
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("what", choices=["mgn", "aggregate", "report", "dryrun"])
+    bench.add_argument("what", choices=["mgn", "rollout", "cnn", "aggregate", "report", "dryrun"])
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up")
     bench.add_argument("--runs", type=int, default=1000, help="runs of the generated study")
     bench.add_argument("--threads", type=int, default=None, help="torch threads")
+    bench.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="rollout: prepared bloodflow data (its test simulations; default random trees)",
+    )
+    bench.add_argument(
+        "--checkpoint", type=Path, default=None, help="rollout: FP32 checkpoint.pt to time"
+    )
+    bench.add_argument(
+        "--work-dir", type=Path, default=None, help="rollout: where ONNX exports are kept"
+    )
 
     from sciquant.launch import add_submit_parser
 
@@ -174,7 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Dispatch to the stage function (imported here so `--help` stays fast)."""
-    if args.command == "synthesize":
+    if args.command == "synthesize" and args.workload == "md":
+        from sciquant.data import md_sim
+        from sciquant.data.manifest import write_manifest
+
+        settings = dict(args.settings)
+        md_sim.synthesize(
+            args.out,
+            n_beads=settings.get("n_beads", 96),
+            frames=settings.get("frames", 600),
+            seed=settings.get("seed", 0),
+        )
+        write_manifest(args.out, source={"embedded": settings})
+    elif args.command == "synthesize":
         from sciquant.data import bloodflow_sim
 
         settings = dict(args.settings)
@@ -192,23 +242,60 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.data.download import RemoteFile, fetch
         from sciquant.data.manifest import write_manifest
 
-        files = [RemoteFile(**spec) for spec in args.files]
+        fields = ("url", "sha256", "name", "extract")
+        files = [
+            RemoteFile(**{k: v for k, v in spec.items() if k in fields}) for spec in args.files
+        ]
         fetch(files, args.out)
         write_manifest(args.out, source={"files": args.files})
+    elif args.command == "prepare" and args.workload == "md":
+        _prepare_md(args.raw, args.out, dict(args.settings))
     elif args.command == "prepare":
         from sciquant.data import bloodflow
 
         bloodflow.prepare(args.raw, args.out, bloodflow.PrepareSettings(**args.settings))
+    elif args.command == "overview" and args.workload == "md":
+        from sciquant.data import overview
+
+        if args.prepared is None:
+            raise SciquantError("overview md: give --prepared (the folder with pixelmaps.npz)")
+        overview.plot_md(args.prepared, args.out)
     elif args.command == "overview":
         from sciquant.data import overview
 
         overview.plot_bloodflow(args.raw, args.out, n_simulations=args.simulations)
+    elif args.command == "train" and args.settings.get("architecture") == "icnnmd":
+        from sciquant.train import md as train_md
+
+        train = args.settings.get("train", {})
+        train_md.run(
+            args.prepared, args.out, epochs=train.get("epochs", 5),
+            batch_size=train.get("batch_size", 128),
+            learning_rate=train.get("learning_rate", 1e-4), seed=args.seed,
+            folds=train.get("folds", 0), threads=args.threads,
+        )  # fmt: skip
     elif args.command == "train":
         from sciquant.train import bloodflow as train_bloodflow
 
         train_bloodflow.run(
             args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads
         )
+    elif args.command == "evaluate" and _is_keras_artifact(args.checkpoint):
+        from sciquant.evaluate import md as evaluate_md
+
+        artifact = args.checkpoint
+        if artifact.suffix == ".json":
+            from sciquant.quant.md import artifact_for
+
+            artifact = artifact_for(artifact.parent)
+        coordinates = dict(args.coordinates)
+        study = coordinates.pop("study", None)
+        config_hash = coordinates.pop("config_hash", None)
+        evaluate_md.run(
+            args.prepared, artifact, args.out / "metrics.json", coordinates=coordinates,
+            simulated=args.simulated, repeats=args.settings.get("latency_repeats", 100),
+            threads=args.threads, study=study, config_hash=config_hash,
+        )  # fmt: skip
     elif args.command == "evaluate":
         from sciquant.evaluate import bloodflow as evaluate_bloodflow
 
@@ -222,6 +309,19 @@ def run(args: argparse.Namespace) -> None:
             onnx=args.onnx,
             simulated=args.simulated,
         )
+    elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
+        from sciquant.quant import md as quantize_md
+
+        section = args.settings.get("quantize", {})
+        qat = section.get("qat", {})
+        quantize_md.run(
+            args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
+            precision=args.precision,
+            calibration_samples=section.get("calibration_frames", 256),
+            qat_epochs=qat.get("epochs", 2), qat_learning_rate=qat.get("learning_rate", 1e-4),
+            batch_size=args.settings.get("model", {}).get("train", {}).get("batch_size", 128),
+            seed=args.seed, threads=args.threads,
+        )  # fmt: skip
     elif args.command == "quantize":
         from sciquant.quant import bloodflow as quantize_bloodflow
 
@@ -257,6 +357,19 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.benchmarks import mgn
 
         print(mgn.format_table(mgn.run(repeats=args.repeats, threads=args.threads)))
+    elif args.command == "bench" and args.what == "rollout":
+        from sciquant.benchmarks import rollout
+
+        rows = rollout.run(
+            prepared=args.prepared, checkpoint=args.checkpoint,
+            repeats=args.repeats if args.repeats != 20 else 10, threads=args.threads or 1,
+            work_dir=args.work_dir,
+        )  # fmt: skip
+        print(rollout.format_table(rows))
+    elif args.command == "bench" and args.what == "cnn":
+        from sciquant.benchmarks import cnn
+
+        print(cnn.format_table(cnn.run(repeats=max(args.repeats, 50), threads=args.threads or 1)))
     elif args.command == "bench" and args.what == "dryrun":
         from sciquant.benchmarks import dryrun
 
@@ -270,6 +383,42 @@ def run(args: argparse.Namespace) -> None:
 
         measure = cube.bench_aggregate if args.what == "aggregate" else html.bench_report
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
+
+
+def _is_keras_artifact(path: Path) -> bool:
+    """A Keras model, a LiteRT flatbuffer, or a Keras run's quantization.json (md workload)."""
+    return path.suffix in (".keras", ".tflite") or path.name == "quantization.json"
+
+
+def _prepare_md(raw: Path, out: Path, settings: dict) -> None:
+    """Prepare an md dataset: the embedded simulation's dataset_info.json lists its files and
+    labels; a download lists them in manifest.json (the config's `role` and `label`)."""
+    from sciquant.data import md
+
+    split = settings.get("split", {})
+    options = {
+        "selection": settings.get("selection", "all"),
+        "frames_per_trajectory": settings.get("frames_per_trajectory", 100),
+        "split": tuple(split.get(k, d) for k, d in (("train", 0.7), ("valid", 0.1), ("test", 0.2))),
+        "gap": settings.get("gap", 5),
+    }
+    if (raw / "dataset_info.json").is_file():
+        md.prepare_from_info(raw, out, **options)
+        return
+    manifest = raw / "manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["source"]["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SciquantError(
+            f"{manifest}: cannot read the list of downloaded files ({error}); rerun fetch"
+        ) from None
+
+    def local(spec: dict) -> Path:
+        return raw / (spec.get("name") or spec["url"].rstrip("/").rsplit("/", 1)[-1])
+
+    topology = next(local(f) for f in files if f["role"] == "topology")
+    trajectories = [(local(f), int(f["label"])) for f in files if f["role"] == "trajectory"]
+    md.prepare(topology, trajectories, out, **options)
 
 
 FAULT_VARIABLE = "SCIQUANT_FAIL_STAGE"

@@ -22,8 +22,8 @@ from sciquant.quant.targets import Plan, get_target
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 #: Which model architectures can learn which workloads, and in which framework.
-ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",)}
-ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch"}
+ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",), "icnnmd": ("md",)}
+ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch", "icnnmd": "keras"}
 #: Precision label of the run that evaluates the sensitivity analysis' mixed assignment.
 MIXED = "mixed"
 QUANTIZATION_METHODS = (
@@ -95,19 +95,30 @@ class Study:
                 for seed in self.config["seeds"]:
                     yield Training(dataset=dataset, model=model, seed=seed)
 
-    def quantization_sweep(self) -> list[tuple[str, str, str]]:
-        """(target, method, precision) of every sweep entry, in config order, without repeats."""
+    def framework(self, model: str) -> str:
+        """`torch` or `keras`: the framework of a model's architecture."""
+        return ARCHITECTURE_FRAMEWORK[self.models[model]["architecture"]]
+
+    def workload(self, dataset: str) -> str:
+        """`bloodflow` or `md`."""
+        return self.datasets[dataset]["workload"]
+
+    def quantization_sweep(self, model: str | None = None) -> list[tuple[str, str, str]]:
+        """(target, method, precision) of every sweep entry (for `model`: the entries that apply
+        to it), in config order, without repeats."""
         combos: dict[tuple[str, str, str], None] = {}
         for entry in self.config.get("quantize", {}).get("sweeps", []):
+            if model is not None and model not in entry.get("models", self.models):
+                continue
             for target in entry["targets"]:
                 for method in entry["methods"]:
                     for precision in entry["precisions"]:
                         combos[(target, method, precision)] = None
         return list(combos)
 
-    def fp32_targets(self) -> list[str]:
+    def fp32_targets(self, model: str | None = None) -> list[str]:
         """Swept targets that run FP32 themselves; each gets an FP32 run (the speed-up base)."""
-        targets = dict.fromkeys(target for target, _, _ in self.quantization_sweep())
+        targets = dict.fromkeys(target for target, _, _ in self.quantization_sweep(model))
         return [
             name
             for name in targets
@@ -119,15 +130,19 @@ class Study:
         runs = []
         for t in self.trainings():
             runs.append(Run(t.dataset, t.model, t.seed, "reference", "none", "fp32"))
-            for target in self.fp32_targets():
+            for target in self.fp32_targets(t.model):
                 runs.append(Run(t.dataset, t.model, t.seed, target, "none", "fp32"))
-            for target, method, precision in self.quantization_sweep():
+            for target, method, precision in self.quantization_sweep(t.model):
                 runs.append(Run(t.dataset, t.model, t.seed, target, method, precision))
-            sensitivity = self.sensitivity()
-            if sensitivity:
+            if self.has_sensitivity(t.model):
+                sensitivity = self.sensitivity()
                 target, method = sensitivity["target"], sensitivity["method"]
                 runs.append(Run(t.dataset, t.model, t.seed, target, method, MIXED))
         return runs
+
+    def has_sensitivity(self, model: str) -> bool:
+        """Whether the model gets a sensitivity analysis (asked for, and a PyTorch model)."""
+        return bool(self.sensitivity()) and self.framework(model) == "torch"
 
     def sensitivity(self) -> dict[str, Any] | None:
         """The sensitivity analysis settings (defaults filled), or None when not asked for."""
@@ -138,7 +153,7 @@ class Study:
 
         A `mixed` run is planned as its low precision: native only if that one is.
         """
-        framework = ARCHITECTURE_FRAMEWORK[self.models[run.model]["architecture"]]
+        framework = self.framework(run.model)
         precision = run.precision
         if precision == MIXED:
             precision = self.sensitivity()["precision"]
@@ -184,6 +199,9 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key datasets.{name}.source.files: two files would be saved as "
                 f"{', '.join(duplicates)}; give them distinct `name`s"
             )
+        if dataset.get("workload") == "md":
+            _check_md_dataset(name, dataset)
+            continue
         embedded = source.get("embedded")
         if embedded is not None:
             _check_simulator(name, embedded.get("parameters", {}))
@@ -222,6 +240,48 @@ def check_semantics(config: dict[str, Any]) -> None:
             )
 
 
+def _check_md_dataset(name: str, dataset: dict[str, Any]) -> None:
+    """An md dataset needs one topology and labelled trajectories of at least two states, and
+    enough frames per trajectory for every split."""
+    key = f"config key datasets.{name}"
+    files = dataset["source"].get("files")
+    if files is not None:
+        topologies = [f for f in files if f["role"] == "topology"]
+        if len(topologies) != 1:
+            raise SciquantError(
+                f"{key}.source.files: exactly one file needs `role: topology` "
+                f"(found {len(topologies)})"
+            )
+        for i, entry in enumerate(files):
+            if entry["role"] == "trajectory" and "label" not in entry:
+                raise SciquantError(
+                    f"{key}.source.files.{i}.label: a trajectory needs its state label (0, 1, ...)"
+                )
+        labels = {f["label"] for f in files if f["role"] == "trajectory"}
+        if len(labels) < 2:
+            raise SciquantError(
+                f"{key}.source.files: trajectories of at least two labels are needed to classify "
+                f"states (found labels {sorted(labels)})"
+            )
+    prepare = dataset.get("prepare", {})
+    frames = prepare.get("frames_per_trajectory", 100)
+    embedded = dataset["source"].get("embedded")
+    if embedded is not None and frames > embedded.get("frames", 600):
+        raise SciquantError(
+            f"{key}.prepare.frames_per_trajectory: {frames} frames asked, but the embedded "
+            f"simulation writes {embedded.get('frames', 600)} per trajectory; lower it or raise "
+            f"{key}.source.embedded.frames"
+        )
+    if frames:
+        split = prepare.get("split", {})
+        usable = frames - 2 * prepare.get("gap", 5)
+        if min(split.get("train", 0.7), split.get("test", 0.2)) * usable < 1:
+            raise SciquantError(
+                f"{key}.prepare.frames_per_trajectory: {frames} frames leave no frame for a split "
+                f"after the gaps of {prepare.get('gap', 5)} frames; raise it or lower `gap`"
+            )
+
+
 def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:
     """Impossible simulator values (e.g. a range with min > max) fail the dry run, not the job."""
     from sciquant.data.bloodflow_sim import params_from_mapping
@@ -234,13 +294,20 @@ def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:
 
 
 def _check_sweep(config: dict[str, Any]) -> None:
-    """Every (target, precision) must be runnable for every model's framework; nodes must exist."""
+    """Every (target, precision) must be runnable for each model the entry applies to; nodes
+    and models must exist."""
     nodes = config.get("nodes", {})
-    frameworks = {
-        ARCHITECTURE_FRAMEWORK[m["architecture"]] for m in config.get("models", {}).values()
-    }
+    models = config.get("models", {})
     for i, entry in enumerate(config.get("quantize", {}).get("sweeps", [])):
         key = f"config key quantize.sweeps.{i}"
+        for model in entry.get("models", []):
+            if model not in models:
+                raise SciquantError(
+                    f"{key}.models: unknown model '{model}'; defined models are: "
+                    f"{', '.join(sorted(models)) or 'none'}"
+                )
+        chosen = entry.get("models", sorted(models))
+        frameworks = {ARCHITECTURE_FRAMEWORK[models[m]["architecture"]]: m for m in chosen}
         for target_name in entry["targets"]:
             target = get_target(target_name)
             node = target.node or "cpu"
@@ -250,22 +317,30 @@ def _check_sweep(config: dict[str, Any]) -> None:
                     f"no entry in `nodes`; add nodes.{node} with its Slurm resources"
                 )
             for precision in entry["precisions"]:
-                for framework in frameworks:
+                for framework, model in sorted(frameworks.items()):
                     try:
                         target.plan(precision, framework)
                     except SciquantError as error:
-                        raise SciquantError(f"{key}: {error}") from None
-        if "none" in entry["methods"]:
-            raise SciquantError(f"{key}.methods: `none` is the FP32 baseline, always included")
+                        hint = (
+                            "" if "models" in entry
+                            else f" (the entry applies to every model, {model} included; "
+                            "list the ones it is for under `models`)"
+                        )  # fmt: skip
+                        raise SciquantError(f"{key}: {error}{hint}") from None
+        integer = [p for p in entry["precisions"] if p != "fp16"]
+        if "none" in entry["methods"] and integer:
+            raise SciquantError(
+                f"{key}.methods: `none` (no ranges, a plain cast) goes with fp16 only, not with "
+                f"{', '.join(integer)}; the FP32 baseline is always included"
+            )
     sensitivity = config.get("quantize", {}).get("sensitivity")
     if sensitivity:
         target = get_target(sensitivity.get("target", "reference"))
         for key in ("precision", "fallback"):
-            for framework in frameworks:
-                try:
-                    target.plan(sensitivity.get(key, "w4a8"), framework)
-                except SciquantError as error:
-                    raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
+            try:
+                target.plan(sensitivity.get(key, "w4a8"), "torch")
+            except SciquantError as error:
+                raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

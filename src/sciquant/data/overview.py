@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sciquant.data.bloodflow import INLET, OUTLET, find_vtps, load_simulation, point_types  # noqa: E402
+from sciquant.errors import SciquantError  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
 
@@ -39,6 +40,48 @@ def plot_bloodflow(raw: Path, out: Path, n_simulations: int = 4) -> Path:
     axes[1, 0].set_ylabel("flow rate [mL/s]")
     axes[0, 0].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{raw}: inlet (black) and outlets over one cardiac cycle", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_md(prepared: Path, out: Path) -> Path:
+    """The pixel maps of an md dataset: one frame and the mean map per state, and how far apart
+    the states' mean maps are, pixel by pixel (what the CNN has to pick up)."""
+    path = prepared / "pixelmaps.npz"
+    try:
+        with np.load(path) as data:
+            x, y, split = data["x"], data["y"], data["split"]
+    except (OSError, KeyError, ValueError) as error:
+        raise SciquantError(f"{path}: cannot read pixel maps ({error}); rerun prepare") from None
+    labels = sorted(int(label) for label in np.unique(y))
+    fig, axes = plt.subplots(2, len(labels) + 1, figsize=(3.0 * (len(labels) + 1), 6.0))
+    means = {}
+    for column, label in enumerate(labels):
+        frames = x[y == label]
+        means[label] = frames.mean(axis=0)
+        axes[0, column].imshow(frames[0], interpolation="nearest")
+        axes[0, column].set_title(f"state {label}: first frame", fontsize=9)
+        axes[1, column].imshow(means[label], interpolation="nearest")
+        counts = ", ".join(
+            f"{name} {int(np.sum((y == label) & (split == code)))}"
+            for code, name in enumerate(("train", "val", "test"))
+        )
+        axes[1, column].set_title(f"state {label}: mean ({counts})", fontsize=8)
+    difference = np.abs(means[labels[-1]] - means[labels[0]]).sum(axis=-1)
+    image = axes[1, -1].imshow(difference, cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=axes[1, -1], fraction=0.046)
+    axes[1, -1].set_title(f"|mean {labels[-1]} − mean {labels[0]}| (RGB sum)", fontsize=8)
+    spread = x.reshape(len(x), -1).std(axis=0).reshape(x.shape[1:]).sum(axis=-1)
+    image = axes[0, -1].imshow(spread, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=axes[0, -1], fraction=0.046)
+    axes[0, -1].set_title("std over all frames (RGB sum)", fontsize=8)
+    for axis in axes.ravel():
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.suptitle(f"{prepared}: ICNNMD pixel maps, {len(x)} frames, grid {x.shape[1]}", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -32,8 +32,10 @@ def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
 
 
 def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int):
-    """Median and spread of the wall time to roll out all test simulations, after one warm-up."""
-    rollout_all(step, graphs, norm)
+    """Median and spread of the wall time to roll out all test simulations.
+
+    The caller has rolled them out once already (the accuracy rollout): that is the warm-up.
+    """
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -52,7 +54,8 @@ def evaluate_step(
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
     """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing.
 
-    All test simulations are rolled out together as one disjoint graph (one step for all).
+    All test simulations are rolled out together as one disjoint graph (one step for all); the
+    accuracy rollout is the timing's warm-up.
     """
     predictions = rollout_all(step, graphs, norm)
     per_simulation = {

@@ -32,7 +32,14 @@ from torch import Tensor
 
 from sciquant.errors import SciquantError
 
-__all__ = ["INTEGER_OPS", "OrtStep", "cpu_has_vnni", "integer_kernels", "kernel_summary"]
+__all__ = [
+    "INTEGER_OPS",
+    "OrtStep",
+    "cpu_has_vnni",
+    "has_reducing_scatter",
+    "integer_kernels",
+    "kernel_summary",
+]
 
 #: Op types of ONNX Runtime's integer kernels (default and com.microsoft domains).
 INTEGER_OPS = frozenset(
@@ -88,7 +95,9 @@ class OrtStep:
     """An ONNX model as a StepFunction: ``(node_features [N, 18], edge_features [E, 9],
     edge_index [2, E]) -> delta [N, 2]``, torch tensors in and out, on the CPU EP.
 
-    intra_op_num_threads: threads of one op (0: ONNX Runtime's default, all cores). Every call
+    intra_op_num_threads: threads of one op (0: ONNX Runtime's default, all cores); forced to 1
+    for graphs with a reducing scatter (the aggregation of message passing), whose multi-threaded
+    CPU kernel races and gives wrong sums (`has_reducing_scatter`). Every call
     appends ``{"h2d": 0.0, "compute": ms, "d2h": 0.0}`` to ``timings`` (milliseconds; the CPU EP
     reads the inputs in place and returns host memory, so there is no transfer).
     """
@@ -96,6 +105,11 @@ class OrtStep:
     def __init__(self, path: str | Path, intra_op_num_threads: int = 1) -> None:
         self.path = Path(path)
         _check_file(self.path)
+        if intra_op_num_threads != 1 and has_reducing_scatter(self.path):
+            # ONNX Runtime's ScatterND with reduction="add" races between threads (its issues
+            # 18048 and 23396): results change from run to run. One thread is exact.
+            intra_op_num_threads = 1
+        self.intra_op_num_threads = intra_op_num_threads
         self.session = ort.InferenceSession(
             str(self.path),
             _session_options(intra_op_num_threads),
@@ -132,6 +146,18 @@ class OrtStep:
                 q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
                 summary[f"{key}_iqr"] = q3 - q1
         return summary
+
+
+def has_reducing_scatter(path: str | Path) -> bool:
+    """Whether the ONNX graph has a ScatterND/ScatterElements with a reduction (add, mul, ...),
+    which ONNX Runtime's CPU kernels compute correctly only on one thread."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for node in graph.node:
+        if node.op_type in ("ScatterND", "ScatterElements"):
+            for attribute in node.attribute:
+                if attribute.name == "reduction" and attribute.s not in (b"", b"none"):
+                    return True
+    return False
 
 
 def _to_numpy(value: Tensor) -> np.ndarray:

@@ -1,0 +1,177 @@
+"""Evaluation of a GPCR-state classifier: test-split accuracy, F1, confusion, batch-1 latency.
+
+The artifact's suffix picks the runtime: `.keras` (FP32 or fake-quantized Keras model) runs
+with `sciquant.runtime.keras.KerasRunner`, `.tflite` with `sciquant.runtime.litert.LiteRTRunner`.
+Writes `metrics.json` (layout shared with the blood-flow evaluation) and `confusion.png` next
+to it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sciquant.errors import SciquantError  # noqa: E402
+from sciquant.provenance import package_versions, provenance, write_json  # noqa: E402
+from sciquant.train.md import TF_PACKAGES, load_pixelmaps  # noqa: E402
+
+__all__ = ["COORDINATE_KEYS", "classification_metrics", "make_runner", "plot_confusion", "run"]
+
+COORDINATE_KEYS = ("dataset", "model", "seed", "target", "method", "precision")
+RUNNERS = {".keras": "keras", ".tflite": "litert"}
+
+
+def make_runner(artifact: Path, threads: int | None = None) -> Any:
+    """The runner for `artifact` by its suffix (`.keras` or `.tflite`)."""
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise SciquantError(f"{artifact}: model artifact not found; run the stage that writes it")
+    suffix = artifact.suffix.lower()
+    if suffix == ".keras":
+        from sciquant.runtime.keras import KerasRunner
+
+        return KerasRunner(artifact, threads=threads)
+    if suffix == ".tflite":
+        from sciquant.runtime.litert import LiteRTRunner
+
+        return LiteRTRunner(artifact, threads=threads)
+    raise SciquantError(
+        f"{artifact}: unknown model format {suffix!r}; the md workload evaluates "
+        f"{' or '.join(RUNNERS)} files"
+    )
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Accuracy, binary F1 (positive class 1), macro F1, and the confusion matrix.
+
+    confusion[i][j] counts frames of true class i predicted as class j.
+    """
+    n_classes = max(int(probabilities.shape[1]), int(labels.max()) + 1 if len(labels) else 2)
+    predicted = probabilities.argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+
+    def f1(positive: int) -> float:
+        tp = confusion[positive, positive]
+        fp = confusion[:, positive].sum() - tp
+        fn = confusion[positive, :].sum() - tp
+        return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+    return {
+        "accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
+        "f1": f1(1),
+        "f1_macro": float(np.mean([f1(k) for k in range(n_classes)])),
+        "confusion": confusion.tolist(),
+        "test_frames": int(len(labels)),
+    }
+
+
+def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> None:
+    """The confusion matrix as an annotated heat map (rows: true state, columns: predicted)."""
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0)
+    limit = matrix.max() if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        color = "white" if limit and count > limit / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", color=color)
+    ticks = range(matrix.shape[0])
+    ax.set_xticks(ticks, [f"state {k}" for k in ticks])
+    ax.set_yticks(ticks, [f"state {k}" for k in ticks])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(
+    prepared: Path,
+    artifact: Path,
+    out: Path,
+    *,
+    coordinates: dict[str, Any],
+    simulated: bool = False,
+    runtime: str | None = None,
+    repeats: int = 50,
+    threads: int | None = None,
+    extra: dict[str, Any] | None = None,
+    study: str | None = None,
+    config_hash: str | None = None,
+) -> Path:
+    """Classify the test split with `artifact`, time batch-1 inference; write metrics.json.
+
+    out: the metrics.json path (`confusion.png` goes next to it); runtime: the label stored in
+    metrics.json (default: the runner's name, `keras` or `litert`); extra: further metrics
+    (e.g. from quantization) merged into "metrics"; study, config_hash: default to the
+    coordinates' entries of those names.
+    """
+    started = time.perf_counter()
+    from sciquant.models.icnnmd import icnnmd_parameters
+
+    artifact = Path(artifact)
+    out = Path(out)
+    data = load_pixelmaps(Path(prepared))  # before the runner: cheap errors first
+    x_test, y_test = data.subset("test")
+    if len(y_test) == 0:
+        raise SciquantError(f"{data.path}: the test split (2) is empty; rerun the prepare stage")
+    runner = make_runner(artifact, threads)
+    probabilities = np.asarray(runner.predict(x_test), dtype=np.float32)
+    if probabilities.shape[0] != len(y_test) or probabilities.ndim != 2:
+        raise SciquantError(
+            f"{artifact}: output shape {probabilities.shape} does not fit {len(y_test)} test "
+            "frames; was it exported from a model for this data set?"
+        )
+    metrics = classification_metrics(y_test, probabilities)
+    timing = runner.time_batch1(x_test, repeats=repeats)
+    metrics.update(
+        {
+            "latency_ms_median": timing["total_ms"],
+            "h2d_ms_median": timing["h2d_ms"],
+            "compute_ms_median": timing["compute_ms"],
+            "d2h_ms_median": timing["d2h_ms"],
+            "latency_ms_min": timing["total_ms_min"],
+            "latency_ms_max": timing["total_ms_max"],
+            "latency_repeats": repeats,
+            "parameters": icnnmd_parameters(data.grid, data.channels, probabilities.shape[1]),
+            "model_bytes": artifact.stat().st_size,
+        }
+    )
+    if extra:
+        metrics.update(extra)
+    runtime = runtime or getattr(runner, "name", RUNNERS.get(artifact.suffix.lower()))
+    label = ", ".join(str(coordinates.get(k)) for k in COORDINATE_KEYS if k in coordinates)
+    plot_confusion(
+        metrics["confusion"],
+        out.parent / "confusion.png",
+        f"{label}\n{runtime}: accuracy {metrics['accuracy']:.3f}",
+    )
+    prov = provenance(time.perf_counter() - started, threads)
+    prov["packages"].update(package_versions(TF_PACKAGES))
+    if runtime == "litert":
+        prov["packages"].update(package_versions(("ai-edge-litert",)))
+    payload = {
+        "coordinates": {k: coordinates.get(k) for k in COORDINATE_KEYS},
+        "study": study if study is not None else coordinates.get("study"),
+        "config_hash": config_hash if config_hash is not None else coordinates.get("config_hash"),
+        "simulated": simulated,
+        "runtime": runtime,
+        "metrics": metrics,
+        "provenance": prov,
+    }
+    print(
+        f"{artifact.name} ({runtime}): accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}"
+        f" on {metrics['test_frames']} test frames, batch-1 latency "
+        f"{metrics['latency_ms_median']:.3f} ms (median of {repeats})"
+    )
+    return write_json(out, payload)
