@@ -45,8 +45,16 @@ def test_steady_flow_through_straight_vessel_gives_poiseuille_drop() -> None:
     network = bs.discretize(straight_tree(length, radius))
     windkessel = [bs.Windkessel(1.0e3, 1.0e-5, 1.0e4)]
     # Start from zero so the integrator itself has to reach the steady state (τ ≈ 0.2 s ≪ 5 s).
-    result = bs.simulate(network, windkessel, constant_inflow(flowrate), 0.5, n_cycles=10,
-                         dt=1e-3, store_every=5, initial="zero")
+    result = bs.simulate(
+        network,
+        windkessel,
+        constant_inflow(flowrate),
+        0.5,
+        n_cycles=10,
+        dt=1e-3,
+        store_every=5,
+        initial="zero",
+    )
     drop = result.pressure[-1, 0] - result.pressure[-1, network.outlets[0]]
     poiseuille = 8.0 * bs.BLOOD_VISCOSITY * length * flowrate / (np.pi * radius**4)
     assert drop == pytest.approx(poiseuille, rel=0.01)
@@ -57,8 +65,16 @@ def test_outlet_settles_at_windkessel_total_resistance_times_flow() -> None:
     network = bs.discretize(y_tree())
     windkessels = [bs.Windkessel(800.0, 2.0e-5, 9.0e3), bs.Windkessel(2.0e3, 1.0e-5, 2.0e4)]
     flowrate = 20.0
-    result = bs.simulate(network, windkessels, constant_inflow(flowrate), 0.5, n_cycles=10,
-                         dt=1e-3, store_every=5, initial="zero")
+    result = bs.simulate(
+        network,
+        windkessels,
+        constant_inflow(flowrate),
+        0.5,
+        n_cycles=10,
+        dt=1e-3,
+        store_every=5,
+        initial="zero",
+    )
     entering = {int(b): e for e, (_, b) in enumerate(network.segments)}
     outlet_flow = np.array([result.flowrate[-1, entering[int(o)]] for o in network.outlets])
     assert outlet_flow.sum() == pytest.approx(flowrate, rel=1e-6)
@@ -86,8 +102,8 @@ def test_time_integration_converges_to_exact_periodic_solution() -> None:
     inflow = bs.make_inflow(np.random.default_rng(1), 0.8, 0.5)
     result = bs.simulate(network, windkessels, inflow, 0.8, n_cycles=6, initial="steady")
     exact = bs.periodic_state(network, windkessels, inflow, result.times)
-    pressure = exact[:, :network.n_points]
-    flowrate = exact[:, network.n_points:network.n_points + network.n_segments]
+    pressure = exact[:, : network.n_points]
+    flowrate = exact[:, network.n_points : network.n_points + network.n_segments]
     assert np.abs(result.pressure - pressure).max() <= 0.02 * np.ptp(pressure)
     assert np.abs(result.flowrate - flowrate).max() <= 0.02 * np.ptp(flowrate)
     assert result.periodicity_error < 1e-3
@@ -101,11 +117,15 @@ def test_discretisation_conserves_resistance_and_compliance() -> None:
         r, length = vessel.radius, vessel.length
         segments = network.segment_vessel == v
         assert network.resistance[segments].sum() == pytest.approx(
-            8.0 * bs.BLOOD_VISCOSITY * length / (np.pi * r**4), rel=1e-12)
+            8.0 * bs.BLOOD_VISCOSITY * length / (np.pi * r**4), rel=1e-12
+        )
         assert network.inductance[segments].sum() == pytest.approx(
-            bs.BLOOD_DENSITY * length / (np.pi * r**2), rel=1e-12)
-    total = sum(3 * np.pi * v.radius**2 * v.length / (2 * bs.wall_stiffness(v.radius, k1, k2, k3))
-                for v in tree.vessels)
+            bs.BLOOD_DENSITY * length / (np.pi * r**2), rel=1e-12
+        )
+    total = sum(
+        3 * np.pi * v.radius**2 * v.length / (2 * bs.wall_stiffness(v.radius, k1, k2, k3))
+        for v in tree.vessels
+    )
     assert network.compliance.sum() == pytest.approx(total, rel=1e-12)
     assert np.all(network.compliance[network.junctions] == 0)
     assert np.all(network.segments[:, 0] < network.segments[:, 1])
@@ -121,7 +141,8 @@ def test_built_trees_respect_branch_range_and_murray_law() -> None:
             if daughters:
                 assert len(daughters) in (2, 3)
                 assert sum(tree.vessels[d].radius ** 3 for d in daughters) == pytest.approx(
-                    tree.vessels[v].radius ** 3, rel=1e-9)
+                    tree.vessels[v].radius ** 3, rel=1e-9
+                )
         assert 0.3 <= tree.vessels[0].radius <= 1.0
         assert all(2.0 - 1e-9 <= v.length <= 12.0 + 1e-9 for v in tree.vessels)
     assert counts <= {4, 5, 6, 7} and len(counts) >= 3
@@ -170,8 +191,17 @@ def test_written_layout_matches_contract(dataset: tuple[Path, list[str], dict]) 
     assert sorted(info) == names
     for name in names:
         entry = info[name]
-        assert set(entry) == {"dt", "T", "time_shift", "bc_type", "R1", "C", "R2", "outlets",
-                              "periodicity_error"}
+        assert set(entry) == {
+            "dt",
+            "T",
+            "time_shift",
+            "bc_type",
+            "R1",
+            "C",
+            "R2",
+            "outlets",
+            "periodicity_error",
+        }
         assert entry["bc_type"] == "RCR"
         assert entry["dt"] == params.dt_store
         assert 0.7 <= entry["T"] <= 1.1
@@ -183,8 +213,9 @@ def test_written_layout_matches_contract(dataset: tuple[Path, list[str], dict]) 
         expected = {"area", "BranchIdTmp", "BifurcationId"}
         expected |= {f"pressure_{k}" for k in range(steps)} | {f"flow_{k}" for k in range(steps)}
         assert set(data) == expected
-        assert all(data[f"{f}_{k}"].dtype == np.float32
-                   for f in ("pressure", "flow") for k in range(steps))
+        assert all(
+            data[f"{f}_{k}"].dtype == np.float32 for f in ("pressure", "flow") for k in range(steps)
+        )
 
         n_points = len(centerline.points)
         assert centerline.edges.shape == (n_points - 1, 2)  # a tree of 2-point line cells
@@ -236,8 +267,9 @@ def test_pressures_are_physiological_and_periodic(dataset: tuple[Path, list[str]
         assert 3 <= len(branches) <= 15
 
 
-def test_same_seed_gives_identical_files_whatever_n(dataset: tuple[Path, list[str], dict],
-                                                    tmp_path: Path) -> None:
+def test_same_seed_gives_identical_files_whatever_n(
+    dataset: tuple[Path, list[str], dict], tmp_path: Path
+) -> None:
     out, _, info = dataset
     names = bs.synthesize(tmp_path / "again", 2, SEED, progress=False)
     again = json.loads((tmp_path / "again" / "vtps" / "dataset_info.json").read_text())
