@@ -162,8 +162,14 @@ def get_run_artifacts(wildcards):
             else f"{run.folder}/quantized.pt"
         )
     }
-    if study.plan(run).runtime == "onnxruntime":
-        artifacts["onnx"] = f"{run.folder}/model.onnx"
+    if study.plan(run).runtime in ("onnxruntime", "tensorrt"):
+        # float runs (method none) all build from the target's FP32 export
+        folder = (
+            run.folder.rsplit("/", 2)[0] + "/none/fp32"
+            if run.method == "none"
+            else run.folder
+        )
+        artifacts["onnx"] = f"{folder}/model.onnx"
     return artifacts
 
 
@@ -179,8 +185,11 @@ def get_keras_artifacts(wildcards):
 
 def get_runtime_arguments(wildcards, input):
     """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label."""
+    plan = study.plan(run_of(wildcards))
     flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
-    if study.plan(run_of(wildcards)).simulated:
+    if flags and plan.runtime == "tensorrt":
+        flags.append("--runtime tensorrt")
+    if plan.simulated:
         flags.append("--simulated")
     return " ".join(flags)
 

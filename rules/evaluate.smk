@@ -89,19 +89,21 @@ rule evaluate_run:
         " --threads {threads} --out {params.folder} > {log} 2>&1"
 
 
-# The FP32 run of every swept target that runs FP32 natively (the speed-up baseline).
-use rule evaluate_run as evaluate_target_fp32 with:
+# The float runs of a target, from the FP32 weights: FP32 of every swept target that runs FP32
+# natively (the speed-up baseline), and FP16 where a sweep asks for it (TensorRT).
+use rule evaluate_run as evaluate_target_float with:
     output:
-        metrics="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/metrics.json",
-        pressure="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/pressure.png",
-        flowrate="results/{dataset}/{model}/seed{seed}/{target}/none/fp32/flowrate.png",
+        metrics="results/{dataset}/{model}/seed{seed}/{target}/none/{precision}/metrics.json",
+        pressure="results/{dataset}/{model}/seed{seed}/{target}/none/{precision}/pressure.png",
+        flowrate="results/{dataset}/{model}/seed{seed}/{target}/none/{precision}/flowrate.png",
     log:
-        "logs/{dataset}/{model}/seed{seed}/{target}/none/fp32/evaluate.log",
+        "logs/{dataset}/{model}/seed{seed}/{target}/none/{precision}/evaluate.log",
     benchmark:
-        "benchmarks/{dataset}/{model}/seed{seed}/{target}/none/fp32/evaluate.tsv"
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/none/{precision}/evaluate.tsv"
     wildcard_constraints:
         model=alternatives(models_of("torch")),
         target=alternatives(study.fp32_targets()),
+        precision="fp32|fp16",
 
 
 # Keras classifiers (md datasets): accuracy, F1, confusion matrix and batch-1 latency of every

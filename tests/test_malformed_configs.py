@@ -48,6 +48,22 @@ def sweep(**change) -> dict:
     return {"quantize": {"sweeps": [{k: v for k, v in entry.items() if v is not None}]}}
 
 
+def md(dataset: dict | None = None, sweeps: list | None = None, icnnmd: dict | None = None) -> dict:
+    """The ci study plus an md dataset `gpcr` (changed by `dataset`) and an `icnnmd` model."""
+    gpcr = {"workload": "md", **(dataset or {})}
+    models = {**CI["models"], "icnnmd": {"architecture": "icnnmd", "datasets": ["gpcr"]}}
+    models["icnnmd"].update(icnnmd or {})
+    change = {"datasets": {**CI["datasets"], "gpcr": gpcr}, "models": models}
+    if sweeps is not None:
+        change["quantize"] = {"sweeps": sweeps}
+    return change
+
+
+def md_file(name: str, role: str = "trajectory", label: int | None = None) -> dict:
+    entry = {"url": f"https://example.org/{name}", "sha256": SHA, "role": role}
+    return entry if label is None else {**entry, "label": label}
+
+
 #: (id, change to the ci study (top-level keys replaced) or raw YAML text, expected message)
 CASES = [
     # wrong types, empty or repeated values
@@ -119,6 +135,38 @@ CASES = [
      "target trt-v100 runs on node type 'v100', which has no entry in `nodes`"),
     ("sensitivity-fp16", {"quantize": {"sensitivity": {"precision": "fp16"}}},
      "config key quantize.sensitivity.precision: 'fp16'"),
+    # md datasets, Keras models and sweeps across frameworks
+    ("md-keras-onnx-target", md(sweeps=[{"targets": ["cpu-x86"], "methods": ["ptq-minmax"],
+                                         "precisions": ["w8a8"]}]),
+     "which needs tf2onnx"),
+    ("md-files-without-topology",
+     md({"source": {"files": [md_file("a.xtc", label=0), md_file("b.xtc", label=1),
+                              md_file("c.xtc", label=1)]}}),
+     "config key datasets.gpcr.source.files: exactly one file needs `role: topology`"),
+    ("md-trajectory-without-label",
+     md({"source": {"files": [md_file("t.pdb", "topology"), md_file("a.xtc", label=0),
+                              md_file("b.xtc")]}}),
+     "config key datasets.gpcr.source.files.2.label"),
+    ("md-one-state-only",
+     md({"source": {"files": [md_file("t.pdb", "topology"), md_file("a.xtc", label=0),
+                              md_file("b.xtc", label=0)]}}),
+     "trajectories of at least two labels are needed"),
+    ("md-more-frames-than-simulated", md({"prepare": {"frames_per_trajectory": 800}}),
+     "config key datasets.gpcr.prepare.frames_per_trajectory: 800 frames asked"),
+    ("md-too-many-beads", md({"source": {"embedded": {"n_beads": 500}}}),
+     "config key datasets.gpcr.source.embedded.n_beads: 500 is greater than the maximum"),
+    ("md-bloodflow-key", md({"prepare": {"keep_fraction": 0.1}}),
+     "config key datasets.gpcr.prepare: Additional properties are not allowed"),
+    ("icnnmd-on-bloodflow", md(icnnmd={"datasets": ["bloodflow"]}),
+     "config key models.icnnmd.datasets: a icnnmd cannot learn dataset 'bloodflow'"),
+    ("icnnmd-mgn-key", md(icnnmd={"hidden": 32}),
+     "config key models.icnnmd: Additional properties are not allowed"),
+    ("sweep-unknown-model", sweep(models=["resnet"]),
+     "config key quantize.sweeps.0.models: unknown model 'resnet'"),
+    ("fp16-with-a-range-method",
+     md(sweeps=[{"models": ["icnnmd"], "targets": ["litert-cpu"], "methods": ["ptq-minmax"],
+                 "precisions": ["fp16"]}]),
+     "fp16 is a cast with no ranges to choose"),
     # not a study at all
     ("yaml-syntax", "study: ci\nseeds: [0\n", "Config file is not valid JSON or YAML"),
     ("yaml-list", "- study\n- ci\n", "Config file must be given as JSON or YAML with keys"),

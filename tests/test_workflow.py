@@ -160,3 +160,122 @@ def test_ci_study_end_to_end(tmp_path: Path) -> None:
     # Nothing to do on a second run.
     again = snakemake("-n", "--configfile", str(CI_CONFIG), "--directory", str(tmp_path))
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_md_study_end_to_end(tmp_path: Path) -> None:
+    """The md workload through every stage: embedded MD → pixel maps → ICNNMD → PTQ/QAT
+    simulation and LiteRT FP32/FP16/INT8 → cube and report."""
+    config = yaml.safe_load(CI_CONFIG.read_text())
+    config["datasets"] = {
+        "gpcr": {
+            "workload": "md",
+            "source": {"embedded": {"n_beads": 50, "frames": 160, "seed": 0}},
+            "prepare": {"frames_per_trajectory": 160, "gap": 2},
+        }
+    }
+    config["models"] = {
+        "icnnmd": {
+            "architecture": "icnnmd",
+            "datasets": ["gpcr"],
+            "train": {"epochs": 3, "batch_size": 32, "learning_rate": 1e-3},
+        }
+    }
+    config["quantize"] = {
+        "sweeps": [
+            {
+                "targets": ["reference"],
+                "methods": ["ptq-minmax", "qat-lsq"],
+                "precisions": ["w4a8"],
+            },
+            {"targets": ["litert-cpu"], "methods": ["ptq-minmax"], "precisions": ["w8a8"]},
+            {"targets": ["litert-cpu"], "methods": ["none"], "precisions": ["fp16"]},
+        ],
+        "qat": {"epochs": 1},
+        "calibration_frames": 32,
+    }
+    config["evaluate"] = {"latency_repeats": 5}
+    path = tmp_path / "md.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(
+        "--cores", "2", "--configfile", str(path), "--directory", str(tmp_path), timeout=900
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = tmp_path / "results/gpcr/icnnmd/seed0"
+    expected = {
+        ("reference", "none", "fp32"): ("keras", False),
+        ("reference", "ptq-minmax", "w4a8"): ("keras", True),
+        ("reference", "qat-lsq", "w4a8"): ("keras", True),
+        ("litert-cpu", "none", "fp32"): ("litert", False),
+        ("litert-cpu", "none", "fp16"): ("litert", False),
+        ("litert-cpu", "ptq-minmax", "w8a8"): ("litert", False),
+    }
+    for (target, method, precision), (runtime, simulated) in expected.items():
+        folder = runs / target / method / precision
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["coordinates"]["precision"] == precision
+        assert (metrics["runtime"], metrics["simulated"]) == (runtime, simulated), folder
+        values = metrics["metrics"]
+        assert 0.0 <= values["accuracy"] <= 1.0
+        assert sum(map(sum, values["confusion"])) == values["test_frames"] > 0
+        if simulated:  # a simulation's latency would be fake-quant overhead: not timed
+            assert "latency_ms_median" not in values
+        else:
+            assert values["latency_ms_median"] > 0 and values["compute_ms_median"] > 0
+        assert (folder / "confusion.png").stat().st_size > 5_000
+    assert (runs / "litert-cpu/ptq-minmax/w8a8/model.tflite").is_file()
+    assert (tmp_path / "results/gpcr/overview.png").stat().st_size > 10_000
+    cube = (tmp_path / "results/summary/metrics.csv").read_text()
+    assert cube.count("\ngpcr,icnnmd,0,") == len(expected)
+    report = (tmp_path / "results/report/index.html").read_text()
+    assert "gpcr · icnnmd" in report and "accuracy" in report
+
+
+def dry_run_jobs(*args: str) -> list[dict]:
+    """Every job of a dry run: rule name, wildcards and resources as Snakemake prints them."""
+    result = snakemake("-n", *args, timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout
+    jobs: list[dict] = []
+    for line in result.stdout.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("rule ", "localrule ")) and stripped.endswith(":"):
+            jobs.append({"rule": stripped.split()[1][:-1], "wildcards": {}, "resources": {}})
+        elif jobs and stripped.startswith(("wildcards: ", "resources: ")):
+            key, _, values = stripped.partition(": ")
+            for item in values.split(", "):
+                name, _, value = item.partition("=")
+                jobs[-1][key][name] = value
+    return jobs
+
+
+def test_paper_study_routes_gpu_targets_to_their_nodes_on_slurm() -> None:
+    """Evaluations of TensorRT runs ask for exactly their GPU type; every other job (CPU
+    targets, the reference, training, data, report) asks for no GPU."""
+    jobs = dry_run_jobs(
+        "--profile", str(ROOT / "profiles" / "slurm"),
+        "--configfile", str(ROOT / "workflow" / "config" / "paper.yaml"),
+    )  # fmt: skip
+    nodes = yaml.safe_load((ROOT / "workflow" / "config" / "paper.yaml").read_text())["nodes"]
+    seen = {"v100": 0, "rtx3090": 0, "cpu": 0}
+    for job in jobs:
+        if job["rule"] == "all":
+            continue
+        target = job["wildcards"].get("target", "")
+        node = {"trt-v100": "v100", "trt-rtx3090": "rtx3090"}.get(target, "cpu")
+        if not job["rule"].startswith("evaluate"):
+            node = "cpu"  # quantization (calibration, QAT) and export run on CPU nodes
+        resources = job["resources"]
+        expected = nodes[node]
+        assert resources["slurm_partition"] == expected["slurm_partition"], job
+        if node == "cpu":
+            assert resources.get("gpu", "0") == "0", job
+            assert resources.get("gpu_model", "") == "" and resources.get("constraint", "") == "", (
+                job
+            )
+        else:
+            assert resources["gpu"] == "1", job
+            assert resources["gpu_model"] == node and resources["constraint"] == node, job
+        seen[node] += 1
+    # per seed and GPU type: INT8 of 3 methods, FP16 and FP32 rollouts
+    assert seen["v100"] == seen["rtx3090"] == 3 * (3 + 1 + 1), seen
+    assert seen["cpu"] > 300, seen

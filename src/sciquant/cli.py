@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", type=Path, default=None, help="run this ONNX file with ONNX Runtime instead"
     )
     evaluate.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "tensorrt"],
+        default="onnxruntime",
+        help="what runs --onnx: ONNX Runtime (CPU) or TensorRT (GPU node; engine cached)",
+    )
+    evaluate.add_argument(
         "--simulated", action="store_true", help="label the run as a fake-quant simulation"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
@@ -308,6 +314,7 @@ def run(args: argparse.Namespace) -> None:
             threads=args.threads,
             onnx=args.onnx,
             simulated=args.simulated,
+            runtime=args.runtime if args.onnx is not None else "torch",
         )
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md

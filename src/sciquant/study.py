@@ -319,7 +319,8 @@ def _check_sweep(config: dict[str, Any]) -> None:
             for precision in entry["precisions"]:
                 for framework, model in sorted(frameworks.items()):
                     try:
-                        target.plan(precision, framework)
+                        plan = target.plan(precision, framework)
+                        _check_keras_export(plan)
                     except SciquantError as error:
                         hint = (
                             "" if "models" in entry
@@ -333,6 +334,12 @@ def _check_sweep(config: dict[str, Any]) -> None:
                 f"{key}.methods: `none` (no ranges, a plain cast) goes with fp16 only, not with "
                 f"{', '.join(integer)}; the FP32 baseline is always included"
             )
+        methods = [m for m in entry["methods"] if m != "none"]
+        if "fp16" in entry["precisions"] and methods:
+            raise SciquantError(
+                f"{key}.methods: fp16 is a cast with no ranges to choose, so {', '.join(methods)} "
+                f"would do nothing; give fp16 its own entry with `methods: [none]`"
+            )
     sensitivity = config.get("quantize", {}).get("sensitivity")
     if sensitivity:
         target = get_target(sensitivity.get("target", "reference"))
@@ -341,6 +348,22 @@ def _check_sweep(config: dict[str, Any]) -> None:
                 target.plan(sensitivity.get(key, "w4a8"), "torch")
             except SciquantError as error:
                 raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
+
+
+def _check_keras_export(plan: Plan) -> None:
+    """Keras models reach ONNX Runtime and TensorRT through an ONNX export, which needs tf2onnx;
+    without it such a run fails the dry run instead of its job."""
+    import importlib.util
+
+    if plan.framework != "keras" or plan.runtime not in ("onnxruntime", "tensorrt"):
+        return
+    if importlib.util.find_spec("tf2onnx") is None:
+        raise SciquantError(
+            f"target {plan.target.name!r} runs precision {plan.precision} of a Keras model "
+            f"natively through an ONNX export, which needs tf2onnx (not installed; its releases "
+            f"pin a protobuf older than TensorFlow 2.21's); use litert-cpu for Keras models, a "
+            f"sub-8-bit precision (simulated), or name the PyTorch models under `models`"
+        )
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
-from sciquant.data.features import GraphTensors, Normalizer, to_tensors  # noqa: E402
+from sciquant.data.features import GraphTensors, Normalizer, merge_graphs, to_tensors  # noqa: E402
+from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
 from sciquant.provenance import provenance, write_json  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
@@ -70,7 +71,8 @@ def evaluate_step(
         metrics[f"{field}_min"] = float(values.min())
         metrics[f"{field}_max"] = float(values.max())
     metrics["test_simulations"] = len(graphs)
-    metrics.update(time_rollouts(step, graphs, norm, repeats))
+    if repeats > 0:
+        metrics.update(time_rollouts(step, graphs, norm, repeats))
     metrics["per_simulation"] = per_simulation
     return metrics, predictions
 
@@ -108,13 +110,24 @@ def _plot_nodes(graph: GraphTensors) -> list[tuple[str, int]]:
     return nodes
 
 
+#: TensorRT build precision of a run's precision label.
+TENSORRT_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "w8a8": "int8"}
+
+
 def load_step(
-    checkpoint: Path, onnx: Path | None, threads: int | None
+    checkpoint: Path,
+    onnx: Path | None,
+    threads: int | None,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    graphs: list[GraphTensors] | None = None,
 ) -> tuple[StepFunction, dict[str, Any], dict[str, Any]]:
     """The step function to roll out, the checkpoint's state, and size metrics of the artifact.
 
     checkpoint: an FP32 `checkpoint.pt` or a `quantized.pt` (its format says which); onnx: run
-    this ONNX file with ONNX Runtime instead (the checkpoint then only gives the statistics).
+    this ONNX file with `runtime` instead (`onnxruntime`, or `tensorrt` on a GPU node, built at
+    the run's `precision` for the batched size of `graphs`); the checkpoint then only gives the
+    statistics.
     """
     from sciquant.quant.bloodflow import is_quantized, load_quantized
 
@@ -127,6 +140,19 @@ def load_step(
             "parameters": sum(p.numel() for p in model.parameters()),
             "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
+    if onnx is not None and runtime == "tensorrt":
+        from sciquant.runtime.tensorrt import TrtStep, graph_dims
+
+        if precision not in TENSORRT_PRECISIONS:
+            raise SciquantError(
+                f"precision {precision} does not run natively on TensorRT "
+                f"(native: {', '.join(TENSORRT_PRECISIONS)}); evaluate it as a simulation"
+            )
+        merged, _ = merge_graphs(graphs or [])
+        dims = graph_dims(merged.edge_index, merged.num_nodes)
+        sizes["artifact_bytes"] = onnx.stat().st_size
+        step = TrtStep.from_onnx(onnx, precision=TENSORRT_PRECISIONS[precision], **dims)
+        return step, state, sizes
     if onnx is not None:
         from sciquant.runtime.onnxruntime import OrtStep
 
@@ -160,15 +186,29 @@ def run(
     threads: int | None = None,
     onnx: Path | None = None,
     simulated: bool = False,
+    runtime: str | None = None,
 ) -> Path:
     """Roll out the test simulations with the artifact; write metrics.json and figures to `out`."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    step, state, sizes = load_step(checkpoint, onnx, threads)
+    runtime = runtime or ("onnxruntime" if onnx is not None else "torch")
+    graphs = None
+    if runtime == "tensorrt":
+        # TensorRT's engine is sized for the batched test graph: load the graphs first.
+        from sciquant.quant.bloodflow import is_quantized, load_quantized
+
+        loader = load_quantized if is_quantized(checkpoint) else load_model
+        statistics = loader(checkpoint)[1]["statistics"]
+        graphs = test_graphs(prepared, Normalizer.from_statistics(statistics))
+    step, state, sizes = load_step(
+        checkpoint, onnx, threads, runtime, coordinates.get("precision", "fp32"), graphs
+    )
     norm = Normalizer.from_statistics(state["statistics"])
-    graphs = test_graphs(prepared, norm)
-    metrics, predictions = evaluate_step(step, graphs, norm, settings.get("repeats", 5))
+    graphs = graphs if graphs is not None else test_graphs(prepared, norm)
+    # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
+    repeats = 0 if simulated else settings.get("repeats", 5)
+    metrics, predictions = evaluate_step(step, graphs, norm, repeats)
     metrics.update(sizes)
     if hasattr(step, "timing_summary"):
         metrics.update(
@@ -185,12 +225,17 @@ def run(
         "study": coordinates.get("study"),
         "config_hash": coordinates.get("config_hash"),
         "simulated": simulated,
-        "runtime": "onnxruntime" if onnx is not None else "torch",
+        "runtime": runtime,
         "metrics": metrics,
         "provenance": provenance(time.perf_counter() - started, threads),
     }
+    timing = (
+        f"rollout {metrics['rollout_time_s_median']:.3f} s"
+        if "rollout_time_s_median" in metrics
+        else "not timed (a simulation)"
+    )
     print(
         f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
-        f"{metrics['flowrate_error_pct']:.2f} %, rollout {metrics['rollout_time_s_median']:.3f} s"
+        f"{metrics['flowrate_error_pct']:.2f} %, {timing}"
     )
     return write_json(out / "metrics.json", payload)

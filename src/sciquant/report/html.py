@@ -40,8 +40,8 @@ from sciquant.report.cube import (
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
-    "under the target's scheme; its errors are the simulation's, its timings are not those of "
-    "a low-precision kernel."
+    "under the target's scheme; its errors are the simulation's, and it is not timed (a "
+    "fake-quant run's time is not a low-precision kernel's)."
 )
 REFERENCE_BASELINE_NOTE = (
     "‡ this target has no FP32 run: speed-up relative to the reference FP32 (another runtime)."
