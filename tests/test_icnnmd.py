@@ -22,6 +22,7 @@ configure_threads(1)
 
 from sciquant.evaluate import md as evaluate_md  # noqa: E402
 from sciquant.models.icnnmd import (  # noqa: E402
+    MIN_GRID,
     build_icnnmd,
     count_parameters,
     icnnmd_parameters,
@@ -317,3 +318,10 @@ def test_missing_inputs_and_single_class_are_user_errors(
     (prepared.parent / "corrupt" / "pixelmaps.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(SciquantError, match="pixelmaps.npz"):
         train_md.load_pixelmaps(prepared.parent / "corrupt")
+
+
+def test_study_knows_the_networks_minimum_grid() -> None:
+    """The dry run's check uses a copy of MIN_GRID (importing Keras there would slow it)."""
+    from sciquant.study import ICNNMD_MIN_GRID
+
+    assert ICNNMD_MIN_GRID == MIN_GRID

@@ -159,6 +159,8 @@ CASES = [
      "config key datasets.gpcr.prepare: Additional properties are not allowed"),
     ("icnnmd-on-bloodflow", md(icnnmd={"datasets": ["bloodflow"]}),
      "config key models.icnnmd.datasets: a icnnmd cannot learn dataset 'bloodflow'"),
+    ("icnnmd-grid-too-small", md({"source": {"embedded": {"n_beads": 60}}}),
+     "config key datasets.gpcr.source.embedded.n_beads: 60 beads make 8×8 pixel maps"),
     ("icnnmd-mgn-key", md(icnnmd={"hidden": 32}),
      "config key models.icnnmd: Additional properties are not allowed"),
     ("sweep-unknown-model", sweep(models=["resnet"]),

@@ -445,3 +445,22 @@ def test_md_impossible_and_unavailable(md_inputs) -> None:
             )
     with pytest.raises(SciquantError, match="no quantized model"):
         quant_md.artifact_for(root / "nothing")
+
+
+def test_bench_cnn_rows_and_ratios() -> None:
+    """`sciquant bench cnn` on the smallest grid: every variant timed, ratios from the times."""
+    from sciquant.benchmarks import cnn
+
+    rows = cnn.run(grids=(10,), repeats=3, warmup=1, delegates=(True,))
+    assert [row["variant"] for row in rows] == list(cnn.VARIANTS)
+    base = rows[0]
+    for row in rows:
+        assert row["total_ms"] > 0 and row["compute_ms"] > 0 and row["file_bytes"] > 0
+        assert row["speedup_total"] > 0
+    assert base["speedup_total"] == pytest.approx(1.0)
+    by_variant = {row["variant"]: row for row in rows}
+    # int8 weights: a quarter of the float32 file (plus graph and scales)
+    assert by_variant["int8"]["file_bytes"] < 0.4 * by_variant["fp32"]["file_bytes"]
+    assert by_variant["dyn-int8"]["file_bytes"] < 0.4 * by_variant["fp32"]["file_bytes"]
+    table = cnn.format_table(rows)
+    assert "dyn-int8" in table and "goal" in table

@@ -170,7 +170,7 @@ def test_md_study_end_to_end(tmp_path: Path) -> None:
     config["datasets"] = {
         "gpcr": {
             "workload": "md",
-            "source": {"embedded": {"n_beads": 50, "frames": 160, "seed": 0}},
+            "source": {"embedded": {"n_beads": 90, "frames": 160, "seed": 0}},
             "prepare": {"frames_per_trajectory": 160, "gap": 2},
         }
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",), "icnnmd": ("md",)}
 ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch", "icnnmd": "keras"}
 #: Precision label of the run that evaluates the sensitivity analysis' mixed assignment.
 MIXED = "mixed"
+#: Smallest pixel-map side the ICNNMD network takes (`sciquant.models.icnnmd.MIN_GRID`, not
+#: imported here: Keras takes seconds to import, and dry runs read this module).
+ICNNMD_MIN_GRID = 10
 QUANTIZATION_METHODS = (
     "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
 )  # fmt: skip
@@ -227,6 +231,8 @@ def check_semantics(config: dict[str, Any]) -> None:
                     f"config key models.{name}.datasets: a {model['architecture']} cannot learn "
                     f"dataset '{dataset}' (workload {workload}); it learns: {', '.join(allowed)}"
                 )
+            if model["architecture"] == "icnnmd":
+                _check_icnnmd_grid(name, dataset, datasets[dataset])
         train = model.get("train", {})
         if train.get("learning_rate_min", 0) > train.get("learning_rate", 1e-3):
             raise SciquantError(
@@ -280,6 +286,25 @@ def _check_md_dataset(name: str, dataset: dict[str, Any]) -> None:
                 f"{key}.prepare.frames_per_trajectory: {frames} frames leave no frame for a split "
                 f"after the gaps of {prepare.get('gap', 5)} frames; raise it or lower `gap`"
             )
+
+
+def _check_icnnmd_grid(model: str, name: str, dataset: dict[str, Any]) -> None:
+    """The ICNNMD network pools twice: it needs pixel maps of at least ICNNMD_MIN_GRID² pixels.
+
+    Known before any job for the embedded chain (every bead is one CA atom, so any selection
+    that keeps atoms keeps all).
+    """
+    embedded = dataset.get("source", {}).get("embedded")
+    if embedded is None:
+        return
+    beads = embedded.get("n_beads", 96)
+    if math.isqrt(beads - 1) + 1 < ICNNMD_MIN_GRID:
+        raise SciquantError(
+            f"config key datasets.{name}.source.embedded.n_beads: {beads} beads make "
+            f"{math.isqrt(beads - 1) + 1}×{math.isqrt(beads - 1) + 1} pixel maps, too small for "
+            f"model {model} (ICNNMD needs {ICNNMD_MIN_GRID}×{ICNNMD_MIN_GRID}: more than "
+            f"{(ICNNMD_MIN_GRID - 1) ** 2} beads)"
+        )
 
 
 def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:

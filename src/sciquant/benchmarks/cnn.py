@@ -1,9 +1,11 @@
 """Batch-1 latency of the ICNNMD CNN in LiteRT: FP32 vs FP16 vs INT8 TFLite, side by side.
 
 `sciquant bench cnn`. For each pixel-map grid the network (`sciquant.models.icnnmd`, random
-weights: latency does not depend on them) is converted to FP32, FP16 (float16 weights) and
+weights: latency does not depend on them) is converted to FP32, FP16 (float16 weights),
 full-integer INT8 TFLite (int8 I/O; TFLite's own min/max calibration on random pixel maps,
-which is as fast as any other calibration), and each file is timed with
+which is as fast as any other calibration) and, for comparison, dynamic-range INT8 (`dyn-int8`:
+int8 weights, activations quantized on the fly inside each kernel, float I/O; not a study
+precision), and each file is timed with
 `sciquant.runtime.litert.LiteRTRunner.time_batch1`: h2d (quantize + set_tensor), compute
 (invoke), d2h (get_tensor + dequantize). The variants run round-robin, one timed call each
 per repeat (after one untimed call that brings its weights back into the caches), so drifts and
@@ -50,8 +52,8 @@ __all__ = ["GOAL_SPEEDUP", "GRIDS", "MIN_SPEEDUP", "VARIANTS", "format_table", "
 
 #: Pixel-map side lengths timed by default: ~100, ~1,000 and ~2,500 atoms.
 GRIDS = (10, 32, 50)
-VARIANTS = ("fp32", "fp16", "int8")
-_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "w8a8"}
+VARIANTS = ("fp32", "fp16", "int8", "dyn-int8")
+_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "w8a8", "dyn-int8": "dynamic"}
 MIN_SPEEDUP, GOAL_SPEEDUP = 1.9, 2.5
 _CALIBRATION_FRAMES = 32
 
@@ -167,7 +169,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"INT8 vs FP32 (compute = invoke only), goal >= {MIN_SPEEDUP}× (target {GOAL_SPEEDUP}×):"
     )
     for row in rows:
-        if row["variant"] != "int8":
+        if row["variant"] not in ("int8", "dyn-int8"):
             continue
         speedup = row["speedup_compute"]
         verdict = (
@@ -179,7 +181,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         delegate = "xnnpack" if row["xnnpack"] else "builtin"
         lines.append(
-            f"  grid {row['grid']:>3} ({delegate}, {row['threads']} thread(s)): "
+            f"  {row['variant']:>8} grid {row['grid']:>3} ({delegate}, "
+            f"{row['threads']} thread(s)): "
             f"{speedup:.2f}× compute, {row['speedup_total']:.2f}× total: {verdict}"
         )
     return "\n".join(lines)

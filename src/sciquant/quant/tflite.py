@@ -12,6 +12,10 @@ TF ops.)
 - fp32: no optimization.
 - fp16: ``optimizations=[DEFAULT]``, ``target_spec.supported_types=[tf.float16]``: float16
   weights, dequantized to float32 by the runtime on CPUs without FP16 arithmetic.
+- dynamic: ``optimizations=[DEFAULT]`` alone (TFLite's dynamic-range quantization): int8
+  weights per channel, activations float at the model's boundary and quantized on the fly per
+  inference inside the kernels. Not a study precision (its activation ranges are nobody's
+  choice, so it has no simulation); `sciquant bench cnn` times it beside full-integer INT8.
 - w8a8: full integer, ``supported_ops=[TFLITE_BUILTINS_INT8]``, int8 input and int8 output (the
   runner quantizes pixels with the input tensor's (scale, zero_point) and dequantizes the output;
   this keeps the graph free of float ops and puts quantize/dequantize in the h2d/d2h parts of
@@ -45,7 +49,7 @@ from sciquant.errors import SciquantError
 
 __all__ = ["PRECISIONS", "convert", "tensor_quantization", "uses_fake_quant_ranges"]
 
-PRECISIONS = ("fp32", "fp16", "w8a8")
+PRECISIONS = ("fp32", "fp16", "w8a8", "dynamic")
 _REPRESENTATIVE_FRAMES = 64
 
 
@@ -89,6 +93,8 @@ def convert(
         if precision == "fp16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
+        elif precision == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
         elif precision == "w8a8":
             frames = np.asarray(representative, dtype=np.float32)
             if frames.ndim != len(model.inputs[0].shape) or len(frames) == 0:
