@@ -91,7 +91,13 @@ import numpy as np
 import tensorflow as tf
 
 from sciquant.errors import SciquantError
-from sciquant.quant.observers import OBSERVERS, Observer, make_observer
+from sciquant.quant.observers import (
+    METHOD_OBSERVERS,
+    MODES,
+    OBSERVERS,
+    Observer,
+    make_observer,
+)
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
 from sciquant.quant.targets import Target, get_target
 
@@ -121,17 +127,6 @@ __all__ = [
     "tf_min_max",
 ]
 
-MODES = ("float", "observe", "quantize", "lsq")
-
-#: Method → (activation observer, weight observer); the table of `sciquant.quant.pytorch`.
-METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
-    "ptq-minmax": ("minmax", "minmax"),
-    "ptq-percentile": ("percentile", "minmax"),
-    "ptq-mse": ("mse", "mse"),
-    "ptq-entropy": ("entropy", "minmax"),
-    "qat-ste": ("minmax", "minmax"),
-    "qat-lsq": ("minmax", "minmax"),
-}
 
 #: Methods for float precisions (fp16): no ranges, a plain cast.
 FLOAT_METHODS = ("none",)

@@ -43,6 +43,8 @@ from sciquant.errors import SciquantError
 from sciquant.quant.spec import Granularity, PerChannel, PerTensor, QuantSpec, fake_quantize
 
 __all__ = [
+    "METHOD_OBSERVERS",
+    "MODES",
     "OBSERVERS",
     "EntropyObserver",
     "MSEObserver",
@@ -56,6 +58,23 @@ __all__ = [
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _PER_TENSOR = PerTensor()
 DEFAULT_MAX_SAMPLES = 1 << 20
+
+
+#: Modes of a fake-quantized layer, on every framework: float (pass-through), observe (collect
+#: ranges), quantize (fake-quant with frozen qparams), lsq (learned step sizes).
+MODES = ("float", "observe", "quantize", "lsq")
+
+#: Method → (activation observer, weight observer), shared by the PyTorch and Keras sides.
+#: Weights keep min/max except under `ptq-mse`, whose MSE-optimal clipping also suits weights;
+#: QAT starts from min/max ranges.
+METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
+    "ptq-minmax": ("minmax", "minmax"),
+    "ptq-percentile": ("percentile", "minmax"),
+    "ptq-mse": ("mse", "mse"),
+    "ptq-entropy": ("entropy", "minmax"),
+    "qat-ste": ("minmax", "minmax"),
+    "qat-lsq": ("minmax", "minmax"),
+}
 
 
 def qparams_from_range(

@@ -52,7 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
-from sciquant.quant.observers import OBSERVERS, Observer, make_observer
+from sciquant.quant.observers import (
+    METHOD_OBSERVERS,
+    MODES,
+    OBSERVERS,
+    Observer,
+    make_observer,
+)
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
 from sciquant.quant.targets import Target, get_target
 
@@ -70,17 +76,6 @@ __all__ = [
     "set_mode",
 ]
 
-MODES = ("float", "observe", "quantize", "lsq")
-
-#: Method → (activation observer, weight observer); see the module docstring for the choice.
-METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
-    "ptq-minmax": ("minmax", "minmax"),
-    "ptq-percentile": ("percentile", "minmax"),
-    "ptq-mse": ("mse", "mse"),
-    "ptq-entropy": ("entropy", "minmax"),
-    "qat-ste": ("minmax", "minmax"),
-    "qat-lsq": ("minmax", "minmax"),
-}
 
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
 

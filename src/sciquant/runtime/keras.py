@@ -15,7 +15,6 @@ The runner has the same interface as `sciquant.runtime.litert.LiteRTRunner`.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sciquant.errors import SciquantError
+from sciquant.runtime.latency import batch1_latency
 
 __all__ = ["KerasRunner", "configure_threads", "load_keras_model"]
 
@@ -127,15 +127,7 @@ class KerasRunner:
         """
         import tensorflow as tf
 
-        x = np.asarray(x, dtype=np.float32)
-        if len(x) == 0:
-            raise SciquantError("no frames to time; the test split is empty")
-        if repeats < 1:
-            raise SciquantError(f"latency repeats must be at least 1 (got {repeats})")
-        parts: dict[str, list[float]] = {"h2d_ms": [], "compute_ms": [], "d2h_ms": []}
-        totals = []
-        for i in range(warmup + repeats):
-            frame = x[i % len(x)][None]
+        def time_one(frame: np.ndarray) -> dict[str, float]:
             t0 = time.perf_counter()
             tensor = tf.convert_to_tensor(frame)
             t1 = time.perf_counter()
@@ -143,15 +135,10 @@ class KerasRunner:
             t2 = time.perf_counter()
             output.numpy()
             t3 = time.perf_counter()
-            if i < warmup:
-                continue
-            parts["h2d_ms"].append((t1 - t0) * 1e3)
-            parts["compute_ms"].append((t2 - t1) * 1e3)
-            parts["d2h_ms"].append((t3 - t2) * 1e3)
-            totals.append((t3 - t0) * 1e3)
-        result = {key: statistics.median(values) for key, values in parts.items()}
-        result["total_ms"] = statistics.median(totals)
-        result["total_ms_min"] = min(totals)
-        result["total_ms_max"] = max(totals)
-        result["repeats"] = float(repeats)
-        return result
+            return {
+                "h2d_ms": (t1 - t0) * 1e3,
+                "compute_ms": (t2 - t1) * 1e3,
+                "d2h_ms": (t3 - t2) * 1e3,
+            }
+
+        return batch1_latency(time_one, np.asarray(x, dtype=np.float32), repeats, warmup)

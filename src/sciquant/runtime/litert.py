@@ -19,7 +19,6 @@ Same interface as `sciquant.runtime.keras.KerasRunner`.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from sciquant.errors import SciquantError
 from sciquant.quant.spec import PerTensor, QuantSpec
+from sciquant.runtime.latency import batch1_latency
 
 __all__ = ["LiteRTRunner"]
 
@@ -217,17 +217,10 @@ class LiteRTRunner:
           - total_ms: the three together, timed as one interval; total_ms_min / total_ms_max its
             spread, repeats the number of timed runs.
         """
-        x = self._check_input(x)
-        if len(x) == 0:
-            raise SciquantError("no frames to time; the test split is empty")
-        if repeats < 1:
-            raise SciquantError(f"latency repeats must be at least 1 (got {repeats})")
         self._resize(1)
         interpreter, source, sink = self.interpreter, self._input, self._output
-        parts: dict[str, list[float]] = {"h2d_ms": [], "compute_ms": [], "d2h_ms": []}
-        totals = []
-        for i in range(warmup + repeats):
-            frame = x[i % len(x)][None]
+
+        def time_one(frame: np.ndarray) -> dict[str, float]:
             t0 = time.perf_counter()
             interpreter.set_tensor(source.index, source.to_tensor(frame))
             t1 = time.perf_counter()
@@ -235,15 +228,10 @@ class LiteRTRunner:
             t2 = time.perf_counter()
             sink.from_tensor(interpreter.get_tensor(sink.index))
             t3 = time.perf_counter()
-            if i < warmup:
-                continue
-            parts["h2d_ms"].append((t1 - t0) * 1e3)
-            parts["compute_ms"].append((t2 - t1) * 1e3)
-            parts["d2h_ms"].append((t3 - t2) * 1e3)
-            totals.append((t3 - t0) * 1e3)
-        result = {key: statistics.median(values) for key, values in parts.items()}
-        result["total_ms"] = statistics.median(totals)
-        result["total_ms_min"] = min(totals)
-        result["total_ms_max"] = max(totals)
-        result["repeats"] = float(repeats)
-        return result
+            return {
+                "h2d_ms": (t1 - t0) * 1e3,
+                "compute_ms": (t2 - t1) * 1e3,
+                "d2h_ms": (t3 - t2) * 1e3,
+            }
+
+        return batch1_latency(time_one, self._check_input(x), repeats, warmup)

@@ -66,7 +66,6 @@ import os
 import re
 import statistics
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +75,7 @@ import torch
 from torch import Tensor
 
 from sciquant.errors import SciquantError
+from sciquant.runtime.latency import batch1_latency
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -926,29 +926,12 @@ class TrtRunner:
         d2h_ms (result -> pinned host buffer), total_ms (wall clock of the whole call, with the
         synchronization), total_ms_min / total_ms_max, repeats.
         """
-        x = np.asarray(x, dtype=np.float32)
-        if len(x) == 0:
-            raise SciquantError("no frames to time; the test split is empty")
-        if repeats < 1:
-            raise SciquantError(f"latency repeats must be at least 1 (got {repeats})")
-        parts: dict[str, list[float]] = {"h2d_ms": [], "compute_ms": [], "d2h_ms": []}
-        totals = []
-        for i in range(warmup + repeats):
-            frame = x[i % len(x)][None]
-            started = time.perf_counter()
+
+        def time_one(frame: np.ndarray) -> dict[str, float]:
             _, timing = self._run(frame)
-            total = (time.perf_counter() - started) * 1e3
-            if i < warmup:
-                continue
-            for key in ("h2d", "compute", "d2h"):
-                parts[f"{key}_ms"].append(timing[key])
-            totals.append(total)
-        result = {key: statistics.median(values) for key, values in parts.items()}
-        result["total_ms"] = statistics.median(totals)
-        result["total_ms_min"] = min(totals)
-        result["total_ms_max"] = max(totals)
-        result["repeats"] = float(repeats)
-        return result
+            return {f"{key}_ms": timing[key] for key in ("h2d", "compute", "d2h")}
+
+        return batch1_latency(time_one, np.asarray(x, dtype=np.float32), repeats, warmup)
 
 
 def _dims(value: Any) -> list[Any]:
