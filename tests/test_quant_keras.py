@@ -357,7 +357,10 @@ def md_inputs(tmp_path_factory):
     x = frames(56, grid=10, seed=11)
     y = (x[..., 0].mean(axis=(1, 2)) > 0.5).astype(np.int64)
     split = np.array([0] * 40 + [1] * 8 + [2] * 8, dtype=np.int8)
-    np.savez(prepared / "pixelmaps.npz", x=x, y=y, split=split)
+    n = np.arange(len(x))
+    np.savez(prepared / "pixelmaps.npz", x=x, y=y, trajectory=y, frame=n, split=split)
+    index = {"format": "sciquant-md-pixelmaps", "version": 1, "grid": 10}
+    (prepared / "index.json").write_text(json.dumps(index))
     checkpoint = root / "fp32" / "model.keras"
     checkpoint.parent.mkdir()
     build_icnnmd(10, seed=0).save(checkpoint)

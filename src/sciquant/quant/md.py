@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sciquant.data import md as md_data
 from sciquant.errors import SciquantError
 from sciquant.provenance import package_versions, provenance, write_json
 from sciquant.quant.spec import parse_precision
 from sciquant.quant.targets import Plan, get_target
 
-__all__ = ["ARTIFACTS", "QUANTIZATION_FORMAT", "artifact_for", "load_prepared", "run"]
+__all__ = ["ARTIFACTS", "QUANTIZATION_FORMAT", "artifact_for", "run"]
 
 QUANTIZATION_FORMAT = "sciquant-md-quantization"
 QUANTIZATION_VERSION = 1
@@ -100,7 +100,8 @@ def run(
     model = load_keras_model(checkpoint)
     if quant_keras.is_quantized(model):
         raise SciquantError(f"{checkpoint}: already quantized; quantize the FP32 model.keras")
-    x, y, split = load_prepared(prepared)
+    data = md_data.load_prepared(prepared)
+    x, y, split = data["x"], data["y"], data["split"]
     train = np.flatnonzero(split == TRAIN_SPLIT)
     if len(train) == 0:
         raise SciquantError(
@@ -200,31 +201,6 @@ def artifact_for(out: Path) -> Path:
     raise SciquantError(
         f"{out}: no quantized model ({', '.join(ARTIFACTS)}) found; run the quantize stage"
     )
-
-
-def load_prepared(prepared: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x float32 (N, S, S, C), y int64 (N,), split int8 (N,)) from `prepared/pixelmaps.npz`."""
-    path = Path(prepared) / "pixelmaps.npz"
-    if not path.is_file():
-        raise SciquantError(f"{path}: prepared pixel maps not found; run the prepare stage")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [key for key in ("x", "y", "split") if key not in npz.files]
-            if missing:
-                raise SciquantError(f"{path}: arrays {missing} missing; rerun the prepare stage")
-            x, y, split = npz["x"], npz["y"], npz["split"]
-    except SciquantError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise SciquantError(
-            f"{path}: unreadable ({type(error).__name__}: {error}); delete it and rerun prepare"
-        ) from error
-    if x.ndim != 4 or y.shape != (len(x),) or split.shape != (len(x),):
-        raise SciquantError(
-            f"{path}: shapes x {x.shape}, y {y.shape}, split {split.shape} are not (N, S, S, C), "
-            "(N,), (N,); rerun the prepare stage"
-        )
-    return x.astype(np.float32, copy=False), y.astype(np.int64), split.astype(np.int8)
 
 
 def _save_keras(model: Any, path: Path) -> Path:

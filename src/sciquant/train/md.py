@@ -27,7 +27,6 @@ Outputs in `out`: `model.keras` (final weights, no optimizer), `train_log.csv`, 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from sciquant.data import md as md_data
+from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
 from sciquant.provenance import package_versions, provenance, write_json
 from sciquant.runtime.keras import configure_threads, load_keras_model
@@ -97,72 +98,23 @@ class PixelMaps:
 def load_pixelmaps(prepared: Path) -> PixelMaps:
     """Read `prepared/pixelmaps.npz` and `prepared/index.json`; errors name the file."""
     prepared = Path(prepared)
-    index_path = prepared / "index.json"
+    index = md_data.load_index(prepared)
+    arrays = md_data.load_prepared(prepared)
     data_path = prepared / "pixelmaps.npz"
-    for path in (index_path, data_path):
-        if not path.is_file():
-            raise SciquantError(f"{path}: prepared pixel maps not found; run the prepare stage")
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SciquantError(
-            f"{index_path}: unreadable ({error}); rerun the prepare stage"
-        ) from error
-    if not isinstance(index, dict) or index.get("format") != DATA_FORMAT:
-        raise SciquantError(f"{index_path}: not a {DATA_FORMAT} index; rerun the prepare stage")
-    if index.get("version") != DATA_VERSION:
-        raise SciquantError(
-            f"{index_path}: version {index.get('version')} is not {DATA_VERSION}; rerun the "
-            "prepare stage with this sciquant"
-        )
-    keys = ("x", "y", "trajectory", "frame", "split")
-    try:
-        with np.load(data_path, allow_pickle=False) as npz:
-            missing = [k for k in keys if k not in npz.files]
-            if missing:
-                raise SciquantError(f"{data_path}: arrays {missing} missing; rerun prepare")
-            arrays = {k: npz[k] for k in keys}
-    except SciquantError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise SciquantError(
-            f"{data_path}: unreadable ({type(error).__name__}: {error}); delete it and rerun "
-            "the prepare stage"
-        ) from error
-    x = arrays["x"]
-    n = len(x)
-    if x.ndim != 4 or x.shape[1] != x.shape[2]:
-        raise SciquantError(f"{data_path}: x has shape {x.shape}, not (N, S, S, C); rerun prepare")
-    if "grid" in index and int(index["grid"]) != x.shape[1]:
-        raise SciquantError(
-            f"{data_path}: grid {x.shape[1]} disagrees with index.json's {index['grid']}; "
-            "rerun the prepare stage"
-        )
-    for key in keys[1:]:
-        if arrays[key].shape != (n,):
-            raise SciquantError(f"{data_path}: {key} has shape {arrays[key].shape}, not ({n},)")
     y = arrays["y"].astype(np.int64)
-    if n and y.min() < 0:
+    if len(y) and y.min() < 0:
         raise SciquantError(f"{data_path}: negative labels; rerun the prepare stage")
     if not np.isin(arrays["split"], list(SPLITS.values())).all():
         raise SciquantError(f"{data_path}: split values other than 0/1/2; rerun prepare")
     return PixelMaps(
         path=data_path,
-        x=x.astype(np.float32, copy=False),
+        x=arrays["x"].astype(np.float32, copy=False),
         y=y,
         trajectory=arrays["trajectory"].astype(np.int64),
         frame=arrays["frame"].astype(np.int64),
         split=arrays["split"].astype(np.int8),
         index=index,
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(path: Path) -> Any:
@@ -419,7 +371,7 @@ def run(
     x_train, y_train = data.subset("train")
     _check_classes(y_train, data.path, "train split (0)")
     val = data.subset("val")
-    sha = file_sha256(data.path)
+    sha = sha256_of(data.path)
     settings = {
         "epochs": epochs,
         "batch_size": batch_size,
