@@ -1,10 +1,11 @@
 """`sciquant submit`: run workflow stages as submitit job arrays (Slurm, or local processes).
 
-The same stage functions as the Snakemake rules (through the `sciquant` CLI) are called with the
-same arguments, in the working directory, so the same files appear under `resources/` and
-`results/`. One job array per stage and node type; with `--stage all` (or several stages) the
-stages run in dependency order, each waiting for the previous one. Slurm resources come from the
-config's `nodes:` mapping (partition, constraint, GPUs), command-line options override them.
+Every job runs the `sciquant` command of its stage (`run_stage`, in the job's process) with the
+same arguments as the stage's rule, in the working directory, so the same files appear under
+`resources/` and `results/`. One job array per stage and node type; with `--stage all` (or
+several stages) the stages run in dependency order, each waiting for the previous one. Slurm
+resources come from the config's `nodes:` mapping (partition, constraint, GPUs), command-line
+options override them.
 
     sciquant submit --config workflow/config/ci.yaml --stage all --runs seed=0
 """
@@ -12,6 +13,7 @@ config's `nodes:` mapping (partition, constraint, GPUs), command-line options ov
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import time
@@ -36,62 +38,16 @@ STAGE_RESOURCES = {
 }
 
 
-# ------------------------------------------------------------------ stage functions (in the job)
+# ------------------------------------------------------------------ the stage function (in the job)
 
 
-def synthesize(raw: str, settings: dict[str, Any]) -> None:
-    from sciquant.data import bloodflow_sim
-    from sciquant.data.manifest import write_manifest
+def run_stage(argv: list[str]) -> None:
+    """Run one stage exactly as its rule does: the `sciquant` command with these arguments
+    (which picks the workload's code), in this process; SciquantError if it fails."""
+    from sciquant.cli import main
 
-    params = bloodflow_sim.params_from_mapping(settings.get("parameters", {}))
-    bloodflow_sim.synthesize(
-        Path(raw),
-        n_simulations=settings.get("n_simulations", 24),
-        seed=settings.get("seed", 0),
-        params=params,
-    )
-    write_manifest(Path(raw), source={"embedded": settings})
-
-
-def fetch(raw: str, files: list[dict[str, Any]]) -> None:
-    from sciquant.data.download import RemoteFile
-    from sciquant.data.download import fetch as download
-    from sciquant.data.manifest import write_manifest
-
-    download([RemoteFile(**spec) for spec in files], Path(raw))
-    write_manifest(Path(raw), source={"files": files})
-
-
-def prepare(raw: str, out: str, settings: dict[str, Any]) -> None:
-    from sciquant.data import bloodflow
-
-    bloodflow.prepare(Path(raw), Path(out), bloodflow.PrepareSettings(**settings))
-
-
-def train(prepared: str, out: str, settings: dict[str, Any], seed: int, threads: int) -> None:
-    from sciquant.train import bloodflow
-
-    bloodflow.run(Path(prepared), Path(out), settings=settings, seed=seed, threads=threads)
-
-
-def evaluate(
-    checkpoint: str,
-    prepared: str,
-    out: str,
-    settings: dict[str, Any],
-    coordinates: dict[str, Any],
-    threads: int,
-) -> None:
-    from sciquant.evaluate import bloodflow
-
-    bloodflow.run(
-        Path(checkpoint),
-        Path(prepared),
-        Path(out),
-        settings=settings,
-        coordinates=coordinates,
-        threads=threads,
-    )
+    if main(argv) != 0:
+        raise SciquantError(f"sciquant {' '.join(argv[:2])} failed; its message is above")
 
 
 @dataclass
@@ -150,33 +106,32 @@ def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list
         for name in datasets:
             source = study.datasets[name]["source"]
             if kind == "embedded" and kind in source:
-                kwargs = {"raw": raw(name), "settings": source[kind]}
-                tasks.append(Task(stage, name, "cpu", synthesize, kwargs, workdir))
+                argv = ["synthesize", study.workload(name), "--settings", _json(source[kind])]
             elif kind in source:
-                kwargs = {"raw": raw(name), "files": source[kind]}
-                tasks.append(Task(stage, name, "cpu", fetch, kwargs, workdir))
+                argv = ["fetch", "--files", _json(source[kind])]
+            else:
+                continue
+            argv += ["--out", raw(name)]
+            tasks.append(Task(stage, name, "cpu", run_stage, {"argv": argv}, workdir))
     elif stage == "prepare":
         for name in datasets:
-            kwargs = {
-                "raw": raw(name),
-                "out": prepared(name),
-                "settings": study.datasets[name]["prepare"],
-            }
-            tasks.append(Task(stage, name, "cpu", prepare, kwargs, workdir))
+            argv = [
+                "prepare", study.workload(name), "--raw", raw(name),
+                "--settings", _json(study.datasets[name]["prepare"]), "--out", prepared(name),
+            ]  # fmt: skip
+            tasks.append(Task(stage, name, "cpu", run_stage, {"argv": argv}, workdir))
     elif stage == "train":
         for dataset, model, seed in sorted({(r.dataset, r.model, r.seed) for r in runs}):
             spec = study.models[model]
             settings = {key: value for key, value in spec.items() if key != "datasets"}
-            folder = Training(dataset, model, seed).folder
-            kwargs = {
-                "prepared": prepared(dataset),
-                "out": folder,
-                "settings": settings,
-                "seed": seed,
-                "threads": config["threads"],
-            }
+            argv = [
+                "train", "--prepared", prepared(dataset), "--settings", _json(settings),
+                "--seed", str(seed), "--threads", str(config["threads"]),
+                "--out", Training(dataset, model, seed).folder,
+            ]  # fmt: skip
             label = f"{dataset}/{model}/seed{seed}"
-            tasks.append(Task(stage, label, spec["train"]["node"], train, kwargs, workdir))
+            node = spec["train"]["node"]
+            tasks.append(Task(stage, label, node, run_stage, {"argv": argv}, workdir))
     elif stage == "evaluate":
         fp32 = [
             r for r in runs if (r.target, r.method, r.precision) == ("reference", "none", "fp32")
@@ -192,17 +147,21 @@ def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list
                 "config_hash": study.config_hash(),
                 **run.coordinates(),
             }
-            kwargs = {
-                "checkpoint": f"{Training(run.dataset, run.model, run.seed).folder}/checkpoint.pt",
-                "prepared": prepared(run.dataset),
-                "out": run.folder,
-                "settings": config["evaluate"],
-                "coordinates": coordinates,
-                "threads": config["threads"],
-            }
+            artifact = "model.keras" if study.framework(run.model) == "keras" else "checkpoint.pt"
+            argv = [
+                "evaluate",
+                "--checkpoint", f"{Training(run.dataset, run.model, run.seed).folder}/{artifact}",
+                "--prepared", prepared(run.dataset), "--settings", _json(config["evaluate"]),
+                "--coordinates", _json(coordinates), "--threads", str(config["threads"]),
+                "--out", run.folder,
+            ]  # fmt: skip
             label = run.folder.removeprefix("results/")
-            tasks.append(Task(stage, label, study.node(run), evaluate, kwargs, workdir))
+            tasks.append(Task(stage, label, study.node(run), run_stage, {"argv": argv}, workdir))
     return tasks
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
 
 
 # ------------------------------------------------------------------ submission
