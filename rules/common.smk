@@ -164,12 +164,9 @@ def get_run_artifacts(wildcards):
     }
     if study.plan(run).runtime in ("onnxruntime", "tensorrt"):
         # float runs (method none) all build from the target's FP32 export
-        folder = (
-            run.folder.rsplit("/", 2)[0] + "/none/fp32"
-            if run.method == "none"
-            else run.folder
-        )
-        artifacts["onnx"] = f"{folder}/model.onnx"
+        if run.method == "none":
+            run = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
+        artifacts["onnx"] = f"{run.folder}/model.onnx"
     return artifacts
 
 
