@@ -321,7 +321,22 @@ def _softmax_grid(x: tf.Tensor, spec: QuantSpec) -> tf.Tensor:
 
 
 class _QuantMixin:
-    """What QuantConv2D and QuantDense share: qparams, observers, modes, config."""
+    """What QuantConv2D and QuantDense share: qparams, observers, modes, config.
+
+    Listed before the Keras layer class, so its __init__ / build / get_config run first and hand
+    on to the layer's.
+    """
+
+    def __init__(self, *args: Any, quantization: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_quant(quantization)
+
+    def build(self, input_shape: Any) -> None:
+        super().build(input_shape)
+        self._build_qparams()
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "quantization": self._quant_config()}
 
     def _init_quant(self, quantization: dict[str, Any] | None) -> None:
         config = dict(quantization or {})
@@ -571,16 +586,8 @@ class QuantConv2D(_QuantMixin, keras.layers.Conv2D):
     """A Conv2D whose input and kernel (per output channel: the kernel's last axis) are
     fake-quantized; bias float. Config key ``quantization`` holds specs, methods and mode."""
 
-    def __init__(self, *args: Any, quantization: dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._init_quant(quantization)
-
     def _output_channels(self) -> int:
         return int(self.filters)
-
-    def build(self, input_shape: Any) -> None:
-        super().build(input_shape)
-        self._build_qparams()
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         x = self._quantize_input(inputs)
@@ -599,9 +606,6 @@ class QuantConv2D(_QuantMixin, keras.layers.Conv2D):
             y = y + bias
         return self._finish(y)
 
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "quantization": self._quant_config()}
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantDense(_QuantMixin, keras.layers.Dense):
@@ -611,16 +615,8 @@ class QuantDense(_QuantMixin, keras.layers.Dense):
     gets per-channel FULLY_CONNECTED weights (see the module docstring).
     """
 
-    def __init__(self, *args: Any, quantization: dict[str, Any] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._init_quant(quantization)
-
     def _output_channels(self) -> int:
         return int(self.units)
-
-    def build(self, input_shape: Any) -> None:
-        super().build(input_shape)
-        self._build_qparams()
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         x = self._quantize_input(inputs)
@@ -641,9 +637,6 @@ class QuantDense(_QuantMixin, keras.layers.Dense):
         if bias is not None:
             y = y + bias
         return self._finish(y)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "quantization": self._quant_config()}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
