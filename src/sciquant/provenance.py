@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -56,6 +57,18 @@ def provenance(wall_time_s: float, threads: int | None = None) -> dict[str, Any]
         "git_revision": git_revision(),
         "wall_time_s": round(wall_time_s, 3),
     }
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Path:
+    """Write a CSV table atomically (header `columns`, one line per row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:

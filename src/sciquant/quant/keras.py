@@ -96,6 +96,7 @@ from sciquant.quant.observers import (
     MODES,
     OBSERVERS,
     Observer,
+    check_lsq_specs,
     make_observer,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
@@ -451,14 +452,8 @@ class _QuantMixin:
                 f"layer {self.name!r} cannot switch to {mode!r} before calibration: run "
                 "calibrate(qmodel, batches) first"
             )
-        if mode == "lsq" and "pow2" in (
-            self.weight_spec.scale_kind,
-            self.activation_spec.scale_kind,
-        ):
-            raise SciquantError(
-                "LSQ learns float scales and would move power-of-two scales off their grid; "
-                "use qat-ste for pow2 targets (npu-pow2)"
-            )
+        if mode == "lsq":
+            check_lsq_specs(self.weight_spec, self.activation_spec)
         if self._mode == "lsq" and mode != "lsq":
             self._freeze_learned()
         if mode == "observe":

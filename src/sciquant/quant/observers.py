@@ -46,6 +46,7 @@ __all__ = [
     "METHOD_OBSERVERS",
     "MODES",
     "OBSERVERS",
+    "check_lsq_specs",
     "EntropyObserver",
     "MSEObserver",
     "MinMaxObserver",
@@ -75,6 +76,15 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "qat-ste": ("minmax", "minmax"),
     "qat-lsq": ("minmax", "minmax"),
 }
+
+
+def check_lsq_specs(*specs: QuantSpec) -> None:
+    """LSQ learns float scales: SciquantError for power-of-two specs (use qat-ste there)."""
+    if any(spec.scale_kind == "pow2" for spec in specs):
+        raise SciquantError(
+            "LSQ learns float scales and would move power-of-two scales off their grid; "
+            "use qat-ste for pow2 targets (npu-pow2)"
+        )
 
 
 def qparams_from_range(

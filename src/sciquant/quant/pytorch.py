@@ -57,6 +57,7 @@ from sciquant.quant.observers import (
     MODES,
     OBSERVERS,
     Observer,
+    check_lsq_specs,
     make_observer,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
@@ -141,14 +142,8 @@ class QuantLinear(nn.Module):
                 f"cannot switch to {mode!r} before calibration: run calibrate(qmodel, inputs) "
                 "(or disable_observers after observing) first"
             )
-        if mode == "lsq" and "pow2" in (
-            self.weight_spec.scale_kind,
-            self.activation_spec.scale_kind,
-        ):
-            raise SciquantError(
-                "LSQ learns float scales and would move power-of-two scales off their grid; "
-                "use qat-ste for pow2 targets (npu-pow2)"
-            )
+        if mode == "lsq":
+            check_lsq_specs(self.weight_spec, self.activation_spec)
         self._set_learnable(mode == "lsq")
         self._mode = mode
 

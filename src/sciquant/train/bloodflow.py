@@ -16,7 +16,6 @@ after the current step; the epoch is then redone on resume.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import signal
@@ -39,6 +38,7 @@ from sciquant.data.features import (
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
+from sciquant.provenance import write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 CHECKPOINT_VERSION = 1
@@ -395,9 +395,4 @@ def _final_state(model, architecture, index, settings, seed) -> dict[str, Any]: 
 
 
 def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv(path, rows, LOG_COLUMNS)

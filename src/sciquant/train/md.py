@@ -26,7 +26,6 @@ Outputs in `out`: `model.keras` (final weights, no optimizer), `train_log.csv`, 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import numpy as np
 from sciquant.data import md as md_data
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
-from sciquant.provenance import package_versions, provenance, write_json
+from sciquant.provenance import package_versions, provenance, write_csv, write_json
 from sciquant.runtime.keras import configure_threads, load_keras_model
 
 __all__ = [
@@ -268,12 +267,7 @@ def _restore(model: Any, weights: list[np.ndarray], optimizer: list[np.ndarray],
 
 
 def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv(path, rows, LOG_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
