@@ -173,3 +173,41 @@ def test_bad_checkpoint_cli_exits_2_without_traceback(prepared: Path, tmp_path: 
     assert result.returncode == 2
     assert "checkpoint.pt: not a readable sciquant checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_rollout_state_stays_on_the_step_device(
+    prepared: Path, tmp_path: Path, device: str
+) -> None:
+    """A device rollout moves the sample once, runs every step there, returns CPU series."""
+    checkpoint = train_bloodflow.run(prepared, tmp_path / "m", TINY, seed=0, progress=False)
+    model, state = train_bloodflow.load_model(checkpoint)
+    norm = Normalizer.from_statistics(state["statistics"])
+    index = bloodflow.load_index(prepared)
+    name = index["samples"]["test"][0]
+    graph = to_tensors(name, bloodflow.load_sample(prepared, name), norm)
+    seen: list[torch.device] = []
+    on_device = model.to(device)
+
+    def step(x: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        seen.extend({x.device, e.device, edge_index.device})
+        return on_device(x, e, edge_index)
+
+    pressure, flowrate = rollout(step, graph, norm, device=device)
+    assert set(seen) == {torch.device(device, 0) if device == "cuda" else torch.device(device)}
+    assert pressure.device.type == flowrate.device.type == "cpu"
+    reference_p, reference_q = rollout(model.cpu(), graph, norm)
+    np.testing.assert_allclose(pressure.numpy(), reference_p.numpy(), rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(flowrate.numpy(), reference_q.numpy(), rtol=1e-4, atol=1e-4)

@@ -10,7 +10,7 @@ flag, next-step inlet flow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,18 @@ class GraphTensors:
     branch_id: Tensor
     loading_steps: int
     inlet_index: Tensor | None = None  # [N] each node's inlet node, when graphs are merged
+
+    def to(self, device: torch.device | str) -> GraphTensors:
+        """The same sample with every tensor on `device` (itself if they are there already)."""
+        device = torch.device(device)
+        if self.static.device == device:
+            return self
+        moved = {
+            f.name: value.to(device) if isinstance(value, Tensor) else value
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+        return GraphTensors(**moved)
 
     def inlet_of_nodes(self) -> Tensor:
         """[N] index of the inlet node of each node's own graph (its inlet flow is imposed)."""

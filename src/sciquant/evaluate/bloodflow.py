@@ -32,15 +32,22 @@ def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
     ]
 
 
-def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int):
+def time_rollouts(
+    step: StepFunction,
+    graphs: list[GraphTensors],
+    norm: Normalizer,
+    repeats: int,
+    device: str | None = None,
+):
     """Median and spread of the wall time to roll out all test simulations.
 
     The caller has rolled them out once already (the accuracy rollout): that is the warm-up.
+    On a GPU the time ends when the predictions are back on the host (a synchronization).
     """
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        rollout_all(step, graphs, norm)
+        rollout_all(step, graphs, norm, device)
         times.append(time.perf_counter() - started)
     return {
         "rollout_time_s_median": statistics.median(times),
@@ -51,14 +58,19 @@ def time_rollouts(step: StepFunction, graphs: list[GraphTensors], norm: Normaliz
 
 
 def evaluate_step(
-    step: StepFunction, graphs: list[GraphTensors], norm: Normalizer, repeats: int
+    step: StepFunction,
+    graphs: list[GraphTensors],
+    norm: Normalizer,
+    repeats: int,
+    device: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
     """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing.
 
     All test simulations are rolled out together as one disjoint graph (one step for all); the
-    accuracy rollout is the timing's warm-up.
+    accuracy rollout is the timing's warm-up. `device`: where the rollout state lives (the
+    step function's device; None: the CPU).
     """
-    predictions = rollout_all(step, graphs, norm)
+    predictions = rollout_all(step, graphs, norm, device)
     per_simulation = {
         graph.name: rollout_errors(predicted_p, predicted_q, graph, norm)
         for graph, (predicted_p, predicted_q) in zip(graphs, predictions, strict=True)
@@ -72,7 +84,7 @@ def evaluate_step(
         metrics[f"{field}_max"] = float(values.max())
     metrics["test_simulations"] = len(graphs)
     if repeats > 0:
-        metrics.update(time_rollouts(step, graphs, norm, repeats))
+        metrics.update(time_rollouts(step, graphs, norm, repeats, device))
     metrics["per_simulation"] = per_simulation
     return metrics, predictions
 
@@ -151,7 +163,10 @@ def load_step(
         merged, _ = merge_graphs(graphs or [])
         dims = graph_dims(merged.edge_index, merged.num_nodes)
         sizes["artifact_bytes"] = onnx.stat().st_size
-        step = TrtStep.from_onnx(onnx, precision=TENSORRT_PRECISIONS[precision], **dims)
+        # The rollout keeps its state on the GPU (evaluate.rollout's `device`): outputs stay there.
+        step = TrtStep.from_onnx(
+            onnx, precision=TENSORRT_PRECISIONS[precision], keep_on_device=True, **dims
+        )
         return step, state, sizes
     if onnx is not None:
         from sciquant.runtime.onnxruntime import OrtStep
@@ -208,7 +223,9 @@ def run(
     graphs = graphs if graphs is not None else test_graphs(prepared, norm)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
     repeats = 0 if simulated else settings.get("repeats", 5)
-    metrics, predictions = evaluate_step(step, graphs, norm, repeats)
+    # TensorRT steps take and return CUDA tensors: the rollout state stays on the GPU.
+    device = "cuda" if runtime == "tensorrt" else None
+    metrics, predictions = evaluate_step(step, graphs, norm, repeats, device)
     metrics.update(sizes)
     if hasattr(step, "timing_summary"):
         metrics.update(

@@ -32,19 +32,28 @@ def branch_average(flowrate: Tensor, branch_id: Tensor, num_branches: int) -> Te
     """Replace the flow on each branch by its mean over the branch; junctions (-1) keep theirs."""
     on_branch = branch_id >= 0
     ids = branch_id.clamp(min=0)
-    sums = torch.zeros(num_branches, dtype=flowrate.dtype).index_add_(
-        0, ids[on_branch], flowrate[on_branch]
-    )  # noqa: E501
-    counts = torch.zeros(num_branches, dtype=flowrate.dtype).index_add_(
-        0, ids[on_branch], torch.ones_like(flowrate[on_branch])
-    )
+    zeros = torch.zeros(num_branches, dtype=flowrate.dtype, device=flowrate.device)
+    sums = zeros.clone().index_add_(0, ids[on_branch], flowrate[on_branch])
+    counts = zeros.index_add_(0, ids[on_branch], torch.ones_like(flowrate[on_branch]))
     means = sums / counts.clamp(min=1)
     return torch.where(on_branch, means[ids], flowrate)
 
 
 @torch.inference_mode()
-def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[Tensor, Tensor]:
-    """Predicted pressure and flow, physical units, [S, N] (step 0 is the true initial state)."""
+def rollout(
+    step: StepFunction,
+    graph: GraphTensors,
+    norm: Normalizer,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Predicted pressure and flow, physical units, [S, N] CPU tensors (step 0: the true state).
+
+    `device` (e.g. "cuda"): the sample is copied there once and the state stays there for the
+    whole rollout (the step function must accept and return tensors on that device); only the
+    predicted series come back, once, at the end.
+    """
+    if device is not None:
+        graph = graph.to(device)
     steps = graph.num_steps
     pressure = graph.pressure[0].clone()
     flowrate = graph.flowrate[0].clone()
@@ -53,7 +62,7 @@ def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[
     num_branches = int(graph.branch_id.max()) + 1
     predicted_p = [pressure]
     predicted_q = [flowrate]
-    ones = torch.ones(graph.num_nodes)
+    ones = torch.ones(graph.num_nodes, device=graph.static.device)
     for t in range(steps - 1):
         next_inlet = graph.flowrate[t + 1][inlet_of_nodes]
         x = node_features(graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet)
@@ -66,13 +75,16 @@ def rollout(step: StepFunction, graph: GraphTensors, norm: Normalizer) -> tuple[
         predicted_p.append(pressure)
         predicted_q.append(flowrate)
     return (
-        norm.denormalize("pressure", torch.stack(predicted_p)),
-        norm.denormalize("flowrate", torch.stack(predicted_q)),
+        norm.denormalize("pressure", torch.stack(predicted_p)).cpu(),
+        norm.denormalize("flowrate", torch.stack(predicted_q)).cpu(),
     )
 
 
 def rollout_all(
-    step: StepFunction, graphs: list[GraphTensors], norm: Normalizer
+    step: StepFunction,
+    graphs: list[GraphTensors],
+    norm: Normalizer,
+    device: torch.device | str | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Roll out all samples at once as one disjoint graph; per sample (pressure, flow) [S, N].
 
@@ -80,7 +92,7 @@ def rollout_all(
     alone, at a fraction of the per-step overhead.
     """
     merged, parts = merge_graphs(graphs)
-    pressure, flowrate = rollout(step, merged, norm)
+    pressure, flowrate = rollout(step, merged, norm, device)
     return [
         (pressure[:steps, nodes].numpy(), flowrate[:steps, nodes].numpy()) for nodes, steps in parts
     ]
