@@ -135,7 +135,56 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     stats = index["statistics"]
     assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
     assert stats["flowrate"]["std"] > 0
-    assert len(index["node_features"]) == 18 and len(index["edge_features"]) == 9
+    assert len(index["node_features"]) == 19 and len(index["edge_features"]) == 9
+
+
+def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> None:
+    """p̃ = (p − p_dia)/(p_sys − p_dia), q̃ = q/Q̄_in by hand; physical() undoes them exactly."""
+    import torch
+
+    from sciquant.data.features import Normalizer, merge_graphs, to_tensors
+
+    out = tmp_path / "prepared"
+    bloodflow.prepare(raw, out, PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4))
+    index = bloodflow.load_index(out)
+    norm = Normalizer.from_statistics(index["statistics"])
+    name = index["samples"]["test"][0]
+    sample = bloodflow.load_sample(out, name)
+    offset, pressure_scale, flow_scale = bloodflow.sample_scales(sample)
+    inlet_pressure = sample["pressure"][4:, 0].astype(np.float64)
+    assert offset == pytest.approx(inlet_pressure.min())
+    assert pressure_scale == pytest.approx(np.ptp(inlet_pressure))
+    # Inflow 5 + 3 sin(2πt) sampled over one closed cycle (t = 0..1 s every 0.05 s).
+    t = np.arange(21) * 0.05
+    assert flow_scale == pytest.approx(np.mean(5 + 3 * np.sin(2 * np.pi * t)), rel=1e-3)
+    graph = to_tensors(name, sample, norm)
+    for field in ("pressure", "flowrate"):
+        back = graph.physical(norm, field, getattr(graph, field).numpy())
+        np.testing.assert_allclose(back, sample[field], rtol=2e-6, atol=1e-6)
+    # Merged graphs keep each sample's own scales.
+    other = dict(sample, flowrate=2 * sample["flowrate"], pressure=sample["pressure"] + 5e3)
+    merged, parts = merge_graphs([graph, to_tensors("other", other, norm)])
+    back = merged.physical(norm, "flowrate", merged.flowrate)
+    assert isinstance(back, torch.Tensor)
+    np.testing.assert_allclose(
+        back[:, parts[1][0]].numpy(), other["flowrate"], rtol=2e-6, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        merged.physical(norm, "pressure", merged.pressure.numpy())[:, parts[1][0]],
+        other["pressure"],
+        rtol=2e-6,
+    )
+
+
+def test_unscalable_sample_names_itself(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    bloodflow.prepare(raw, out, PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4))
+    sample = bloodflow.load_sample(out, bloodflow.load_index(out)["samples"]["test"][0])
+    with pytest.raises(SciquantError, match=r"sim_x.*cycle-mean inlet flow .*-"):
+        bloodflow.sample_scales(dict(sample, flowrate=-sample["flowrate"]), "sim_x")
+    flat = dict(sample, systolic=sample["diastolic"])
+    with pytest.raises(SciquantError, match=r"sim_y.*constant"):
+        bloodflow.sample_scales(flat, "sim_y")
 
 
 def test_missing_array_names_file(raw: Path, tmp_path: Path) -> None:

@@ -351,7 +351,7 @@ def _prepared_setup(
 ) -> tuple[MeshGraphNet, dict[str, tuple[Inputs, int]], list[Inputs]]:
     """The trained model, the batched test graph at step 0 (+ its steps), calibration inputs."""
     from sciquant.data.bloodflow import load_index
-    from sciquant.data.features import Normalizer, merge_graphs, node_features
+    from sciquant.data.features import Normalizer, inlet_increment, merge_graphs, node_features
     from sciquant.evaluate.bloodflow import test_graphs
     from sciquant.quant.bloodflow import calibration_inputs, is_quantized
     from sciquant.train.bloodflow import load_graphs, load_model
@@ -371,9 +371,10 @@ def _prepared_setup(
         merged.flowrate[0],
         merged.loading[0] * torch.ones(merged.num_nodes),
         merged.flowrate[1][inlet],
+        inlet_increment(merged.flowrate[1][inlet], merged.flowrate[0][inlet], norm),
     )
     train = load_index(prepared)["samples"]["train"][:calibration_samples]
-    calibration = list(calibration_inputs(load_graphs(prepared, train, norm), steps))
+    calibration = list(calibration_inputs(load_graphs(prepared, train, norm), steps, norm))
     cases = {"test-set": ((x, merged.edge_features, merged.edge_index), merged.num_steps - 1)}
     return model.eval(), cases, calibration
 

@@ -19,6 +19,13 @@ Output format (`results/<dataset>/prepared/`):
   (inlet pressure extremes), `source_points` [N] (ids of the kept points in the `.vtp`).
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split.
+
+Per-simulation scales (`sample_scales`): the model sees pressure and flow made dimensionless per
+simulation before the z-score, p̃ = (p − p_dia) / (p_sys − p_dia) and q̃ = q / Q̄_in, with p_dia,
+p_sys the inlet pressure extremes (already node features, as in the reference) and Q̄_in the
+cycle-mean of the imposed inlet flow (known in advance, like the inlet flow itself). Trees whose
+flows differ tenfold then look alike to the network; the statistics of `pressure`, `flowrate`
+and their increments in `index.json` are those of p̃ and q̃. The stored arrays stay physical.
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ from sciquant.data.vtp import Centerline, read_centerline
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: statistics of the per-simulation scaled pressure and flow
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
 NODE_FEATURES = (
     "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
     "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
-    "R1", "C", "R2", "loading", "next_inlet_flowrate",
+    "R1", "C", "R2", "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
 )  # fmt: skip
 EDGE_FEATURES = (
     "dx", "dy", "dz", "distance",
@@ -407,6 +414,7 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
                 systolic=np.float32(pressure[settings.loading_steps :, inlet].max()),
             )
             name = f"{sim.name}_o{k}"
+            sample_scales(sample, f"{path}")  # fails here, naming the file, not in training
             _save_npz(graphs_dir / f"{name}.npz", sample)
             samples[split].append(name)
             if split == "train":
@@ -431,13 +439,45 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, float, float]:
+    """(pressure offset p_dia, pressure scale p_sys − p_dia, flow scale Q̄_in) of one sample.
+
+    See the module docstring. Errors name the sample when a scale is not positive (a constant
+    inlet pressure, or a cycle-mean inlet flow ≤ 0: no forward flow to scale by).
+    """
+    diastolic, systolic = float(sample["diastolic"]), float(sample["systolic"])
+    cycle = np.asarray(sample["loading"]) == 0
+    inlet = np.asarray(sample["node_type"]) == INLET
+    mean_inflow = float(np.asarray(sample["flowrate"], dtype=np.float64)[cycle][:, inlet].mean())
+    if not systolic > diastolic:
+        raise SciquantError(
+            f"{name}: the inlet pressure is constant over the cycle (systolic {systolic} = "
+            f"diastolic {diastolic} dyn/cm²); a pulsatile simulation is needed"
+        )
+    if not mean_inflow > 0:
+        raise SciquantError(
+            f"{name}: the cycle-mean inlet flow is {mean_inflow:.4g} cm³/s; the surrogate "
+            "needs a net forward inflow (check the flow sign convention of the raw data)"
+        )
+    return diastolic, systolic - diastolic, mean_inflow
+
+
+def scaled_series(sample: dict[str, Any], name: str = "sample") -> tuple[np.ndarray, np.ndarray]:
+    """The sample's pressure and flow [S, N] made dimensionless by `sample_scales`."""
+    offset, pressure_scale, flow_scale = sample_scales(sample, name)
+    pressure = (np.asarray(sample["pressure"], dtype=np.float64) - offset) / pressure_scale
+    flowrate = np.asarray(sample["flowrate"], dtype=np.float64) / flow_scale
+    return pressure, flowrate
+
+
 def _collect_statistics(collected: dict[str, list[np.ndarray]], sample: dict[str, Any]) -> None:
     steady = sample["loading"] == 0
     outlets = sample["node_type"] == OUTLET
-    collected["pressure"].append(sample["pressure"].ravel())
-    collected["flowrate"].append(sample["flowrate"].ravel())
-    collected["delta_pressure"].append(np.diff(sample["pressure"][steady], axis=0).ravel())
-    collected["delta_flowrate"].append(np.diff(sample["flowrate"][steady], axis=0).ravel())
+    pressure, flowrate = scaled_series(sample)
+    collected["pressure"].append(pressure.ravel())
+    collected["flowrate"].append(flowrate.ravel())
+    collected["delta_pressure"].append(np.diff(pressure[steady], axis=0).ravel())
+    collected["delta_flowrate"].append(np.diff(flowrate[steady], axis=0).ravel())
     collected["area"].append(sample["area"])
     for key in ("period", "diastolic", "systolic"):
         collected[key].append(np.atleast_1d(sample[key]))

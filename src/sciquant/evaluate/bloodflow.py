@@ -95,7 +95,7 @@ def plot_rollouts(graphs, predictions, norm: Normalizer, out: Path, count: int) 
     for field, unit, scale, index in (("pressure", "mmHg", MMHG, 0), ("flowrate", "mL/s", 1.0, 1)):
         fig, axes = plt.subplots(1, len(shown), figsize=(4.0 * len(shown), 3.4), squeeze=False)
         for ax, (graph, predicted) in zip(axes[0], shown, strict=True):
-            exact = norm.denormalize(field, getattr(graph, field).numpy())
+            exact = graph.physical(norm, field, getattr(graph, field).numpy())
             dt = 1.0  # steps; the loading ramp is shaded
             steps = np.arange(graph.num_steps) * dt
             for label, node in _plot_nodes(graph):

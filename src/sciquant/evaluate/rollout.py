@@ -1,9 +1,10 @@
 """Autoregressive rollout of a blood-flow surrogate and its relative errors.
 
 From the true state at step 0, every step builds the node features, asks the model for the
-normalized increments, adds them (in physical units), replaces the flow of every branch by its
-mean over the branch's nodes (flow is nearly constant along a vessel) and imposes the next inlet
-flow exactly. Errors per field over branch nodes and all steps after the loading ramp:
+normalized increments, adds them (in the per-simulation scaled units of
+`sciquant.data.features`), replaces the flow of every branch by its mean over the branch's nodes
+(flow is nearly constant along a vessel) and imposes the next inlet flow exactly. Errors per
+field, in physical units, over branch nodes and all steps after the loading ramp:
 
     err = sqrt( Σ_t Σ_i ((pred - exact) · mask)² / Σ_t Σ_i (exact · mask)² )     (reported in %)
 """
@@ -20,11 +21,12 @@ from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     branch_mask,
+    inlet_increment,
     merge_graphs,
     node_features,
 )
 
-#: model(node_features [N, 18], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
+#: model(node_features [N, 19], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -65,7 +67,10 @@ def rollout(
     ones = torch.ones(graph.num_nodes, device=graph.static.device)
     for t in range(steps - 1):
         next_inlet = graph.flowrate[t + 1][inlet_of_nodes]
-        x = node_features(graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet)
+        step_in = inlet_increment(next_inlet, flowrate[inlet_of_nodes], norm)
+        x = node_features(
+            graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet, step_in
+        )
         delta = step(x, graph.edge_features, graph.edge_index)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
         flowrate = flowrate + norm.denormalize("delta_flowrate", delta[:, 1]) / norm.std["flowrate"]
@@ -75,8 +80,8 @@ def rollout(
         predicted_p.append(pressure)
         predicted_q.append(flowrate)
     return (
-        norm.denormalize("pressure", torch.stack(predicted_p)).cpu(),
-        norm.denormalize("flowrate", torch.stack(predicted_q)).cpu(),
+        graph.physical(norm, "pressure", torch.stack(predicted_p)).cpu(),
+        graph.physical(norm, "flowrate", torch.stack(predicted_q)).cpu(),
     )
 
 
@@ -110,8 +115,8 @@ def rollout_errors(
 ) -> dict[str, float]:
     """Pressure and flow errors in % over branch nodes and the steps after the loading ramp."""
     cycle = slice(graph.loading_steps, None)
-    exact_p = norm.denormalize("pressure", graph.pressure.numpy())[cycle]
-    exact_q = norm.denormalize("flowrate", graph.flowrate.numpy())[cycle]
+    exact_p = graph.physical(norm, "pressure", graph.pressure.numpy())[cycle]
+    exact_q = graph.physical(norm, "flowrate", graph.flowrate.numpy())[cycle]
     mask = branch_mask(graph.node_type).numpy()[None, :].astype(np.float64)
     return {
         "pressure_error_pct": 100 * relative_error(predicted_p[cycle], exact_p, mask),

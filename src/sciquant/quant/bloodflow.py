@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sciquant.data.bloodflow import load_index
-from sciquant.data.features import GraphTensors, Normalizer, node_features
+from sciquant.data.features import GraphTensors, Normalizer, inlet_increment, node_features
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.pytorch import (
@@ -43,11 +43,11 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 1
+QUANTIZED_VERSION = 2  # 2: from version-2 FP32 checkpoints (19 node features)
 
 
 def calibration_inputs(
-    graphs: list[GraphTensors], steps_per_graph: int
+    graphs: list[GraphTensors], steps_per_graph: int, norm: Normalizer
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Model inputs (node features, edge features, edge index) at evenly spaced true states."""
     for graph in graphs:
@@ -55,9 +55,10 @@ def calibration_inputs(
         ones = torch.ones(graph.num_nodes)
         for t in np.linspace(0, graph.num_steps - 2, steps_per_graph).astype(int):
             next_inlet = graph.flowrate[t + 1][inlet][:1].expand(graph.num_nodes)
+            inlet_now = graph.flowrate[t][inlet][:1].expand(graph.num_nodes)
             x = node_features(
                 graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-                next_inlet,
+                next_inlet, inlet_increment(next_inlet, inlet_now, norm),
             )  # fmt: skip
             yield x, graph.edge_features, graph.edge_index
 
@@ -111,7 +112,7 @@ def run(
         precision = chosen["high"]
     qmodel = quantize_model(model, target, precision, method, precisions=layer_precisions)
     steps = quantize_settings.get("calibration_steps", 16)
-    calibrate(qmodel, calibration_inputs(calibration, steps))
+    calibrate(qmodel, calibration_inputs(calibration, steps, norm))
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
 
     if method.startswith("qat-"):
@@ -189,7 +190,7 @@ def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
         raise SciquantError(f"{checkpoint}: exporting a quantized model needs --prepared")
     qmodel, state = load_quantized(checkpoint)
     norm = Normalizer.from_statistics(state["statistics"])
-    example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1))
+    example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1, norm))
     return export_qdq_onnx(qmodel, out, example)
 
 

@@ -76,7 +76,7 @@ def run(
     calibrated = {
         precision: calibrate(
             quantize_model(model, target, precision, method),
-            calibration_inputs(calibration, steps),
+            calibration_inputs(calibration, steps, norm),
         ).quant_linears()
         for precision in (low, high)
     }

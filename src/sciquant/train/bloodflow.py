@@ -33,6 +33,7 @@ from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     boundary_mask,
+    inlet_increment,
     node_features,
     to_tensors,
 )
@@ -41,7 +42,7 @@ from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.provenance import write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: 19 node features, per-simulation scaled pressure and flow
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "seconds")
 
 
@@ -82,6 +83,7 @@ class Batch:
     flowrate: torch.Tensor
     loading: torch.Tensor
     next_inlet: torch.Tensor
+    inlet_now: torch.Tensor
     inlet: torch.Tensor
     weight: torch.Tensor
 
@@ -106,6 +108,7 @@ def make_batch(
         # Input of step k carries the inlet flow of step k + 1 (imposed, known in advance).
         inlet_next = g.flowrate[start + 1 : start + steps + 2, inlet][:, :1]
         parts["next_inlet"].append(inlet_next.expand(-1, n))
+        parts["inlet_now"].append(g.flowrate[window, inlet][:, :1].expand(-1, n))
         parts["inlet"].append(inlet)
         boundary = boundary_mask(g.node_type).float()
         parts["weight"].append(1.0 + (boundary_weight - 1.0) * boundary)
@@ -118,6 +121,7 @@ def make_batch(
         flowrate=torch.cat(parts["flowrate"], dim=1),
         loading=torch.cat(parts["loading"], dim=1),
         next_inlet=torch.cat(parts["next_inlet"], dim=1),
+        inlet_now=torch.cat(parts["inlet_now"], dim=1),
         inlet=torch.cat(parts["inlet"]),
         weight=torch.cat(parts["weight"]),
     )
@@ -141,7 +145,11 @@ def rollout_loss(
     total = torch.zeros(())
     weights_sum = batch.weight.sum()
     for k in range(settings.rollout_steps):
-        x = node_features(batch.static, pressure, flowrate, batch.loading[k], batch.next_inlet[k])
+        # The inlet's flow is imposed (never noised), so its current value is the true one.
+        step_in = inlet_increment(batch.next_inlet[k], batch.inlet_now[k], norm)
+        x = node_features(
+            batch.static, pressure, flowrate, batch.loading[k], batch.next_inlet[k], step_in
+        )
         delta = model(x, batch.edge_features, batch.edge_index)
         # Increment (normalized-delta units) that takes the current state to the true next one.
         needed_p = (batch.pressure[k + 1] - pressure) * norm.std["pressure"]
