@@ -211,3 +211,31 @@ def test_rollout_state_stays_on_the_step_device(
     reference_p, reference_q = rollout(model.cpu(), graph, norm)
     np.testing.assert_allclose(pressure.numpy(), reference_p.numpy(), rtol=1e-5, atol=1e-2)
     np.testing.assert_allclose(flowrate.numpy(), reference_q.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 1.5])
+def test_flow_loss_weighted_by_area(prepared: Path, exponent: float) -> None:
+    """One step, no noise, a model that predicts zero: the loss by hand from the batch."""
+    index = bloodflow.load_index(prepared)
+    norm = Normalizer.from_statistics(index["statistics"])
+    graphs = train_bloodflow.load_graphs(prepared, index["samples"]["train"][:2], norm)
+    batch = train_bloodflow.make_batch(graphs, [(0, 1), (1, 4)], steps=1, boundary_weight=3.0)
+    settings = train_bloodflow.TrainSettings(rollout_steps=1, flow_area_exponent=exponent)
+
+    def zero(x: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 2)
+
+    loss = float(train_bloodflow.rollout_loss(zero, batch, norm, settings, noise=None))
+    f64 = {k: v.double() for k, v in vars(batch).items() if v.is_floating_point()}
+    std, mean = norm.std, norm.mean
+    target_p = (
+        (f64["pressure"][1] - f64["pressure"][0]) * std["pressure"] - mean["delta_pressure"]
+    ) / std["delta_pressure"]
+    target_q = (
+        (f64["flowrate"][1] - f64["flowrate"][0]) * std["flowrate"] - mean["delta_flowrate"]
+    ) / std["delta_flowrate"]
+    area = (f64["static"][:, 0] * std["area"] + mean["area"]) ** exponent
+    flow_term = np.where(batch.inlet.numpy(), 0.0, (area / area.mean() * target_q**2).numpy())
+    w = f64["weight"].numpy()
+    expected = np.sum(w * (target_p.numpy() ** 2 + flow_term)) / w.sum()
+    assert loss == pytest.approx(expected, rel=1e-5)

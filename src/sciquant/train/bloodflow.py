@@ -5,7 +5,10 @@ windows, batches them as one disjoint graph, adds Gaussian noise to the input pr
 (not to the imposed inlet flow), and rolls the model out `rollout_steps` steps on its own
 predictions with the inlet flow imposed. The loss of step k is the weighted mean squared error of
 the predicted normalized increment against the one that reaches the true next state, with weight 1
-for k = 0 and `rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more.
+for k = 0 and `rollout_weight` after; inlet/outlet nodes weigh `boundary_weight` times more, and a
+node's flow term is weighted by its cross-section area to the power `flow_area_exponent`
+(normalized to mean 1 over the batch): the rollout's flow error is dominated by the large vessels
+(their flows are largest) while most nodes sit in small distal ones.
 
 Determinism and resume: every epoch draws from generators seeded by (seed, epoch), so an epoch
 computes the same whether it runs after the previous one or after a resume from its checkpoint.
@@ -57,6 +60,7 @@ class TrainSettings:
     learning_rate_min: float = 1e-6
     weight_decay: float = 0.0
     noise_std: float = 0.02
+    flow_area_exponent: float = 1.0
     rollout_steps: int = 5
     rollout_weight: float = 0.5
     boundary_weight: float = 100.0
@@ -144,6 +148,11 @@ def rollout_loss(
         flowrate = flowrate + torch.where(batch.inlet, 0.0, flow_noise)
     total = torch.zeros(())
     weights_sum = batch.weight.sum()
+    flow_weight = torch.ones(())
+    if settings.flow_area_exponent:
+        area = norm.denormalize("area", batch.static[:, 0]).clamp(min=1e-6)
+        flow_weight = area**settings.flow_area_exponent
+        flow_weight = flow_weight / flow_weight.mean()
     for k in range(settings.rollout_steps):
         # The inlet's flow is imposed (never noised), so its current value is the true one.
         step_in = inlet_increment(batch.next_inlet[k], batch.inlet_now[k], norm)
@@ -157,7 +166,7 @@ def rollout_loss(
         error_p = delta[:, 0] - norm.normalize("delta_pressure", needed_p)
         error_q = delta[:, 1] - norm.normalize("delta_flowrate", needed_q)
         # The inlet flow is imposed, so its prediction does not count.
-        error = error_p**2 + torch.where(batch.inlet, 0.0, error_q**2)
+        error = error_p**2 + torch.where(batch.inlet, 0.0, flow_weight * error_q**2)
         step_weight = 1.0 if k == 0 else settings.rollout_weight
         total = total + step_weight * (batch.weight * error).sum() / weights_sum
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
