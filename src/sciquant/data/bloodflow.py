@@ -414,11 +414,11 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
                 systolic=np.float32(pressure[settings.loading_steps :, inlet].max()),
             )
             name = f"{sim.name}_o{k}"
-            sample_scales(sample, f"{path}")  # fails here, naming the file, not in training
+            scales = sample_scales(sample, f"{path}")  # fails here, naming the file
             _save_npz(graphs_dir / f"{name}.npz", sample)
             samples[split].append(name)
             if split == "train":
-                _collect_statistics(collected, sample)
+                _collect_statistics(collected, sample, scales)
 
     index = {
         "format_version": FORMAT_VERSION,
@@ -462,18 +462,24 @@ def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, 
     return diastolic, systolic - diastolic, mean_inflow
 
 
-def scaled_series(sample: dict[str, Any], name: str = "sample") -> tuple[np.ndarray, np.ndarray]:
-    """The sample's pressure and flow [S, N] made dimensionless by `sample_scales`."""
-    offset, pressure_scale, flow_scale = sample_scales(sample, name)
+def scaled_series(
+    sample: dict[str, Any], scales: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's pressure and flow [S, N] made dimensionless by its `sample_scales`."""
+    offset, pressure_scale, flow_scale = scales
     pressure = (np.asarray(sample["pressure"], dtype=np.float64) - offset) / pressure_scale
     flowrate = np.asarray(sample["flowrate"], dtype=np.float64) / flow_scale
     return pressure, flowrate
 
 
-def _collect_statistics(collected: dict[str, list[np.ndarray]], sample: dict[str, Any]) -> None:
+def _collect_statistics(
+    collected: dict[str, list[np.ndarray]],
+    sample: dict[str, Any],
+    scales: tuple[float, float, float],
+) -> None:
     steady = sample["loading"] == 0
     outlets = sample["node_type"] == OUTLET
-    pressure, flowrate = scaled_series(sample)
+    pressure, flowrate = scaled_series(sample, scales)
     collected["pressure"].append(pressure.ravel())
     collected["flowrate"].append(flowrate.ravel())
     collected["delta_pressure"].append(np.diff(pressure[steady], axis=0).ravel())

@@ -145,8 +145,8 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         ],
         axis=1,
     ).astype(np.float32)
-    pressure, flowrate = scaled_series(sample, name)
-    offset, pressure_scale, flow_scale = sample_scales(sample, name)
+    offset, pressure_scale, flow_scale = scales = sample_scales(sample, name)
+    pressure, flowrate = scaled_series(sample, scales)
     edges = sample["edge_features"].astype(np.float32).copy()
     for j, key in enumerate(("dx", "dy", "dz", "distance")):
         edges[:, j] = norm.normalize(key, edges[:, j])
