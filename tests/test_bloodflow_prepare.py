@@ -135,11 +135,11 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     stats = index["statistics"]
     assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
     assert stats["flowrate"]["std"] > 0
-    assert len(index["node_features"]) == 19 and len(index["edge_features"]) == 9
+    assert len(index["node_features"]) == 33 and len(index["edge_features"]) == 9
 
 
 def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> None:
-    """p̃ = (p − p_dia)/(p_sys − p_dia), q̃ = q/Q̄_in by hand; physical() undoes them exactly."""
+    """p̃ = (p − p_dia)/(p_sys − p_dia), q̃ = q/(s·Q̄_in) by hand; physical() undoes them exactly."""
     import torch
 
     from sciquant.data.features import Normalizer, merge_graphs, to_tensors
@@ -156,7 +156,16 @@ def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> N
     assert pressure_scale == pytest.approx(np.ptp(inlet_pressure))
     # Inflow 5 + 3 sin(2πt) sampled over one closed cycle (t = 0..1 s every 0.05 s).
     t = np.arange(21) * 0.05
-    assert flow_scale == pytest.approx(np.mean(5 + 3 * np.sin(2 * np.pi * t)), rel=1e-3)
+    mean_inflow = np.mean(5 + 3 * np.sin(2 * np.pi * t))
+    np.testing.assert_allclose(flow_scale, mean_inflow * sample["flow_share"], rtol=1e-12)
+    assert flow_scale[0] == pytest.approx(mean_inflow, rel=1e-3)  # the inlet's share is 1
+    # The daughters split the inflow by their outlet resistances (R1 + R2 ≈ 10⁴ dyn·s/cm⁵; the
+    # vessels' own resistance is < 0.1 % of that).
+    outlets = sample["node_type"] == OUTLET
+    share = sample["flow_share"][outlets]
+    resistance = (sample["R1"] + sample["R2"])[outlets]
+    assert share.sum() == pytest.approx(1.0, rel=1e-6)
+    assert share[0] / share[1] == pytest.approx(resistance[1] / resistance[0], rel=2e-3)
     graph = to_tensors(name, sample, norm)
     for field in ("pressure", "flowrate"):
         back = graph.physical(norm, field, getattr(graph, field).numpy())

@@ -16,16 +16,23 @@ Output format (`results/<dataset>/prepared/`):
   branch-junction, junction-junction, inlet boundary, outlet boundary), `pressure` [S, N] dyn/cm²,
   `flowrate` [S, N] cm³/s, `loading` [S] (1 on ramp-up steps), `R1`, `C`, `R2` [N] (outlet
   Windkessel values, 0 elsewhere), scalars `period` s, `dt` s, `diastolic`, `systolic` dyn/cm²
-  (inlet pressure extremes), `source_points` [N] (ids of the kept points in the `.vtp`).
+  (inlet pressure extremes), `source_points` [N] (ids of the kept points in the `.vtp`), and
+  the tree's linear hemodynamics (`sciquant.data.network`): `flow_share` [N] (steady share of the
+  inflow), `pressure_drop` [N] dyn·s/cm⁵ (steady pressure drop from the inlet per unit inflow),
+  `flow_response` and `pressure_response` [N, 2·harmonics] (amplitude − 1 and phase per
+  harmonic of the cycle, relative to the steady share / to the inlet's pressure).
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split.
 
-Per-simulation scales (`sample_scales`): the model sees pressure and flow made dimensionless per
-simulation before the z-score, p̃ = (p − p_dia) / (p_sys − p_dia) and q̃ = q / Q̄_in, with p_dia,
-p_sys the inlet pressure extremes (already node features, as in the reference) and Q̄_in the
-cycle-mean of the imposed inlet flow (known in advance, like the inlet flow itself). Trees whose
-flows differ tenfold then look alike to the network; the statistics of `pressure`, `flowrate`
-and their increments in `index.json` are those of p̃ and q̃. The stored arrays stay physical.
+Per-simulation scales (`sample_scales`): the model sees pressure and flow made dimensionless
+before the z-score, p̃ = (p − p_dia) / (p_sys − p_dia) and q̃ = q / (s·Q̄_in), with p_dia, p_sys
+the inlet pressure extremes (already node features, as in the reference), Q̄_in the cycle-mean of
+the imposed inlet flow (known in advance, like the inlet flow itself) and s the node's steady
+share of it (`flow_share`). Every node's q̃ then has cycle mean 1 (exactly for a linear network):
+trees whose flows differ tenfold, and a daughter carrying 90 % of its parent's flow next to one
+carrying 10 %, look alike to the network, which is left to learn how the pulse departs from the
+inflow's waveform. The statistics of `pressure`, `flowrate` and their increments in
+`index.json` are those of p̃ and q̃. The stored arrays stay physical.
 """
 
 from __future__ import annotations
@@ -41,17 +48,42 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sciquant.data.network import (
+    Physics,
+    Tree,
+    harmonic_response,
+    steady_pressure_drop,
+    steady_share,
+)
 from sciquant.data.vtp import Centerline, read_centerline
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 
-FORMAT_VERSION = 2  # 2: statistics of the per-simulation scaled pressure and flow
+# 2: statistics of the per-simulation scaled pressure and flow; 3: the tree's linear hemodynamics
+# (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node
+FORMAT_VERSION = 3
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
-NODE_FEATURES = (
-    "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
-    "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
-    "R1", "C", "R2", "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
-)  # fmt: skip
+#: Harmonics of the cycle whose linear response is a node feature (`PrepareSettings.harmonics`).
+HARMONICS = 3
+
+
+def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
+    """The model's node features in order (see `sciquant.data.features`)."""
+    response = [
+        f"{field}_h{k}_{part}"
+        for field in ("flow", "pressure")
+        for k in range(1, harmonics + 1)
+        for part in ("amplitude", "phase")
+    ]
+    return (
+        "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
+        "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
+        "R1", "C", "R2", "flow_share", "pressure_drop", *response,
+        "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
+    )  # fmt: skip
+
+
+NODE_FEATURES = node_feature_names()
 EDGE_FEATURES = (
     "dx", "dy", "dz", "distance",
     "branch_branch", "branch_junction", "junction_junction", "inlet_boundary", "outlet_boundary",
@@ -81,11 +113,15 @@ class PrepareSettings:
     loading_steps: int = 10
     time_offsets: int = 4
     boundary_edge_hops: int = 3
+    harmonics: int = HARMONICS
+    physics: Physics = field(default_factory=Physics)
     split: Split = field(default_factory=Split)
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):
             object.__setattr__(self, "split", Split(**self.split))
+        if isinstance(self.physics, dict):
+            object.__setattr__(self, "physics", Physics(**self.physics))
 
 
 @dataclass
@@ -275,6 +311,14 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndar
     edge_features = np.concatenate([relative, distance, one_hot], axis=1)
 
     r1, capacitance, r2 = _outlet_values(sim, kept, node_type)
+    area = np.asarray(sim.centerline.point_data["area"])[kept].astype(np.float64)
+    tree = Tree.build(
+        tree_edges, pos, area, int(inlet_nodes[0]), (r1, capacitance, r2), where=str(sim.path)
+    )
+    physics = settings.physics
+    flow_response, pressure_response = harmonic_response(
+        tree, float(sim.info["T"]), settings.harmonics, physics
+    )
     return {
         "pos": pos.astype(np.float32),
         "node_type": node_type.astype(np.int8),
@@ -285,6 +329,10 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndar
         "edge_features": edge_features.astype(np.float32),
         "R1": r1, "C": capacitance, "R2": r2,
         "source_points": kept.astype(np.int64),
+        "flow_share": steady_share(tree, physics).astype(np.float32),
+        "pressure_drop": steady_pressure_drop(tree, physics).astype(np.float32),
+        "flow_response": flow_response.astype(np.float32),
+        "pressure_response": pressure_response.astype(np.float32),
     }  # fmt: skip
 
 
@@ -426,7 +474,7 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
         "settings": asdict(settings),
         "simulations": splits,
         "samples": samples,
-        "node_features": list(NODE_FEATURES),
+        "node_features": list(node_feature_names(settings.harmonics)),
         "edge_features": list(EDGE_FEATURES),
         "statistics": _statistics(collected),
     }
@@ -439,8 +487,8 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, float, float]:
-    """(pressure offset p_dia, pressure scale p_sys − p_dia, flow scale Q̄_in) of one sample.
+def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, float, np.ndarray]:
+    """(pressure offset p_dia, pressure scale p_sys − p_dia, flow scales s·Q̄_in [N]) of a sample.
 
     See the module docstring. Errors name the sample when a scale is not positive (a constant
     inlet pressure, or a cycle-mean inlet flow ≤ 0: no forward flow to scale by).
@@ -459,11 +507,14 @@ def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, 
             f"{name}: the cycle-mean inlet flow is {mean_inflow:.4g} cm³/s; the surrogate "
             "needs a net forward inflow (check the flow sign convention of the raw data)"
         )
-    return diastolic, systolic - diastolic, mean_inflow
+    share = np.asarray(sample["flow_share"], dtype=np.float64)
+    if not np.all(share > 0):
+        raise SciquantError(f"{name}: a node's steady flow share is ≤ 0; rerun prepare")
+    return diastolic, systolic - diastolic, mean_inflow * share
 
 
 def scaled_series(
-    sample: dict[str, Any], scales: tuple[float, float, float]
+    sample: dict[str, Any], scales: tuple[float, float, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The sample's pressure and flow [S, N] made dimensionless by its `sample_scales`."""
     offset, pressure_scale, flow_scale = scales
@@ -475,7 +526,7 @@ def scaled_series(
 def _collect_statistics(
     collected: dict[str, list[np.ndarray]],
     sample: dict[str, Any],
-    scales: tuple[float, float, float],
+    scales: tuple[float, float, np.ndarray],
 ) -> None:
     steady = sample["loading"] == 0
     outlets = sample["node_type"] == OUTLET

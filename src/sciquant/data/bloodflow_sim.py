@@ -57,17 +57,12 @@ import scipy.sparse.linalg as spla
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+from sciquant.data.network import BLOOD_DENSITY, BLOOD_VISCOSITY, OLUFSEN_STIFFNESS
 from sciquant.data.vtp import Centerline, write_centerline
 from sciquant.errors import SciquantError
 
 MMHG = 1333.2
 """dyn/cm² per mmHg."""
-BLOOD_VISCOSITY = 0.04
-"""Dynamic viscosity of blood, P = g/(cm·s)."""
-BLOOD_DENSITY = 1.06
-"""Density of blood, g/cm³."""
-OLUFSEN_STIFFNESS = (2.0e7, -22.53, 8.65e5)
-"""(k1 g/(s²·cm), k2 1/cm, k3 g/(s²·cm)) of Eh/r0 = k1·exp(k2·r0) + k3 (Olufsen et al. 2000)."""
 
 # Step of the generated vessel polylines (cm); finer than any default output spacing so that
 # resampling along arc length stays smooth.

@@ -26,7 +26,7 @@ from sciquant.data.features import (
     node_features,
 )
 
-#: model(node_features [N, 19], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
+#: model(node_features [N, F], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 

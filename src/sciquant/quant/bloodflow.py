@@ -43,7 +43,7 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 2  # 2: from version-2 FP32 checkpoints (19 node features)
+QUANTIZED_VERSION = 3  # 3: from version-3 FP32 checkpoints (33 node features)
 
 
 def calibration_inputs(

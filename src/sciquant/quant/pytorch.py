@@ -402,7 +402,7 @@ def calibrate(
 ) -> QuantizedModel:
     """Observe every input tuple (float forward, no grad, eval mode), then freeze the qparams.
 
-    inputs: tuples of the model's positional arguments, e.g. (node_features [N, 19],
+    inputs: tuples of the model's positional arguments, e.g. (node_features [N, F],
     edge_features [E, 9], edge_index [2, E]). Observers start empty; afterwards every quantized
     layer is in quantize mode. Returns qmodel.
     """

@@ -92,7 +92,7 @@ def _check_file(path: Path) -> None:
 
 
 class OrtStep:
-    """An ONNX model as a StepFunction: ``(node_features [N, 19], edge_features [E, 9],
+    """An ONNX model as a StepFunction: ``(node_features [N, F], edge_features [E, 9],
     edge_index [2, E]) -> delta [N, 2]``, torch tensors in and out, on the CPU EP.
 
     intra_op_num_threads: threads of one op (0: ONNX Runtime's default, all cores); forced to 1

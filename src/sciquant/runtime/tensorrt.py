@@ -48,7 +48,7 @@ Step functions on the GPU
 events on the step's own stream); the inputs that do not change during a rollout
 (``edge_features``, ``edge_index`` and the derived ``incoming_edges``) are copied once per tensor
 and reused while the same tensor object is passed unmodified (checked by identity and torch's
-version counter), so a rollout pays one [N, 19] upload per step. Integer inputs are converted to
+version counter), so a rollout pays one [N, F] upload per step. Integer inputs are converted to
 the engine's integer type on the host before the copy. ``execute_async_v3`` runs with
 ``set_input_shape`` / ``set_tensor_address`` on torch-allocated CUDA buffers; the output comes
 back through a pinned buffer (``d2h``) unless ``keep_on_device=True``, which returns the CUDA
@@ -230,7 +230,7 @@ def graph_profile(
     num_nodes: int,
     num_edges: int,
     max_in_degree: int,
-    node_features: int = 19,
+    node_features: int = 33,
     edge_features: int = 9,
     min_nodes: int = 2,
 ) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -715,7 +715,7 @@ def _summary(timings: list[dict[str, float]]) -> dict[str, float]:
 
 class TrtStep:
     """A TensorRT engine of a (rewritten) MeshGraphNet as a StepFunction: ``(node_features
-    [N, 19], edge_features [E, 9], edge_index [2, E]) -> delta [N, 2]``, torch in and out.
+    [N, F], edge_features [E, 9], edge_index [2, E]) -> delta [N, 2]``, torch in and out.
 
     CPU inputs are uploaded (static ones once, see the module docstring); CUDA inputs are used
     in place. The output is a CPU tensor, or the CUDA tensor with ``keep_on_device=True``. Every

@@ -45,7 +45,7 @@ from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.provenance import write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
-CHECKPOINT_VERSION = 2  # 2: 19 node features, per-simulation scaled pressure and flow
+CHECKPOINT_VERSION = 3  # 3: 33 node features (tree hemodynamics), flow scaled per node
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "seconds")
 
 
@@ -68,8 +68,12 @@ class TrainSettings:
     node: str = "cpu"
 
 
-def architecture_from_settings(settings: dict[str, Any]) -> MeshGraphNetConfig:
+def architecture_from_settings(
+    settings: dict[str, Any], node_features: int = MeshGraphNetConfig.node_features
+) -> MeshGraphNetConfig:
+    """The model's hyper-parameters; `node_features`: the prepared index's feature count."""
     return MeshGraphNetConfig(
+        node_features=node_features,
         hidden=settings.get("hidden", 64),
         processor_size=settings.get("processor_size", 5),
         mlp_hidden_layers=settings.get("mlp_hidden_layers", 2),
@@ -266,8 +270,8 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     train_settings = TrainSettings(**settings.get("train", {}))
-    architecture = architecture_from_settings(settings)
     index = load_index(prepared)
+    architecture = architecture_from_settings(settings, len(index["node_features"]))
     norm = Normalizer.from_statistics(index["statistics"])
     train_graphs = load_graphs(prepared, index["samples"]["train"], norm)
     valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)

@@ -1,0 +1,206 @@
+"""Linear (lumped) hemodynamics of a prepared vascular tree: steady and harmonic flow split.
+
+Static node features of the blood-flow surrogate come from here. The tree is the prepared graph's
+own: its nodes, the edges between consecutive kept centerline points (directed downstream) and
+the outlets' boundary conditions. Every edge is a vessel piece of length h (the distance between
+its end nodes) and cross-section A (the mean of its end nodes' areas), radius r = √(A/π):
+
+- series impedance Z = R + iωL, R = 8μh/(πr⁴) (Poiseuille), L = ρh/(πr²);
+- compliance C = 3πr³h/(2Eh) with the wall stiffness Eh/r = k1·exp(k2·r) + k3 (Olufsen et al.
+  2000), half of it at each end node (a shunt admittance iωC/2 to the reference pressure);
+- outlet: RCR Windkessel Z = R1 + R2/(1 + iωR2·C) (a plain resistance when C = R2 = 0).
+
+`solve(tree, ω)` solves the tree for a unit harmonic inflow at the inlet: the flow at a node (the
+flow entering it from upstream, the raw data's convention) and its pressure, per unit inflow. At
+ω = 0 the flows are the steady flow split: the cycle-mean flow of every node of any periodic
+solution of a linear network is exactly share × mean inflow (the inductance and compliance terms
+average to zero over a cycle), and nearly so for the nonlinear 1D equations. The surrogate scales
+each node's flow by its steady share (`sciquant.data.bloodflow.sample_scales`) and sees, as node
+features, the harmonics' amplitude and phase relative to it, the steady pressure drop from the
+inlet and the pressure harmonics relative to the inlet's (`harmonic_response`).
+
+The physical constants default to those of the embedded simulator (and of typical 1D solvers);
+with other raw data they need only be close: the model learns the residual dynamics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sciquant.errors import SciquantError
+
+BLOOD_VISCOSITY = 0.04
+"""Dynamic viscosity of blood, P = g/(cm·s)."""
+BLOOD_DENSITY = 1.06
+"""Density of blood, g/cm³."""
+OLUFSEN_STIFFNESS = (2.0e7, -22.53, 8.65e5)
+"""(k1 g/(s²·cm), k2 1/cm, k3 g/(s²·cm)) of Eh/r0 = k1·exp(k2·r0) + k3 (Olufsen et al. 2000)."""
+
+
+@dataclass(frozen=True)
+class Physics:
+    """Constants of the lumped model (the config's `datasets.<name>.prepare.physics`)."""
+
+    viscosity: float = BLOOD_VISCOSITY
+    density: float = BLOOD_DENSITY
+    stiffness: tuple[float, float, float] = OLUFSEN_STIFFNESS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stiffness", tuple(float(k) for k in self.stiffness))
+        if not (self.viscosity > 0 and self.density > 0 and len(self.stiffness) == 3):
+            raise SciquantError(
+                "prepare.physics: viscosity and density must be > 0 and stiffness three numbers "
+                f"[k1, k2, k3]; got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A rooted tree over N nodes; arrays over nodes, `parent[root] = -1`.
+
+    `order`: nodes in breadth-first order from the root (parents before children); `length`
+    (cm) and `area` (cm²) of the edge from each node's parent (0 at the root).
+    """
+
+    root: int
+    parent: np.ndarray
+    order: np.ndarray
+    length: np.ndarray
+    area: np.ndarray
+    outlet: np.ndarray  # bool [N]: leaves, the nodes with boundary conditions
+    r1: np.ndarray
+    capacitance: np.ndarray
+    r2: np.ndarray
+
+    @classmethod
+    def build(
+        cls,
+        edges: np.ndarray,
+        positions: np.ndarray,
+        node_area: np.ndarray,
+        root: int,
+        outlet_values: Sequence[np.ndarray],
+        where: str = "graph",
+    ) -> Tree:
+        """From directed (upstream, downstream) node pairs [E, 2]; errors name `where`."""
+        n = len(positions)
+        edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+        parent = np.full(n, -1, dtype=np.int64)
+        for up, down in edges:
+            if parent[down] != -1 or down == root:
+                raise SciquantError(
+                    f"{where}: node {down} has more than one upstream vessel; the graph of "
+                    "kept centerline points must be a tree rooted at the inlet"
+                )
+            parent[down] = up
+        children: list[list[int]] = [[] for _ in range(n)]
+        for up, down in edges:
+            children[up].append(int(down))
+        order = [root]
+        for node in order:  # grows while iterating: breadth-first
+            order.extend(children[node])
+        if len(order) != n:
+            raise SciquantError(
+                f"{where}: {n - len(order)} nodes are not reachable from the inlet (node {root})"
+            )
+        order_arr = np.asarray(order, dtype=np.int64)
+        has_parent = parent >= 0
+        length = np.zeros(n)
+        area = np.zeros(n)
+        up = parent[has_parent]
+        length[has_parent] = np.linalg.norm(positions[has_parent] - positions[up], axis=1)
+        area[has_parent] = 0.5 * (node_area[has_parent] + node_area[up])
+        if np.any(area[has_parent] <= 0):
+            raise SciquantError(f"{where}: a vessel has a cross-section area ≤ 0")
+        outlet = np.array([not c for c in children], dtype=bool)
+        outlet[root] = False
+        r1, capacitance, r2 = (np.asarray(v, dtype=np.float64) for v in outlet_values)
+        bad = outlet & ~(r1 + r2 > 0)
+        if bad.any():
+            raise SciquantError(
+                f"{where}: outlet node(s) {np.flatnonzero(bad).tolist()} have no positive "
+                "resistance (R1 + R2 ≤ 0); every outlet needs a resistance or RCR boundary value"
+            )
+        return cls(root, parent, order_arr, length, area, outlet, r1, capacitance, r2)
+
+
+def solve(tree: Tree, omega: float, physics: Physics = Physics()) -> tuple[np.ndarray, np.ndarray]:  # noqa: B008
+    """(flow, pressure) at every node per unit inflow at angular frequency `omega` (rad/s).
+
+    Complex [N] arrays: the flow entering each node from upstream (the root: the inflow, 1) and
+    the node's pressure (dyn/cm² per cm³/s, relative to the outlets' distal pressure). ω = 0 is
+    the steady state: real flows that share the root's 1 among the outlets.
+    """
+    n = len(tree.parent)
+    edge = tree.parent >= 0
+    series = np.zeros(n, dtype=complex)
+    shunt = np.zeros(n)  # node compliance (cm⁵/dyn)
+    a = tree.area[edge]
+    series[edge] = 8 * physics.viscosity * math.pi * tree.length[edge] / a**2 + (
+        1j * omega * physics.density * tree.length[edge] / a
+    )
+    k1, k2, k3 = physics.stiffness
+    r = np.sqrt(a / math.pi)
+    stiffness = r * (k1 * np.exp(k2 * r) + k3)  # Eh
+    half = 0.5 * 3 * math.pi * r**3 * tree.length[edge] / (2 * stiffness)
+    np.add.at(shunt, np.flatnonzero(edge), half)
+    np.add.at(shunt, tree.parent[edge], half)
+
+    admittance = 1j * omega * shunt.astype(complex)
+    out = tree.outlet
+    admittance[out] += 1.0 / (
+        tree.r1[out] + tree.r2[out] / (1 + 1j * omega * tree.r2[out] * tree.capacitance[out])
+    )
+    input_impedance = np.zeros(n, dtype=complex)
+    for node in tree.order[::-1]:  # children before parents
+        input_impedance[node] = 1.0 / admittance[node]
+        up = tree.parent[node]
+        if up >= 0:
+            admittance[up] += 1.0 / (series[node] + input_impedance[node])
+    flow = np.zeros(n, dtype=complex)
+    flow[tree.root] = 1.0
+    for node in tree.order[1:]:  # parents before children
+        up = tree.parent[node]
+        flow[node] = flow[up] * input_impedance[up] / (series[node] + input_impedance[node])
+    return flow, flow * input_impedance
+
+
+def steady_share(tree: Tree, physics: Physics = Physics()) -> np.ndarray:  # noqa: B008
+    """Each node's share of the inflow in steady flow [N] (root 1, > 0 everywhere)."""
+    return solve(tree, 0.0, physics)[0].real
+
+
+def steady_pressure_drop(tree: Tree, physics: Physics = Physics()) -> np.ndarray:  # noqa: B008
+    """Steady pressure drop from the inlet to each node per unit inflow [N] (dyn·s/cm⁵, ≥ 0)."""
+    pressure = solve(tree, 0.0, physics)[1].real
+    return pressure[tree.root] - pressure
+
+
+def harmonic_response(
+    tree: Tree,
+    period: float,
+    harmonics: int,
+    physics: Physics = Physics(),  # noqa: B008
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flow and pressure response to the cycle's harmonics k = 1..harmonics: two [N, 2·harmonics].
+
+    Flow: per k, (|Q_k/s| − 1, arg Q_k) with Q_k the node's flow per unit harmonic inflow and s
+    its steady share; pressure: (|P_k/P_k,inlet| − 1, arg(P_k/P_k,inlet)). A rigid, purely
+    resistive tree gives zeros: every node then follows the inlet's waveform, scaled.
+    """
+    share = steady_share(tree, physics)
+    flow_columns, pressure_columns = [], []
+    for k in range(1, harmonics + 1):
+        flow, pressure = solve(tree, 2 * math.pi * k / period, physics)
+        flow, pressure = flow / share, pressure / pressure[tree.root]
+        flow_columns += [np.abs(flow) - 1.0, np.angle(flow)]
+        pressure_columns += [np.abs(pressure) - 1.0, np.angle(pressure)]
+    n = len(share)
+    return (
+        np.stack(flow_columns, axis=1) if flow_columns else np.zeros((n, 0)),
+        np.stack(pressure_columns, axis=1) if pressure_columns else np.zeros((n, 0)),
+    )

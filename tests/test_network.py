@@ -1,0 +1,167 @@
+"""The prepared tree's linear hemodynamics: by hand on small trees, and against the simulator."""
+
+from __future__ import annotations
+
+import cmath
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sciquant.data import bloodflow
+from sciquant.data import bloodflow_sim as bs
+from sciquant.data.bloodflow import INLET, PrepareSettings
+from sciquant.data.network import (
+    BLOOD_DENSITY,
+    BLOOD_VISCOSITY,
+    OLUFSEN_STIFFNESS,
+    Physics,
+    Tree,
+    harmonic_response,
+    solve,
+    steady_pressure_drop,
+    steady_share,
+)
+from sciquant.errors import SciquantError
+
+MU, RHO = BLOOD_VISCOSITY, BLOOD_DENSITY
+
+
+def y_tree(r1=(1000.0, 3000.0), c=(0.0, 0.0), r2=(0.0, 0.0)) -> Tree:
+    """Inlet 0 → junction 1 (4 cm, area 0.5) → outlets 2 (3 cm, 0.3) and 3 (5 cm, 0.2)."""
+    positions = np.array([[0, 0, 0], [4, 0, 0], [4, 3, 0], [4, 0, 5]], dtype=float)
+    area = np.array([0.5, 0.5, 0.3, 0.2])
+    zeros = np.zeros(4)
+    values = [zeros.copy(), zeros.copy(), zeros.copy()]
+    for node, a, b, d in zip((2, 3), r1, c, r2, strict=True):
+        values[0][node], values[1][node], values[2][node] = a, b, d
+    return Tree.build(np.array([[0, 1], [1, 2], [1, 3]]), positions, area, 0, values)
+
+
+def poiseuille(length: float, area: float) -> float:
+    radius = math.sqrt(area / math.pi)
+    return 8 * MU * length / (math.pi * radius**4)
+
+
+def test_steady_split_and_pressure_drop_by_hand() -> None:
+    tree = y_tree()
+    # An edge's area is the mean of its end nodes': 0.5, 0.4, 0.35.
+    r_parent = poiseuille(4, 0.5)
+    r_a = poiseuille(3, 0.4) + 1000.0
+    r_b = poiseuille(5, 0.35) + 3000.0
+    share_a = (1 / r_a) / (1 / r_a + 1 / r_b)
+    np.testing.assert_allclose(
+        steady_share(tree), [1.0, 1.0, share_a, 1 - share_a], rtol=1e-12, atol=1e-15
+    )
+    junction_pressure = 1.0 / (1 / r_a + 1 / r_b)  # per unit inflow
+    drop_junction = r_parent
+    drop_a = r_parent + poiseuille(3, 0.4) * share_a
+    np.testing.assert_allclose(
+        steady_pressure_drop(tree),
+        [0.0, drop_junction, drop_a, r_parent + poiseuille(5, 0.35) * (1 - share_a)],
+        rtol=1e-12,
+    )
+    flow, pressure = solve(tree, 0.0)
+    assert pressure[1].real == pytest.approx(junction_pressure, rel=1e-12)
+    assert np.all(flow.imag == 0)
+
+
+def test_single_vessel_with_windkessel_by_hand() -> None:
+    """Root → outlet, one edge: shunt iωC/2 at both ends, series R + iωL, RCR outlet."""
+    length, area = 10.0, 0.3
+    positions = np.array([[0, 0, 0], [length, 0, 0]], dtype=float)
+    r1, cap, r2 = 800.0, 2e-4, 12000.0
+    tree = Tree.build(
+        np.array([[0, 1]]),
+        positions,
+        np.array([area, area]),
+        0,
+        (np.array([0, r1]), np.array([0, cap]), np.array([0, r2])),
+    )
+    omega = 2 * math.pi * 2 / 0.9  # second harmonic of a 0.9 s cycle
+    radius = math.sqrt(area / math.pi)
+    k1, k2, k3 = OLUFSEN_STIFFNESS
+    wall = 3 * math.pi * radius**3 * length / (2 * radius * (k1 * math.exp(k2 * radius) + k3))
+    series = poiseuille(length, area) + 1j * omega * RHO * length / area
+    z_outlet = 1 / (1j * omega * wall / 2 + 1 / (r1 + r2 / (1 + 1j * omega * r2 * cap)))
+    z_root = 1 / (1j * omega * wall / 2 + 1 / (series + z_outlet))
+    flow_out = z_root / (series + z_outlet)
+    flow, pressure = solve(tree, omega)
+    assert flow[0] == 1
+    assert flow[1] == pytest.approx(flow_out, rel=1e-12)
+    assert pressure[0] == pytest.approx(z_root, rel=1e-12)
+    assert pressure[1] == pytest.approx(flow_out * z_outlet, rel=1e-12)
+    # Its response columns at k = 2 (share 1): |Q| − 1, arg Q; |P1/P0| − 1, arg(P1/P0).
+    flows, pressures = harmonic_response(tree, 0.9, 2)
+    assert flows.shape == pressures.shape == (2, 4)
+    assert flows[1, 2] == pytest.approx(abs(flow_out) - 1, rel=1e-9)
+    assert flows[1, 3] == pytest.approx(cmath.phase(flow_out), rel=1e-9)
+    ratio = flow_out * z_outlet / z_root
+    assert pressures[1, 2] == pytest.approx(abs(ratio) - 1, rel=1e-9)
+    assert pressures[1, 3] == pytest.approx(cmath.phase(ratio), rel=1e-9)
+    np.testing.assert_array_equal(flows[0], 0.0)  # the inflow itself
+
+
+def test_stiffer_walls_shrink_the_response() -> None:
+    """A purely resistive tree follows the inflow: its response is 0 without L and C."""
+    compliant = harmonic_response(y_tree(c=(1e-4, 1e-4), r2=(9000, 9000)), 1.0, 1)[0]
+    rigid_physics = Physics(density=1e-9, stiffness=(0.0, 0.0, 1e15))  # no L, no wall C
+    rigid = harmonic_response(y_tree(), 1.0, 1, rigid_physics)[0]
+    assert np.abs(compliant[2:]).max() > 0.05
+    assert np.abs(rigid).max() < 1e-3
+
+
+def test_bad_trees_name_the_place() -> None:
+    positions = np.zeros((3, 3))
+    area = np.ones(3)
+    values = (np.array([0, 0, 1.0]), np.zeros(3), np.zeros(3))
+    with pytest.raises(SciquantError, match=r"sim_a.*node 2 has more than one upstream"):
+        Tree.build(np.array([[0, 1], [0, 2], [1, 2]]), positions, area, 0, values, "sim_a")
+    with pytest.raises(SciquantError, match=r"sim_b.*1 nodes are not reachable"):
+        Tree.build(np.array([[0, 1]]), positions, area, 0, values, "sim_b")
+    with pytest.raises(SciquantError, match=r"sim_c.*outlet node\(s\) \[1\].*R1 \+ R2"):
+        Tree.build(np.array([[0, 1], [0, 2]]), positions, area, 0, values, "sim_c")
+    with pytest.raises(SciquantError, match=r"prepare.physics"):
+        Physics(viscosity=-1.0)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    bs.synthesize(raw, 6, seed=3, progress=False)
+    out = raw.parent / "prepared_network"
+    bloodflow.prepare(raw, out, PrepareSettings(split=bloodflow.Split(seed=1)))
+    return out
+
+
+def test_simulated_cycle_means_and_harmonics_match_the_linear_model(prepared: Path) -> None:
+    """Independent reference: the simulator's time-domain DAE on its fine discretisation.
+
+    Cycle-mean flow / mean inflow = steady share (exact for a linear network; the prepared graph
+    keeps ~6 % of the points, which changes only the vessels' small resistance); the fundamental
+    harmonic of every node's flow relative to the inflow's = the predicted response.
+    """
+    index = bloodflow.load_index(prepared)
+    checked = 0
+    for name in index["samples"]["test"] + index["samples"]["valid"]:
+        sample = bloodflow.load_sample(prepared, name)
+        cycle = sample["flowrate"][sample["loading"] == 0][:-1].astype(np.float64)
+        inlet = sample["node_type"] == INLET
+        mean_share = cycle.mean(axis=0) / cycle[:, inlet].mean()
+        np.testing.assert_allclose(mean_share, sample["flow_share"], atol=0.01)
+        spectrum = np.fft.rfft(cycle, axis=0)
+        measured = spectrum[1] / spectrum[1][inlet] / sample["flow_share"]
+        response = sample["flow_response"]
+        # The coarse graph lumps the wall compliance at ~6 % of the points: within 10 %.
+        np.testing.assert_allclose(np.abs(measured) - 1, response[:, 0], rtol=0.1, atol=0.015)
+        np.testing.assert_allclose(np.angle(measured), response[:, 1], rtol=0.1, atol=0.015)
+        # The response is not trivially small: a bug that dropped compliance would fail above.
+        checked += int(np.abs(response[:, 0]).max() > 0.05)
+        pressure = sample["pressure"][sample["loading"] == 0][:-1].astype(np.float64)
+        drop = pressure[:, inlet].mean() - pressure.mean(axis=0)
+        mean_inflow = cycle[:, inlet].mean()
+        np.testing.assert_allclose(
+            drop, sample["pressure_drop"] * mean_inflow, atol=0.01 * np.ptp(pressure[:, inlet])
+        )
+    assert checked >= 1
