@@ -138,6 +138,28 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     assert len(index["node_features"]) == 33 and len(index["edge_features"]) == 9
 
 
+@pytest.mark.parametrize("harmonics", [0, 1])
+def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonics: int) -> None:
+    """33 features with the default 3 harmonics; 4 fewer per harmonic left out."""
+    from sciquant.data.features import Normalizer, node_features, to_tensors
+
+    out = tmp_path / "prepared"
+    settings = PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4, harmonics=harmonics)
+    bloodflow.prepare(raw, out, settings)
+    index = bloodflow.load_index(out)
+    names = index["node_features"]
+    assert len(names) == 33 - 4 * (3 - harmonics) == len(set(names))
+    name = index["samples"]["test"][0]
+    graph = to_tensors(name, bloodflow.load_sample(out, name), Normalizer.from_statistics(
+        index["statistics"]))  # fmt: skip
+    n = graph.num_nodes
+    x = node_features(graph.static, graph.pressure[0], graph.flowrate[0], *[graph.pressure[0]] * 3)
+    assert x.shape == (n, len(names))
+    # The steady share sits where its name says.
+    share = x[:, names.index("flow_share")].numpy()
+    np.testing.assert_allclose(share, bloodflow.load_sample(out, name)["flow_share"], rtol=1e-6)
+
+
 def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> None:
     """p̃ = (p − p_dia)/(p_sys − p_dia), q̃ = q/(s·Q̄_in) by hand; physical() undoes them exactly."""
     import torch

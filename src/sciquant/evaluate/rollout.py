@@ -7,6 +7,11 @@ normalized increments, adds them (in the per-simulation scaled units of
 field, in physical units, over branch nodes and all steps after the loading ramp:
 
     err = sqrt( Σ_t Σ_i ((pred - exact) · mask)² / Σ_t Σ_i (exact · mask)² )     (reported in %)
+
+The branch averaging (the reference's) sets a floor where vessels are compliant: on the embedded
+data, replacing the TRUE flow by its branch mean every step already gives 3.2–3.4 % flow error
+(mean over test simulations; the pulse's amplitude falls by up to 40 % along the deepest
+vessels). Rolling out without it is still worse (default study: 8.6 % instead of 7.9 %).
 """
 
 from __future__ import annotations
