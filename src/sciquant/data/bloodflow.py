@@ -323,7 +323,7 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndar
         "pos": pos.astype(np.float32),
         "node_type": node_type.astype(np.int8),
         "branch_id": branch_id,
-        "area": np.asarray(sim.centerline.point_data["area"])[kept].astype(np.float32),
+        "area": area.astype(np.float32),
         "tangent": _tangents(pos, tree_edges).astype(np.float32),
         "edge_index": edge_index.astype(np.int64),
         "edge_features": edge_features.astype(np.float32),

@@ -57,7 +57,12 @@ import scipy.sparse.linalg as spla
 from scipy.optimize import brentq
 from tqdm import tqdm
 
-from sciquant.data.network import BLOOD_DENSITY, BLOOD_VISCOSITY, OLUFSEN_STIFFNESS
+from sciquant.data.network import (
+    BLOOD_DENSITY,
+    BLOOD_VISCOSITY,
+    OLUFSEN_STIFFNESS,
+    wall_stiffness,
+)
 from sciquant.data.vtp import Centerline, write_centerline
 from sciquant.errors import SciquantError
 
@@ -549,11 +554,6 @@ def build_tree(
 
 # --------------------------------------------------------------------------------------------
 # 1D network (the lumped circuit)
-
-
-def wall_stiffness(radius: np.ndarray | float, k1: float, k2: float, k3: float) -> np.ndarray:
-    """Wall stiffness Eh/r0 (g/(s²·cm)) of vessels of `radius` r0 (cm): k1·e^(k2·r0) + k3."""
-    return k1 * np.exp(k2 * np.asarray(radius, dtype=np.float64)) + k3
 
 
 @dataclass(frozen=True, eq=False)

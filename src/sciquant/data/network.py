@@ -41,6 +41,11 @@ OLUFSEN_STIFFNESS = (2.0e7, -22.53, 8.65e5)
 """(k1 g/(s²·cm), k2 1/cm, k3 g/(s²·cm)) of Eh/r0 = k1·exp(k2·r0) + k3 (Olufsen et al. 2000)."""
 
 
+def wall_stiffness(radius: np.ndarray | float, k1: float, k2: float, k3: float) -> np.ndarray:
+    """Wall stiffness Eh/r0 (g/(s²·cm)) of vessels of `radius` r0 (cm): k1·e^(k2·r0) + k3."""
+    return k1 * np.exp(k2 * np.asarray(radius, dtype=np.float64)) + k3
+
+
 @dataclass(frozen=True)
 class Physics:
     """Constants of the lumped model (the config's `datasets.<name>.prepare.physics`)."""
@@ -143,10 +148,9 @@ def solve(tree: Tree, omega: float, physics: Physics = Physics()) -> tuple[np.nd
     series[edge] = 8 * physics.viscosity * math.pi * tree.length[edge] / a**2 + (
         1j * omega * physics.density * tree.length[edge] / a
     )
-    k1, k2, k3 = physics.stiffness
     r = np.sqrt(a / math.pi)
-    stiffness = r * (k1 * np.exp(k2 * r) + k3)  # Eh
-    half = 0.5 * 3 * math.pi * r**3 * tree.length[edge] / (2 * stiffness)
+    stiffness = wall_stiffness(r, *physics.stiffness)  # Eh/r
+    half = 0.5 * 3 * math.pi * r**2 * tree.length[edge] / (2 * stiffness)  # C/2 = 3πr³h/(4Eh)
     np.add.at(shunt, np.flatnonzero(edge), half)
     np.add.at(shunt, tree.parent[edge], half)
 
