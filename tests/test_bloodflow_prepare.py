@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sciquant.data import bloodflow
 from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET, PrepareSettings
@@ -135,12 +136,12 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     stats = index["statistics"]
     assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
     assert stats["flowrate"]["std"] > 0
-    assert len(index["node_features"]) == 33 and len(index["edge_features"]) == 9
+    assert len(index["node_features"]) == 42 and len(index["edge_features"]) == 9
 
 
 @pytest.mark.parametrize("harmonics", [0, 1])
 def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonics: int) -> None:
-    """33 features with the default 3 harmonics; 4 fewer per harmonic left out."""
+    """42 features with the default 3 harmonics; 6 fewer per harmonic left out."""
     from sciquant.data.features import Normalizer, node_features, to_tensors
 
     out = tmp_path / "prepared"
@@ -148,12 +149,18 @@ def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonic
     bloodflow.prepare(raw, out, settings)
     index = bloodflow.load_index(out)
     names = index["node_features"]
-    assert len(names) == 33 - 4 * (3 - harmonics) == len(set(names))
+    assert len(names) == 42 - 6 * (3 - harmonics) == len(set(names))
     name = index["samples"]["test"][0]
     graph = to_tensors(name, bloodflow.load_sample(out, name), Normalizer.from_statistics(
         index["statistics"]))  # fmt: skip
     n = graph.num_nodes
-    x = node_features(graph.static, graph.pressure[0], graph.flowrate[0], *[graph.pressure[0]] * 3)
+    x = node_features(
+        graph.static,
+        graph.pressure[0],
+        graph.flowrate[0],
+        *[graph.pressure[0]] * 3,
+        torch.zeros(n, 2),
+    )
     assert x.shape == (n, len(names))
     # The steady share sits where its name says.
     share = x[:, names.index("flow_share")].numpy()

@@ -19,6 +19,7 @@ from sciquant.data.network import (
     Physics,
     Tree,
     harmonic_response,
+    inlet_impedance,
     solve,
     steady_pressure_drop,
     steady_share,
@@ -101,6 +102,33 @@ def test_single_vessel_with_windkessel_by_hand() -> None:
     assert pressures[1, 2] == pytest.approx(abs(ratio) - 1, rel=1e-9)
     assert pressures[1, 3] == pytest.approx(cmath.phase(ratio), rel=1e-9)
     np.testing.assert_array_equal(flows[0], 0.0)  # the inflow itself
+    # The inlet impedance: steady R + R1 + R2, then |Z|, arg Z per harmonic.
+    impedance = inlet_impedance(tree, 0.9, 2)
+    assert impedance.shape == (5,)
+    assert impedance[0] == pytest.approx(poiseuille(length, area) + r1 + r2, rel=1e-12)
+    assert impedance[3] == pytest.approx(abs(z_root), rel=1e-12)
+    assert impedance[4] == pytest.approx(cmath.phase(z_root), rel=1e-12)
+
+
+def test_inlet_response_is_the_impedance_in_the_models_pressure_units(tmp_path: Path) -> None:
+    """Mean inlet pressure of the lumped model within 3 % of the pulse of the simulator's own."""
+    raw = tmp_path / "raw"
+    bs.synthesize(raw, n_simulations=3, seed=2, progress=False)
+    out = tmp_path / "prepared"
+    bloodflow.prepare(raw, out, PrepareSettings(split={"train": 0.34, "valid": 0.0, "test": 0.66}))
+    index = bloodflow.load_index(out)
+    for name in index["samples"]["test"] + index["samples"]["train"]:
+        sample = bloodflow.load_sample(out, name)
+        scales = bloodflow.sample_scales(sample, name)
+        response = bloodflow.inlet_response(sample, scales)
+        pressure, _ = bloodflow.scaled_series(sample, scales)
+        cycle = sample["loading"] == 0
+        inlet = sample["node_type"] == INLET
+        assert response[0] == pytest.approx(pressure[cycle][:, inlet].mean(), abs=0.03)
+        # A unit relative inflow harmonic: |Z|·Q̄ over the pulse pressure, then its phase.
+        z = sample["inlet_impedance"]
+        assert response[1] == pytest.approx(z[1] * scales[2][inlet][0] / scales[1], rel=1e-9)
+        assert response[2] == z[2]
 
 
 def test_stiffer_walls_shrink_the_response() -> None:

@@ -16,10 +16,10 @@ import torch
 
 from sciquant.data import bloodflow
 from sciquant.data.bloodflow import PrepareSettings
-from sciquant.data.features import Normalizer, to_tensors
+from sciquant.data.features import Normalizer, state_increment, to_tensors
 from sciquant.errors import SciquantError
 from sciquant.evaluate import bloodflow as evaluate_bloodflow
-from sciquant.evaluate.rollout import branch_average, relative_error, rollout, rollout_all
+from sciquant.evaluate.rollout import branch_fit, relative_error, rollout, rollout_all
 from sciquant.train import bloodflow as train_bloodflow
 from tests.test_bloodflow_prepare import write_dataset
 
@@ -123,11 +123,86 @@ def test_batched_rollout_equals_one_by_one(prepared: Path, tmp_path: Path) -> No
         np.testing.assert_allclose(flowrate, alone_q.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_branch_average_keeps_junctions() -> None:
+def test_branch_fit_at_zero_position_is_the_branch_mean_and_keeps_junctions() -> None:
     flowrate = torch.tensor([1.0, 3.0, 7.0, 10.0, 20.0])
     branch_id = torch.tensor([0, 0, -1, 1, 1])
-    averaged = branch_average(flowrate, branch_id, num_branches=2)
+    averaged = branch_fit(flowrate, branch_id, torch.zeros(5), num_branches=2)
     assert averaged.tolist() == [2.0, 2.0, 7.0, 15.0, 15.0]
+
+
+def test_branch_fit_is_the_least_squares_line_of_each_branch() -> None:
+    """Against numpy's polyfit in float64, branch by branch; a line along a branch is kept."""
+    rng = np.random.default_rng(0)
+    branch_id = np.array([0, 0, 0, 0, -1, 1, 1, 1, -1, 2, 3, 3])
+    distance = np.cumsum(rng.uniform(0.5, 2.0, len(branch_id)))
+    position = np.zeros(len(branch_id))
+    for b in range(4):
+        nodes = branch_id == b
+        centred = distance[nodes] - distance[nodes].mean()
+        extent = 0.5 * np.ptp(centred)
+        position[nodes] = centred / extent if extent > 0 else 0.0
+    flowrate = rng.normal(size=len(branch_id))
+    fitted = branch_fit(
+        torch.tensor(flowrate), torch.tensor(branch_id), torch.tensor(position), num_branches=4
+    ).numpy()
+    expected = flowrate.copy()
+    for b in range(4):
+        nodes = branch_id == b
+        degree = 1 if nodes.sum() > 1 else 0
+        expected[nodes] = np.polyval(np.polyfit(distance[nodes], flowrate[nodes], degree),
+                                     distance[nodes])  # fmt: skip
+    np.testing.assert_allclose(fitted, expected, rtol=0, atol=1e-12)
+    line = torch.tensor(3.0 + 0.5 * distance)
+    kept = branch_fit(line, torch.tensor(branch_id), torch.tensor(position), 4)
+    np.testing.assert_allclose(kept.numpy(), line.numpy(), rtol=1e-12)
+
+
+def test_branch_positions_are_centred_along_each_branch(prepared: Path) -> None:
+    """In [−1, 1], mean 0 and increasing downstream on every branch; 0 on junctions."""
+    index = bloodflow.load_index(prepared)
+    sample = bloodflow.load_sample(prepared, index["samples"]["test"][0])
+    position, branch_id = sample["branch_position"], sample["branch_id"]
+    assert np.all(position[branch_id < 0] == 0)
+    for b in np.unique(branch_id[branch_id >= 0]):
+        x = position[branch_id == b].astype(np.float64)
+        assert abs(x.mean()) < 1e-6 and np.all(np.abs(x) <= 1 + 1e-6)
+        assert np.ptp(x) == pytest.approx(2.0 if len(x) > 1 else 0.0, abs=1e-6)
+    settings = PrepareSettings(branch_fit="mean")
+    assert settings.branch_fit == "mean"
+    with pytest.raises(SciquantError, match="prepare.branch_fit"):
+        PrepareSettings(branch_fit="quadratic")
+
+
+def test_rollout_feeds_back_the_realized_increments(prepared: Path) -> None:
+    """The last two node features of step t are the increments of the state it rolled out."""
+    index = bloodflow.load_index(prepared)
+    norm = Normalizer.from_statistics(index["statistics"])
+    graph = to_tensors(index["samples"]["test"][0], bloodflow.load_sample(prepared, index["samples"]["test"][0]), norm)  # fmt: skip  # noqa: E501
+    inputs: list[torch.Tensor] = []
+    generator = torch.Generator().manual_seed(0)
+
+    def step(x: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        inputs.append(x.clone())
+        return 0.3 * torch.randn(x.shape[0], 2, generator=generator)
+
+    rollout(step, graph, norm)
+    zero = state_increment(graph.pressure[0], graph.flowrate[0], graph.pressure[0], graph.flowrate[0], norm)  # fmt: skip  # noqa: E501
+    torch.testing.assert_close(inputs[0][:, -2:], zero)
+    for before, now in zip(inputs[:-1], inputs[1:], strict=True):
+        expected = state_increment(now[:, 0], now[:, 1], before[:, 0], before[:, 1], norm)
+        torch.testing.assert_close(now[:, -2:], expected, rtol=1e-5, atol=1e-5)
+    assert inputs[5][:, -2:].abs().max() > 0.1  # the increments are fed back, not zeros
+
+
+def test_training_window_starts_from_the_true_previous_increment(prepared: Path) -> None:
+    index = bloodflow.load_index(prepared)
+    norm = Normalizer.from_statistics(index["statistics"])
+    graphs = train_bloodflow.load_graphs(prepared, index["samples"]["train"][:2], norm)
+    batch = train_bloodflow.make_batch(graphs, [(0, 0), (1, 5)], steps=2, boundary_weight=1.0)
+    n0 = graphs[0].num_nodes
+    # At step 0 there is no step before: the state itself (a zero increment).
+    assert torch.equal(batch.pressure_before[:n0], graphs[0].pressure[0])
+    assert torch.equal(batch.flowrate_before[n0:], graphs[1].flowrate[4])
 
 
 def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -> None:

@@ -351,7 +351,13 @@ def _prepared_setup(
 ) -> tuple[MeshGraphNet, dict[str, tuple[Inputs, int]], list[Inputs]]:
     """The trained model, the batched test graph at step 0 (+ its steps), calibration inputs."""
     from sciquant.data.bloodflow import load_index
-    from sciquant.data.features import Normalizer, inlet_increment, merge_graphs, node_features
+    from sciquant.data.features import (
+        Normalizer,
+        inlet_increment,
+        merge_graphs,
+        node_features,
+        state_increment,
+    )
     from sciquant.evaluate.bloodflow import test_graphs
     from sciquant.quant.bloodflow import calibration_inputs, is_quantized
     from sciquant.train.bloodflow import load_graphs, load_model
@@ -372,6 +378,9 @@ def _prepared_setup(
         merged.loading[0] * torch.ones(merged.num_nodes),
         merged.flowrate[1][inlet],
         inlet_increment(merged.flowrate[1][inlet], merged.flowrate[0][inlet], norm),
+        state_increment(
+            merged.pressure[0], merged.flowrate[0], merged.pressure[0], merged.flowrate[0], norm
+        ),
     )
     train = load_index(prepared)["samples"]["train"][:calibration_samples]
     calibration = list(calibration_inputs(load_graphs(prepared, train, norm), steps, norm))

@@ -20,7 +20,12 @@ Output format (`results/<dataset>/prepared/`):
   the tree's linear hemodynamics (`sciquant.data.network`): `flow_share` [N] (steady share of the
   inflow), `pressure_drop` [N] dyn·s/cm⁵ (steady pressure drop from the inlet per unit inflow),
   `flow_response` and `pressure_response` [N, 2·harmonics] (amplitude − 1 and phase per
-  harmonic of the cycle, relative to the steady share / to the inlet's pressure).
+  harmonic of the cycle, relative to the steady share / to the inlet's pressure), and
+  `branch_position` [N] (`branch_positions`: each branch node's place along its branch in
+  [−1, 1], centred over the branch's nodes; 0 on junctions, and everywhere with
+  `branch_fit: mean`), the abscissa of the rollout's per-branch flow fit, and
+  `inlet_impedance` [1 + 2·harmonics] (the tree's input impedance at the inlet, dyn·s/cm⁵:
+  steady, then amplitude and phase per harmonic).
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split.
 
@@ -52,6 +57,7 @@ from sciquant.data.network import (
     Physics,
     Tree,
     harmonic_response,
+    inlet_impedance,
     steady_pressure_drop,
     steady_share,
 )
@@ -60,11 +66,24 @@ from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 
 # 2: statistics of the per-simulation scaled pressure and flow; 3: the tree's linear hemodynamics
-# (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node
-FORMAT_VERSION = 3
+# (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node;
+# 4: branch_position (the rollout's per-branch linear flow fit), inlet_impedance, the previous
+# step's increments as node features
+FORMAT_VERSION = 4
+#: `PrepareSettings.branch_fit` values: the rollout's fit of the flow along each branch.
+BRANCH_FITS = ("linear", "mean")
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
 #: Harmonics of the cycle whose linear response is a node feature (`PrepareSettings.harmonics`).
 HARMONICS = 3
+
+
+def inlet_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
+    """The inlet-impedance node features (`inlet_response`), the same on every node of a graph."""
+    return ("inlet_mean_pressure",) + tuple(
+        f"inlet_impedance_h{k}_{part}"
+        for k in range(1, harmonics + 1)
+        for part in ("amplitude", "phase")
+    )
 
 
 def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
@@ -79,7 +98,9 @@ def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
         "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
         "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
         "R1", "C", "R2", "flow_share", "pressure_drop", *response,
+        *inlet_feature_names(harmonics),
         "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
+        "previous_delta_pressure", "previous_delta_flowrate",
     )  # fmt: skip
 
 
@@ -114,10 +135,15 @@ class PrepareSettings:
     time_offsets: int = 4
     boundary_edge_hops: int = 3
     harmonics: int = HARMONICS
+    branch_fit: str = "linear"
     physics: Physics = field(default_factory=Physics)
     split: Split = field(default_factory=Split)
 
     def __post_init__(self) -> None:
+        if self.branch_fit not in BRANCH_FITS:
+            raise SciquantError(
+                f"prepare.branch_fit: {self.branch_fit!r} is not one of {', '.join(BRANCH_FITS)}"
+            )
         if isinstance(self.split, dict):
             object.__setattr__(self, "split", Split(**self.split))
         if isinstance(self.physics, dict):
@@ -333,7 +359,33 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndar
         "pressure_drop": steady_pressure_drop(tree, physics).astype(np.float32),
         "flow_response": flow_response.astype(np.float32),
         "pressure_response": pressure_response.astype(np.float32),
+        "branch_position": branch_positions(tree, branch_id, settings.branch_fit),
+        "inlet_impedance": inlet_impedance(tree, float(sim.info["T"]), settings.harmonics, physics),
     }  # fmt: skip
+
+
+def branch_positions(tree: Tree, branch_id: np.ndarray, branch_fit: str = "linear") -> np.ndarray:
+    """Each branch node's place along its branch, in [−1, 1] and centred: the fit's abscissa [N].
+
+    The rollout replaces the flow of every branch by its least-squares fit a + b·x over the
+    branch's nodes (`sciquant.evaluate.rollout.branch_fit`); x is the path length from the
+    inlet, minus its mean over the branch's nodes, over half the branch's extent. Centred, the
+    fit's two terms are orthogonal: a is the branch mean, b = Σ x·q / Σ x². Junction nodes
+    (branch id −1), single-node branches, and every node with `branch_fit="mean"` get 0: the
+    fit is then the reference's branch mean. Float32.
+    """
+    position = np.zeros(len(branch_id))
+    if branch_fit == "mean":
+        return position.astype(np.float32)
+    distance = np.zeros(len(branch_id))
+    for node in tree.order[1:]:  # parents before children
+        distance[node] = distance[tree.parent[node]] + tree.length[node]
+    for branch in np.unique(branch_id[branch_id >= 0]):
+        nodes = branch_id == branch
+        centred = distance[nodes] - distance[nodes].mean()
+        extent = 0.5 * (centred.max() - centred.min())
+        position[nodes] = centred / extent if extent > 0 else 0.0
+    return position.astype(np.float32)
 
 
 def _edge_type(type_a: int, type_b: int) -> int:
@@ -542,11 +594,30 @@ def _collect_statistics(
         collected[key].append(sample[key][outlets])
     for j, key in enumerate(("dx", "dy", "dz", "distance")):
         collected[key].append(sample["edge_features"][:, j])
+    for key, value in zip(inlet_feature_names(len(sample["inlet_impedance"]) // 2),
+                          inlet_response(sample, scales), strict=True):  # fmt: skip
+        collected[key].append(np.atleast_1d(value))
+
+
+def inlet_response(sample: dict[str, Any], scales: tuple[float, float, np.ndarray]) -> np.ndarray:
+    """The inlet impedance made dimensionless by the sample's scales: [1 + 2·harmonics].
+
+    First the lumped model's cycle-mean inlet pressure in the model's pressure units,
+    (Z_0·Q̄_in − p_dia) / (p_sys − p_dia); then per harmonic |Z_k|·Q̄_in / (p_sys − p_dia) (the
+    pressure swing a unit-amplitude relative inflow harmonic drives) and arg Z_k.
+    """
+    offset, pressure_scale, flow_scale = scales
+    mean_inflow = float(flow_scale[np.asarray(sample["node_type"]) == INLET][0])
+    impedance = np.asarray(sample["inlet_impedance"], dtype=np.float64)
+    response = impedance.copy()
+    response[0] = (impedance[0] * mean_inflow - offset) / pressure_scale
+    response[1::2] = impedance[1::2] * mean_inflow / pressure_scale
+    return response
 
 
 def _statistics(collected: dict[str, list[np.ndarray]]) -> dict[str, dict[str, float]]:
     statistics = {}
-    for key in STATISTICS:
+    for key in (*STATISTICS, *(k for k in collected if k.startswith("inlet_"))):
         values = np.concatenate(collected[key]).astype(np.float64)
         std = float(values.std())
         # A constant quantity (e.g. one period for all) must not divide by zero.

@@ -8,17 +8,26 @@ a normalized series back to dyn/cm² and cm³/s. The model predicts normalized i
 `Δp_n, Δq_n` of p̃, q̃ with `Δp̃ = Δp_n · std(Δp̃) + mean(Δp̃)`; the state is advanced in those
 units then re-normalized.
 
-Node features, in order (`sciquant.data.bloodflow.node_feature_names`; 33 with the default 3
+Node features, in order (`sciquant.data.bloodflow.node_feature_names`; 42 with the default 3
 harmonics): p, q, area, tangent (3), node type one-hot (4), period, diastolic, systolic, R1, C,
 R2 (outlets only, else 0) — as in the reference — then the tree's linear hemodynamics
 (`sciquant.data.network`): the steady flow share s, the steady pressure drop from the inlet in
-pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), and per harmonic of the cycle
-the flow's and the pressure's amplitude − 1 and phase (relative to s·inflow and to the inlet's
-pressure); then the reference's loading flag and next-step inlet flow, and the inlet flow's
-increment to the next step (`inlet_increment`). Measured on the default study (flow error, same
-budget): reference features 47.7 %; + inlet increment and per-simulation scales 43.6 %
-(+ area-weighted loss 34.0 %); + steady share as feature 16.7 %, and as per-node flow scale
-12.4 %; + flow harmonics 8.8 %; + pressure drop and harmonics 8.2 % (pressure 4.1 → 3.7 %).
+pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), per harmonic of the cycle the
+flow's and the pressure's amplitude − 1 and phase (relative to s·inflow and to the inlet's
+pressure), and, the same on every node, the tree's input impedance (`inlet_response`: the
+lumped model's mean inlet pressure, then per harmonic |Z_in|·Q̄_in / (p_sys − p_dia) and
+arg Z_in; z-scored); then the reference's loading flag and next-step inlet flow, the inlet
+flow's increment to the next step (`inlet_increment`), and the state's increment from the
+previous step (`state_increment`: pressure, flow).
+
+Measured on the default study (flow error, same budget): reference features 47.7 %; + inlet
+increment and per-simulation scales 43.6 % (+ area-weighted loss 34.0 %); + steady share as
+feature 16.7 %, and as per-node flow scale 12.4 %; + flow harmonics 8.8 %; + pressure drop and
+harmonics 8.2 % (pressure 4.1 → 3.7 %). Later, as the means of two seeds with the per-branch
+linear flow fit of the rollout: 3.76 % / 8.61 % (pressure / flow); + previous increments
+3.58 / 7.93 %; with three times the training, 3.17 / 5.30 %, and + the inlet impedance
+2.39 / 6.01 % (the pressure level the inflow meets depends on resistances and compliances at
+outlets many message-passing hops away; locally no node sees it).
 """
 
 from __future__ import annotations
@@ -30,7 +39,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sciquant.data.bloodflow import BRANCH, INLET, OUTLET, sample_scales, scaled_series
+from sciquant.data.bloodflow import (
+    BRANCH,
+    INLET,
+    OUTLET,
+    inlet_feature_names,
+    inlet_response,
+    sample_scales,
+    scaled_series,
+)
 
 
 @dataclass
@@ -58,9 +75,10 @@ class Normalizer:
 class GraphTensors:
     """One sample as tensors: static node features, edges, normalized time series.
 
-    Shapes: `static` [N, F − 5] (all features but p, q and the last three), `edge_features`
+    Shapes: `static` [N, F − 7] (all features but p, q and the last five), `edge_features`
     [E, 9], `edge_index` [2, E], `pressure` and `flowrate` [S, N] (normalized), `loading` [S],
-    `node_type` and `branch_id` [N].
+    `node_type`, `branch_id` and `branch_position` [N] (the abscissa of the rollout's per-branch
+    flow fit, `sciquant.data.bloodflow.branch_positions`).
     """
 
     name: str
@@ -72,6 +90,7 @@ class GraphTensors:
     loading: Tensor
     node_type: Tensor
     branch_id: Tensor
+    branch_position: Tensor
     loading_steps: int
     # [N] per-node copies of the sample's scales (`sample_scales`): p = p̃ · scale + offset.
     pressure_offset: Tensor
@@ -151,6 +170,9 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         ],
         axis=1,
     )
+    names = inlet_feature_names(len(sample["inlet_impedance"]) // 2)
+    response = inlet_response(sample, scales)
+    inlet_values = [norm.normalize(k, v) for k, v in zip(names, response, strict=True)]
     static = np.concatenate(
         [
             norm.normalize("area", sample["area"])[:, None],
@@ -163,6 +185,7 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
             outlet_value("C"),
             outlet_value("R2"),
             hemodynamics,
+            np.broadcast_to(np.asarray(inlet_values, dtype=np.float32), (n, len(names))),
         ],
         axis=1,
     ).astype(np.float32)
@@ -180,6 +203,7 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         loading=torch.from_numpy(loading.astype(np.float32)),
         node_type=torch.from_numpy(node_type),
         branch_id=torch.from_numpy(sample["branch_id"].astype(np.int64)),
+        branch_position=torch.from_numpy(sample["branch_position"].astype(np.float32)),
         loading_steps=int(loading.sum()),
         pressure_offset=torch.full((n,), offset, dtype=torch.float64),
         pressure_scale=torch.full((n,), pressure_scale, dtype=torch.float64),
@@ -221,6 +245,7 @@ def merge_graphs(graphs: list[GraphTensors]) -> tuple[GraphTensors, list[tuple[s
         loading=torch.cat([loading, loading.new_zeros(steps - loading.shape[0])]),
         node_type=torch.cat([g.node_type for g in graphs]),
         branch_id=torch.cat(branch_id),
+        branch_position=torch.cat([g.branch_position for g in graphs]),
         loading_steps=graphs[0].loading_steps,
         pressure_offset=torch.cat([g.pressure_offset for g in graphs]),
         pressure_scale=torch.cat([g.pressure_scale for g in graphs]),
@@ -237,15 +262,40 @@ def node_features(
     loading: Tensor,
     next_inlet: Tensor,
     inlet_step: Tensor,
+    previous: Tensor,
 ) -> Tensor:
     """The node features of one step: [N, F] from state p, q [N], flags/inlet flow [N].
 
     `next_inlet`: each node's graph's imposed inlet flow at the next step (normalized);
-    `inlet_step`: its increment from this step (`inlet_increment`).
+    `inlet_step`: its increment from this step (`inlet_increment`); `previous` [N, 2]: the
+    state's increment from the previous step (`state_increment`).
     """
     return torch.cat(
         [pressure[:, None], flowrate[:, None], static, loading[:, None], next_inlet[:, None],
-         inlet_step[:, None]],
+         inlet_step[:, None], previous],
+        dim=1,
+    )  # fmt: skip
+
+
+def state_increment(
+    pressure: Tensor,
+    flowrate: Tensor,
+    pressure_before: Tensor,
+    flowrate_before: Tensor,
+    norm: Normalizer,
+) -> Tensor:
+    """The increment of normalized p, q [N] from the step before, in model-output units [N, 2].
+
+    The last two node features. The series are smooth on the time step (on the default study's
+    test set, Δ(t) = Δ(t−1) alone explains 97 % of the pressure increments' and 95 % of the flow
+    increments' variance), so the model predicts the next increment from the last one rather
+    than from the state alone, as learned simulators take the previous velocities. At the first
+    step (no step before) it is the increment 0: callers pass the state itself as `*_before`.
+    """
+    delta_p = (pressure - pressure_before) * norm.std["pressure"]
+    delta_q = (flowrate - flowrate_before) * norm.std["flowrate"]
+    return torch.stack(
+        [norm.normalize("delta_pressure", delta_p), norm.normalize("delta_flowrate", delta_q)],
         dim=1,
     )  # fmt: skip
 

@@ -17,7 +17,10 @@ solution of a linear network is exactly share × mean inflow (the inductance and
 average to zero over a cycle), and nearly so for the nonlinear 1D equations. The surrogate scales
 each node's flow by its steady share (`sciquant.data.bloodflow.sample_scales`) and sees, as node
 features, the harmonics' amplitude and phase relative to it, the steady pressure drop from the
-inlet and the pressure harmonics relative to the inlet's (`harmonic_response`).
+inlet and the pressure harmonics relative to the inlet's (`harmonic_response`), and, the same for
+every node, the tree's input impedance at the inlet (`inlet_impedance`): the pressure level the
+inflow meets, which no node's neighbourhood shows (its resistance and compliance sit at outlets
+many message-passing hops away).
 
 The physical constants default to those of the embedded simulator (and of typical 1D solvers);
 with other raw data they need only be close: the model learns the residual dynamics.
@@ -208,3 +211,21 @@ def harmonic_response(
         np.stack(flow_columns, axis=1) if flow_columns else np.zeros((n, 0)),
         np.stack(pressure_columns, axis=1) if pressure_columns else np.zeros((n, 0)),
     )
+
+
+def inlet_impedance(
+    tree: Tree,
+    period: float,
+    harmonics: int,
+    physics: Physics = Physics(),  # noqa: B008
+) -> np.ndarray:
+    """The tree's input impedance Z_in at the inlet for k = 0..harmonics: [1 + 2·harmonics].
+
+    (Z_0, |Z_1|, arg Z_1, ..., |Z_H|, arg Z_H), Z in dyn·s/cm⁵: the inlet's pressure per unit
+    inflow at the cycle's k-th harmonic (Z_0: steady, real; the outlets' distal pressure is 0).
+    """
+    values = [solve(tree, 0.0, physics)[1][tree.root].real]
+    for k in range(1, harmonics + 1):
+        impedance = solve(tree, 2 * math.pi * k / period, physics)[1][tree.root]
+        values += [abs(impedance), np.angle(impedance)]
+    return np.asarray(values, dtype=np.float64)

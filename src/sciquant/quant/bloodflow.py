@@ -21,7 +21,13 @@ import torch
 from torch import Tensor
 
 from sciquant.data.bloodflow import load_index
-from sciquant.data.features import GraphTensors, Normalizer, inlet_increment, node_features
+from sciquant.data.features import (
+    GraphTensors,
+    Normalizer,
+    inlet_increment,
+    node_features,
+    state_increment,
+)
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.pytorch import (
@@ -43,7 +49,7 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 3  # 3: from version-3 FP32 checkpoints (33 node features)
+QUANTIZED_VERSION = 4  # 4: from version-4 FP32 checkpoints (42 node features)
 
 
 def calibration_inputs(
@@ -56,9 +62,17 @@ def calibration_inputs(
         for t in np.linspace(0, graph.num_steps - 2, steps_per_graph).astype(int):
             next_inlet = graph.flowrate[t + 1][inlet][:1].expand(graph.num_nodes)
             inlet_now = graph.flowrate[t][inlet][:1].expand(graph.num_nodes)
+            before = max(t - 1, 0)
+            previous = state_increment(
+                graph.pressure[t],
+                graph.flowrate[t],
+                graph.pressure[before],
+                graph.flowrate[before],
+                norm,
+            )
             x = node_features(
                 graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-                next_inlet, inlet_increment(next_inlet, inlet_now, norm),
+                next_inlet, inlet_increment(next_inlet, inlet_now, norm), previous,
             )  # fmt: skip
             yield x, graph.edge_features, graph.edge_index
 

@@ -230,7 +230,7 @@ def graph_profile(
     num_nodes: int,
     num_edges: int,
     max_in_degree: int,
-    node_features: int = 33,
+    node_features: int = 42,
     edge_features: int = 9,
     min_nodes: int = 2,
 ) -> dict[str, tuple[tuple[int, ...], ...]]:
