@@ -264,3 +264,55 @@ def test_benchmark_smoke():
     table = mgn.format_table(rows)
     assert "not in this run" in table
     assert "50" in table
+
+
+def test_benchmark_reports_physicsnemo_import_failure_in_one_line(monkeypatch):
+    from sciquant.benchmarks import mgn
+
+    def fail():
+        raise ImportError("No module named 'physicsnemo'")
+
+    monkeypatch.setattr(mgn, "_import_physicsnemo", fail)
+    rows = mgn.run(sizes=(50,), repeats=4, warmup=1, threads=1, baseline=False)
+    assert not any("physicsnemo_median_ms" in r for r in rows)
+    table = mgn.format_table(rows)
+    why = [line for line in table.splitlines() if "cannot be imported" in line]
+    assert why == [
+        "  PhysicsNeMo not timed in this run: it cannot be imported"
+        " (ImportError: No module named 'physicsnemo')."
+    ]
+    assert "PhysicsNeMo (this run)" not in table
+    assert "PhysicsNeMo*" in table  # the stored reference column stays
+
+    # --no-physicsnemo: no import attempted, no extra line (the table as before this option)
+    off = mgn.run(sizes=(50,), repeats=4, warmup=1, threads=1, baseline=False, physicsnemo=False)
+    assert not any(key.startswith("physicsnemo") for r in off for key in r)
+    assert len(mgn.format_table(off).splitlines()) == len(table.splitlines()) - 1
+
+
+def _physicsnemo_or_skip():
+    from sciquant.benchmarks import mgn
+
+    try:
+        mgn._import_physicsnemo()
+    except Exception as err:  # what the bench itself treats as "not importable"
+        pytest.skip(f"PhysicsNeMo's MeshGraphNet is not importable here: {mgn._one_line(err)}")
+    return mgn
+
+
+def test_benchmark_times_physicsnemo_in_the_same_run():
+    mgn = _physicsnemo_or_skip()
+    rows = mgn.run(sizes=(50,), repeats=4, warmup=1, threads=1, baseline=False)
+    assert all(r["physicsnemo_median_ms"] > 0 for r in rows)
+    assert "same outputs" in rows[0]["physicsnemo_note"]
+    table = mgn.format_table(rows)
+    assert "PhysicsNeMo (this run)" in table and "PNM/ours" in table
+    assert "max |diff|" in table
+
+
+def test_benchmark_does_not_time_physicsnemo_when_outputs_differ(monkeypatch):
+    mgn = _physicsnemo_or_skip()
+    monkeypatch.setattr(mgn, "_copy_mlp", lambda *args: None)  # PhysicsNeMo keeps its own init
+    rows = mgn.run(sizes=(50,), repeats=4, warmup=1, threads=1, baseline=False)
+    assert not any("physicsnemo_median_ms" in r for r in rows)
+    assert "outputs DIFFER" in mgn.format_table(rows)

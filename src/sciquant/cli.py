@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--work-dir", type=Path, default=None, help="rollout: where ONNX exports are kept"
     )
+    bench.add_argument(
+        "--no-physicsnemo",
+        action="store_true",
+        help="mgn: do not time PhysicsNeMo's MeshGraphNet in this run, even if importable",
+    )
 
     from sciquant.launch import add_submit_parser
 
@@ -363,7 +368,10 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "bench" and args.what == "mgn":
         from sciquant.benchmarks import mgn
 
-        print(mgn.format_table(mgn.run(repeats=args.repeats, threads=args.threads)))
+        rows = mgn.run(
+            repeats=args.repeats, threads=args.threads, physicsnemo=not args.no_physicsnemo
+        )
+        print(mgn.format_table(rows))
     elif args.command == "bench" and args.what == "rollout":
         from sciquant.benchmarks import rollout
 
