@@ -78,7 +78,7 @@ def test_graph_nodes_edges_and_types(raw: Path) -> None:
     vtps = raw / "vtps"
     info = json.loads((vtps / "dataset_info.json").read_text())
     sim = bloodflow.load_simulation(vtps / "sim_000.vtp", info)
-    graph = bloodflow.build_graph(sim, PrepareSettings(keep_fraction=0.25, boundary_edge_hops=2))
+    graph, _ = bloodflow.build_graph(sim, PrepareSettings(keep_fraction=0.25, boundary_edge_hops=2))
     types = graph["node_type"]
     assert (types == INLET).sum() == 1 and types[0] == INLET
     assert (types == OUTLET).sum() == 2
@@ -136,12 +136,16 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     stats = index["statistics"]
     assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
     assert stats["flowrate"]["std"] > 0
-    assert len(index["node_features"]) == 42 and len(index["edge_features"]) == 9
+    assert len(index["node_features"]) == 46 and len(index["edge_features"]) == 9
+    # The lumped tree's flow at the inlet is the imposed inflow itself (a sine: two harmonics
+    # of the Fourier series, exact), ramp included.
+    np.testing.assert_allclose(sample["linear_flowrate"][:, 0], sample["flowrate"][:, 0], atol=1e-3)
+    assert sample["linear_pressure"].shape == sample["pressure"].shape
 
 
 @pytest.mark.parametrize("harmonics", [0, 1])
 def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonics: int) -> None:
-    """42 features with the default 3 harmonics; 6 fewer per harmonic left out."""
+    """46 features with the default 3 harmonics; 6 fewer per harmonic left out."""
     from sciquant.data.features import Normalizer, node_features, to_tensors
 
     out = tmp_path / "prepared"
@@ -149,7 +153,7 @@ def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonic
     bloodflow.prepare(raw, out, settings)
     index = bloodflow.load_index(out)
     names = index["node_features"]
-    assert len(names) == 42 - 6 * (3 - harmonics) == len(set(names))
+    assert len(names) == 46 - 6 * (3 - harmonics) == len(set(names))
     name = index["samples"]["test"][0]
     graph = to_tensors(name, bloodflow.load_sample(out, name), Normalizer.from_statistics(
         index["statistics"]))  # fmt: skip
@@ -160,6 +164,7 @@ def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonic
         graph.flowrate[0],
         *[graph.pressure[0]] * 3,
         torch.zeros(n, 2),
+        torch.zeros(n, 4),
     )
     assert x.shape == (n, len(names))
     # The steady share sits where its name says.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,10 +175,15 @@ def test_branch_positions_are_centred_along_each_branch(prepared: Path) -> None:
 
 
 def test_rollout_feeds_back_the_realized_increments(prepared: Path) -> None:
-    """The last two node features of step t are the increments of the state it rolled out."""
+    """Step t's previous-increment features are the increments of the state it rolled out, and
+    its lumped-model features are the lumped step t → t+1 and the state's departure at t."""
     index = bloodflow.load_index(prepared)
     norm = Normalizer.from_statistics(index["statistics"])
     graph = to_tensors(index["samples"]["test"][0], bloodflow.load_sample(prepared, index["samples"]["test"][0]), norm)  # fmt: skip  # noqa: E501
+    names = index["node_features"]
+    previous = slice(names.index("previous_delta_pressure"), names.index("previous_delta_flowrate") + 1)  # fmt: skip  # noqa: E501
+    linear = slice(names.index("linear_delta_pressure"), names.index("linear_deviation_flowrate") + 1)  # fmt: skip  # noqa: E501
+    assert (previous.stop - previous.start, linear.stop - linear.start) == (2, 4)
     inputs: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(0)
 
@@ -187,11 +193,20 @@ def test_rollout_feeds_back_the_realized_increments(prepared: Path) -> None:
 
     rollout(step, graph, norm)
     zero = state_increment(graph.pressure[0], graph.flowrate[0], graph.pressure[0], graph.flowrate[0], norm)  # fmt: skip  # noqa: E501
-    torch.testing.assert_close(inputs[0][:, -2:], zero)
+    torch.testing.assert_close(inputs[0][:, previous], zero)
     for before, now in zip(inputs[:-1], inputs[1:], strict=True):
         expected = state_increment(now[:, 0], now[:, 1], before[:, 0], before[:, 1], norm)
-        torch.testing.assert_close(now[:, -2:], expected, rtol=1e-5, atol=1e-5)
-    assert inputs[5][:, -2:].abs().max() > 0.1  # the increments are fed back, not zeros
+        torch.testing.assert_close(now[:, previous], expected, rtol=1e-5, atol=1e-5)
+    assert inputs[5][:, previous].abs().max() > 0.1  # the increments are fed back, not zeros
+    lp, lq = graph.linear_pressure, graph.linear_flowrate
+    for t, x in enumerate(inputs):
+        # By hand: the lumped increment in model-output units, the departure z-scored.
+        step_p = ((lp[t + 1] - lp[t]) * norm.std["pressure"] - norm.mean["delta_pressure"]) / norm.std["delta_pressure"]  # fmt: skip  # noqa: E501
+        away_q = ((x[:, 1] - lq[t]) * norm.std["flowrate"] - norm.mean["linear_deviation_flowrate"]) / norm.std["linear_deviation_flowrate"]  # fmt: skip  # noqa: E501
+        torch.testing.assert_close(x[:, linear][:, 0], step_p, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x[:, linear][:, 3], away_q, rtol=1e-5, atol=1e-4)
+    # Off the true trajectory, the departure grows: the random increments drift away.
+    assert inputs[-1][:, linear][:, 3].abs().mean() > 3 * inputs[0][:, linear][:, 3].abs().mean()
 
 
 def test_training_window_starts_from_the_true_previous_increment(prepared: Path) -> None:
@@ -222,6 +237,39 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     assert metrics["pressure_error_pct"] == pytest.approx(mean)
     assert metrics["rollout_time_s_min"] <= metrics["rollout_time_s_median"]
     assert (tmp_path / "run" / "pressure.png").stat().st_size > 5000
+    # The lumped model alone, by hand from the samples' physical arrays (no network).
+    by_hand = {"pressure": [], "flowrate": []}
+    for name in bloodflow.load_index(prepared)["samples"]["test"]:
+        sample = bloodflow.load_sample(prepared, name)
+        cycle = sample["loading"] == 0
+        branch = sample["node_type"] == bloodflow.BRANCH
+        for field, errors in by_hand.items():
+            exact = sample[field][cycle][:, branch].astype(np.float64)
+            lumped = sample[f"linear_{field}"][cycle][:, branch].astype(np.float64)
+            errors.append(100 * np.linalg.norm(lumped - exact) / np.linalg.norm(exact))
+    lumped = payload["lumped_model"]
+    assert lumped["pressure_error_pct"] == pytest.approx(np.mean(by_hand["pressure"]), rel=1e-4)
+    assert lumped["flowrate_error_pct"] == pytest.approx(np.mean(by_hand["flowrate"]), rel=1e-4)
+
+
+def test_rerun_on_other_data_starts_from_scratch(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished run's resume.pt is not resumed once the prepared data changed (same shapes)."""
+    out = tmp_path / "fp32"
+    first = train_bloodflow.run(prepared, out, TINY, seed=0, progress=False)
+    weights = torch.load(first, weights_only=True)["state_dict"]
+    train_bloodflow.run(prepared, out, TINY, seed=0, progress=False)
+    assert "resuming from" in capsys.readouterr().out  # same data: nothing left to train
+    changed = tmp_path / "prepared"
+    shutil.copytree(prepared, changed)
+    index = json.loads((changed / "index.json").read_text())
+    index["statistics"]["flowrate"]["std"] *= 1.5
+    (changed / "index.json").write_text(json.dumps(index))
+    again = train_bloodflow.run(changed, out, TINY, seed=0, progress=False)
+    assert "inputs or seed; starting from scratch" in capsys.readouterr().out
+    retrained = torch.load(again, weights_only=True)["state_dict"]
+    assert not torch.equal(retrained["decoder.layers.1.weight"], weights["decoder.layers.1.weight"])
 
 
 def test_bad_checkpoint_gives_clear_error(tmp_path: Path) -> None:

@@ -354,6 +354,7 @@ def _prepared_setup(
     from sciquant.data.features import (
         Normalizer,
         inlet_increment,
+        linear_features,
         merge_graphs,
         node_features,
         state_increment,
@@ -380,6 +381,13 @@ def _prepared_setup(
         inlet_increment(merged.flowrate[1][inlet], merged.flowrate[0][inlet], norm),
         state_increment(
             merged.pressure[0], merged.flowrate[0], merged.pressure[0], merged.flowrate[0], norm
+        ),
+        linear_features(
+            merged.pressure[0],
+            merged.flowrate[0],
+            (merged.linear_pressure[0], merged.linear_flowrate[0]),
+            (merged.linear_pressure[1], merged.linear_flowrate[1]),
+            norm,
         ),
     )
     train = load_index(prepared)["samples"]["train"][:calibration_samples]

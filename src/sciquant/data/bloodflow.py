@@ -25,7 +25,10 @@ Output format (`results/<dataset>/prepared/`):
   [−1, 1], centred over the branch's nodes; 0 on junctions, and everywhere with
   `branch_fit: mean`), the abscissa of the rollout's per-branch flow fit, and
   `inlet_impedance` [1 + 2·harmonics] (the tree's input impedance at the inlet, dyn·s/cm⁵:
-  steady, then amplitude and phase per harmonic).
+  steady, then amplitude and phase per harmonic), and `linear_pressure`, `linear_flowrate`
+  [S, N] dyn/cm², cm³/s: the lumped tree's periodic response to the simulation's own inflow
+  (the raw inlet point's flow, every harmonic the time step resolves; `linear_series`), on
+  the same times and with the same loading ramp as `pressure` and `flowrate`.
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split.
 
@@ -54,12 +57,15 @@ import numpy as np
 from tqdm import tqdm
 
 from sciquant.data.network import (
+    FOURIER_POINTS,
     Physics,
     Tree,
     harmonic_response,
     inlet_impedance,
+    periodic_response,
     steady_pressure_drop,
     steady_share,
+    transfer_functions,
 )
 from sciquant.data.vtp import Centerline, read_centerline
 from sciquant.errors import SciquantError
@@ -68,8 +74,9 @@ from sciquant.provenance import write_json
 # 2: statistics of the per-simulation scaled pressure and flow; 3: the tree's linear hemodynamics
 # (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node;
 # 4: branch_position (the rollout's per-branch linear flow fit), inlet_impedance, the previous
-# step's increments as node features
-FORMAT_VERSION = 4
+# step's increments as node features; 5: linear_pressure, linear_flowrate (the lumped tree's
+# response to the inflow)
+FORMAT_VERSION = 5
 #: `PrepareSettings.branch_fit` values: the rollout's fit of the flow along each branch.
 BRANCH_FITS = ("linear", "mean")
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
@@ -101,6 +108,8 @@ def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
         *inlet_feature_names(harmonics),
         "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
         "previous_delta_pressure", "previous_delta_flowrate",
+        "linear_delta_pressure", "linear_delta_flowrate",
+        "linear_deviation_pressure", "linear_deviation_flowrate",
     )  # fmt: skip
 
 
@@ -113,6 +122,7 @@ EDGE_FEATURES = (
 STATISTICS = (
     "pressure", "flowrate", "delta_pressure", "delta_flowrate", "area", "period",
     "diastolic", "systolic", "R1", "C", "R2", "dx", "dy", "dz", "distance",
+    "linear_deviation_pressure", "linear_deviation_flowrate",
 )  # fmt: skip
 _STEP_ARRAY = re.compile(r"^(pressure|flow|velocity)_(\d+)$")
 
@@ -311,8 +321,8 @@ def _boundary_edges(n_nodes: int, edges: np.ndarray, sources: np.ndarray, hops: 
     return pairs
 
 
-def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndarray]:
-    """The static part of a sample: nodes, edges and their features."""
+def build_graph(sim: Simulation, settings: PrepareSettings) -> tuple[dict[str, np.ndarray], Tree]:
+    """The static part of a sample (nodes, edges and their features) and its lumped tree."""
     types_all = point_types(sim.centerline)
     kept, point_edges = select_points(sim.centerline, types_all, settings.keep_fraction)
     node_of_point = {int(p): i for i, p in enumerate(kept)}
@@ -361,7 +371,7 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> dict[str, np.ndar
         "pressure_response": pressure_response.astype(np.float32),
         "branch_position": branch_positions(tree, branch_id, settings.branch_fit),
         "inlet_impedance": inlet_impedance(tree, float(sim.info["T"]), settings.harmonics, physics),
-    }  # fmt: skip
+    }, tree  # fmt: skip
 
 
 def branch_positions(tree: Tree, branch_id: np.ndarray, branch_fit: str = "linear") -> np.ndarray:
@@ -427,23 +437,61 @@ def _outlet_values(sim: Simulation, kept: np.ndarray, node_type: np.ndarray):
     return values["R1"], values["C"], values["R2"]
 
 
+def sample_times(sim: Simulation, settings: PrepareSettings, offset: float) -> np.ndarray:
+    """The resampled cycle's times (s): `offset + m·dt`, m = 0..round(T/dt)."""
+    n_steps = int(round(float(sim.info["T"]) / settings.dt))
+    return offset + settings.dt * np.arange(n_steps + 1)
+
+
 def resample(sim: Simulation, kept: np.ndarray, settings: PrepareSettings, offset: float):
     """Pressure, flow and loading flag at `offset + m·dt` over one cycle, ramp-up prepended."""
     period = float(sim.info["T"])
-    n_steps = int(round(period / settings.dt))
-    times = offset + settings.dt * np.arange(n_steps + 1)
+    times = sample_times(sim, settings, offset)
     # Periodic interpolation: the stored cycle's end joins its start.
     pressure = _interp_periodic(times, sim.times, sim.pressure[:, kept], period)
     flowrate = _interp_periodic(times, sim.times, sim.flowrate[:, kept], period)
-    ramp = np.linspace(0.0, 1.0, settings.loading_steps, endpoint=False)[:, None]
+    loading = np.concatenate([np.ones(settings.loading_steps), np.zeros(len(times))])
+    return (
+        *_with_loading(pressure, flowrate, settings.loading_steps),
+        loading.astype(np.float32),
+    )
+
+
+def linear_harmonics(period: float, dt: float) -> int:
+    """Harmonics of the cycle that the prepared time step resolves (below its Nyquist)."""
+    return min((int(round(period / dt)) - 1) // 2, FOURIER_POINTS // 2 - 1)
+
+
+def linear_series(
+    sim: Simulation,
+    transfer: tuple[np.ndarray, np.ndarray],
+    settings: PrepareSettings,
+    offset: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lumped tree's pressure and flow [S, N] under the simulation's inflow, as `resample`.
+
+    The inflow is the raw inlet point's flow over the stored cycle (imposed, known in advance);
+    `transfer`: the tree's `transfer_functions` for `linear_harmonics`. Same times and the same
+    loading ramp as the simulation's own series.
+    """
+    period = float(sim.info["T"])
+    flowrate, pressure = periodic_response(
+        transfer, sim.times, sim.flowrate[:, 0], period, sample_times(sim, settings, offset)
+    )
+    return _with_loading(pressure, flowrate, settings.loading_steps)
+
+
+def _with_loading(
+    pressure: np.ndarray, flowrate: np.ndarray, loading_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prepends the ramp from zero flow and minimum pressure to the cycle's start; float32."""
+    ramp = np.linspace(0.0, 1.0, loading_steps, endpoint=False)[:, None]
     p_min = pressure.min(axis=0, keepdims=True)
     loading_p = p_min + ramp * (pressure[:1] - p_min)
     loading_q = ramp * flowrate[:1]
-    loading = np.concatenate([np.ones(settings.loading_steps), np.zeros(n_steps + 1)])
     return (
         np.concatenate([loading_p, pressure]).astype(np.float32),
         np.concatenate([loading_q, flowrate]).astype(np.float32),
-        loading.astype(np.float32),
     )
 
 
@@ -495,19 +543,25 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
     collected: dict[str, list[np.ndarray]] = defaultdict(list)
     for path in tqdm(paths, desc="prepare", unit="simulation"):
         sim = load_simulation(path, info)
-        graph = build_graph(sim, settings)
+        graph, tree = build_graph(sim, settings)
+        period = float(sim.info["T"])
+        transfer = transfer_functions(
+            tree, period, linear_harmonics(period, settings.dt), settings.physics
+        )
         split = split_of[sim.name]
         offsets = settings.time_offsets if split == "train" else 1
         for k in range(offsets):
-            pressure, flowrate, loading = resample(
-                sim, graph["source_points"], settings, offset=k * settings.dt / offsets
-            )
+            offset = k * settings.dt / offsets
+            pressure, flowrate, loading = resample(sim, graph["source_points"], settings, offset)
+            linear_pressure, linear_flowrate = linear_series(sim, transfer, settings, offset)
             inlet = graph["node_type"] == INLET
             sample = dict(
                 graph,
                 pressure=pressure,
                 flowrate=flowrate,
                 loading=loading,
+                linear_pressure=linear_pressure,
+                linear_flowrate=linear_flowrate,
                 period=np.float32(sim.info["T"]),
                 dt=np.float32(settings.dt),
                 diastolic=np.float32(pressure[settings.loading_steps :, inlet].min()),
@@ -566,12 +620,17 @@ def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, 
 
 
 def scaled_series(
-    sample: dict[str, Any], scales: tuple[float, float, np.ndarray]
+    sample: dict[str, Any],
+    scales: tuple[float, float, np.ndarray],
+    keys: tuple[str, str] = ("pressure", "flowrate"),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The sample's pressure and flow [S, N] made dimensionless by its `sample_scales`."""
+    """The sample's pressure and flow [S, N] made dimensionless by its `sample_scales`.
+
+    `keys`: which pressure and flow series (e.g. `linear_pressure`, `linear_flowrate`).
+    """
     offset, pressure_scale, flow_scale = scales
-    pressure = (np.asarray(sample["pressure"], dtype=np.float64) - offset) / pressure_scale
-    flowrate = np.asarray(sample["flowrate"], dtype=np.float64) / flow_scale
+    pressure = (np.asarray(sample[keys[0]], dtype=np.float64) - offset) / pressure_scale
+    flowrate = np.asarray(sample[keys[1]], dtype=np.float64) / flow_scale
     return pressure, flowrate
 
 
@@ -587,6 +646,11 @@ def _collect_statistics(
     collected["flowrate"].append(flowrate.ravel())
     collected["delta_pressure"].append(np.diff(pressure[steady], axis=0).ravel())
     collected["delta_flowrate"].append(np.diff(flowrate[steady], axis=0).ravel())
+    linear_pressure, linear_flowrate = scaled_series(
+        sample, scales, ("linear_pressure", "linear_flowrate")
+    )
+    collected["linear_deviation_pressure"].append((pressure - linear_pressure)[steady].ravel())
+    collected["linear_deviation_flowrate"].append((flowrate - linear_flowrate)[steady].ravel())
     collected["area"].append(sample["area"])
     for key in ("period", "diastolic", "systolic"):
         collected[key].append(np.atleast_1d(sample[key]))

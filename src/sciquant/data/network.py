@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.interpolate import CubicSpline
 
 from sciquant.errors import SciquantError
 
@@ -229,3 +230,72 @@ def inlet_impedance(
         impedance = solve(tree, 2 * math.pi * k / period, physics)[1][tree.root]
         values += [abs(impedance), np.angle(impedance)]
     return np.asarray(values, dtype=np.float64)
+
+
+def transfer_functions(
+    tree: Tree,
+    period: float,
+    harmonics: int,
+    physics: Physics = Physics(),  # noqa: B008
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flow and pressure per unit inflow at harmonics k = 0..harmonics: two complex [H+1, N].
+
+    Row k is `solve(tree, 2πk/period)`: row 0 the steady split and pressures, row k the
+    response to the cycle's k-th harmonic.
+    """
+    rows = [solve(tree, 2 * math.pi * k / period, physics) for k in range(harmonics + 1)]
+    return np.stack([flow for flow, _ in rows]), np.stack([pressure for _, pressure in rows])
+
+
+#: Points per cycle on which the inflow is resampled before its Fourier series is taken (far
+#: finer than any harmonic the prepared time step can carry, so the coefficients do not alias).
+FOURIER_POINTS = 1024
+
+
+def periodic_response(
+    transfer: tuple[np.ndarray, np.ndarray],
+    inflow_times: np.ndarray,
+    inflow: np.ndarray,
+    period: float,
+    times: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tree's periodic flow and pressure [T, N] at `times` (s) under a periodic `inflow`.
+
+    `inflow` [K] cm³/s sampled at `inflow_times` over one `period` is resampled on
+    `FOURIER_POINTS` (a periodic cubic spline through the samples) and expanded in its Fourier
+    series, x(t) = c₀ + 2·Re Σ_{k≥1} c_k e^{ikωt} (ω = 2π/period, k up to the transfer
+    functions' harmonics); each node's flow and pressure is
+    the same series with c_k multiplied by its transfer function at harmonic k
+    (`transfer_functions`). Linear superposition: exact for the lumped model, up to the
+    harmonics kept.
+    """
+    flow_transfer, pressure_transfer = transfer
+    harmonics = flow_transfer.shape[0] - 1
+    if harmonics >= FOURIER_POINTS // 2:
+        raise ValueError(f"at most {FOURIER_POINTS // 2 - 1} harmonics, got {harmonics}")
+    grid = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
+    samples = periodic_spline(inflow_times, inflow, period)(grid)
+    coefficients = np.fft.rfft(samples)[: harmonics + 1] / FOURIER_POINTS
+    coefficients[1:] *= 2.0
+    angle = (2 * math.pi / period) * np.asarray(times, dtype=np.float64)
+    weights = np.exp(1j * np.outer(angle, np.arange(harmonics + 1))) * coefficients  # [T, H+1]
+    return (weights @ flow_transfer).real, (weights @ pressure_transfer).real
+
+
+def periodic_spline(times: np.ndarray, values: np.ndarray, period: float) -> CubicSpline:
+    """The periodic cubic spline through samples of one cycle (times taken modulo `period`).
+
+    A sampled waveform is smooth between its samples; a straight line between them (linear
+    interpolation) would add kinks whose harmonics above the prepared time step's Nyquist are
+    cut off again, shrinking the waveform by ~0.3 % at 20 samples per cycle.
+    """
+    phase = np.mod(np.asarray(times, dtype=np.float64), period)
+    order = np.argsort(phase, kind="stable")
+    phase, values = phase[order], np.asarray(values, dtype=np.float64)[order]
+    keep = np.concatenate([[True], np.diff(phase) > period * 1e-9])  # drop repeated times
+    phase, values = phase[keep], values[keep]
+    if len(phase) < 3:
+        raise ValueError(f"a periodic spline needs 3 or more distinct samples, got {len(phase)}")
+    return CubicSpline(
+        np.append(phase, phase[0] + period), np.append(values, values[0]), bc_type="periodic"
+    )

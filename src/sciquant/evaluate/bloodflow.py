@@ -17,7 +17,12 @@ import torch  # noqa: E402
 from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer, merge_graphs, to_tensors  # noqa: E402
 from sciquant.errors import SciquantError  # noqa: E402
-from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
+from sciquant.evaluate.rollout import (  # noqa: E402
+    StepFunction,
+    lumped_errors,
+    rollout_all,
+    rollout_errors,
+)
 from sciquant.provenance import provenance, write_json  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
 
@@ -87,6 +92,19 @@ def evaluate_step(
         metrics.update(time_rollouts(step, graphs, norm, repeats, device))
     metrics["per_simulation"] = per_simulation
     return metrics, predictions
+
+
+def lumped_model(graphs: list[GraphTensors], norm: Normalizer) -> dict[str, float]:
+    """Mean errors of the lumped tree's response alone over the test simulations (no network).
+
+    Not a run of the study (it has no weights to quantize): the physics prior's own score,
+    kept beside every run's metrics so a surrogate can be judged against it.
+    """
+    per_simulation = [lumped_errors(graph, norm) for graph in graphs]
+    return {
+        field: float(np.mean([errors[field] for errors in per_simulation]))
+        for field in ("pressure_error_pct", "flowrate_error_pct")
+    }
 
 
 def plot_rollouts(graphs, predictions, norm: Normalizer, out: Path, count: int) -> None:  # noqa: ANN001
@@ -244,6 +262,7 @@ def run(
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,
+        "lumped_model": lumped_model(graphs, norm),
         "provenance": provenance(time.perf_counter() - started, threads),
     }
     timing = (
@@ -253,6 +272,8 @@ def run(
     )
     print(
         f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
-        f"{metrics['flowrate_error_pct']:.2f} %, {timing}"
+        f"{metrics['flowrate_error_pct']:.2f} %, {timing}; the lumped model alone: "
+        f"{payload['lumped_model']['pressure_error_pct']:.2f} % / "
+        f"{payload['lumped_model']['flowrate_error_pct']:.2f} %"
     )
     return write_json(out / "metrics.json", payload)

@@ -31,6 +31,7 @@ from sciquant.data.features import (
     Normalizer,
     branch_mask,
     inlet_increment,
+    linear_features,
     merge_graphs,
     node_features,
     state_increment,
@@ -87,9 +88,17 @@ def rollout(
     for t in range(steps - 1):
         next_inlet = graph.flowrate[t + 1][inlet_of_nodes]
         step_in = inlet_increment(next_inlet, flowrate[inlet_of_nodes], norm)
-        x = node_features(
-            graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet, step_in, previous
+        linear = linear_features(
+            pressure,
+            flowrate,
+            (graph.linear_pressure[t], graph.linear_flowrate[t]),
+            (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
+            norm,
         )
+        x = node_features(
+            graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet, step_in,
+            previous, linear,
+        )  # fmt: skip
         pressure_before, flowrate_before = pressure, flowrate
         delta = step(x, graph.edge_features, graph.edge_index)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
@@ -129,6 +138,20 @@ def relative_error(predicted: np.ndarray, exact: np.ndarray, mask: np.ndarray) -
     numerator = np.sum(((predicted - exact) * mask) ** 2)
     denominator = np.sum((exact * mask) ** 2)
     return float(np.sqrt(numerator / denominator))
+
+
+def lumped_errors(graph: GraphTensors, norm: Normalizer) -> dict[str, float]:
+    """The errors of the lumped tree's own response (`GraphTensors.linear_*`), as `rollout_errors`.
+
+    No network, no rollout: what the physics prior that the surrogate sees as features scores
+    on its own, the bar a learned surrogate has to clear.
+    """
+    return rollout_errors(
+        graph.physical(norm, "pressure", graph.linear_pressure.numpy()),
+        graph.physical(norm, "flowrate", graph.linear_flowrate.numpy()),
+        graph,
+        norm,
+    )
 
 
 def rollout_errors(

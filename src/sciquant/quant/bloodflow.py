@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 
 from sciquant.data.bloodflow import load_index
+from sciquant.data.download import sha256_of
 from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     inlet_increment,
+    linear_features,
     node_features,
     state_increment,
 )
@@ -49,7 +51,7 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 4  # 4: from version-4 FP32 checkpoints (42 node features)
+QUANTIZED_VERSION = 5  # 5: from version-5 FP32 checkpoints (46 node features)
 
 
 def calibration_inputs(
@@ -70,9 +72,16 @@ def calibration_inputs(
                 graph.flowrate[before],
                 norm,
             )
+            linear = linear_features(
+                graph.pressure[t],
+                graph.flowrate[t],
+                (graph.linear_pressure[t], graph.linear_flowrate[t]),
+                (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
+                norm,
+            )
             x = node_features(
                 graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-                next_inlet, inlet_increment(next_inlet, inlet_now, norm), previous,
+                next_inlet, inlet_increment(next_inlet, inlet_now, norm), previous, linear,
             )  # fmt: skip
             yield x, graph.edge_features, graph.edge_index
 
@@ -137,8 +146,13 @@ def run(
         fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))
         torch.manual_seed(seed)
 
+        source_sha256 = sha256_of(checkpoint)
+
         def state(trained: QuantizedModel) -> dict[str, Any]:
-            return _quantized_state(trained, fp32_state, target, method, precision, settings)
+            return {
+                **_quantized_state(trained, fp32_state, target, method, precision, settings),
+                "source_sha256": source_sha256,
+            }
 
         fit(qmodel, train_graphs, valid_graphs, norm, fine_tune, seed, out, state, progress)
         set_mode(qmodel, "quantize")

@@ -34,11 +34,13 @@ import torch
 from tqdm import tqdm
 
 from sciquant.data.bloodflow import load_index, load_sample
+from sciquant.data.download import sha256_of
 from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     boundary_mask,
     inlet_increment,
+    linear_features,
     node_features,
     state_increment,
     to_tensors,
@@ -49,8 +51,11 @@ from sciquant.provenance import write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
-# previous step's increments)
-CHECKPOINT_VERSION = 4
+# previous step's increments); 5: 46 (the lumped tree's step and the state's departure from it)
+CHECKPOINT_VERSION = 5
+# What a resume checkpoint must share with the run that resumes it: the settings, the model's
+# shape, and what it learns from (the prepared data's index.json; for QAT the FP32 checkpoint).
+RESUME_KEYS = ("settings", "architecture", "data_sha256", "source_sha256")
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "seconds")
 
 
@@ -94,6 +99,8 @@ class Batch:
     edge_index: torch.Tensor
     pressure: torch.Tensor
     flowrate: torch.Tensor
+    linear_pressure: torch.Tensor
+    linear_flowrate: torch.Tensor
     pressure_before: torch.Tensor  # [N_total] the state one step before the window's start
     flowrate_before: torch.Tensor  # (the start itself where the window starts at step 0)
     loading: torch.Tensor
@@ -119,6 +126,8 @@ def make_batch(
         parts["edge_index"].append(g.edge_index + offset)
         parts["pressure"].append(g.pressure[window])
         parts["flowrate"].append(g.flowrate[window])
+        parts["linear_pressure"].append(g.linear_pressure[window])
+        parts["linear_flowrate"].append(g.linear_flowrate[window])
         parts["pressure_before"].append(g.pressure[max(start - 1, 0)])
         parts["flowrate_before"].append(g.flowrate[max(start - 1, 0)])
         parts["loading"].append(g.loading[window, None].expand(-1, n))
@@ -136,6 +145,8 @@ def make_batch(
         edge_index=torch.cat(parts["edge_index"], dim=1),
         pressure=torch.cat(parts["pressure"], dim=1),
         flowrate=torch.cat(parts["flowrate"], dim=1),
+        linear_pressure=torch.cat(parts["linear_pressure"], dim=1),
+        linear_flowrate=torch.cat(parts["linear_flowrate"], dim=1),
         pressure_before=torch.cat(parts["pressure_before"]),
         flowrate_before=torch.cat(parts["flowrate_before"]),
         loading=torch.cat(parts["loading"], dim=1),
@@ -184,6 +195,13 @@ def rollout_loss(
             batch.next_inlet[k],
             step_in,
             previous,
+            linear_features(
+                pressure,
+                flowrate,
+                (batch.linear_pressure[k], batch.linear_flowrate[k]),
+                (batch.linear_pressure[k + 1], batch.linear_flowrate[k + 1]),
+                norm,
+            ),
         )
         pressure_before, flowrate_before = pressure, flowrate
         delta = model(x, batch.edge_features, batch.edge_index)
@@ -301,9 +319,10 @@ def run(
     valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
     torch.manual_seed(seed)
     model = MeshGraphNet(architecture)
+    data_sha256 = sha256_of(prepared / "index.json")
 
     def final_state(trained: torch.nn.Module) -> dict[str, Any]:
-        return _final_state(trained, architecture, index, settings, seed)
+        return _final_state(trained, architecture, index, settings, seed, data_sha256)
 
     fit(model, train_graphs, valid_graphs, norm, train_settings, seed, out, final_state, progress)
     target = out / "checkpoint.pt"
@@ -354,9 +373,19 @@ def fit(
     first_epoch = 0
     if resume_path.exists():
         expected = checkpoint_state(model)
-        state = load_checkpoint(resume_path, expected["format"], expected["version"])
-        if state["settings"] != expected["settings"] or state["seed"] != seed:
-            print(f"{resume_path}: written with other settings or seed; starting from scratch")
+        try:
+            state = load_checkpoint(resume_path, expected["format"], expected["version"])
+        except SciquantError as error:  # e.g. left by an older sciquant: only a cache
+            state = None
+            print(f"{error}\n{resume_path}: not resumable; starting from scratch")
+        if state is None:
+            pass
+        elif any(state.get(key) != expected.get(key) for key in RESUME_KEYS) or (
+            state["seed"] != seed
+        ):
+            print(
+                f"{resume_path}: written with other settings, inputs or seed; starting from scratch"
+            )
         else:
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
@@ -430,7 +459,7 @@ def fit(
     return log_rows
 
 
-def _final_state(model, architecture, index, settings, seed) -> dict[str, Any]:  # noqa: ANN001
+def _final_state(model, architecture, index, settings, seed, data_sha256) -> dict[str, Any]:  # noqa: ANN001
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -439,6 +468,7 @@ def _final_state(model, architecture, index, settings, seed) -> dict[str, Any]: 
         "statistics": index["statistics"],
         "settings": settings,
         "seed": seed,
+        "data_sha256": data_sha256,
     }
 
 
