@@ -252,6 +252,31 @@ def test_metric_added_later_appears_without_code_changes(tmp_path: Path) -> None
     assert 'data-metric="energy_mj"' in (tmp_path / "index.html").read_text()
 
 
+def test_baselines_reach_the_cube_and_the_report_but_are_not_runs(tmp_path: Path) -> None:
+    """metrics.json `baselines` (e.g. the lumped model alone): one note per dataset, no row."""
+    paths = [
+        write_run(tmp_path, 0, "reference", "none", "fp32"),
+        write_run(tmp_path, 0, "cpu-x86", "ptq-mse", "w8a8"),
+    ]
+    for path in paths:
+        payload = json.loads(path.read_text())
+        payload["baselines"] = {
+            "lumped_model": {"pressure_error_pct": 0.6976, "flowrate_error_pct": 1.4539},
+            "broken": "not a table",
+        }
+        path.write_text(json.dumps(payload))
+    cube = aggregate(paths, tmp_path / "m.nc", tmp_path / "m.csv", {"study": "tiny"})
+    assert json.loads(cube.attrs["baselines"]) == {
+        "bloodflow": {"lumped_model": {"pressure_error_pct": 0.6976, "flowrate_error_pct": 1.4539}}
+    }
+    assert not any("lumped" in str(name) for name in cube.data_vars)
+    build_report(tmp_path / "m.nc", tmp_path / "index.html")
+    page = unescape((tmp_path / "index.html").read_text())
+    assert "lumped tree's own response" in page
+    assert "pressure error [%] 0.6976, flowrate error [%] 1.454" in page
+    assert len(body_rows(table_of(tmp_path / "index.html", "results"))) == 2
+
+
 def test_reaggregation_reads_rewritten_files_and_matches_a_fresh_one(tmp_path: Path) -> None:
     paths = write_study(tmp_path)
     nc, csv = tmp_path / "metrics.nc", tmp_path / "metrics.csv"

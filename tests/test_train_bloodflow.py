@@ -247,7 +247,7 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
             exact = sample[field][cycle][:, branch].astype(np.float64)
             lumped = sample[f"linear_{field}"][cycle][:, branch].astype(np.float64)
             errors.append(100 * np.linalg.norm(lumped - exact) / np.linalg.norm(exact))
-    lumped = payload["lumped_model"]
+    lumped = payload["baselines"]["lumped_model"]
     assert lumped["pressure_error_pct"] == pytest.approx(np.mean(by_hand["pressure"]), rel=1e-4)
     assert lumped["flowrate_error_pct"] == pytest.approx(np.mean(by_hand["flowrate"]), rel=1e-4)
 

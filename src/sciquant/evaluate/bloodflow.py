@@ -262,7 +262,7 @@ def run(
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,
-        "lumped_model": lumped_model(graphs, norm),
+        "baselines": {"lumped_model": lumped_model(graphs, norm)},
         "provenance": provenance(time.perf_counter() - started, threads),
     }
     timing = (
@@ -273,7 +273,7 @@ def run(
     print(
         f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
         f"{metrics['flowrate_error_pct']:.2f} %, {timing}; the lumped model alone: "
-        f"{payload['lumped_model']['pressure_error_pct']:.2f} % / "
-        f"{payload['lumped_model']['flowrate_error_pct']:.2f} %"
+        f"{payload['baselines']['lumped_model']['pressure_error_pct']:.2f} % / "
+        f"{payload['baselines']['lumped_model']['flowrate_error_pct']:.2f} %"
     )
     return write_json(out / "metrics.json", payload)

@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ METHOD_ORDER = (
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
 UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
 UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
-CACHE_VERSION = 1  # raise when RunRecord or read_metrics changes, so old caches are not reused
+CACHE_VERSION = 2  # raise when RunRecord or read_metrics changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class RunRecord:
     study: str | None
     config_hash: str | None
     provenance: dict[str, Any]
+    # Named scores of something that is not a run (e.g. the blood-flow `lumped_model`, the
+    # physics prior alone): {name: {metric: value}}; the same for every run of a dataset.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def precision_bits(precision: str) -> tuple[int, int]:
@@ -115,7 +118,23 @@ def read_metrics(path: Path) -> RunRecord:
         study=payload.get("study"),
         config_hash=payload.get("config_hash"),
         provenance=payload.get("provenance") or {},
+        baselines=_baselines(payload.get("baselines")),
     )
+
+
+def _baselines(section: Any) -> dict[str, dict[str, float]]:
+    """metrics.json's `baselines`: numeric values only; anything else is ignored."""
+    if not isinstance(section, dict):
+        return {}
+    return {
+        str(name): {
+            str(k): float(v)
+            for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for name, values in section.items()
+        if isinstance(values, dict)
+    }
 
 
 def file_signature(path: Path) -> list[int]:
@@ -242,6 +261,11 @@ def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -
                       ("host", "hosts")):  # fmt: skip
         attrs[name] = json.dumps(distinct(r.provenance.get(key) for r in records))
     attrs["wall_time_s_total"] = float(sum(r.provenance.get("wall_time_s") or 0.0 for r in records))
+    baselines: dict[str, dict[str, dict[str, float]]] = {}
+    for record in records:  # per dataset, the first run that has them
+        if record.baselines:
+            baselines.setdefault(str(record.coordinates[0]), record.baselines)
+    attrs["baselines"] = json.dumps(baselines)
     return attrs
 
 

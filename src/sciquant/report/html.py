@@ -240,6 +240,36 @@ def deploy_table(
     return budget + table(head, rows, "deploy")
 
 
+BASELINE_NAMES = {
+    "lumped_model": "the lumped tree's own response to the inflow (the physics prior the "
+    "surrogate sees as features; no network)",
+}
+
+
+def baselines_note(dataset: str, runs: xr.Dataset) -> str:
+    """What the dataset's baselines (not runs) score on the same test data, or nothing."""
+    try:
+        baselines = json.loads(str(runs.attrs.get("baselines", "{}"))).get(dataset, {})
+    except json.JSONDecodeError:
+        return ""
+    sentences = []
+    for name, values in baselines.items():
+        scores = ", ".join(
+            f"{figures.metric_label(metric)} {format_value(value)}"
+            for metric, value in values.items()
+        )
+        if scores:
+            label = BASELINE_NAMES.get(name, name.replace("_", " "))
+            sentences.append(f"{escape(label)}: {escape(scores)}")
+    if not sentences:
+        return ""
+    return (
+        '<p class="note baseline-note">Without a network, on the same test data: '
+        + "; ".join(sentences)
+        + ".</p>"
+    )
+
+
 def image_html(data: bytes, caption: str, mime: str = "image/png") -> str:
     """A figure with its image embedded as base64."""
     encoded = base64.b64encode(data).decode("ascii")
@@ -291,6 +321,7 @@ def workload_section(
         )
     parts.append("<h3>Results over seeds</h3>")
     parts.append(results_table(dataset, model, runs))
+    parts.append(baselines_note(dataset, runs))
     parts.append("<h3>Figures</h3>")
     parts += workload_figures(runs)
     parts.append("</section>")
