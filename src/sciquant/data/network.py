@@ -200,18 +200,18 @@ def harmonic_response(
     its steady share; pressure: (|P_k/P_k,inlet| − 1, arg(P_k/P_k,inlet)). A rigid, purely
     resistive tree gives zeros: every node then follows the inlet's waveform, scaled.
     """
-    share = steady_share(tree, physics)
-    flow_columns, pressure_columns = [], []
-    for k in range(1, harmonics + 1):
-        flow, pressure = solve(tree, 2 * math.pi * k / period, physics)
-        flow, pressure = flow / share, pressure / pressure[tree.root]
-        flow_columns += [np.abs(flow) - 1.0, np.angle(flow)]
-        pressure_columns += [np.abs(pressure) - 1.0, np.angle(pressure)]
-    n = len(share)
-    return (
-        np.stack(flow_columns, axis=1) if flow_columns else np.zeros((n, 0)),
-        np.stack(pressure_columns, axis=1) if pressure_columns else np.zeros((n, 0)),
-    )
+    flows, pressures = transfer_functions(tree, period, harmonics, physics)
+    flow = flows[1:] / flows[0].real  # relative to the steady share
+    pressure = pressures[1:] / pressures[1:, [tree.root]]  # relative to the inlet's
+    return _amplitude_phase(flow), _amplitude_phase(pressure)
+
+
+def _amplitude_phase(response: np.ndarray) -> np.ndarray:
+    """[H, N] complex → [N, 2H] real: per harmonic |x| − 1, then arg x."""
+    columns = np.empty((response.shape[1], 2 * response.shape[0]))
+    columns[:, 0::2] = (np.abs(response) - 1.0).T
+    columns[:, 1::2] = np.angle(response).T
+    return columns
 
 
 def inlet_impedance(
@@ -225,11 +225,12 @@ def inlet_impedance(
     (Z_0, |Z_1|, arg Z_1, ..., |Z_H|, arg Z_H), Z in dyn·s/cm⁵: the inlet's pressure per unit
     inflow at the cycle's k-th harmonic (Z_0: steady, real; the outlets' distal pressure is 0).
     """
-    values = [solve(tree, 0.0, physics)[1][tree.root].real]
-    for k in range(1, harmonics + 1):
-        impedance = solve(tree, 2 * math.pi * k / period, physics)[1][tree.root]
-        values += [abs(impedance), np.angle(impedance)]
-    return np.asarray(values, dtype=np.float64)
+    impedance = transfer_functions(tree, period, harmonics, physics)[1][:, tree.root]
+    values = np.empty(1 + 2 * harmonics)
+    values[0] = impedance[0].real
+    values[1::2] = np.abs(impedance[1:])
+    values[2::2] = np.angle(impedance[1:])
+    return values
 
 
 def transfer_functions(
