@@ -22,6 +22,7 @@ from sciquant.data.network import (
     harmonic_response,
     inlet_impedance,
     periodic_response,
+    periodic_spline,
     solve,
     steady_pressure_drop,
     steady_share,
@@ -221,8 +222,7 @@ def test_periodic_response_against_a_time_domain_solution() -> None:
     def inflow(t):
         return 5.0 + 3.0 * np.sin(omega * t) + 1.5 * np.cos(3 * omega * t + 0.4)
 
-    # Sampled on the Fourier grid itself: the resampling is then exact (it is linear
-    # interpolation, as the prepared series' own; coarser raw samples lose a little amplitude).
+    # Sampled on the Fourier grid itself: the spline through the samples is then exact there.
     sample_times = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
     transfer = transfer_functions(tree, period, 5, rigid)
     times = np.array([0.013, 0.21, 0.377, 0.5, 0.79])
@@ -282,3 +282,18 @@ def test_lumped_series_follow_the_simulator(prepared: Path) -> None:
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+@pytest.mark.parametrize("with_end", [False, True])
+def test_periodic_spline_through_one_stored_cycle(with_end: bool) -> None:
+    """A smooth cycle sampled at 79 points: the spline is within 1e-5 of it everywhere; storing
+    the cycle's end (t0 + T, the start again, as some files do) changes nothing."""
+    period = 0.7
+    times = np.arange(79) * period / 79
+    if with_end:  # the start again at t0 + T, one rounding step short of T (as it can come out)
+        times = np.append(times, np.nextafter(period, 0.0))
+    wave = lambda t: 5 + 3 * np.sin(2 * np.pi * t / period) + np.cos(6 * np.pi * t / period)  # noqa: E731
+    spline = periodic_spline(times, wave(times), period)
+    check = np.linspace(0, 2 * period, 997)
+    assert np.abs(spline(check) - wave(check)).max() < 1e-3
+    assert np.abs(spline(times) - wave(times)).max() < 1e-9

@@ -338,7 +338,7 @@ def test_rollout_state_stays_on_the_step_device(
 
 @pytest.mark.parametrize("exponent", [0.0, 1.0, 1.5])
 def test_flow_loss_weighted_by_area(prepared: Path, exponent: float) -> None:
-    """One step, no noise, a model that predicts zero: the loss by hand from the batch."""
+    """One step, no noise, a zero correction (the lumped step): the loss by hand from the batch."""
     index = bloodflow.load_index(prepared)
     norm = Normalizer.from_statistics(index["statistics"])
     graphs = train_bloodflow.load_graphs(prepared, index["samples"]["train"][:2], norm)
@@ -357,8 +357,41 @@ def test_flow_loss_weighted_by_area(prepared: Path, exponent: float) -> None:
     target_q = (
         (f64["flowrate"][1] - f64["flowrate"][0]) * std["flowrate"] - mean["delta_flowrate"]
     ) / std["delta_flowrate"]
+    lumped_p = (
+        (f64["linear_pressure"][1] - f64["linear_pressure"][0]) * std["pressure"]
+        - mean["delta_pressure"]
+    ) / std["delta_pressure"]
+    lumped_q = (
+        (f64["linear_flowrate"][1] - f64["linear_flowrate"][0]) * std["flowrate"]
+        - mean["delta_flowrate"]
+    ) / std["delta_flowrate"]
+    error_p, error_q = lumped_p - target_p, lumped_q - target_q
+    assert error_q.abs().max() > 0.01  # the lumped step is not the true one: a real check
     area = (f64["static"][:, 0] * std["area"] + mean["area"]) ** exponent
-    flow_term = np.where(batch.inlet.numpy(), 0.0, (area / area.mean() * target_q**2).numpy())
+    flow_term = np.where(batch.inlet.numpy(), 0.0, (area / area.mean() * error_q**2).numpy())
     w = f64["weight"].numpy()
-    expected = np.sum(w * (target_p.numpy() ** 2 + flow_term)) / w.sum()
+    expected = np.sum(w * (error_p.numpy() ** 2 + flow_term)) / w.sum()
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_qat_resumes_only_from_the_same_fp32_model(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QAT keeps a resume.pt too: a rerun resumes it, a rerun from other FP32 weights does not."""
+    from sciquant.quant import bloodflow as quant_bloodflow
+
+    settings = {"quantize": {"qat": {"epochs": 2, "steps_per_epoch": 2}}, "model": TINY}
+    fp32 = train_bloodflow.run(prepared, tmp_path / "a", TINY, seed=0, progress=False)
+    out = tmp_path / "qat"
+
+    def qat(checkpoint: Path) -> str:
+        quant_bloodflow.run(
+            checkpoint, prepared, out, "reference", "qat-lsq", "w4a8", settings, progress=False
+        )
+        return capsys.readouterr().out
+
+    qat(fp32)
+    assert (out / "resume.pt").is_file() and (out / "quantized.pt").is_file()
+    assert "resuming from" in qat(fp32)  # nothing left to fine-tune
+    other = train_bloodflow.run(prepared, tmp_path / "b", TINY, seed=1, progress=False)
+    assert "inputs or seed; starting from scratch" in qat(other)

@@ -28,7 +28,8 @@ Output format (`results/<dataset>/prepared/`):
   steady, then amplitude and phase per harmonic), and `linear_pressure`, `linear_flowrate`
   [S, N] dyn/cm², cm³/s: the lumped tree's periodic response to the simulation's own inflow
   (the raw inlet point's flow, every harmonic the time step resolves; `linear_series`), on
-  the same times and with the same loading ramp as `pressure` and `flowrate`.
+  the same times as `pressure` and `flowrate`, its loading ramp made by the same rule from
+  its own first step and minimum pressure.
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split.
 
@@ -471,8 +472,9 @@ def linear_series(
     """The lumped tree's pressure and flow [S, N] under the simulation's inflow, as `resample`.
 
     The inflow is the raw inlet point's flow over the stored cycle (imposed, known in advance);
-    `transfer`: the tree's `transfer_functions` for `linear_harmonics`. Same times and the same
-    loading ramp as the simulation's own series.
+    `transfer`: the tree's `transfer_functions` for `linear_harmonics`. The same times as the
+    simulation's own series, and a loading ramp by the same rule (from the lumped series' own
+    first step and minimum pressure).
     """
     period = float(sim.info["T"])
     flowrate, pressure = periodic_response(

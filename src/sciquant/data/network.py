@@ -291,6 +291,9 @@ def periodic_spline(times: np.ndarray, values: np.ndarray, period: float) -> Cub
     cut off again, shrinking the waveform by ~0.3 % at 20 samples per cycle.
     """
     phase = np.mod(np.asarray(times, dtype=np.float64), period)
+    # A cycle stored with both ends (t0 and t0 + T) maps its last sample to ~0 or, by rounding,
+    # to just below T: that is the first sample again, not a knot a hair before it.
+    phase[phase > period * (1 - 1e-9)] = 0.0
     order = np.argsort(phase, kind="stable")
     phase, values = phase[order], np.asarray(values, dtype=np.float64)[order]
     keep = np.concatenate([[True], np.diff(phase) > period * 1e-9])  # drop repeated times

@@ -1,7 +1,8 @@
 """Autoregressive rollout of a blood-flow surrogate and its relative errors.
 
-From the true state at step 0, every step builds the node features, asks the model for the
-normalized increments, adds them (in the per-simulation scaled units of
+From the true state at step 0, every step builds the node features, asks the model for its
+correction to the lumped tree's step (`sciquant.data.features.step_increments`), adds the
+normalized increments (in the per-simulation scaled units of
 `sciquant.data.features`), replaces the flow of every branch by its least-squares fit along the
 branch (`branch_fit`) and imposes the next inlet flow exactly. Errors per field, in physical
 units, over branch nodes and all steps after the loading ramp:
@@ -35,9 +36,10 @@ from sciquant.data.features import (
     merge_graphs,
     node_features,
     state_increment,
+    step_increments,
 )
 
-#: model(node_features [N, F], edge_features [E, 9], edge_index [2, E]) → increments [N, 2]
+#: model(node_features [N, F], edge_features [E, 9], edge_index [2, E]) → correction [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -100,7 +102,7 @@ def rollout(
             previous, linear,
         )  # fmt: skip
         pressure_before, flowrate_before = pressure, flowrate
-        delta = step(x, graph.edge_features, graph.edge_index)
+        delta = step_increments(step(x, graph.edge_features, graph.edge_index), linear)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
         flowrate = flowrate + norm.denormalize("delta_flowrate", delta[:, 1]) / norm.std["flowrate"]
         flowrate = branch_fit(flowrate, graph.branch_id, graph.branch_position, num_branches)

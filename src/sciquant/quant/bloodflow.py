@@ -51,7 +51,7 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 5  # 5: from version-5 FP32 checkpoints (46 node features)
+QUANTIZED_VERSION = 6  # 6: from version-6 FP32 checkpoints (the output corrects the lumped step)
 
 
 def calibration_inputs(
@@ -146,12 +146,17 @@ def run(
         fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))
         torch.manual_seed(seed)
 
-        source_sha256 = sha256_of(checkpoint)
+        # What the fine-tuning resumes only with (train.bloodflow.RESUME_KEYS): the same FP32
+        # weights and the same prepared data.
+        sources = {
+            "source_sha256": sha256_of(checkpoint),
+            "data_sha256": sha256_of(prepared / "index.json"),
+        }
 
         def state(trained: QuantizedModel) -> dict[str, Any]:
             return {
                 **_quantized_state(trained, fp32_state, target, method, precision, settings),
-                "source_sha256": source_sha256,
+                **sources,
             }
 
         fit(qmodel, train_graphs, valid_graphs, norm, fine_tune, seed, out, state, progress)

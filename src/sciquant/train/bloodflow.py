@@ -5,8 +5,10 @@ windows, batches them as one disjoint graph, adds Gaussian noise to the input pr
 (not to the imposed inlet flow), and rolls the model out `rollout_steps` steps on its own
 predictions with the inlet flow imposed; each step's input carries the increment of the step
 before (the data's at the window's start, then the model's own), as the evaluation rollout's
-do. The loss of step k is the weighted mean squared error of the predicted normalized increment
-against the one that reaches the true next state, with weight 1 for k = 0 and `rollout_weight`
+do. The network predicts each step's correction to the lumped tree's own step
+(`sciquant.data.features.step_increments`). The loss of step k is the weighted mean squared
+error of the predicted normalized increment (lumped step + correction) against the one that
+reaches the true next state, with weight 1 for k = 0 and `rollout_weight`
 after; inlet/outlet nodes weigh `boundary_weight` times more, and a node's flow term is weighted
 by its cross-section area to the power `flow_area_exponent` (normalized to mean 1 over the
 batch): the rollout's flow error is dominated by the large vessels (their flows are largest)
@@ -43,6 +45,7 @@ from sciquant.data.features import (
     linear_features,
     node_features,
     state_increment,
+    step_increments,
     to_tensors,
 )
 from sciquant.errors import SciquantError
@@ -51,8 +54,9 @@ from sciquant.provenance import write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
-# previous step's increments); 5: 46 (the lumped tree's step and the state's departure from it)
-CHECKPOINT_VERSION = 5
+# previous step's increments); 5: 46 (the lumped tree's step and the state's departure from it);
+# 6: the output is the correction to the lumped step
+CHECKPOINT_VERSION = 6
 # What a resume checkpoint must share with the run that resumes it: the settings, the model's
 # shape, and what it learns from (the prepared data's index.json; for QAT the FP32 checkpoint).
 RESUME_KEYS = ("settings", "architecture", "data_sha256", "source_sha256")
@@ -187,6 +191,13 @@ def rollout_loss(
     for k in range(settings.rollout_steps):
         # The inlet's flow is imposed (never noised), so its current value is the true one.
         step_in = inlet_increment(batch.next_inlet[k], batch.inlet_now[k], norm)
+        linear = linear_features(
+            pressure,
+            flowrate,
+            (batch.linear_pressure[k], batch.linear_flowrate[k]),
+            (batch.linear_pressure[k + 1], batch.linear_flowrate[k + 1]),
+            norm,
+        )
         x = node_features(
             batch.static,
             pressure,
@@ -195,16 +206,10 @@ def rollout_loss(
             batch.next_inlet[k],
             step_in,
             previous,
-            linear_features(
-                pressure,
-                flowrate,
-                (batch.linear_pressure[k], batch.linear_flowrate[k]),
-                (batch.linear_pressure[k + 1], batch.linear_flowrate[k + 1]),
-                norm,
-            ),
+            linear,
         )
         pressure_before, flowrate_before = pressure, flowrate
-        delta = model(x, batch.edge_features, batch.edge_index)
+        delta = step_increments(model(x, batch.edge_features, batch.edge_index), linear)
         # Increment (normalized-delta units) that takes the current state to the true next one.
         needed_p = (batch.pressure[k + 1] - pressure) * norm.std["pressure"]
         needed_q = (batch.flowrate[k + 1] - flowrate) * norm.std["flowrate"]
