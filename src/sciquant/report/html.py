@@ -241,8 +241,8 @@ def deploy_table(
 
 
 BASELINE_NAMES = {
-    "lumped_model": "the lumped tree's own response to the inflow (the physics prior the "
-    "surrogate sees as features; no network)",
+    "lumped_model": "the lumped tree's own response to the inflow (the physics prior whose "
+    "every step the surrogate corrects; no network)",
 }
 
 
