@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -237,19 +238,27 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     assert metrics["pressure_error_pct"] == pytest.approx(mean)
     assert metrics["rollout_time_s_min"] <= metrics["rollout_time_s_median"]
     assert (tmp_path / "run" / "pressure.png").stat().st_size > 5000
-    # The lumped model alone, by hand from the samples' physical arrays (no network).
-    by_hand = {"pressure": [], "flowrate": []}
-    for name in bloodflow.load_index(prepared)["samples"]["test"]:
-        sample = bloodflow.load_sample(prepared, name)
-        cycle = sample["loading"] == 0
-        branch = sample["node_type"] == bloodflow.BRANCH
-        for field, errors in by_hand.items():
-            exact = sample[field][cycle][:, branch].astype(np.float64)
-            lumped = sample[f"linear_{field}"][cycle][:, branch].astype(np.float64)
-            errors.append(100 * np.linalg.norm(lumped - exact) / np.linalg.norm(exact))
-    lumped = payload["baselines"]["lumped_model"]
-    assert lumped["pressure_error_pct"] == pytest.approx(np.mean(by_hand["pressure"]), rel=1e-4)
-    assert lumped["flowrate_error_pct"] == pytest.approx(np.mean(by_hand["flowrate"]), rel=1e-4)
+    # The priors alone, by hand from the samples' physical arrays (no network).
+    for baseline, prefix in (("lumped_model", "lumped"), ("calibrated_model", "calibrated")):
+        by_hand = {"pressure": [], "flowrate": []}
+        for name in bloodflow.load_index(prepared)["samples"]["test"]:
+            sample = bloodflow.load_sample(prepared, name)
+            cycle = sample["loading"] == 0
+            branch = sample["node_type"] == bloodflow.BRANCH
+            for field, errors in by_hand.items():
+                exact = sample[field][cycle][:, branch].astype(np.float64)
+                prior = sample[f"{prefix}_{field}"][cycle][:, branch].astype(np.float64)
+                errors.append(100 * np.linalg.norm(prior - exact) / np.linalg.norm(exact))
+        values = payload["baselines"][baseline]
+        for field in ("pressure", "flowrate"):
+            expected = np.mean(by_hand[field])
+            assert values[f"{field}_error_pct"] == pytest.approx(expected, rel=1e-4)
+            per_simulation = [v[f"{field}_error_pct"] for v in values["per_simulation"].values()]
+            assert np.mean(per_simulation) == pytest.approx(expected, rel=1e-9)
+    # The rollout's physics checks, and the data's own beside them.
+    assert metrics["junction_mass_residual_pct"] >= 0
+    assert metrics["outlet_resistance_residual_pct"] >= 0
+    assert set(payload["data_physics_checks"]) >= {"junction_mass_residual_pct"}
 
 
 def test_rerun_on_other_data_starts_from_scratch(
@@ -395,3 +404,47 @@ def test_qat_resumes_only_from_the_same_fp32_model(
     assert "resuming from" in qat(fp32)  # nothing left to fine-tune
     other = train_bloodflow.run(prepared, tmp_path / "b", TINY, seed=1, progress=False)
     assert "inputs or seed; starting from scratch" in qat(other)
+
+
+def test_reference_formulation_trains_and_evaluates_on_18_features(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """The reference MeshGraphNet: 18 node features, physical z-scores, branch-mean flow."""
+    from sciquant.data.features import Normalizer, step_inputs
+
+    settings = {**TINY, "formulation": "reference"}
+    checkpoint = train_bloodflow.run(prepared, tmp_path / "fp32", settings, seed=0, progress=False)
+    model, state = train_bloodflow.load_model(checkpoint)
+    assert state["formulation"] == "reference"
+    assert model.node_encoder.layers[0].in_features == len(bloodflow.REFERENCE_NODE_FEATURES)
+    index = bloodflow.load_index(prepared)
+    norm = Normalizer.of_checkpoint(state)
+    name = index["samples"]["test"][0]
+    sample = bloodflow.load_sample(prepared, name)
+    graph = to_tensors(name, sample, norm)
+    # Physical z-scores: the normalized series maps back to the raw pressure exactly.
+    physical = graph.physical(norm, "pressure", graph.pressure.numpy())
+    np.testing.assert_allclose(physical, sample["pressure"], rtol=1e-5)
+    assert not graph.branch_position.any()  # the fit is the reference's branch mean
+    x, prior_step = step_inputs(
+        norm, graph.static, graph.pressure[0], graph.flowrate[0],
+        graph.loading[0].expand(graph.num_nodes),
+        graph.flowrate[1][graph.inlet_of_nodes()], graph.flowrate[0][graph.inlet_of_nodes()],
+        torch.zeros(graph.num_nodes, 2),
+        (graph.linear_pressure[0], graph.linear_flowrate[0]),
+        (graph.linear_pressure[1], graph.linear_flowrate[1]),
+    )  # fmt: skip
+    assert prior_step is None and x.shape == (graph.num_nodes, 18)
+    np.testing.assert_allclose(x[:, 0], graph.pressure[0])
+    np.testing.assert_allclose(x[:, -1], graph.flowrate[1][graph.inlet_of_nodes()])
+    coordinates = {
+        "dataset": "flow", "model": "ref", "seed": 0, "target": "reference",
+        "method": "none", "precision": "fp32", "study": "t", "config_hash": "x",
+    }  # fmt: skip
+    path = evaluate_bloodflow.run(
+        checkpoint, prepared, tmp_path / "run", {"repeats": 0}, coordinates
+    )
+    metrics = json.loads(path.read_text())["metrics"]
+    assert math.isfinite(metrics["pressure_error_pct"]) and math.isfinite(
+        metrics["flowrate_error_pct"]
+    )

@@ -29,9 +29,17 @@ Output format (`results/<dataset>/prepared/`):
   [S, N] dyn/cm², cm³/s: the lumped tree's periodic response to the simulation's own inflow
   (the raw inlet point's flow, every harmonic the time step resolves; `linear_series`), on
   the same times as `pressure` and `flowrate`, its loading ramp made by the same rule from
-  its own first step and minimum pressure.
+  its own first step and minimum pressure. Two priors are stored: `lumped_pressure`,
+  `lumped_flowrate` (the lumped tree with the `physics` constants) and `calibrated_pressure`,
+  `calibrated_flowrate` (its wall stiffness fitted per simulation to the inlet pulse pressure
+  and its pressure shifted to the inlet diastolic pressure, `calibrate_prior`; the fit's
+  `calibrated_stiffness_factor` and `calibrated_pressure_shift` dyn/cm² are scalars of the
+  sample); `linear_*` is the one `prepare.prior` names, the residual model's prior. Both are
+  the no-network baselines every surrogate is judged against.
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
-  node/edge feature names, and z-score statistics (mean, std) computed on the training split.
+  node/edge feature names, and z-score statistics (mean, std) computed on the training split
+  (`physical_*`: those of the physical pressure, flow and their increments, which the
+  reference formulation z-scores, as the reference does).
 
 Per-simulation scales (`sample_scales`): the model sees pressure and flow made dimensionless
 before the z-score, p̃ = (p − p_dia) / (p_sys − p_dia) and q̃ = q / (s·Q̄_in), with p_dia, p_sys
@@ -47,6 +55,7 @@ inflow's waveform. The statistics of `pressure`, `flowrate` and their increments
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict, deque
@@ -55,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from tqdm import tqdm
 
 from sciquant.data.network import (
@@ -76,10 +86,15 @@ from sciquant.provenance import write_json
 # (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node;
 # 4: branch_position (the rollout's per-branch linear flow fit), inlet_impedance, the previous
 # step's increments as node features; 5: linear_pressure, linear_flowrate (the lumped tree's
-# response to the inflow)
-FORMAT_VERSION = 5
+# response to the inflow); 6: the calibrated prior (`calibrated_*`, `lumped_*`, `prepare.prior`)
+# and the physical statistics of the reference formulation (`physical_*`)
+FORMAT_VERSION = 6
 #: `PrepareSettings.branch_fit` values: the rollout's fit of the flow along each branch.
 BRANCH_FITS = ("linear", "mean")
+#: `PrepareSettings.prior` values: which physics prior feeds the residual model (`linear_*`).
+PRIORS = ("calibrated", "lumped")
+#: Bounds of the calibrated prior's wall-stiffness factor (`calibrate_prior`).
+STIFFNESS_FACTOR_BOUNDS = (0.05, 20.0)
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
 #: Harmonics of the cycle whose linear response is a node feature (`PrepareSettings.harmonics`).
 HARMONICS = 3
@@ -124,6 +139,15 @@ STATISTICS = (
     "pressure", "flowrate", "delta_pressure", "delta_flowrate", "area", "period",
     "diastolic", "systolic", "R1", "C", "R2", "dx", "dy", "dz", "distance",
     "linear_deviation_pressure", "linear_deviation_flowrate",
+    "physical_pressure", "physical_flowrate", "physical_delta_pressure", "physical_delta_flowrate",
+)  # fmt: skip
+#: The reference MeshGraphNet's node features (Pegolotti et al.; PhysicsNeMo bloodflow_1d_mgn):
+#: the first 16 of `node_feature_names` after p and q, then the loading flag and the next
+#: inlet flow. No physics prior: the `reference` formulation (`sciquant.data.features`).
+REFERENCE_NODE_FEATURES = (
+    "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
+    "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
+    "R1", "C", "R2", "loading", "next_inlet_flowrate",
 )  # fmt: skip
 _STEP_ARRAY = re.compile(r"^(pressure|flow|velocity)_(\d+)$")
 
@@ -147,6 +171,7 @@ class PrepareSettings:
     boundary_edge_hops: int = 3
     harmonics: int = HARMONICS
     branch_fit: str = "linear"
+    prior: str = "calibrated"
     physics: Physics = field(default_factory=Physics)
     split: Split = field(default_factory=Split)
 
@@ -155,6 +180,8 @@ class PrepareSettings:
             raise SciquantError(
                 f"prepare.branch_fit: {self.branch_fit!r} is not one of {', '.join(BRANCH_FITS)}"
             )
+        if self.prior not in PRIORS:
+            raise SciquantError(f"prepare.prior: {self.prior!r} is not one of {', '.join(PRIORS)}")
         if isinstance(self.split, dict):
             object.__setattr__(self, "split", Split(**self.split))
         if isinstance(self.physics, dict):
@@ -483,6 +510,48 @@ def linear_series(
     return _with_loading(pressure, flowrate, settings.loading_steps)
 
 
+def calibrate_prior(
+    sim: Simulation, tree: Tree, inlet_node: int, settings: PrepareSettings
+) -> tuple[Physics, float, float]:
+    """The lumped prior fitted to the inlet pressures the features carry: (physics, factor, shift).
+
+    Two numbers of every simulation are node features, hence known at inference: the inlet's
+    diastolic and systolic pressure. The prior's wall stiffness (k1 and k3 of `physics`, one
+    factor) is fitted so that its inlet pulse pressure (systolic − diastolic) under the
+    simulation's inflow is the data's; then its pressure is shifted by one constant (dyn/cm²)
+    so that its inlet diastolic pressure is the data's. This is the best a user gets without a
+    network from the lumped model and the inputs: the `calibrated_model` baseline, and by
+    default the prior of the residual model (`prepare.prior`).
+    """
+    period = float(sim.info["T"])
+    times = sample_times(sim, settings, 0.0)
+    inlet_pressure = _interp_periodic(times, sim.times, sim.pressure[:, :1], period)[:, 0]
+    pulse = float(np.ptp(inlet_pressure))
+    fit_harmonics = min(linear_harmonics(period, settings.dt), 15)
+    base = settings.physics
+
+    def physics_for(log_factor: float) -> Physics:
+        factor = math.exp(log_factor)
+        k1, k2, k3 = base.stiffness
+        return Physics(base.viscosity, base.density, (k1 * factor, k2, k3 * factor))
+
+    def inlet_series(physics: Physics, harmonics: int) -> np.ndarray:
+        transfer = transfer_functions(tree, period, harmonics, physics)
+        pressure = periodic_response(transfer, sim.times, sim.flowrate[:, 0], period, times)[1]
+        return pressure[:, inlet_node]
+
+    def mismatch(log_factor: float) -> float:
+        prior_pulse = float(np.ptp(inlet_series(physics_for(log_factor), fit_harmonics)))
+        return math.log(max(prior_pulse, 1e-12) / max(pulse, 1e-12)) ** 2
+
+    low, high = (math.log(b) for b in STIFFNESS_FACTOR_BOUNDS)
+    found = minimize_scalar(mismatch, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    physics = physics_for(float(found.x))
+    prior_inlet = inlet_series(physics, linear_harmonics(period, settings.dt))
+    shift = float(inlet_pressure.min() - prior_inlet.min())
+    return physics, math.exp(float(found.x)), shift
+
+
 def _with_loading(
     pressure: np.ndarray, flowrate: np.ndarray, loading_steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -547,23 +616,41 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
         sim = load_simulation(path, info)
         graph, tree = build_graph(sim, settings)
         period = float(sim.info["T"])
-        transfer = transfer_functions(
-            tree, period, linear_harmonics(period, settings.dt), settings.physics
+        harmonics = linear_harmonics(period, settings.dt)
+        transfer = transfer_functions(tree, period, harmonics, settings.physics)
+        inlet_node = int(np.flatnonzero(graph["node_type"] == INLET)[0])
+        calibrated_physics, stiffness_factor, shift = calibrate_prior(
+            sim, tree, inlet_node, settings
         )
+        calibrated = transfer_functions(tree, period, harmonics, calibrated_physics)
         split = split_of[sim.name]
         offsets = settings.time_offsets if split == "train" else 1
         for k in range(offsets):
             offset = k * settings.dt / offsets
             pressure, flowrate, loading = resample(sim, graph["source_points"], settings, offset)
-            linear_pressure, linear_flowrate = linear_series(sim, transfer, settings, offset)
+            lumped_pressure, lumped_flowrate = linear_series(sim, transfer, settings, offset)
+            calibrated_pressure, calibrated_flowrate = linear_series(
+                sim, calibrated, settings, offset
+            )
+            calibrated_pressure = calibrated_pressure + np.float32(shift)
+            prior = {
+                "calibrated": (calibrated_pressure, calibrated_flowrate),
+                "lumped": (lumped_pressure, lumped_flowrate),
+            }[settings.prior]
             inlet = graph["node_type"] == INLET
             sample = dict(
                 graph,
                 pressure=pressure,
                 flowrate=flowrate,
                 loading=loading,
-                linear_pressure=linear_pressure,
-                linear_flowrate=linear_flowrate,
+                linear_pressure=prior[0],
+                linear_flowrate=prior[1],
+                lumped_pressure=lumped_pressure,
+                lumped_flowrate=lumped_flowrate,
+                calibrated_pressure=calibrated_pressure,
+                calibrated_flowrate=calibrated_flowrate,
+                calibrated_stiffness_factor=np.float32(stiffness_factor),
+                calibrated_pressure_shift=np.float32(shift),
                 period=np.float32(sim.info["T"]),
                 dt=np.float32(settings.dt),
                 diastolic=np.float32(pressure[settings.loading_steps :, inlet].min()),
@@ -651,6 +738,12 @@ def _collect_statistics(
     linear_pressure, linear_flowrate = scaled_series(
         sample, scales, ("linear_pressure", "linear_flowrate")
     )
+    physical_p = np.asarray(sample["pressure"], dtype=np.float64)
+    physical_q = np.asarray(sample["flowrate"], dtype=np.float64)
+    collected["physical_pressure"].append(physical_p.ravel())
+    collected["physical_flowrate"].append(physical_q.ravel())
+    collected["physical_delta_pressure"].append(np.diff(physical_p[steady], axis=0).ravel())
+    collected["physical_delta_flowrate"].append(np.diff(physical_q[steady], axis=0).ravel())
     collected["linear_deviation_pressure"].append((pressure - linear_pressure)[steady].ravel())
     collected["linear_deviation_flowrate"].append((flowrate - linear_flowrate)[steady].ravel())
     collected["area"].append(sample["area"])

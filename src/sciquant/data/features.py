@@ -48,26 +48,69 @@ from sciquant.data.bloodflow import (
     BRANCH,
     INLET,
     OUTLET,
+    REFERENCE_NODE_FEATURES,
     inlet_feature_names,
     inlet_response,
     sample_scales,
     scaled_series,
 )
+from sciquant.errors import SciquantError
+
+#: How a MeshGraphNet sees and advances the state (`models.<name>.formulation`):
+#: `residual` — the 46 features above, per-simulation dimensionless p and q, the output a
+#: correction to the physics prior's step, branch flows fitted by a line (`prepare.branch_fit`);
+#: `reference` — the reference's 18 node features (`REFERENCE_NODE_FEATURES`), p and q z-scored
+#: in physical units, the output the increments themselves, branch flows averaged.
+FORMULATIONS = ("residual", "reference")
+#: Static columns the reference formulation keeps (area, tangent, node type, period,
+#: diastolic, systolic, R1, C, R2): the first ones of `GraphTensors.static`.
+REFERENCE_STATIC = len(REFERENCE_NODE_FEATURES) - 4
+#: The reference formulation z-scores physical quantities: these statistics stand in.
+_PHYSICAL_STATISTICS = ("pressure", "flowrate", "delta_pressure", "delta_flowrate")
+
+
+def check_formulation(formulation: str, key: str = "formulation") -> str:
+    """`formulation` if known, else SciquantError naming `key`."""
+    if formulation not in FORMULATIONS:
+        raise SciquantError(f"{key}: {formulation!r} is not one of {', '.join(FORMULATIONS)}")
+    return formulation
+
+
+def feature_count(formulation: str, index: dict[str, Any]) -> int:
+    """The model's node-feature count for `formulation` on a prepared dataset's `index.json`."""
+    if check_formulation(formulation) == "reference":
+        return len(REFERENCE_NODE_FEATURES)
+    return len(index["node_features"])
 
 
 @dataclass
 class Normalizer:
-    """Means and stds of the prepared dataset's quantities (float32 tensors)."""
+    """Means and stds of the prepared dataset's quantities, and the model's formulation."""
 
     mean: dict[str, float]
     std: dict[str, float]
+    formulation: str = "residual"
 
     @classmethod
-    def from_statistics(cls, statistics: dict[str, dict[str, float]]) -> Normalizer:
+    def from_statistics(
+        cls, statistics: dict[str, dict[str, float]], formulation: str = "residual"
+    ) -> Normalizer:
+        """The statistics of `index.json`; the reference formulation takes the physical ones."""
+        check_formulation(formulation)
+        chosen = dict(statistics)
+        if formulation == "reference":
+            for key in _PHYSICAL_STATISTICS:
+                chosen[key] = statistics[f"physical_{key}"]
         return cls(
-            mean={k: float(v["mean"]) for k, v in statistics.items()},
-            std={k: float(v["std"]) for k, v in statistics.items()},
+            mean={k: float(v["mean"]) for k, v in chosen.items()},
+            std={k: float(v["std"]) for k, v in chosen.items()},
+            formulation=formulation,
         )
+
+    @classmethod
+    def of_checkpoint(cls, state: dict[str, Any]) -> Normalizer:
+        """The normalizer a trained (or quantized) model's checkpoint dict was trained with."""
+        return cls.from_statistics(state["statistics"], state.get("formulation", "residual"))
 
     def normalize(self, key: str, values: Any) -> Any:
         return (values - self.mean[key]) / self.std[key]
@@ -168,9 +211,11 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         return (norm.normalize(key, sample[key]) * outlet)[:, None].astype(np.float32)
 
     offset, pressure_scale, flow_scale = scales = sample_scales(sample, name)
-    pressure, flowrate = scaled_series(sample, scales)
+    # The reference formulation sees physical p and q (z-scored with `physical_*` statistics).
+    series_scales = (0.0, 1.0, np.ones(n)) if norm.formulation == "reference" else scales
+    pressure, flowrate = scaled_series(sample, series_scales)
     linear_pressure, linear_flowrate = scaled_series(
-        sample, scales, ("linear_pressure", "linear_flowrate")
+        sample, series_scales, ("linear_pressure", "linear_flowrate")
     )
     mean_inflow = float(flow_scale[node_type == INLET][0])  # the inlet's share is 1
     hemodynamics = np.concatenate(
@@ -221,11 +266,14 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         loading=torch.from_numpy(loading.astype(np.float32)),
         node_type=torch.from_numpy(node_type),
         branch_id=torch.from_numpy(sample["branch_id"].astype(np.int64)),
-        branch_position=torch.from_numpy(sample["branch_position"].astype(np.float32)),
+        # The reference averages each branch's flow: the fit's abscissa 0 gives the mean.
+        branch_position=torch.from_numpy(
+            sample["branch_position"].astype(np.float32) * (norm.formulation != "reference")
+        ),
         loading_steps=int(loading.sum()),
-        pressure_offset=torch.full((n,), offset, dtype=torch.float64),
-        pressure_scale=torch.full((n,), pressure_scale, dtype=torch.float64),
-        flow_scale=torch.from_numpy(np.asarray(flow_scale, dtype=np.float64)),
+        pressure_offset=torch.full((n,), series_scales[0], dtype=torch.float64),
+        pressure_scale=torch.full((n,), series_scales[1], dtype=torch.float64),
+        flow_scale=torch.from_numpy(np.asarray(series_scales[2], dtype=np.float64)),
     )
 
 
@@ -337,19 +385,54 @@ def linear_features(
     )
 
 
-def step_increments(correction: Tensor, linear: Tensor) -> Tensor:
-    """A step's increments of p and q [N, 2], model-output units: the lumped step plus the
-    network's correction.
+def step_inputs(
+    norm: Normalizer,
+    static: Tensor,
+    pressure: Tensor,
+    flowrate: Tensor,
+    loading: Tensor,
+    next_inlet: Tensor,
+    inlet_now: Tensor,
+    previous: Tensor,
+    linear_now: tuple[Tensor, Tensor],
+    linear_next: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """One rollout step's model input [N, F] and the prior's step [N, 2] (None: no prior).
 
-    `linear`: the step's `linear_features` (its first two columns are the lumped tree's own
-    step); `correction`: the network's output [N, 2]. The network learns only how the data
-    depart from the lumped model's step, not the step itself: a network that outputs zeros
-    rolls the lumped trajectory out. Measured on the default study (seed 0), with the same
+    The one place a step's input is assembled, for training, calibration and evaluation alike,
+    by `norm.formulation`. State p, q [N] (normalized); `loading`, `next_inlet` (the imposed
+    inlet flow at the next step), `inlet_now` (the inlet flow now) [N] per node; `previous`
+    [N, 2] the state's increment from the step before (`state_increment`); `linear_now`,
+    `linear_next`: the prior's p, q [N] now and at the next step. The residual formulation's
+    46 features are `node_features`; the reference's 18 are p, q, the reference's static
+    features, the loading flag and the next inlet flow.
+    """
+    if norm.formulation == "reference":
+        x = torch.cat(
+            [pressure[:, None], flowrate[:, None], static[:, :REFERENCE_STATIC],
+             loading[:, None], next_inlet[:, None]],
+            dim=1,
+        )  # fmt: skip
+        return x, None
+    linear = linear_features(pressure, flowrate, linear_now, linear_next, norm)
+    step_in = inlet_increment(next_inlet, inlet_now, norm)
+    x = node_features(static, pressure, flowrate, loading, next_inlet, step_in, previous, linear)
+    return x, linear[:, :2]
+
+
+def step_increments(correction: Tensor, prior_step: Tensor | None) -> Tensor:
+    """A step's increments of p and q [N, 2], model-output units: the prior's step plus the
+    network's correction (the network's output alone where there is no prior).
+
+    `prior_step`: the prior's own step (`step_inputs`, the first two columns of
+    `linear_features`); `correction`: the network's output [N, 2]. The residual network learns
+    only how the data depart from the prior's step, not the step itself: a network that outputs
+    zeros rolls the prior's trajectory out. Measured on the default study (seed 0), with the same
     features and budget: 0.63 % / 1.26 % pressure / flow error (the lumped model alone 0.70 % /
     1.45 %) against 0.70 % / 1.49 % when the network had to reproduce the lumped step from its
     input feature itself.
     """
-    return correction + linear[:, :2]
+    return correction if prior_step is None else correction + prior_step
 
 
 def state_increment(

@@ -17,9 +17,14 @@ import torch  # noqa: E402
 from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer, merge_graphs, to_tensors  # noqa: E402
 from sciquant.errors import SciquantError  # noqa: E402
+from sciquant.evaluate.physics import (  # noqa: E402
+    BASELINES,
+    baseline_errors,
+    mean_checks,
+    physics_checks,
+)
 from sciquant.evaluate.rollout import (  # noqa: E402
     StepFunction,
-    lumped_errors,
     rollout_all,
     rollout_errors,
 )
@@ -94,17 +99,34 @@ def evaluate_step(
     return metrics, predictions
 
 
-def lumped_model(graphs: list[GraphTensors], norm: Normalizer) -> dict[str, float]:
-    """Mean errors of the lumped tree's response alone over the test simulations (no network).
+def no_network_baselines(samples: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """The physics priors alone on the test simulations: mean errors and each simulation's.
 
-    Not a run of the study (it has no weights to quantize): the physics prior's own score,
-    kept beside every run's metrics so a surrogate can be judged against it.
+    Not runs of the study (they have no weights to quantize): what a user gets with no network
+    (`sciquant.evaluate.physics.BASELINES`), kept beside every run's metrics so a surrogate is
+    judged against them; the calibrated one is the baseline of the retained gain.
     """
-    per_simulation = [lumped_errors(graph, norm) for graph in graphs]
-    return {
-        field: float(np.mean([errors[field] for errors in per_simulation]))
-        for field in ("pressure_error_pct", "flowrate_error_pct")
-    }
+    baselines: dict[str, Any] = {}
+    for baseline in BASELINES:
+        per_simulation = {
+            name: baseline_errors(sample, baseline)
+            for name, sample in zip(names, samples, strict=True)
+        }
+        baselines[baseline] = {
+            field: float(np.mean([errors[field] for errors in per_simulation.values()]))
+            for field in ("pressure_error_pct", "flowrate_error_pct")
+        }
+        baselines[baseline]["per_simulation"] = per_simulation
+    return baselines
+
+
+def rollout_physics(
+    samples: list[dict[str, Any]], predictions: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The rollouts' physics checks and the data's own (`sciquant.evaluate.physics`), means."""
+    predicted = [physics_checks(s, p, q) for s, (p, q) in zip(samples, predictions, strict=True)]
+    data = [physics_checks(s, s["pressure"], s["flowrate"]) for s in samples]
+    return mean_checks(predicted), mean_checks(data)
 
 
 def plot_rollouts(graphs, predictions, norm: Normalizer, out: Path, count: int) -> None:  # noqa: ANN001
@@ -187,8 +209,11 @@ def load_step(
         )
         return step, state, sizes
     if onnx is not None:
+        from sciquant.quant.dynamic import dynamic_size, is_dynamic
         from sciquant.runtime.onnxruntime import OrtStep
 
+        if is_dynamic(onnx):  # ptq-dynamic: the FP32 checkpoint's Linear weights run in int8
+            sizes = dynamic_size(model)
         sizes["artifact_bytes"] = onnx.stat().st_size
         return OrtStep(onnx, intra_op_num_threads=threads or 1), state, sizes
     return model, state, sizes
@@ -232,18 +257,20 @@ def run(
         from sciquant.quant.bloodflow import is_quantized, load_quantized
 
         loader = load_quantized if is_quantized(checkpoint) else load_model
-        statistics = loader(checkpoint)[1]["statistics"]
-        graphs = test_graphs(prepared, Normalizer.from_statistics(statistics))
+        graphs = test_graphs(prepared, Normalizer.of_checkpoint(loader(checkpoint)[1]))
     step, state, sizes = load_step(
         checkpoint, onnx, threads, runtime, coordinates.get("precision", "fp32"), graphs
     )
-    norm = Normalizer.from_statistics(state["statistics"])
+    norm = Normalizer.of_checkpoint(state)
     graphs = graphs if graphs is not None else test_graphs(prepared, norm)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
     repeats = 0 if simulated else settings.get("repeats", 5)
     # TensorRT steps take and return CUDA tensors: the rollout state stays on the GPU.
     device = "cuda" if runtime == "tensorrt" else None
     metrics, predictions = evaluate_step(step, graphs, norm, repeats, device)
+    samples = [load_sample(prepared, graph.name) for graph in graphs]
+    checks, data_checks = rollout_physics(samples, predictions)
+    metrics.update(checks)
     metrics.update(sizes)
     if hasattr(step, "timing_summary"):
         metrics.update(
@@ -262,7 +289,8 @@ def run(
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,
-        "baselines": {"lumped_model": lumped_model(graphs, norm)},
+        "baselines": no_network_baselines(samples, [graph.name for graph in graphs]),
+        "data_physics_checks": data_checks,
         "provenance": provenance(time.perf_counter() - started, threads),
     }
     timing = (
@@ -272,8 +300,11 @@ def run(
     )
     print(
         f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
-        f"{metrics['flowrate_error_pct']:.2f} %, {timing}; the lumped model alone: "
-        f"{payload['baselines']['lumped_model']['pressure_error_pct']:.2f} % / "
-        f"{payload['baselines']['lumped_model']['flowrate_error_pct']:.2f} %"
+        f"{metrics['flowrate_error_pct']:.2f} %, {timing}; without a network: "
+        + "; ".join(
+            f"{name.replace('_', ' ')} {values['pressure_error_pct']:.2f} % / "
+            f"{values['flowrate_error_pct']:.2f} %"
+            for name, values in payload["baselines"].items()
+        )
     )
     return write_json(out / "metrics.json", payload)

@@ -31,13 +31,12 @@ from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     branch_mask,
-    inlet_increment,
-    linear_features,
     merge_graphs,
-    node_features,
     state_increment,
     step_increments,
+    step_inputs,
 )
+from sciquant.evaluate.physics import relative_error
 
 #: model(node_features [N, F], edge_features [E, 9], edge_index [2, E]) → correction [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -88,21 +87,14 @@ def rollout(
     ones = torch.ones(graph.num_nodes, device=graph.static.device)
     previous = state_increment(pressure, flowrate, pressure, flowrate, norm)  # none before step 0
     for t in range(steps - 1):
-        next_inlet = graph.flowrate[t + 1][inlet_of_nodes]
-        step_in = inlet_increment(next_inlet, flowrate[inlet_of_nodes], norm)
-        linear = linear_features(
-            pressure,
-            flowrate,
+        x, prior_step = step_inputs(
+            norm, graph.static, pressure, flowrate, graph.loading[t] * ones,
+            graph.flowrate[t + 1][inlet_of_nodes], flowrate[inlet_of_nodes], previous,
             (graph.linear_pressure[t], graph.linear_flowrate[t]),
             (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
-            norm,
-        )
-        x = node_features(
-            graph.static, pressure, flowrate, graph.loading[t] * ones, next_inlet, step_in,
-            previous, linear,
         )  # fmt: skip
         pressure_before, flowrate_before = pressure, flowrate
-        delta = step_increments(step(x, graph.edge_features, graph.edge_index), linear)
+        delta = step_increments(step(x, graph.edge_features, graph.edge_index), prior_step)
         pressure = pressure + norm.denormalize("delta_pressure", delta[:, 0]) / norm.std["pressure"]
         flowrate = flowrate + norm.denormalize("delta_flowrate", delta[:, 1]) / norm.std["flowrate"]
         flowrate = branch_fit(flowrate, graph.branch_id, graph.branch_position, num_branches)
@@ -133,27 +125,6 @@ def rollout_all(
     return [
         (pressure[:steps, nodes].numpy(), flowrate[:steps, nodes].numpy()) for nodes, steps in parts
     ]
-
-
-def relative_error(predicted: np.ndarray, exact: np.ndarray, mask: np.ndarray) -> float:
-    """sqrt(Σ((pred − exact)·mask)² / Σ(exact·mask)²) over all steps and nodes; [S, N] inputs."""
-    numerator = np.sum(((predicted - exact) * mask) ** 2)
-    denominator = np.sum((exact * mask) ** 2)
-    return float(np.sqrt(numerator / denominator))
-
-
-def lumped_errors(graph: GraphTensors, norm: Normalizer) -> dict[str, float]:
-    """The errors of the lumped tree's own response (`GraphTensors.linear_*`), as `rollout_errors`.
-
-    No network, no rollout: what the physics prior that the surrogate sees as features scores
-    on its own, the bar a learned surrogate has to clear.
-    """
-    return rollout_errors(
-        graph.physical(norm, "pressure", graph.linear_pressure.numpy()),
-        graph.physical(norm, "flowrate", graph.linear_flowrate.numpy()),
-        graph,
-        norm,
-    )
 
 
 def rollout_errors(

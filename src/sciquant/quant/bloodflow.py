@@ -25,10 +25,8 @@ from sciquant.data.download import sha256_of
 from sciquant.data.features import (
     GraphTensors,
     Normalizer,
-    inlet_increment,
-    linear_features,
-    node_features,
     state_increment,
+    step_inputs,
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
@@ -51,7 +49,8 @@ from sciquant.train.bloodflow import (
 )
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
-QUANTIZED_VERSION = 6  # 6: from version-6 FP32 checkpoints (the output corrects the lumped step)
+# 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
+QUANTIZED_VERSION = 7
 
 
 def calibration_inputs(
@@ -72,16 +71,11 @@ def calibration_inputs(
                 graph.flowrate[before],
                 norm,
             )
-            linear = linear_features(
-                graph.pressure[t],
-                graph.flowrate[t],
+            x, _ = step_inputs(
+                norm, graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
+                next_inlet, inlet_now, previous,
                 (graph.linear_pressure[t], graph.linear_flowrate[t]),
                 (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
-                norm,
-            )
-            x = node_features(
-                graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-                next_inlet, inlet_increment(next_inlet, inlet_now, norm), previous, linear,
             )  # fmt: skip
             yield x, graph.edge_features, graph.edge_index
 
@@ -119,7 +113,7 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     model, fp32_state = load_model(checkpoint)
-    norm = Normalizer.from_statistics(fp32_state["statistics"])
+    norm = Normalizer.of_checkpoint(fp32_state)
     index = load_index(prepared)
     quantize_settings = settings.get("quantize", {})
     train_names = index["samples"]["train"]
@@ -173,6 +167,7 @@ def _quantized_state(qmodel, fp32_state, target, method, precision, settings) ->
         "version": QUANTIZED_VERSION,
         "architecture": fp32_state["architecture"],
         "statistics": fp32_state["statistics"],
+        "formulation": fp32_state.get("formulation", "residual"),
         "target": target,
         "method": method,
         "precision": precision,
@@ -222,7 +217,7 @@ def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
     if prepared is None:
         raise SciquantError(f"{checkpoint}: exporting a quantized model needs --prepared")
     qmodel, state = load_quantized(checkpoint)
-    norm = Normalizer.from_statistics(state["statistics"])
+    norm = Normalizer.of_checkpoint(state)
     example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1, norm))
     return export_qdq_onnx(qmodel, out, example)
 

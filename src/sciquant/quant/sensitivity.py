@@ -62,7 +62,7 @@ def run(
     low, high = options.get("precision", "w4a8"), options.get("fallback", "w8a8")
     ratio = options.get("max_ratio_to_fp32", 1.3)
     model, state = load_model(checkpoint)
-    norm = Normalizer.from_statistics(state["statistics"])
+    norm = Normalizer.of_checkpoint(state)
     index = load_index(prepared)
     validation = index["samples"]["valid"] or index["samples"]["train"][:2]
     judged = load_graphs(prepared, validation[: options.get("simulations", 4)], norm)

@@ -41,11 +41,10 @@ from sciquant.data.features import (
     GraphTensors,
     Normalizer,
     boundary_mask,
-    inlet_increment,
-    linear_features,
-    node_features,
+    feature_count,
     state_increment,
     step_increments,
+    step_inputs,
     to_tensors,
 )
 from sciquant.errors import SciquantError
@@ -55,8 +54,8 @@ from sciquant.provenance import write_csv
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
 # previous step's increments); 5: 46 (the lumped tree's step and the state's departure from it);
-# 6: the output is the correction to the lumped step
-CHECKPOINT_VERSION = 6
+# 6: the output is the correction to the lumped step; 7: the formulation (residual or reference)
+CHECKPOINT_VERSION = 7
 # What a resume checkpoint must share with the run that resumes it: the settings, the model's
 # shape, and what it learns from (the prepared data's index.json; for QAT the FP32 checkpoint).
 RESUME_KEYS = ("settings", "architecture", "data_sha256", "source_sha256")
@@ -190,26 +189,14 @@ def rollout_loss(
     )
     for k in range(settings.rollout_steps):
         # The inlet's flow is imposed (never noised), so its current value is the true one.
-        step_in = inlet_increment(batch.next_inlet[k], batch.inlet_now[k], norm)
-        linear = linear_features(
-            pressure,
-            flowrate,
+        x, prior_step = step_inputs(
+            norm, batch.static, pressure, flowrate, batch.loading[k], batch.next_inlet[k],
+            batch.inlet_now[k], previous,
             (batch.linear_pressure[k], batch.linear_flowrate[k]),
             (batch.linear_pressure[k + 1], batch.linear_flowrate[k + 1]),
-            norm,
-        )
-        x = node_features(
-            batch.static,
-            pressure,
-            flowrate,
-            batch.loading[k],
-            batch.next_inlet[k],
-            step_in,
-            previous,
-            linear,
-        )
+        )  # fmt: skip
         pressure_before, flowrate_before = pressure, flowrate
-        delta = step_increments(model(x, batch.edge_features, batch.edge_index), linear)
+        delta = step_increments(model(x, batch.edge_features, batch.edge_index), prior_step)
         # Increment (normalized-delta units) that takes the current state to the true next one.
         needed_p = (batch.pressure[k + 1] - pressure) * norm.std["pressure"]
         needed_q = (batch.flowrate[k + 1] - flowrate) * norm.std["flowrate"]
@@ -318,8 +305,9 @@ def run(
         torch.set_num_threads(threads)
     train_settings = TrainSettings(**settings.get("train", {}))
     index = load_index(prepared)
-    architecture = architecture_from_settings(settings, len(index["node_features"]))
-    norm = Normalizer.from_statistics(index["statistics"])
+    formulation = settings.get("formulation", "residual")
+    architecture = architecture_from_settings(settings, feature_count(formulation, index))
+    norm = Normalizer.from_statistics(index["statistics"], formulation)
     train_graphs = load_graphs(prepared, index["samples"]["train"], norm)
     valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
     torch.manual_seed(seed)
@@ -471,6 +459,7 @@ def _final_state(model, architecture, index, settings, seed, data_sha256) -> dic
         "architecture": asdict(architecture),
         "state_dict": model.state_dict(),
         "statistics": index["statistics"],
+        "formulation": settings.get("formulation", "residual"),
         "settings": settings,
         "seed": seed,
         "data_sha256": data_sha256,

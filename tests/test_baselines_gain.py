@@ -1,0 +1,96 @@
+"""The no-network baselines, the physics checks and the retained gain, by hand on small cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET
+from sciquant.evaluate.physics import baseline_errors, physics_checks
+from sciquant.report.gain import retained_gain, run_gains
+
+
+def y_sample() -> dict[str, np.ndarray]:
+    """inlet 0 → 1 → junction 2 → daughters 3 → 4 (outlet) and 5 → 6 (outlet); 3 steps."""
+    node_type = np.array([INLET, BRANCH, JUNCTION, BRANCH, OUTLET, BRANCH, OUTLET])
+    tree = [(0, 1, 0), (1, 2, 1), (2, 3, 1), (3, 4, 0), (2, 5, 1), (5, 6, 0)]
+    edges = [(a, b, t) for a, b, t in tree] + [(b, a, t) for a, b, t in tree]
+    edges.append((0, 2, 3))  # a boundary edge: not part of the tree
+    edges.append((2, 0, 3))
+    edge_features = np.zeros((len(edges), 9))
+    edge_features[np.arange(len(edges)), 4 + np.array([t for _, _, t in edges])] = 1
+    flow = np.array(
+        [
+            [10.0, 10.0, 10.0, 6.0, 6.0, 4.0, 4.0],
+            [12.0, 12.0, 12.0, 7.0, 7.0, 4.0, 4.0],  # junction off by 1 cm³/s
+            [8.0, 8.0, 8.0, 5.0, 5.0, 3.0, 3.0],
+        ]
+    )
+    r1 = np.array([0, 0, 0, 0, 100.0, 0, 200.0])
+    r2 = np.array([0, 0, 0, 0, 900.0, 0, 1800.0])
+    # Outlet 4: mean flow 6, p̄ = 6·1000 exactly; outlet 6: mean flow 11/3, p̄ 10 % above.
+    pressure = np.full((3, 7), 9000.0)
+    pressure[:, 4] = 6000.0
+    pressure[:, 6] = 1.1 * (11 / 3) * 2000.0
+    return {
+        "node_type": node_type,
+        "edge_index": np.array([[a for a, _, _ in edges], [b for _, b, _ in edges]]),
+        "edge_features": edge_features,
+        "source_points": np.array([0, 5, 9, 12, 20, 25, 30]),
+        "loading": np.zeros(3),
+        "pressure": pressure,
+        "flowrate": flow,
+        "R1": r1,
+        "R2": r2,
+    }
+
+
+def test_physics_checks_by_hand() -> None:
+    sample = y_sample()
+    checks = physics_checks(sample, sample["pressure"], sample["flowrate"])
+    # |q_J − Σ q_d| = 0, 1, 0 over a mean inflow of 10: mean 1/3 %, max 10 %... in % of 10.
+    assert checks["junction_mass_residual_pct"] == pytest.approx(100 * (1 / 3) / 10)
+    assert checks["junction_mass_residual_pct_max"] == pytest.approx(10.0)
+    assert checks["outlet_resistance_residual_pct"] == pytest.approx(100 * (0 + 0.1 / 1.1) / 2)
+    assert checks["outlet_resistance_residual_pct_max"] == pytest.approx(100 * 0.1 / 1.1)
+
+
+def test_baseline_errors_by_hand() -> None:
+    sample = y_sample()
+    sample["loading"] = np.array([1.0, 0.0, 0.0])  # the first step is a loading step
+    sample["lumped_pressure"] = sample["pressure"] * 1.02
+    sample["lumped_flowrate"] = sample["flowrate"].copy()
+    sample["lumped_flowrate"][:, 1] += 1.0
+    errors = baseline_errors(sample, "lumped_model")
+    assert errors["pressure_error_pct"] == pytest.approx(2.0)
+    branch = sample["node_type"] == BRANCH
+    exact = sample["flowrate"][1:][:, branch]
+    expected = 100 * math.sqrt(2 * 1.0**2) / np.linalg.norm(exact)
+    assert errors["flowrate_error_pct"] == pytest.approx(expected)
+
+
+def test_retained_gain_by_hand() -> None:
+    baseline, fp32 = [4.0, 6.0, 5.0], [1.0, 2.0, 3.0]
+    quantized = [2.0, 3.0, 4.0]  # keeps (15 − 9) / (15 − 6) = 2/3 of the gain
+    value, low, high = retained_gain(baseline, fp32, quantized, resamples=4000)
+    assert value == pytest.approx(100 * 2 / 3)
+    assert low <= value <= high
+    # Each resample's ratio is a mean of the same draws: the interval stays inside the range
+    # of per-simulation ratios.
+    assert low >= 100 * min(2 / 3, 3 / 4, 1 / 2) - 1e-9 and high <= 100 * 3 / 4 + 1e-9
+    assert retained_gain(baseline, fp32, fp32)[0] == pytest.approx(100.0)
+    assert retained_gain(baseline, fp32, baseline)[0] == pytest.approx(0.0)
+    worse = retained_gain(baseline, fp32, [5.0, 7.0, 6.0])[0]
+    assert worse == pytest.approx(-100 * 3 / 9)
+    assert all(math.isnan(v) for v in retained_gain(fp32, baseline, fp32))  # no gain to keep
+
+
+def test_run_gains_pairs_simulations_by_name() -> None:
+    baseline = {"a": {"pressure_error_pct": 4.0}, "b": {"pressure_error_pct": 6.0}}
+    fp32 = {"b": {"pressure_error_pct": 2.0}, "a": {"pressure_error_pct": 1.0}}
+    quantized = {"a": {"pressure_error_pct": 2.0}, "b": {"pressure_error_pct": 4.0}}
+    gains = run_gains(baseline, fp32, quantized)
+    assert gains["retained_gain_pressure_pct"] == pytest.approx(100 * 4 / 7)
+    assert "retained_gain_flowrate_pct" not in gains
