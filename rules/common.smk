@@ -4,8 +4,15 @@ import json
 from snakemake.utils import validate
 
 from sciquant.errors import SciquantError
+from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.quant.targets import TARGETS
-from sciquant.study import QUANTIZATION_METHODS, Run, Study, schema_errors
+from sciquant.study import (
+    CALIBRATED_METHODS,
+    QUANTIZATION_METHODS,
+    Run,
+    Study,
+    schema_errors,
+)
 
 try:
     validate(config, schema="../workflow/schemas/config.schema.yaml")
@@ -152,14 +159,15 @@ def get_recommendation_argument(wildcards, input):
 
 
 def get_run_artifacts(wildcards):
-    """The run's checkpoint (FP32 or quantized.pt), plus model.onnx for ONNX Runtime runs."""
+    """The run's checkpoint (FP32, or quantized.pt of a calibrated method), plus model.onnx
+    for ONNX Runtime runs (a dynamic method's only artifact)."""
     run = run_of(wildcards)
     training = f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32"
     artifacts = {
         "checkpoint": (
-            f"{training}/checkpoint.pt"
-            if run.method == "none"
-            else f"{run.folder}/quantized.pt"
+            f"{run.folder}/quantized.pt"
+            if run.method in CALIBRATED_METHODS
+            else f"{training}/checkpoint.pt"
         )
     }
     if study.plan(run).runtime in ("onnxruntime", "tensorrt"):

@@ -1,5 +1,6 @@
 # Quantization: one job per run of the sweep (PTQ calibration or QAT fine-tuning), then the ONNX
-# QDQ export for runs whose target runs them natively on ONNX Runtime.
+# QDQ export for runs whose target runs them natively on ONNX Runtime; dynamic quantization
+# (ptq-dynamic) writes its ONNX model directly from the FP32 checkpoint.
 
 
 rule sensitivity:
@@ -64,7 +65,7 @@ rule quantize:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
     wildcard_constraints:
         model=alternatives(models_of("torch")),
-        method=alternatives(QUANTIZATION_METHODS),
+        method=alternatives(CALIBRATED_METHODS),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]
@@ -94,7 +95,7 @@ rule export_onnx:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/export.log",
     wildcard_constraints:
         model=alternatives(models_of("torch")),
-        method=alternatives(QUANTIZATION_METHODS),
+        method=alternatives(CALIBRATED_METHODS),
     conda:
         "../envs/torch.yaml"
     resources:
@@ -104,6 +105,37 @@ rule export_onnx:
     shell:
         "sciquant export --checkpoint {input.quantized}"
         " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"
+
+
+# Dynamic quantization (ptq-dynamic, ONNX Runtime): no calibration; the FP32 model's ONNX export,
+# its Linear weights quantized to int8, activations quantized per batch at run time.
+rule quantize_dynamic:
+    input:
+        checkpoint="results/{dataset}/{model}/seed{seed}/fp32/checkpoint.pt",
+        index="results/{dataset}/prepared/index.json",
+    output:
+        "results/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/model.onnx",
+    log:
+        "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.log",
+    benchmark:
+        "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
+    wildcard_constraints:
+        model=alternatives(models_of("torch")),
+        method=alternatives(tuple(DYNAMIC_METHODS)),
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        **node_resources("cpu"),
+        mem_mb=scaled("mem_mb", 2000, node="cpu"),
+        runtime=scaled("runtime", 10, node="cpu"),
+    params:
+        folder=subpath(output[0], parent=True),
+    shell:
+        "sciquant quantize --checkpoint {input.checkpoint}"
+        " --prepared results/{wildcards.dataset}/prepared --target {wildcards.target}"
+        " --method {wildcards.method} --precision {wildcards.precision}"
+        " --threads {threads} --out {params.folder} > {log} 2>&1"
 
 
 rule export_fp32_onnx:

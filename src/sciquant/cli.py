@@ -123,14 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
 
     quantize = commands.add_parser(
-        "quantize", help="PTQ or QAT of a trained model for a target, method and precision"
+        "quantize",
+        help="PTQ or QAT of a trained model for a target, method and precision "
+        "(ptq-dynamic: writes the dynamically quantized model.onnx, no calibration)",
     )
     quantize.add_argument(
         "--checkpoint", type=Path, required=True, help="FP32 checkpoint.pt or model.keras"
     )
     quantize.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     quantize.add_argument("--target", required=True, help="hardware target (e.g. cpu-x86)")
-    quantize.add_argument("--method", required=True, help="e.g. ptq-mse, qat-lsq")
+    quantize.add_argument("--method", required=True, help="e.g. ptq-mse, qat-lsq, ptq-dynamic")
     quantize.add_argument("--precision", required=True, help="wXaY, e.g. w8a8")
     _add_settings(quantize, '{"quantize": the config\'s quantize section, "model": the model\'s}')
     quantize.add_argument("--seed", type=int, default=0, help="seed of QAT fine-tuning")
@@ -334,6 +336,10 @@ def run(args: argparse.Namespace) -> None:
             batch_size=args.settings.get("model", {}).get("train", {}).get("batch_size", 128),
             seed=args.seed, threads=args.threads,
         )  # fmt: skip
+    elif args.command == "quantize" and _is_dynamic_method(args.method):
+        from sciquant.quant import dynamic
+
+        dynamic.run(args.checkpoint, args.out, args.target, args.precision, threads=args.threads)
     elif args.command == "quantize":
         from sciquant.quant import bloodflow as quantize_bloodflow
 
@@ -398,6 +404,13 @@ def run(args: argparse.Namespace) -> None:
 
         measure = cube.bench_aggregate if args.what == "aggregate" else html.bench_report
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
+
+
+def _is_dynamic_method(method: str) -> bool:
+    """Whether `method` quantizes activations at run time (no calibration, an ONNX model)."""
+    from sciquant.quant.observers import DYNAMIC_METHODS
+
+    return method in DYNAMIC_METHODS
 
 
 def _is_keras_artifact(path: Path) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from sciquant.errors import SciquantError
+from sciquant.quant.observers import DYNAMIC_METHODS, METHODS
 from sciquant.quant.targets import Plan, get_target
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -30,9 +31,10 @@ MIXED = "mixed"
 #: Smallest pixel-map side the ICNNMD network takes (`sciquant.models.icnnmd.MIN_GRID`, not
 #: imported here: Keras takes seconds to import, and dry runs read this module).
 ICNNMD_MIN_GRID = 10
-QUANTIZATION_METHODS = (
-    "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
-)  # fmt: skip
+#: Every quantization method a sweep may name (`sciquant.quant.observers.METHODS`).
+QUANTIZATION_METHODS = METHODS
+#: Methods that calibrate or train a fake-quant model (quantized.pt); the rest are dynamic.
+CALIBRATED_METHODS = tuple(m for m in METHODS if m not in DYNAMIC_METHODS)
 
 
 @dataclass(frozen=True, order=True)
@@ -353,6 +355,9 @@ def _check_sweep(config: dict[str, Any]) -> None:
                             "list the ones it is for under `models`)"
                         )  # fmt: skip
                         raise SciquantError(f"{key}: {error}{hint}") from None
+        for method in entry["methods"]:
+            if method in DYNAMIC_METHODS:
+                _check_dynamic(key, method, entry, frameworks)
         integer = [p for p in entry["precisions"] if p != "fp16"]
         if "none" in entry["methods"] and integer:
             raise SciquantError(
@@ -373,6 +378,25 @@ def _check_sweep(config: dict[str, Any]) -> None:
                 target.plan(sensitivity.get(key, "w4a8"), "torch")
             except SciquantError as error:
                 raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
+
+
+def _check_dynamic(
+    key: str, method: str, entry: dict[str, Any], frameworks: dict[str, str]
+) -> None:
+    """A dynamic method runs natively on its engine or not at all: every target, precision and
+    model of the entry must be one it runs."""
+    for target in entry["targets"]:
+        for precision in entry["precisions"]:
+            for framework, model in sorted(frameworks.items()):
+                try:
+                    DYNAMIC_METHODS[method].check(method, target, precision, framework)
+                except SciquantError as error:
+                    hint = (
+                        "" if "models" in entry
+                        else f" (the entry applies to every model, {model} included; list the "
+                        "ones it is for under `models`)"
+                    )  # fmt: skip
+                    raise SciquantError(f"{key}.methods: {error}{hint}") from None
 
 
 def _check_keras_export(plan: Plan) -> None:

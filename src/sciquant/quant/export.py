@@ -283,9 +283,18 @@ def export_qdq_onnx(
     return path
 
 
-def export_fp32_onnx(model: nn.Module, path: str | Path, num_nodes_example: int = 64) -> Path:
-    """The float model as ONNX (same inputs and output as `export_qdq_onnx`)."""
-    return export_onnx(model, path, num_nodes_example=num_nodes_example)
+def export_fp32_onnx(
+    model: nn.Module,
+    path: str | Path,
+    num_nodes_example: int = 64,
+    concat_trick: bool | None = None,
+) -> Path:
+    """The float model as ONNX (same inputs and output as `export_qdq_onnx`).
+
+    concat_trick: False gives one Gemm per Linear on its concatenated input, the graph that
+    ONNX-side quantizers (`sciquant.quant.dynamic`) see layer by layer; None keeps the model's.
+    """
+    return export_onnx(model, path, num_nodes_example=num_nodes_example, concat_trick=concat_trick)
 
 
 def weight_initializers(path: str | Path) -> dict[str, np.ndarray]:

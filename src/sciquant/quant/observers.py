@@ -35,16 +35,20 @@ Observers: `MinMaxObserver` (exact running min/max), `PercentileObserver` and `M
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from sciquant.errors import SciquantError
 from sciquant.quant.spec import Granularity, PerChannel, PerTensor, QuantSpec, fake_quantize
+from sciquant.quant.targets import TARGETS, get_target
 
 __all__ = [
+    "DYNAMIC_METHODS",
+    "METHODS",
     "METHOD_OBSERVERS",
     "MODES",
+    "DynamicMethod",
     "OBSERVERS",
     "check_lsq_specs",
     "EntropyObserver",
@@ -76,6 +80,58 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "qat-ste": ("minmax", "minmax"),
     "qat-lsq": ("minmax", "minmax"),
 }
+
+
+@dataclass(frozen=True)
+class DynamicMethod:
+    """A method with no calibration: an engine's kernels take each batch's activation range at
+    run time. It exists only where such kernels run: target backends and precisions."""
+
+    description: str
+    backends: frozenset[str]
+    precisions: frozenset[str]
+    frameworks: frozenset[str] = frozenset({"torch"})
+
+    def targets(self) -> list[str]:
+        """The targets it runs on (those with one of its backends)."""
+        return sorted(name for name, target in TARGETS.items() if target.backend in self.backends)
+
+    def check(self, method: str, target: str, precision: str, framework: str) -> None:
+        """SciquantError unless the method runs natively for (target, precision, framework)."""
+        if framework not in self.frameworks:
+            raise SciquantError(
+                f"method {method} ({self.description}) takes "
+                f"{' and '.join(sorted(self.frameworks))} models only, not a {framework} model"
+            )
+        plan = get_target(target).plan(precision, framework)
+        if plan.target.backend not in self.backends or str(plan.precision) not in self.precisions:
+            raise SciquantError(
+                f"method {method} ({self.description}) runs natively only on target "
+                f"{', '.join(self.targets())} at precision {', '.join(sorted(self.precisions))}, "
+                f"not on {target!r} at {precision}: there is nothing to simulate it with; use a "
+                f"calibrated method (ptq-minmax, ...) there"
+            )
+
+
+#: Methods whose activation ranges come from each batch at run time (no observers, no
+#: calibration data): `ptq-dynamic` is ONNX Runtime's dynamic INT8 (`sciquant.quant.dynamic`),
+#: the seed study's PyTorch `quantize_dynamic` on a maintained engine.
+DYNAMIC_METHODS: dict[str, DynamicMethod] = {
+    "ptq-dynamic": DynamicMethod(
+        description="ONNX Runtime dynamic INT8",
+        backends=frozenset({"onnxruntime"}),
+        precisions=frozenset({"w8a8"}),
+    ),
+}
+
+#: Every quantization method of a sweep, in display order: post-training (calibrated, then
+#: dynamic), then quantization-aware training. The schema's enum, the cube's order and the
+#: workflow's wildcards list these (a test checks that they agree).
+METHODS: tuple[str, ...] = (
+    *(m for m in METHOD_OBSERVERS if m.startswith("ptq-")),
+    *DYNAMIC_METHODS,
+    *(m for m in METHOD_OBSERVERS if not m.startswith("ptq-")),
+)
 
 
 def check_lsq_specs(*specs: QuantSpec) -> None:

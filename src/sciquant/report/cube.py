@@ -31,7 +31,8 @@ COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 #: Display and sort order of known labels; unknown labels follow, alphabetically.
 TARGET_ORDER = ("reference", "trt-v100", "trt-rtx3090", "cpu-x86", "litert-cpu", "npu-pow2")
 METHOD_ORDER = (
-    "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "qat-ste", "qat-lsq",
+    "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-dynamic", "qat-ste",
+    "qat-lsq",
 )  # fmt: skip
 
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
