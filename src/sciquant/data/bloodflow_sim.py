@@ -4,7 +4,11 @@ The embedded data source of the bloodflow study: it writes the VMR / PhysicsNeMo
 raw layout (`vtps/<name>.vtp` + `vtps/dataset_info.json`), so the real-data ingestion reads it
 unchanged.
 
-Model, in CGS units (cm, s, g; pressure dyn/cm², flowrate cm³/s):
+Physics: by default (`SimulationParams.model = "nonlinear"`) the nonlinear 1D equations of
+`sciquant.data.bloodflow_1d` (tube law, total-pressure junctions, Young–Tsai stenoses, hidden
+per-simulation μ, α, p0 and stiffness), started on and calibrated with the linear circuit below;
+with `model = "linear"` the linear circuit itself. Linear model, in CGS units (cm, s, g; pressure
+dyn/cm², flowrate cm³/s):
 
 - A tree of straight-ish vessels (branches) of constant radius; every vessel is a chain of 1D
   segments with resistance R = 8μh/(πr⁴), inductance L = ρh/(πr²) and compliance
@@ -57,6 +61,13 @@ import scipy.sparse.linalg as spla
 from scipy.optimize import brentq
 from tqdm import tqdm
 
+from sciquant.data.bloodflow_1d import (
+    Physics1D,
+    Solution1D,
+    Stenosis,
+    simulate_nonlinear,
+    stable_time_step,
+)
 from sciquant.data.network import (
     BLOOD_DENSITY,
     BLOOD_VISCOSITY,
@@ -143,10 +154,11 @@ class SimulationParams:
         "max(1, round(h/spacing)) pieces, fields linearly interpolated) so ingestion can subsample "
         "(~6 % kept). Storage grows as 1/spacing.",
     )
-    viscosity: float = _param(
-        BLOOD_VISCOSITY,
+    viscosity_range: tuple[float, float] = _param(
+        (0.025, 0.06),
         "P = g/(cm·s)",
-        "Dynamic viscosity μ of blood (Newtonian; sets R = 8μh/(πr⁴)); typical 0.03–0.05.",
+        "Dynamic viscosity μ of blood (Newtonian), drawn per simulation; sets the friction "
+        "K_R = 2πν α/(α−1) (linear model: R = 8μh/(πr⁴)). Typical 0.03–0.05.",
     )
     density: float = _param(
         BLOOD_DENSITY,
@@ -169,7 +181,7 @@ class SimulationParams:
         "k3 of the wall stiffness Eh/r0 = k1·exp(k2·r0) + k3; > 0.",
     )
     stiffness_scale_range: tuple[float, float] = _param(
-        (0.8, 1.25),
+        (0.4, 2.5),
         "1",
         "Per-simulation factor on k1 and k3 (stiffer or softer arteries: wave speed ∝ √factor).",
     )
@@ -231,8 +243,50 @@ class SimulationParams:
         "Relative random perturbation of each outlet's mean flow share (∝ r^γ) before the "
         "Windkessel resistances are derived from it; 0 ≤ value < 1.",
     )
+    model: str = _param(
+        "nonlinear",
+        "-",
+        "Physics of the simulations: 'nonlinear' (1D equations in area and flowrate, Olufsen tube "
+        "law, total-pressure junctions, Young–Tsai stenoses; sciquant.data.bloodflow_1d) or "
+        "'linear' (the lumped RLC circuit, BDF2; no stenoses).",
+    )
+    velocity_profile_range: tuple[float, float] = _param(
+        (1.05, 4.0 / 3.0),
+        "1",
+        "Velocity-profile coefficient α of the nonlinear model, drawn per simulation; 1 < min ≤ "
+        "max ≤ 2. 4/3 = Poiseuille (friction 8πν), ≈ 1.1 = blunt profile (friction 22πν).",
+    )
+    reference_pressure_range_mmhg: tuple[float, float] = _param(
+        (0.0, 60.0),
+        "mmHg",
+        "Reference pressure p0 of the tube law (where A equals the written area A0), drawn per "
+        "simulation; 0 ≤ min ≤ max ≤ 200.",
+    )
+    stenosis_probability: float = _param(
+        0.7,
+        "1",
+        "Share of trees (nonlinear model) with one Young–Tsai stenosis in a vessel long enough to "
+        "hold it with ≥ 1 segment on each side; 0–1.",
+    )
+    stenosis_area_reduction_range: tuple[float, float] = _param(
+        (0.5, 0.85),
+        "1",
+        "Area reduction 1 − A_s/A0 at the stenosis throat, drawn per stenosis; 0 < min ≤ max < 1.",
+    )
+    stenosis_length_range: tuple[float, float] = _param(
+        (2.0, 3.5),
+        "cm",
+        "Length L_s of a stenosis (cosine-shaped narrowing in the written area), drawn per "
+        "stenosis; long enough for the prepared graph (one node every ≈ 1.7 cm) to resolve it.",
+    )
+    cfl: float = _param(
+        0.8,
+        "1",
+        "Courant number of the explicit nonlinear scheme: dt ≤ cfl·h/(|u| + c) on every "
+        "segment (dt also divides dt_store); 0 < cfl ≤ 1.",
+    )
     n_cycles: int = _param(
-        3,
+        4,
         "1",
         "Cardiac cycles integrated; the last is stored, the last two give the periodicity "
         "error. ≥ 2.",
@@ -245,7 +299,8 @@ class SimulationParams:
     substeps: int = _param(
         5,
         "1",
-        "Integrator steps per stored step (integration dt = dt_store / substeps); ≥ 1.",
+        "Linear model only: integrator steps per stored step (dt = dt_store / substeps); ≥ 1. The "
+        "nonlinear model's dt follows from `cfl`.",
     )
 
     def __post_init__(self) -> None:
@@ -326,7 +381,7 @@ def _validate_params(p: SimulationParams) -> None:
     _check_scalar(p, "curvature_angle_max_deg", 0.0, 90.0)
     _check_scalar(p, "segment_length", 0.0, 10.0, low_open=True)
     _check_scalar(p, "output_spacing", 0.0, 10.0, low_open=True)
-    _check_scalar(p, "viscosity", 0.0, low_open=True)
+    _check_range(p, "viscosity_range", 0.0, 10.0, low_open=True)
     _check_scalar(p, "density", 0.0, low_open=True)
     _check_scalar(p, "stiffness_k1", 0.0)
     _check_scalar(p, "stiffness_k2", -math.inf, 0.0)
@@ -352,6 +407,14 @@ def _validate_params(p: SimulationParams) -> None:
     _check_scalar(p, "outlet_flow_jitter", 0.0, 0.99)
     _check_scalar(p, "n_cycles", 2, 1000, integer=True)
     _check_scalar(p, "substeps", 1, 10000, integer=True)
+    if p.model not in ("nonlinear", "linear"):
+        raise _fail("model", f"expected 'nonlinear' or 'linear', got {p.model!r}")
+    _check_range(p, "velocity_profile_range", 1.0, 2.0, low_open=True)
+    _check_range(p, "reference_pressure_range_mmhg", 0.0, 200.0)
+    _check_scalar(p, "stenosis_probability", 0.0, 1.0)
+    _check_range(p, "stenosis_area_reduction_range", 0.0, 1.0, low_open=True, high_open=True)
+    _check_range(p, "stenosis_length_range", 0.0, 100.0, low_open=True)
+    _check_scalar(p, "cfl", 0.0, 1.0, low_open=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1158,30 +1221,122 @@ def calibrate_boundary_conditions(
 
 @dataclass(frozen=True, eq=False)
 class SimulatedCase:
-    """Everything about one synthetic simulation: geometry, circuit, boundary conditions, result."""
+    """Everything about one synthetic simulation: geometry, circuit, boundary conditions, result.
+
+    `physics`: the nonlinear model's constants (None for the linear model); `stenosis`: the tree's
+    Young–Tsai stenosis, if any; `result`: SimulationResult (linear) or Solution1D (nonlinear).
+    """
 
     tree: VascularTree
     network: Network1D
     windkessels: tuple[Windkessel, ...]
     inflow: InflowWaveform
-    result: SimulationResult
+    result: SimulationResult | Solution1D
+    physics: Physics1D | None = None
+    stenosis: Stenosis | None = None
+
+
+def draw_stenosis(
+    rng: np.random.Generator, network: Network1D, params: SimulationParams
+) -> Stenosis | None:
+    """With probability `params.stenosis_probability`, a stenosis in a vessel that holds it.
+
+    A vessel holds a stenosis of length L_s (cm) if L_s plus one segment on each side fits in it;
+    the stenosis starts ≥ one segment from either end.
+    """
+    if rng.uniform() >= params.stenosis_probability:
+        return None
+    length = rng.uniform(*params.stenosis_length_range)
+    reduction = rng.uniform(*params.stenosis_area_reduction_range)
+    candidates = []
+    for v, arc in enumerate(network.vessel_arc):
+        h = arc[-1] / (len(arc) - 1)
+        if arc[-1] - 2.0 * h >= length + 0.5 * h:
+            candidates.append((v, h, arc[-1]))
+    if not candidates:
+        return None
+    v, h, total = candidates[int(rng.integers(len(candidates)))]
+    start = rng.uniform(h, total - h - length)
+    return Stenosis(vessel=v, start=float(start), length=float(length), area_ratio=1.0 - reduction)
+
+
+def _draw_physics(rng: np.random.Generator, params: SimulationParams) -> Physics1D:
+    """The hidden per-simulation constants (μ, α, p0, stiffness scale)."""
+    scale = rng.uniform(*params.stiffness_scale_range)
+    return Physics1D(
+        viscosity=float(rng.uniform(*params.viscosity_range)),
+        density=params.density,
+        alpha=float(rng.uniform(*params.velocity_profile_range)),
+        reference_pressure=float(rng.uniform(*params.reference_pressure_range_mmhg) * MMHG),
+        stiffness=(params.stiffness_k1 * scale, params.stiffness_k2, params.stiffness_k3 * scale),
+    )
+
+
+def _harmonic_initial(
+    network: Network1D, windkessels: Sequence[Windkessel], inflow: InflowWaveform
+) -> Callable[[float], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """t (s) → (point pressures, segment flowrates, capacitor pressures) of the linear periodic
+    solution."""
+    x_mean, amplitudes = _harmonic_states(_system(network, windkessels), inflow)
+    n_p, n_e = network.n_points, network.n_segments
+
+    def state(t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = _evaluate_harmonics(x_mean, amplitudes, inflow.period, np.array([t]))[0]
+        return x[:n_p], x[n_p : n_p + n_e], x[n_p + n_e :]
+
+    return state
+
+
+def run_nonlinear(
+    network: Network1D,
+    windkessels: Sequence[Windkessel],
+    inflow: InflowWaveform,
+    physics: Physics1D,
+    params: SimulationParams = SimulationParams(),
+    stenosis: Stenosis | None = None,
+) -> Solution1D:
+    """The nonlinear 1D run started on the linear periodic solution, dt from the CFL condition."""
+    initial = _harmonic_initial(network, windkessels, inflow)
+    samples = periodic_state(
+        network, windkessels, inflow, np.linspace(0.0, inflow.period, 64, endpoint=False)
+    )
+    n_p, n_e = network.n_points, network.n_segments
+    peak_velocity = float(
+        np.max(np.abs(samples[:, n_p : n_p + n_e]) / network.area[network.segments[:, 1]])
+    )
+    lowest = min(0.0, float(samples[:, :n_p].min()))
+    dt = stable_time_step(
+        network, physics, 1.5 * peak_velocity, params.dt_store, params.cfl, (lowest, 0.0)
+    )
+    return simulate_nonlinear(
+        network,
+        windkessels,
+        inflow,
+        inflow.period,
+        physics,
+        initial=initial,
+        dt=dt,
+        dt_store=params.dt_store,
+        n_cycles=params.n_cycles,
+        stenosis=stenosis,
+    )
 
 
 def run_case(seed: int, index: int, params: SimulationParams = SimulationParams()) -> SimulatedCase:
-    """Simulation `index` of data set `seed`; its generator is seeded from (seed, index) only."""
+    """Simulation `index` of data set `seed`; its generator is seeded from (seed, index) only.
+
+    Boundary conditions are calibrated on the linear circuit with the simulation's own μ and
+    stiffness; the nonlinear run then departs from the targets through its physics.
+    """
     rng = np.random.default_rng([seed, index])
     tree = build_tree(rng, params)
-    stiffness_scale = rng.uniform(*params.stiffness_scale_range)
+    physics = _draw_physics(rng, params)
     network = discretize(
         tree,
         segment_length=params.segment_length,
-        viscosity=params.viscosity,
+        viscosity=physics.viscosity,
         density=params.density,
-        stiffness=(
-            params.stiffness_k1 * stiffness_scale,
-            params.stiffness_k2,
-            params.stiffness_k3 * stiffness_scale,
-        ),
+        stiffness=physics.stiffness,
     )
     # Rounded so the file's T has no binary noise (0.83, not 0.8300000000000001).
     period = round(
@@ -1189,6 +1344,10 @@ def run_case(seed: int, index: int, params: SimulationParams = SimulationParams(
     )
     inflow = make_inflow(rng, period, tree.vessels[0].radius, params)
     windkessels, inflow = calibrate_boundary_conditions(rng, network, inflow, params)
+    if params.model == "nonlinear":
+        stenosis = draw_stenosis(rng, network, params)
+        result = run_nonlinear(network, windkessels, inflow, physics, params, stenosis)
+        return SimulatedCase(tree, network, windkessels, inflow, result, physics, stenosis)
     # Start on the exact periodic solution so the integrated cycles are periodic from the start.
     initial = periodic_state(network, windkessels, inflow, np.zeros(1))[0]
     result = simulate(
@@ -1268,6 +1427,12 @@ def centerline_output(
         polyline = np.asarray(vessel.points, dtype=np.float64)
         positions = _along(polyline, _arc_length(polyline), np.linspace(0, arc[-1], n * pieces + 1))
         cross_section = math.pi * vessel.radius**2
+        if case.stenosis is not None and case.stenosis.vessel == v:
+            written_area = case.stenosis.area(
+                np.linspace(0, arc[-1], n * pieces + 1), cross_section
+            )
+        else:
+            written_area = np.full(n * pieces + 1, cross_section)
         ends_in_junction = bool(children[v])
         first = 0 if vessel.parent < 0 else 1
         last = n * pieces - 1 if ends_in_junction else n * pieces
@@ -1285,7 +1450,7 @@ def centerline_output(
                     if flow_index[k] == flow_index[k + 1]
                     else [(flow_index[k], 1.0 - t), (flow_index[k + 1], t)]
                 )
-            row = emit(positions[j], cross_section, v, -1, pressure, flow)
+            row = emit(positions[j], float(written_area[j]), v, -1, pressure, flow)
             if r == 0:
                 written[nodes[k]] = row
             if previous is not None:
