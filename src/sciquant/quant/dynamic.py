@@ -144,8 +144,13 @@ def quantize_dynamic_onnx(
     linears = gemm_to_matmul(proto)
     onnx.checker.check_model(proto, full_check=True)
     # ORT's advice to run its pre-processing concerns shape inference of CNNs, not these graphs.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(proto, out, per_channel=per_channel, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(proto, out, per_channel=per_channel, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     quantized = onnx.load(str(out))
     integer = sum(node.op_type == "MatMulInteger" for node in quantized.graph.node)
     if integer != linears:
