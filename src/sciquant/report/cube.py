@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ import xarray as xr
 
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
+from sciquant.report.gain import BASELINE as GAIN_BASELINE
+from sciquant.report.gain import FP32_RUN, run_gains
 
 COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 
@@ -38,7 +40,7 @@ METHOD_ORDER = (
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
 UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
 UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
-CACHE_VERSION = 2  # raise when RunRecord or read_metrics changes, so old caches are not reused
+CACHE_VERSION = 3  # raise when RunRecord or read_metrics changes, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class RunRecord:
     # Named scores of something that is not a run (e.g. the blood-flow `lumped_model`, the
     # physics prior alone): {name: {metric: value}}; the same for every run of a dataset.
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per test simulation {simulation: {metric: value}}: the run's own (`per_simulation`) and
+    # the baselines' ({name: ...}); what the retained gain's paired bootstrap needs.
+    per_simulation: dict[str, dict[str, float]] = field(default_factory=dict)
+    baseline_per_simulation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def precision_bits(precision: str) -> tuple[int, int]:
@@ -120,7 +126,28 @@ def read_metrics(path: Path) -> RunRecord:
         config_hash=payload.get("config_hash"),
         provenance=payload.get("provenance") or {},
         baselines=_baselines(payload.get("baselines")),
+        per_simulation=_per_simulation(payload.get("metrics", {}).get("per_simulation")),
+        baseline_per_simulation={
+            str(name): _per_simulation(values.get("per_simulation"))
+            for name, values in (payload.get("baselines") or {}).items()
+            if isinstance(values, dict) and values.get("per_simulation")
+        },
     )
+
+
+def _per_simulation(section: Any) -> dict[str, dict[str, float]]:
+    """A `per_simulation` table {simulation: {metric: value}}: numeric values only."""
+    if not isinstance(section, dict):
+        return {}
+    return {
+        str(name): {
+            str(k): float(v)
+            for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for name, values in section.items()
+        if isinstance(values, dict)
+    }
 
 
 def _baselines(section: Any) -> dict[str, dict[str, float]]:
@@ -191,6 +218,28 @@ def read_all(metrics_files: Sequence[Path], cache: Path | None = None) -> list[R
                 f"{first.path} and {second.path}: both hold the run {run}; remove the stale one"
             )
     return records
+
+
+def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """The records with each quantized run's retained gain (`sciquant.report.gain`) added.
+
+    The FP32 network of a run is the FP32 reference run of its (dataset, model, seed); runs
+    without per-simulation errors or without that baseline are left as they are.
+    """
+    fp32 = {
+        r.coordinates[:3]: r.per_simulation
+        for r in records
+        if tuple(r.coordinates[3:]) == FP32_RUN and r.per_simulation
+    }
+    updated = []
+    for record in records:
+        network = fp32.get(record.coordinates[:3])
+        baseline = record.baseline_per_simulation.get(GAIN_BASELINE)
+        if tuple(record.coordinates[3:]) != FP32_RUN and network and baseline:
+            gains = run_gains(baseline, network, record.per_simulation)
+            record = replace(record, metrics={**record.metrics, **gains})
+        updated.append(record)
+    return updated
 
 
 def metric_names(records: Sequence[RunRecord]) -> list[str]:
@@ -300,6 +349,7 @@ def aggregate(
         raise SciquantError("no metrics.json files given; the study has no runs to aggregate")
     out_nc.parent.mkdir(parents=True, exist_ok=True)
     records = read_all(metrics_files, cache_path(out_nc) if use_cache else None)
+    records = with_retained_gain(records)
     cube = to_dataset(records, study_info)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     partial_nc = out_nc.with_name(out_nc.name + ".part")
@@ -400,9 +450,11 @@ def bench_aggregate(n_runs: int = 1000, rerun_fraction: float | None = None) -> 
 
 # Summaries over seeds: what the report's tables and figures show.
 
-SPREAD_SUFFIXES = ("_std", "_min", "_max", "_repeats")
+SPREAD_SUFFIXES = ("_std", "_min", "_max", "_repeats", "_ci_low", "_ci_high")
 COUNT_METRICS = ("simulated", "test_simulations")
-SCORE_PREFIXES = ("accuracy", "balanced_accuracy", "f1", "auc", "recall", "r2")
+SCORE_PREFIXES = (
+    "accuracy", "balanced_accuracy", "f1", "auc", "recall", "r2", "retained_gain",
+)  # fmt: skip
 TIME_PATTERN = re.compile(r"(?:^|_)(?:time|latency|ms|s)(?:_|$)")
 ERROR_PATTERN = re.compile(r"error|loss|(?:^|_)(?:mse|rmse|mae)(?:_|$)")
 PREFERRED_TIMES = ("latency_ms_median", "rollout_time_s_median")
