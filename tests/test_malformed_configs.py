@@ -36,11 +36,11 @@ def files(*entries: dict) -> dict:
 def train(**change) -> dict:
     model = copy.deepcopy(CI["models"]["meshgraphnet"])
     model["train"].update(change)
-    return {"models": {"meshgraphnet": model}}
+    return {"models": {**CI["models"], "meshgraphnet": model}}
 
 
 def model(**change) -> dict:
-    return {"models": {"meshgraphnet": {**CI["models"]["meshgraphnet"], **change}}}
+    return {"models": {**CI["models"], "meshgraphnet": {**CI["models"]["meshgraphnet"], **change}}}
 
 
 def sweep(**change) -> dict:
@@ -135,6 +135,11 @@ CASES = [
      "target trt-v100 runs on node type 'v100', which has no entry in `nodes`"),
     ("sensitivity-fp16", {"quantize": {"sensitivity": {"precision": "fp16"}}},
      "config key quantize.sensitivity.precision: 'fp16'"),
+    ("sensitivity-keras-model", {"quantize": {"sensitivity": {"models": ["nope"]}}},
+     "config key quantize.sensitivity.models: 'nope' is not a PyTorch model"),
+    ("formulation-unknown", model(formulation="graph"), "formulation"),
+    ("prior-unknown", {"datasets": {"bloodflow": {"prepare": {"prior": "exact"}}}},
+     "prior"),
     # md datasets, Keras models and sweeps across frameworks
     ("md-keras-onnx-target", md(sweeps=[{"targets": ["cpu-x86"], "methods": ["ptq-minmax"],
                                          "precisions": ["w8a8"]}]),

@@ -57,7 +57,8 @@ def test_snakefmt_check_passes() -> None:
 def test_configfile_replaces_default_study(tmp_path: Path) -> None:
     config = yaml.safe_load(CI_CONFIG.read_text())
     config["datasets"] = {"vessels": config["datasets"]["bloodflow"]}
-    config["models"]["meshgraphnet"]["datasets"] = ["vessels"]
+    for model in config["models"].values():
+        model["datasets"] = ["vessels"]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     result = snakemake("-n", "--configfile", str(path), "--directory", str(tmp_path))
@@ -111,6 +112,8 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize(("change", "message"), BAD_CONFIGS)
 def test_bad_config_fails_dry_run_naming_key(tmp_path: Path, change: dict, message: str) -> None:
     config = yaml.safe_load(CI_CONFIG.read_text())
+    if "models" in change:  # the ci study's sweeps name models these changes replace
+        config.pop("quantize", None)
     config.update(change)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -159,6 +162,19 @@ def test_ci_study_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "results/bloodflow/overview.png").stat().st_size > 10_000
     manifest = json.loads((tmp_path / "resources/bloodflow/raw/manifest.json").read_text())
     assert any(f["path"].endswith("dataset_info.json") for f in manifest["files"])
+    # The no-network baselines beside the run, per test simulation.
+    for baseline in ("lumped_model", "calibrated_model"):
+        values = metrics["baselines"][baseline]
+        assert set(values["per_simulation"]) == set(metrics["metrics"]["per_simulation"])
+    # The reference formulation, switched in the config, trains and evaluates too; the seed's
+    # dynamic INT8 runs on it on ONNX Runtime.
+    reference = tmp_path / "results/bloodflow/meshgraphnet_reference/seed0"
+    for run_dir in ("reference/none/fp32", "cpu-x86/ptq-dynamic/w8a8"):
+        payload = json.loads((reference / run_dir / "metrics.json").read_text())
+        assert payload["metrics"]["flowrate_error_pct"] > 0, run_dir
+    # The quantized run of the residual model gets its retained gain in the cube.
+    table = (tmp_path / "results/summary/metrics.csv").read_text().splitlines()
+    assert "retained_gain_pressure_pct" in table[0]
     # Nothing to do on a second run.
     again = snakemake("-n", "--configfile", str(CI_CONFIG), "--directory", str(tmp_path))
     assert "Nothing to be done" in again.stdout + again.stderr

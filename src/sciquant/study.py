@@ -147,8 +147,11 @@ class Study:
         return runs
 
     def has_sensitivity(self, model: str) -> bool:
-        """Whether the model gets a sensitivity analysis (asked for, and a PyTorch model)."""
-        return bool(self.sensitivity()) and self.framework(model) == "torch"
+        """Whether the model gets a sensitivity analysis (asked for, for it, a PyTorch model)."""
+        sensitivity = self.sensitivity()
+        if not sensitivity or self.framework(model) != "torch":
+            return False
+        return model in sensitivity.get("models", [model])
 
     def sensitivity(self) -> dict[str, Any] | None:
         """The sensitivity analysis settings (defaults filled), or None when not asked for."""
@@ -372,6 +375,17 @@ def _check_sweep(config: dict[str, Any]) -> None:
             )
     sensitivity = config.get("quantize", {}).get("sensitivity")
     if sensitivity:
+        for model in sensitivity.get("models", []):
+            if config.get("models", {}).get(model, {}).get("architecture") != "meshgraphnet":
+                raise SciquantError(
+                    f"config key quantize.sensitivity.models: {model!r} is not a PyTorch model "
+                    f"of `models` (meshgraphnet); analysable: "
+                    + ", ".join(
+                        name
+                        for name, m in config.get("models", {}).items()
+                        if m.get("architecture") == "meshgraphnet"
+                    )
+                )
         target = get_target(sensitivity.get("target", "reference"))
         for key in ("precision", "fallback"):
             try:

@@ -55,7 +55,6 @@ inflow's waveform. The statistics of `pressure`, `flowrate` and their increments
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import defaultdict, deque
