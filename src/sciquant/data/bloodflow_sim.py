@@ -32,10 +32,11 @@ output is finer, `SimulationParams.output_spacing`) hold pressure and flowrate i
 along their vessel.
 
 Written files, per simulation `<name>`: `vtps/<name>.vtp` (points in cm, 2-point line cells, point
-0 the inlet, outlets the other degree-1 points; point data `area` (cm²), `BranchIdTmp` (vessel id,
--1 on junction points), `BifurcationId` (junction id, -1 elsewhere), `pressure_<k>` (dyn/cm²) and
-`flow_<k>` (cm³/s), float32, k = 0..K−1 every `dt_store` over the last simulated cycle), and its
-entry in `vtps/dataset_info.json`: `dt`, `T`, `time_shift` (start time of the stored cycle),
+0 the inlet, outlets the other degree-1 points; point data `area` (cm²; for the nonlinear model
+the cycle-mean lumen area, A0 distended by the tube law, as an image shows it), `BranchIdTmp`
+(vessel id, -1 on junction points), `BifurcationId` (junction id, -1 elsewhere), `pressure_<k>`
+(dyn/cm²) and `flow_<k>` (cm³/s), float32, k = 0..K−1 every `dt_store` over the last simulated
+cycle), and its entry in `vtps/dataset_info.json`: `dt`, `T`, `time_shift` (start time of the stored cycle),
 `bc_type` ("RCR"), `R1` (Rp), `C`, `R2` (Rd) and `outlets` (point ids, ascending; the lists share
 that order), `periodicity_error`.
 
@@ -1363,6 +1364,31 @@ def run_case(seed: int, index: int, params: SimulationParams = SimulationParams(
     return SimulatedCase(tree, network, windkessels, inflow, result)
 
 
+def _dilation(case: SimulatedCase, nodes: np.ndarray, pieces: int) -> np.ndarray:
+    """Cycle-mean lumen area over reference area A0 along one vessel's written points.
+
+    The nonlinear model's vessels distend under pressure (tube law): the written `area` is the
+    lumen an image of the vessel shows, its cycle mean, not the unloaded A0 — the same for real
+    data, whose centerline areas come from segmented images. The ratio is taken at the vessel's
+    simulation points (at a junction end: the point before it) and interpolated linearly
+    between them. 1 everywhere for the linear model, whose areas do not change.
+    """
+    if not isinstance(case.result, Solution1D):
+        return np.ones((len(nodes) - 1) * pieces + 1)
+    mean_area = case.result.area[:, nodes].mean(axis=0)
+    reference = case.network.area[nodes]
+    valid = mean_area > 0  # junction points hold no area
+    if not valid.any():
+        return np.ones((len(nodes) - 1) * pieces + 1)
+    abscissa = np.arange(len(nodes)) * pieces
+    # np.interp holds the end values: a junction end takes its neighbour's ratio.
+    return np.interp(
+        np.arange((len(nodes) - 1) * pieces + 1),
+        abscissa[valid],
+        mean_area[valid] / reference[valid],
+    )
+
+
 def centerline_output(
     case: SimulatedCase, output_spacing: float = 0.1
 ) -> tuple[Centerline, np.ndarray]:
@@ -1433,6 +1459,7 @@ def centerline_output(
             )
         else:
             written_area = np.full(n * pieces + 1, cross_section)
+        written_area = written_area * _dilation(case, nodes, pieces)
         ends_in_junction = bool(children[v])
         first = 0 if vessel.parent < 0 else 1
         last = n * pieces - 1 if ends_in_junction else n * pieces
