@@ -31,14 +31,14 @@ flow(J) = Σ flow(first point of each daughter). Written points between simulati
 output is finer, `SimulationParams.output_spacing`) hold pressure and flowrate interpolated linearly
 along their vessel.
 
-Written files, per simulation `<name>`: `vtps/<name>.vtp` (points in cm, 2-point line cells, point
-0 the inlet, outlets the other degree-1 points; point data `area` (cm²; for the nonlinear model
-the cycle-mean lumen area, A0 distended by the tube law, as an image shows it), `BranchIdTmp`
-(vessel id, -1 on junction points), `BifurcationId` (junction id, -1 elsewhere), `pressure_<k>`
-(dyn/cm²) and `flow_<k>` (cm³/s), float32, k = 0..K−1 every `dt_store` over the last simulated
-cycle), and its entry in `vtps/dataset_info.json`: `dt`, `T`, `time_shift` (start time of the stored cycle),
-`bc_type` ("RCR"), `R1` (Rp), `C`, `R2` (Rd) and `outlets` (point ids, ascending; the lists share
-that order), `periodicity_error`.
+Written files, per simulation `<name>`: `vtps/<name>.vtp` (points in cm, 2-point line cells,
+point 0 the inlet, outlets the other degree-1 points; point data `area` (cm²; for the nonlinear
+model the cycle-mean lumen area, A0 distended by the tube law, as an image shows it),
+`BranchIdTmp` (vessel id, -1 on junction points), `BifurcationId` (junction id, -1 elsewhere),
+`pressure_<k>` (dyn/cm²) and `flow_<k>` (cm³/s), float32, k = 0..K−1 every `dt_store` over the
+last simulated cycle), and its entry in `vtps/dataset_info.json`: `dt`, `T`, `time_shift` (start
+time of the stored cycle), `bc_type` ("RCR"), `R1` (Rp), `C`, `R2` (Rd) and `outlets` (point
+ids, ascending; the lists share that order), `periodicity_error`.
 
 Calibration and start: outlet resistances are set so the cycle-mean inlet pressure is a drawn
 target, compliances (or, failing that, the inflow's pulsatile amplitude) so the inlet pulse
