@@ -94,3 +94,42 @@ def test_run_gains_pairs_simulations_by_name() -> None:
     gains = run_gains(baseline, fp32, quantized)
     assert gains["retained_gain_pressure_pct"] == pytest.approx(100 * 4 / 7)
     assert "retained_gain_flowrate_pct" not in gains
+
+
+def test_cube_adds_retained_gain_to_quantized_runs_only() -> None:
+    from sciquant.report.cube import RunRecord, with_retained_gain
+
+    def record(target: str, method: str, precision: str, errors: list[float]) -> RunRecord:
+        per_simulation = {f"s{i}": {"pressure_error_pct": e} for i, e in enumerate(errors)}
+        baseline = {f"s{i}": {"pressure_error_pct": 4.0} for i in range(len(errors))}
+        return RunRecord(
+            path="x", coordinates=("flow", "mgn", 0, target, method, precision),
+            simulated=False, metrics={}, study=None, config_hash=None, provenance={},
+            per_simulation=per_simulation,
+            baseline_per_simulation={"calibrated_model": baseline},
+        )  # fmt: skip
+
+    fp32 = record("reference", "none", "fp32", [1.0, 2.0])
+    quantized = record("cpu-x86", "ptq-mse", "w8a8", [2.5, 2.5])
+    updated = with_retained_gain([fp32, quantized])
+    assert "retained_gain_pressure_pct" not in updated[0].metrics
+    # (8 − 5) / (8 − 3) of the gain kept
+    assert updated[1].metrics["retained_gain_pressure_pct"] == pytest.approx(60.0)
+
+
+def test_report_says_when_the_network_has_no_gain() -> None:
+    import xarray as xr
+
+    from sciquant.report.html import no_gain_note
+
+    coords = {"seed": [0], "target": ["reference"], "method": ["none"], "precision": ["fp32"]}
+    runs = xr.Dataset(
+        {
+            "pressure_error_pct": (tuple(coords), np.full((1, 1, 1, 1), 3.0)),
+            "flowrate_error_pct": (tuple(coords), np.full((1, 1, 1, 1), 9.0)),
+        },
+        coords=coords,
+    )
+    note = no_gain_note({"pressure_error_pct": 4.0, "flowrate_error_pct": 8.0}, runs)
+    assert "does not beat" in note and "flowrate" in note and "pressure error" not in note
+    assert no_gain_note({"pressure_error_pct": 4.0}, runs) == ""

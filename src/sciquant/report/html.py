@@ -37,6 +37,7 @@ from sciquant.report.cube import (
     time_metric,
     workload_slices,
 )
+from sciquant.report.gain import BASELINE as GAIN_BASELINE
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
@@ -309,6 +310,32 @@ def baselines_note(dataset: str, runs: xr.Dataset) -> str:
         '<p class="note baseline-note">Without a network, on the same test data: '
         + "; ".join(sentences)
         + ".</p>"
+        + no_gain_note(baselines.get(GAIN_BASELINE, {}), runs)
+    )
+
+
+def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
+    """A warning for each field on which the FP32 network does not beat the gain's baseline."""
+    fields = []
+    for metric, value in baseline.items():
+        if metric not in runs or not metric.endswith("_error_pct"):
+            continue
+        try:
+            fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
+            fp32 = float(runs[metric].sel(fp32_run).mean())
+        except (KeyError, ValueError):
+            continue
+        if not math.isnan(fp32) and fp32 >= value:
+            fields.append(
+                f"{figures.metric_label(metric)}: FP32 network {format_value(fp32)}, no network "
+                f"{format_value(value)}"
+            )
+    if not fields:
+        return ""
+    return (
+        '<p class="note no-gain-note">✗ The FP32 network does not beat the calibrated prior '
+        f"without a network ({escape('; '.join(fields))}): it has no gain for quantization to "
+        "keep, and its runs' retained gain is not reported.</p>"
     )
 
 
