@@ -352,11 +352,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
                         plan = target.plan(precision, framework)
                         _check_keras_export(plan)
                     except SciquantError as error:
-                        hint = (
-                            "" if "models" in entry
-                            else f" (the entry applies to every model, {model} included; "
-                            "list the ones it is for under `models`)"
-                        )  # fmt: skip
+                        hint = _models_hint(entry, model)
                         raise SciquantError(f"{key}: {error}{hint}") from None
         for method in entry["methods"]:
             if method in DYNAMIC_METHODS:
@@ -405,12 +401,18 @@ def _check_dynamic(
                 try:
                     DYNAMIC_METHODS[method].check(method, target, precision, framework)
                 except SciquantError as error:
-                    hint = (
-                        "" if "models" in entry
-                        else f" (the entry applies to every model, {model} included; list the "
-                        "ones it is for under `models`)"
-                    )  # fmt: skip
+                    hint = _models_hint(entry, model)
                     raise SciquantError(f"{key}.methods: {error}{hint}") from None
+
+
+def _models_hint(entry: dict[str, Any], model: str) -> str:
+    """What to add to a sweep entry's error when it names no `models` (it applies to all)."""
+    if "models" in entry:
+        return ""
+    return (
+        f" (the entry applies to every model, {model} included; list the ones it is for under "
+        "`models`)"
+    )
 
 
 def _check_keras_export(plan: Plan) -> None:

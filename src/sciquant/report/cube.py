@@ -125,33 +125,19 @@ def read_metrics(path: Path) -> RunRecord:
         study=payload.get("study"),
         config_hash=payload.get("config_hash"),
         provenance=payload.get("provenance") or {},
-        baselines=_baselines(payload.get("baselines")),
-        per_simulation=_per_simulation(payload.get("metrics", {}).get("per_simulation")),
+        baselines=_numeric_table(payload.get("baselines")),
+        per_simulation=_numeric_table(payload.get("metrics", {}).get("per_simulation")),
         baseline_per_simulation={
-            str(name): _per_simulation(values.get("per_simulation"))
+            str(name): _numeric_table(values.get("per_simulation"))
             for name, values in (payload.get("baselines") or {}).items()
             if isinstance(values, dict) and values.get("per_simulation")
         },
     )
 
 
-def _per_simulation(section: Any) -> dict[str, dict[str, float]]:
-    """A `per_simulation` table {simulation: {metric: value}}: numeric values only."""
-    if not isinstance(section, dict):
-        return {}
-    return {
-        str(name): {
-            str(k): float(v)
-            for k, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        for name, values in section.items()
-        if isinstance(values, dict)
-    }
-
-
-def _baselines(section: Any) -> dict[str, dict[str, float]]:
-    """metrics.json's `baselines`: numeric values only; anything else is ignored."""
+def _numeric_table(section: Any) -> dict[str, dict[str, float]]:
+    """A two-level table {name: {metric: value}} of metrics.json (`baselines`, a
+    `per_simulation`): numeric values only; anything else is ignored."""
     if not isinstance(section, dict):
         return {}
     return {
