@@ -283,7 +283,7 @@ def deploy_table(
 
 BASELINE_NAMES = {
     "lumped_model": "the lumped tree's own response to the inflow (the physics prior, no network)",
-    "calibrated_model": "the same prior with its wall stiffness and pressure level fitted per "
+    "calibrated_model": "the same prior with its wall stiffness and viscosity fitted per "
     "simulation to the inlet's systolic and diastolic pressure (inputs known at inference; no "
     "network): the baseline of the retained gain",
 }
