@@ -52,8 +52,13 @@ CI_RULES = ["synthesize", "prepare", "overview", "train", "evaluate_fp32", "aggr
 
 
 def write_config(workdir: Path, **train) -> Path:
-    """The ci study with training on the `v100` node type (and `train` overrides)."""
+    """The ci study's residual model, FP32 only, trained on the `v100` node type (and `train`
+    overrides)."""
     config = yaml.safe_load((REPO / "workflow" / "config" / "ci.yaml").read_text())
+    # The cluster's plumbing is tested on one model's FP32 runs: `sciquant submit` has no
+    # quantization stages yet, and every extra job is minutes of Slurm polling.
+    config["models"] = {"meshgraphnet": config["models"]["meshgraphnet"]}
+    config.pop("quantize", None)
     config["models"]["meshgraphnet"]["train"].update(node="v100", **train)
     config["nodes"] = NODES
     path = workdir / "config.yaml"
