@@ -318,3 +318,25 @@ def test_every_parameter_documents_unit_and_meaning() -> None:
 
     for f in fields(bs.SimulationParams):
         assert f.metadata["unit"] and len(f.metadata["description"]) > 10, f.name
+
+
+def test_raw_files_do_not_depend_on_the_blas_thread_count(tmp_path: Path) -> None:
+    """The same seed gives bit-identical files on 1 or 2 BLAS threads (schedulers differ)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for threads in ("1", "2"):
+        out = tmp_path / threads
+        code = (
+            "from pathlib import Path; from sciquant.data.bloodflow_sim import synthesize; "
+            f"synthesize(Path({str(out)!r}), 3, 1, progress=False)"
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+        digests.append(
+            [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.*"))]
+        )
+    assert digests[0] == digests[1]

@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sciquant.data.network import (
@@ -603,7 +604,17 @@ def split_simulations(names: list[str], split: Split) -> dict[str, list[str]]:
 
 
 def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
-    """Ingest every simulation under `raw`, write samples and `index.json` into `out`."""
+    """Ingest every simulation under `raw`, write samples and `index.json` into `out`.
+
+    BLAS runs on one thread: its sums' order, hence the last bits of the priors, would
+    otherwise depend on the machine's core count.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _prepare(raw, out, settings)
+
+
+def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
+    """`prepare` itself."""
     vtps = find_vtps(raw)
     info_file = vtps / "dataset_info.json"
     try:

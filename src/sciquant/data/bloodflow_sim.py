@@ -60,6 +60,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.optimize import brentq
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sciquant.data.bloodflow_1d import (
@@ -1573,6 +1574,16 @@ def synthesize(
         raise SciquantError(f"synthesize: seed must be an integer ≥ 0, got {seed!r}")
     vtps = Path(out_dir) / "vtps"
     vtps.mkdir(parents=True, exist_ok=True)
+    # Multithreaded BLAS sums in an order that depends on the thread count: one thread keeps the
+    # raw files bit-identical on every machine and under every scheduler.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _synthesize(vtps, n_simulations, seed, params, progress)
+
+
+def _synthesize(
+    vtps: Path, n_simulations: int, seed: int, params: SimulationParams, progress: bool
+) -> list[str]:
+    """`synthesize`'s loop over the simulations."""
     info: dict[str, Any] = {}
     names = []
     for index in tqdm(
