@@ -9,7 +9,7 @@ import pytest
 
 from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET
 from sciquant.evaluate.physics import baseline_errors, physics_checks
-from sciquant.report.gain import retained_gain, run_gains
+from sciquant.report.gain import retained_gain, run_gains, significant_gain
 
 
 def y_sample() -> dict[str, np.ndarray]:
@@ -85,6 +85,10 @@ def test_retained_gain_by_hand() -> None:
     worse = retained_gain(baseline, fp32, [5.0, 7.0, 6.0])[0]
     assert worse == pytest.approx(-100 * 3 / 9)
     assert all(math.isnan(v) for v in retained_gain(fp32, baseline, fp32))  # no gain to keep
+    # A gain the test set cannot tell from zero has no share to retain either.
+    noisy = [3.0, 5.0, 3.9, 4.3]
+    assert not significant_gain([4.0] * 4, noisy)
+    assert all(math.isnan(v) for v in retained_gain([4.0] * 4, noisy, noisy))
 
 
 def test_run_gains_pairs_simulations_by_name() -> None:
@@ -113,6 +117,8 @@ def test_cube_adds_retained_gain_to_quantized_runs_only() -> None:
     quantized = record("cpu-x86", "ptq-mse", "w8a8", [2.5, 2.5])
     updated = with_retained_gain([fp32, quantized])
     assert "retained_gain_pressure_pct" not in updated[0].metrics
+    assert updated[0].metrics["network_gain_pressure_pct"] == pytest.approx(2.5)
+    assert 0 < updated[0].metrics["network_gain_pressure_pct_ci_low"] <= 2.5
     # (8 − 5) / (8 − 3) of the gain kept
     assert updated[1].metrics["retained_gain_pressure_pct"] == pytest.approx(60.0)
 
@@ -133,3 +139,6 @@ def test_report_says_when_the_network_has_no_gain() -> None:
     note = no_gain_note({"pressure_error_pct": 4.0, "flowrate_error_pct": 8.0}, runs)
     assert "does not beat" in note and "flowrate" in note and "pressure error" not in note
     assert no_gain_note({"pressure_error_pct": 4.0}, runs) == ""
+    # Better on average, but not beyond the test set's noise: flagged too.
+    runs["network_gain_pressure_pct_ci_low"] = (tuple(coords), np.full((1, 1, 1, 1), -0.1))
+    assert "pressure error" in no_gain_note({"pressure_error_pct": 4.0}, runs)

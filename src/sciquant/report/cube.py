@@ -26,7 +26,7 @@ import xarray as xr
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
-from sciquant.report.gain import FP32_RUN, run_gains
+from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 
 COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 
@@ -207,7 +207,8 @@ def read_all(metrics_files: Sequence[Path], cache: Path | None = None) -> list[R
 
 
 def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
-    """The records with each quantized run's retained gain (`sciquant.report.gain`) added.
+    """The records with each run's retained gain (`sciquant.report.gain`) added, and the FP32
+    network's own gain over the no-network baseline on its FP32 reference run.
 
     The FP32 network of a run is the FP32 reference run of its (dataset, model, seed); runs
     without per-simulation errors or without that baseline are left as they are.
@@ -221,8 +222,12 @@ def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
     for record in records:
         network = fp32.get(record.coordinates[:3])
         baseline = record.baseline_per_simulation.get(GAIN_BASELINE)
-        if tuple(record.coordinates[3:]) != FP32_RUN and network and baseline:
-            gains = run_gains(baseline, network, record.per_simulation)
+        if network and baseline:
+            gains = (
+                network_gains(baseline, network)
+                if tuple(record.coordinates[3:]) == FP32_RUN
+                else run_gains(baseline, network, record.per_simulation)
+            )
             record = replace(record, metrics={**record.metrics, **gains})
         updated.append(record)
     return updated

@@ -9,8 +9,9 @@ network and of the quantized run:
 100 % keeps all of the network's gain, 0 % is no better than no network at all, below 0 is worse
 (flagged in the report). The 95 % confidence interval is a paired bootstrap over test
 simulations: every resample draws the same simulations for the three errors, so what they share
-(a hard simulation is hard for all) cancels. Where the FP32 network has no gain (e_b ≤ e_f) the
-ratio means nothing and is not reported.
+(a hard simulation is hard for all) cancels. Where the FP32 network has no gain that the test
+set can tell from zero (`significant_gain`: one-sided 95 % paired bootstrap), the ratio means
+nothing and is not reported.
 """
 
 from __future__ import annotations
@@ -36,23 +37,66 @@ def retained_gain(
 ) -> tuple[float, float, float]:
     """(retained gain, CI low, CI high) in % from per-simulation errors, paired by position.
 
-    NaN for all three where the FP32 network has no gain over the baseline.
+    NaN for all three where the FP32 network has no significant gain over the baseline.
     """
     b, f, q = (np.asarray(v, dtype=np.float64) for v in (baseline, fp32, quantized))
     if not (len(b) == len(f) == len(q)) or len(b) == 0:
         raise ValueError("retained_gain: the three error lists must be non-empty and paired")
-    gain = float(np.mean(b - f))
-    if not gain > 0:
+    if not significant_gain(b, f, resamples, seed):
         return math.nan, math.nan, math.nan
+    gain = float(np.mean(b - f))
     value = 100 * float(np.mean(b - q)) / gain
     draws = np.random.default_rng(seed).integers(len(b), size=(resamples, len(b)))
     gains = (b - f)[draws].mean(axis=1)
     kept = (b - q)[draws].mean(axis=1)
     ratios = 100 * kept[gains > 0] / gains[gains > 0]
-    if len(ratios) == 0:
-        return value, math.nan, math.nan
     low, high = np.percentile(ratios, [2.5, 97.5])
     return value, float(low), float(high)
+
+
+def gain_lower_bound(
+    baseline: Sequence[float], fp32: Sequence[float], resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The FP32 network's mean gain over the baseline and its one-sided 95 % lower bound.
+
+    Paired bootstrap over test simulations: the bound is the 5th percentile of the resampled
+    mean gain (in the errors' units, percentage points).
+    """
+    gains = np.asarray(baseline, dtype=np.float64) - np.asarray(fp32, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(len(gains), size=(resamples, len(gains)))
+    return float(gains.mean()), float(np.percentile(gains[draws].mean(axis=1), 5.0))
+
+
+def significant_gain(
+    baseline: Sequence[float], fp32: Sequence[float], resamples: int = RESAMPLES, seed: int = 0
+) -> bool:
+    """Whether the FP32 network's gain over the baseline is > 0 with 95 % confidence.
+
+    A gain within the test set's noise has no share to retain: a ratio over it would swing
+    between large positive and negative values.
+    """
+    if len(baseline) == 0:
+        return False
+    return gain_lower_bound(baseline, fp32, resamples, seed)[1] > 0
+
+
+def network_gains(
+    baseline: Mapping[str, Mapping[str, float]], fp32: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """The FP32 network's gain per field: `network_gain_<field>_pct` (percentage points) and its
+    one-sided 95 % lower bound `network_gain_<field>_pct_ci_low`."""
+    names = sorted(set(baseline) & set(fp32))
+    metrics: dict[str, float] = {}
+    for field in FIELDS if names else ():
+        key = f"{field}_error_pct"
+        try:
+            errors = [[source[n][key] for n in names] for source in (baseline, fp32)]
+        except (KeyError, TypeError):
+            continue
+        gain, low = gain_lower_bound(*errors)
+        metrics[f"network_gain_{field}_pct"] = gain
+        metrics[f"network_gain_{field}_pct_ci_low"] = low
+    return metrics
 
 
 def run_gains(

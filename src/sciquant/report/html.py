@@ -325,7 +325,9 @@ def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
             fp32 = float(runs[metric].sel(fp32_run).mean())
         except (KeyError, ValueError):
             continue
-        if not math.isnan(fp32) and fp32 >= value:
+        bound = runs.get(metric.replace("_error_pct", "").join(("network_gain_", "_pct_ci_low")))
+        untold = bound is not None and not bool((bound.sel(fp32_run) > 0).any())
+        if not math.isnan(fp32) and (fp32 >= value or untold):
             fields.append(
                 f"{figures.metric_label(metric)}: FP32 network {format_value(fp32)}, no network "
                 f"{format_value(value)}"
@@ -334,8 +336,9 @@ def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
         return ""
     return (
         '<p class="note no-gain-note">✗ The FP32 network does not beat the calibrated prior '
-        f"without a network ({escape('; '.join(fields))}): it has no gain for quantization to "
-        "keep, and its runs' retained gain is not reported.</p>"
+        f"without a network by more than the test set's noise ({escape('; '.join(fields))}; "
+        "one-sided 95 % paired bootstrap): it has no gain for quantization to keep, and its "
+        "runs' retained gain is not reported.</p>"
     )
 
 
