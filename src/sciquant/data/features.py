@@ -21,7 +21,9 @@ flow's increment to the next step (`inlet_increment`), the state's increment fro
 previous step (`state_increment`: pressure, flow), and the lumped tree's own step under the
 imposed inflow and the state's departure from it (`linear_features`: 4).
 
-Measured on the default study (flow error, same budget): reference features 47.7 %; + inlet
+Measured on the default study's earlier, linear-circuit data (the lumped model's own physics;
+the embedded data is nonlinear 1D now, where the network does not beat the calibrated prior
+significantly — see the README), flow error, same budget: reference features 47.7 %; + inlet
 increment and per-simulation scales 43.6 % (+ area-weighted loss 34.0 %); + steady share as
 feature 16.7 %, and as per-node flow scale 12.4 %; + flow harmonics 8.8 %; + pressure drop and
 harmonics 8.2 % (pressure 4.1 → 3.7 %). Later, as the means of two seeds with the per-branch
