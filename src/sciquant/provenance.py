@@ -7,6 +7,9 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,22 +62,65 @@ def provenance(wall_time_s: float, threads: int | None = None) -> dict[str, Any]
     }
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary name beside `path` to write to; on success it replaces `path`.
+
+    The name is unique (two writers of one file, e.g. two jobs or a Snakemake job beside
+    `sciquant submit`, never share it) and keeps `path`'s suffix (some writers pick their format
+    by it). The file's data and the folder's entry are fsynced before and after the rename, so a
+    node crash leaves the old file or the new one, never an empty one that looks finished. On an
+    error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from a shared group
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform lets a folder be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> Path:
     """Write a CSV table atomically (header `columns`, one line per row)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="") as stream:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write JSON atomically (no half-written metrics.json after a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
     return path

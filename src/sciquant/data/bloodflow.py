@@ -55,7 +55,6 @@ inflow's waveform. The statistics of `pressure`, `flowrate` and their increments
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
@@ -80,7 +79,7 @@ from sciquant.data.network import (
 )
 from sciquant.data.vtp import Centerline, read_centerline
 from sciquant.errors import SciquantError
-from sciquant.provenance import write_json
+from sciquant.provenance import atomic_path, write_json
 
 # 2: statistics of the per-simulation scaled pressure and flow; 3: the tree's linear hemodynamics
 # (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node;
@@ -697,9 +696,8 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.stem + ".part.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def sample_scales(sample: dict[str, Any], name: str = "sample") -> tuple[float, float, np.ndarray]:

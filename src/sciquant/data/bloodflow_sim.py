@@ -78,6 +78,7 @@ from sciquant.data.network import (
 )
 from sciquant.data.vtp import Centerline, write_centerline
 from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path
 
 MMHG = 1333.2
 """dyn/cm² per mmHg."""
@@ -1595,9 +1596,8 @@ def _synthesize(
         write_centerline(vtps / f"{name}.vtp", centerline)
         info[name] = dataset_info_entry(case, written, params.dt_store)
         names.append(name)
-    tmp = vtps / "dataset_info.json.part"
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    tmp.replace(vtps / "dataset_info.json")
+    with atomic_path(vtps / "dataset_info.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
     return names
 
 

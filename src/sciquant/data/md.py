@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +58,7 @@ from tqdm import tqdm
 
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
-from sciquant.provenance import write_json
+from sciquant.provenance import atomic_path, write_json
 
 __all__ = [
     "FORMAT",
@@ -504,10 +503,8 @@ def _split_counts(data: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
-    os.replace(tmp, path)
 
 
 def prepare_from_info(raw: Path, out: Path, **kw: Any) -> Path:

@@ -67,6 +67,7 @@ from scipy.optimize import minimize
 from tqdm import tqdm
 
 from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path
 
 __all__ = [
     "ForceField",
@@ -570,15 +571,13 @@ def synthesize(
         "seed": int(seed),
     }
     path = raw / "dataset_info.json"
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
     return path
 
 
 def _save_atomic(traj: mdtraj.Trajectory, path: Path) -> None:
     """Save through a temporary name with the same suffix (mdtraj picks the format by suffix)."""
-    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
-    tmp.unlink(missing_ok=True)
-    traj.save(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.unlink()  # mdtraj refuses to overwrite
+        traj.save(str(tmp))

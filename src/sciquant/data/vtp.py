@@ -18,6 +18,7 @@ from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
 from vtkmodules.vtkIOXML import vtkXMLPolyDataReader, vtkXMLPolyDataWriter
 
 from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path
 
 
 @dataclass
@@ -52,16 +53,14 @@ def write_centerline(path: Path, centerline: Centerline) -> None:
         array.SetName(name)
         poly.GetPointData().AddArray(array)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    writer = vtkXMLPolyDataWriter()
-    writer.SetFileName(str(tmp))
-    writer.SetInputData(poly)
-    writer.SetDataModeToBinary()
-    writer.SetCompressorTypeToZLib()
-    if writer.Write() != 1:
-        raise SciquantError(f"{path}: vtk could not write the file; check free disk space")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        writer = vtkXMLPolyDataWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(poly)
+        writer.SetDataModeToBinary()
+        writer.SetCompressorTypeToZLib()
+        if writer.Write() != 1:
+            raise SciquantError(f"{path}: vtk could not write the file; check free disk space")
 
 
 def read_centerline(path: Path) -> Centerline:

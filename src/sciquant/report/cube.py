@@ -24,7 +24,7 @@ import pandas as pd
 import xarray as xr
 
 from sciquant.errors import SciquantError
-from sciquant.provenance import write_json
+from sciquant.provenance import atomic_path, write_json
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 
@@ -184,9 +184,8 @@ def read_records(metrics_files: Sequence[Path], cache: Path | None) -> list[RunR
         records.append(record)
         entries[str(path)] = {"signature": signature, "record": asdict(record)}
     if cache:
-        partial = cache.with_name(cache.name + ".part")
-        partial.write_text(json.dumps({"version": CACHE_VERSION, "records": entries}))
-        partial.replace(cache)
+        with atomic_path(cache) as partial:
+            partial.write_text(json.dumps({"version": CACHE_VERSION, "records": entries}))
     return records
 
 
@@ -343,12 +342,10 @@ def aggregate(
     records = with_retained_gain(records)
     cube = to_dataset(records, study_info)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    partial_nc = out_nc.with_name(out_nc.name + ".part")
-    cube.to_netcdf(partial_nc, engine="h5netcdf")
-    partial_nc.replace(out_nc)
-    partial_csv = out_csv.with_name(out_csv.name + ".part")
-    to_table(records).to_csv(partial_csv, index=False)
-    partial_csv.replace(out_csv)
+    with atomic_path(out_nc) as partial_nc:
+        cube.to_netcdf(partial_nc, engine="h5netcdf")
+    with atomic_path(out_csv) as partial_csv:
+        to_table(records).to_csv(partial_csv, index=False)
     print(
         f"{len(records)} runs, {len(cube.data_vars)} variables, "
         f"dims {dict(cube.sizes)} → {out_nc}, {out_csv}"

@@ -20,6 +20,7 @@ from typing import Any
 
 import xarray as xr
 
+from sciquant.provenance import atomic_path
 from sciquant.report import figures
 from sciquant.report.cube import (
     Constraint,
@@ -511,9 +512,8 @@ def build_report(
     extras = extra_figures_section(extra_figures, sensitivity_csvs, Path.cwd())
     page = render(cube, constraints, extras, display_path(Path(cube_path), Path.cwd()))
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_html.with_name(out_html.name + ".part")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(out_html)
+    with atomic_path(out_html) as partial:
+        partial.write_text(page, encoding="utf-8")
     print(f"report of {int(cube.attrs.get('runs', 0))} runs → {out_html} ({len(page) // 1024} KiB)")
     return out_html
 

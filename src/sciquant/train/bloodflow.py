@@ -24,7 +24,6 @@ after the current step; the epoch is then redone on resume.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from sciquant.data.features import (
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
-from sciquant.provenance import write_csv
+from sciquant.provenance import atomic_path, write_csv
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
@@ -233,9 +232,8 @@ def load_graphs(prepared: Path, names: list[str], norm: Normalizer) -> list[Grap
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a `.part` file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(

@@ -40,7 +40,7 @@ import numpy as np
 from sciquant.data import md as md_data
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
-from sciquant.provenance import package_versions, provenance, write_csv, write_json
+from sciquant.provenance import atomic_path, package_versions, provenance, write_csv, write_json
 from sciquant.runtime.keras import configure_threads, load_keras_model
 
 __all__ = [
@@ -233,11 +233,8 @@ def _save_checkpoint(path: Path, model: Any, meta: dict[str, Any]) -> None:
         arrays[f"weight_{i:03d}"] = weight
     for i, variable in enumerate(model.optimizer.variables):
         arrays[f"optimizer_{i:03d}"] = np.asarray(variable.numpy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as stream:
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         np.savez(stream, **arrays)
-    os.replace(tmp, path)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:
