@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path
 from sciquant.runtime.latency import batch1_latency
 
 __all__ = [
@@ -398,13 +399,11 @@ def rewrite_scatter_add(onnx_path: str | Path, out_path: str | Path, verify: boo
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale after the rewrite; shape inference redoes it
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    onnx.save(model, str(partial))
-    onnx.checker.check_model(str(partial), full_check=True)
-    if verify:
-        _verify_rewrite(source, partial)
-    os.replace(partial, out)
+    with atomic_path(out) as partial:
+        onnx.save(model, str(partial))
+        onnx.checker.check_model(str(partial), full_check=True)
+        if verify:
+            _verify_rewrite(source, partial)
     return out
 
 
