@@ -34,12 +34,20 @@ from sciquant.train.bloodflow import load_model  # noqa: E402
 MMHG = 1333.2  # dyn/cm² per mmHg
 
 
-def test_graphs(prepared: Path, norm: Normalizer) -> list[GraphTensors]:
-    """The test split's samples (time offset 0 only: the simulation's own time grid)."""
+def test_samples(prepared: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The test split's prepared samples by name (time offset 0 only: the simulation's grid)."""
     index = load_index(prepared)
-    return [
-        to_tensors(name, load_sample(prepared, name), norm) for name in index["samples"]["test"]
-    ]
+    return {name: load_sample(prepared, name) for name in index["samples"]["test"]}
+
+
+def test_graphs(
+    prepared: Path,
+    norm: Normalizer,
+    samples: dict[str, dict[str, np.ndarray]] | None = None,
+) -> list[GraphTensors]:
+    """The test split's samples as tensors (`samples`: already read by `test_samples`)."""
+    samples = test_samples(prepared) if samples is None else samples
+    return [to_tensors(name, sample, norm) for name, sample in samples.items()]
 
 
 def time_rollouts(
@@ -251,25 +259,26 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     runtime = runtime or ("onnxruntime" if onnx is not None else "torch")
+    samples = test_samples(prepared)  # read once: the rollouts, baselines and checks share them
     graphs = None
     if runtime == "tensorrt":
         # TensorRT's engine is sized for the batched test graph: load the graphs first.
         from sciquant.quant.bloodflow import is_quantized, load_quantized
 
         loader = load_quantized if is_quantized(checkpoint) else load_model
-        graphs = test_graphs(prepared, Normalizer.of_checkpoint(loader(checkpoint)[1]))
+        norm = Normalizer.of_checkpoint(loader(checkpoint)[1])
+        graphs = test_graphs(prepared, norm, samples)
     step, state, sizes = load_step(
         checkpoint, onnx, threads, runtime, coordinates.get("precision", "fp32"), graphs
     )
     norm = Normalizer.of_checkpoint(state)
-    graphs = graphs if graphs is not None else test_graphs(prepared, norm)
+    graphs = graphs if graphs is not None else test_graphs(prepared, norm, samples)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
     repeats = 0 if simulated else settings.get("repeats", 5)
     # TensorRT steps take and return CUDA tensors: the rollout state stays on the GPU.
     device = "cuda" if runtime == "tensorrt" else None
     metrics, predictions = evaluate_step(step, graphs, norm, repeats, device)
-    samples = [load_sample(prepared, graph.name) for graph in graphs]
-    checks, data_checks = rollout_physics(samples, predictions)
+    checks, data_checks = rollout_physics(list(samples.values()), predictions)
     metrics.update(checks)
     metrics.update(sizes)
     if hasattr(step, "timing_summary"):
@@ -289,7 +298,7 @@ def run(
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,
-        "baselines": no_network_baselines(samples, [graph.name for graph in graphs]),
+        "baselines": no_network_baselines(list(samples.values()), list(samples)),
         "data_physics_checks": data_checks,
         "provenance": provenance(time.perf_counter() - started, threads),
     }

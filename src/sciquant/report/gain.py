@@ -80,6 +80,17 @@ def significant_gain(
     return gain_lower_bound(baseline, fp32, resamples, seed)[1] > 0
 
 
+def _paired_errors(
+    field: str, names: list[str], *sources: Mapping[str, Mapping[str, float]]
+) -> list[list[float]] | None:
+    """Each source's `<field>_error_pct` over `names`, in that order (None if one lacks it)."""
+    key = f"{field}_error_pct"
+    try:
+        return [[source[n][key] for n in names] for source in sources]
+    except (KeyError, TypeError):
+        return None
+
+
 def network_gains(
     baseline: Mapping[str, Mapping[str, float]], fp32: Mapping[str, Mapping[str, float]]
 ) -> dict[str, float]:
@@ -88,10 +99,8 @@ def network_gains(
     names = sorted(set(baseline) & set(fp32))
     metrics: dict[str, float] = {}
     for field in FIELDS if names else ():
-        key = f"{field}_error_pct"
-        try:
-            errors = [[source[n][key] for n in names] for source in (baseline, fp32)]
-        except (KeyError, TypeError):
+        errors = _paired_errors(field, names, baseline, fp32)
+        if errors is None:
             continue
         gain, low = gain_lower_bound(*errors)
         metrics[f"network_gain_{field}_pct"] = gain
@@ -111,13 +120,9 @@ def run_gains(
     """
     names = sorted(set(baseline) & set(fp32) & set(quantized))
     metrics: dict[str, float] = {}
-    if not names:
-        return metrics
-    for field in FIELDS:
-        key = f"{field}_error_pct"
-        try:
-            errors = [[source[n][key] for n in names] for source in (baseline, fp32, quantized)]
-        except (KeyError, TypeError):
+    for field in FIELDS if names else ():
+        errors = _paired_errors(field, names, baseline, fp32, quantized)
+        if errors is None:
             continue
         value, low, high = retained_gain(*errors)
         metrics[f"retained_gain_{field}_pct"] = value
