@@ -170,12 +170,44 @@ def get_run_artifacts(wildcards):
             else f"{training}/checkpoint.pt"
         )
     }
-    if study.plan(run).runtime in ("onnxruntime", "tensorrt"):
+    plan = study.plan(run)
+    fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
+    if plan.runtime in ("onnxruntime", "tensorrt"):
         # float runs (method none) all build from the target's FP32 export
-        if run.method == "none":
-            run = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
-        artifacts["onnx"] = f"{run.folder}/model.onnx"
+        artifacts["onnx"] = f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
+    if is_paired(run):
+        # timed interleaved with its target's FP32 in the same process (a paired speed-up)
+        artifacts["baseline_checkpoint"] = f"{training}/checkpoint.pt"
+        if plan.runtime in ("onnxruntime", "tensorrt"):
+            artifacts["baseline_onnx"] = f"{fp32.folder}/model.onnx"
     return artifacts
+
+
+def is_timed(run):
+    """Whether a run's evaluation is timed: every run a target executes natively."""
+    return not study.plan(run).simulated
+
+
+def is_paired(run):
+    """Whether a run is timed beside its target's FP32 (a timed run that is not that
+    FP32 itself, on a target with an FP32 run)."""
+    return (
+        is_timed(run)
+        and (run.method, run.precision) != ("none", "fp32")
+        and run.target in study.fp32_targets(run.model)
+    )
+
+
+def timed_threads(wildcards):
+    """Cores a job holds: a timed evaluation holds every local core, so that no other job of
+    this workflow shares its CPU while it is timed (its runtime still uses `threads` from the
+    config, `params.threads`); on a cluster (Slurm) the job's own allocation isolates it."""
+    if workflow.local_exec and is_timed(run_of(wildcards)):
+        try:
+            return max(config["threads"], workflow.cores)
+        except WorkflowError:  # no --cores given (a dry run)
+            return config["threads"]
+    return config["threads"]
 
 
 def get_keras_artifacts(wildcards):
@@ -185,7 +217,11 @@ def get_keras_artifacts(wildcards):
         return {
             "artifact": f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32/model.keras"
         }
-    return {"artifact": f"{run.folder}/quantization.json"}
+    artifacts = {"artifact": f"{run.folder}/quantization.json"}
+    if is_paired(run):  # timed beside its target's FP32 run's artifact
+        fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
+        artifacts["baseline_checkpoint"] = f"{fp32.folder}/quantization.json"
+    return artifacts
 
 
 def get_runtime_arguments(wildcards, input):
@@ -194,6 +230,10 @@ def get_runtime_arguments(wildcards, input):
     flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
     if flags and plan.runtime == "tensorrt":
         flags.append("--runtime tensorrt")
+    if "baseline_checkpoint" in input.keys():
+        flags.append(f"--baseline-checkpoint {input.baseline_checkpoint}")
+    if "baseline_onnx" in input.keys():
+        flags.append(f"--baseline-onnx {input.baseline_onnx}")
     if plan.simulated:
         flags.append("--simulated")
     return " ".join(flags)

@@ -38,7 +38,7 @@ rule evaluate_fp32:
         model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]
+    threads: timed_threads
     resources:
         **node_resources("cpu"),
         mem_mb=scaled("mem_mb", 4000, node="cpu"),
@@ -47,11 +47,12 @@ rule evaluate_fp32:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
         folder=subpath(output.metrics, parent=True),
+        threads=config["threads"],
     shell:
         "sciquant evaluate --checkpoint {input.checkpoint}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
-        " --threads {threads} --out {params.folder} > {log} 2>&1"
+        " --threads {params.threads} --out {params.folder} > {log} 2>&1"
 
 
 rule evaluate_run:
@@ -72,7 +73,7 @@ rule evaluate_run:
         method=alternatives(QUANTIZATION_METHODS),
     conda:
         "../envs/torch.yaml"
-    threads: config["threads"]
+    threads: timed_threads
     resources:
         **run_node_resources(),
         mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
@@ -82,11 +83,12 @@ rule evaluate_run:
         coordinates=get_run_coordinates,
         runtime=get_runtime_arguments,
         folder=subpath(output.metrics, parent=True),
+        threads=config["threads"],
     shell:
         "sciquant evaluate --checkpoint {input.checkpoint} {params.runtime}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
-        " --threads {threads} --out {params.folder} > {log} 2>&1"
+        " --threads {params.threads} --out {params.folder} > {log} 2>&1"
 
 
 # The float runs of a target, from the FP32 weights: FP32 of every swept target that runs FP32
@@ -123,7 +125,7 @@ rule evaluate_md:
         model=alternatives(models_of("keras")),
     conda:
         "../envs/tensorflow.yaml"
-    threads: config["threads"]
+    threads: timed_threads
     resources:
         **run_node_resources(),
         mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
@@ -133,8 +135,9 @@ rule evaluate_md:
         coordinates=get_run_coordinates,
         runtime=get_runtime_arguments,
         folder=subpath(output.metrics, parent=True),
+        threads=config["threads"],
     shell:
         "sciquant evaluate --checkpoint {input.artifact} {params.runtime}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
-        " --threads {threads} --out {params.folder} > {log} 2>&1"
+        " --threads {params.threads} --out {params.folder} > {log} 2>&1"

@@ -120,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--simulated", action="store_true", help="label the run as a fake-quant simulation"
     )
+    evaluate.add_argument(
+        "--baseline-checkpoint",
+        type=Path,
+        default=None,
+        help="the FP32 artifact of the run's target: checkpoint.pt (bloodflow), or model.keras "
+        "/ the FP32 run's quantization.json (md); the run is then timed interleaved with it "
+        "in this process (a paired speed-up)",
+    )
+    evaluate.add_argument(
+        "--baseline-onnx",
+        type=Path,
+        default=None,
+        help="bloodflow: the target's FP32 model.onnx (ONNX Runtime / TensorRT targets), run "
+        "as the paired timing's baseline",
+    )
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
 
     quantize = commands.add_parser(
@@ -301,13 +316,18 @@ def run(args: argparse.Namespace) -> None:
             from sciquant.quant.md import artifact_for
 
             artifact = artifact_for(artifact.parent)
+        baseline = args.baseline_checkpoint
+        if baseline is not None and baseline.suffix == ".json":
+            from sciquant.quant.md import artifact_for
+
+            baseline = artifact_for(baseline.parent)
         coordinates = dict(args.coordinates)
         study = coordinates.pop("study", None)
         config_hash = coordinates.pop("config_hash", None)
         evaluate_md.run(
             args.prepared, artifact, args.out / "metrics.json", coordinates=coordinates,
             simulated=args.simulated, repeats=args.settings.get("latency_repeats", 100),
-            threads=args.threads, study=study, config_hash=config_hash,
+            threads=args.threads, study=study, config_hash=config_hash, baseline=baseline,
         )  # fmt: skip
     elif args.command == "evaluate":
         from sciquant.evaluate import bloodflow as evaluate_bloodflow
@@ -322,6 +342,8 @@ def run(args: argparse.Namespace) -> None:
             onnx=args.onnx,
             simulated=args.simulated,
             runtime=args.runtime if args.onnx is not None else "torch",
+            baseline_checkpoint=args.baseline_checkpoint,
+            baseline_onnx=args.baseline_onnx,
         )
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md

@@ -50,29 +50,114 @@ def test_graphs(
     return [to_tensors(name, sample, norm) for name, sample in samples.items()]
 
 
+class TimedStep:
+    """A step function that adds the wall time of each call to `seconds` (the network alone).
+
+    The rollout around the network (features, the prior's step, the branch fit) is the same
+    for every precision; the network's share is what a low-precision kernel speeds up, and what
+    `sciquant bench rollout` times. CPU runtimes only: a CUDA call returns before it finishes.
+    """
+
+    def __init__(self, step: StepFunction) -> None:
+        self.step = step
+        self.seconds = 0.0
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        output = self.step(*inputs)
+        self.seconds += time.perf_counter() - started
+        return output
+
+
 def time_rollouts(
     step: StepFunction,
     graphs: list[GraphTensors],
     norm: Normalizer,
     repeats: int,
     device: str | None = None,
-):
-    """Median and spread of the wall time to roll out all test simulations.
+    baseline: tuple[StepFunction, Normalizer] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Rollout timings of all test simulations; with `baseline`, paired with its FP32 baseline.
 
     The caller has rolled them out once already (the accuracy rollout): that is the warm-up.
-    On a GPU the time ends when the predictions are back on the host (a synchronization).
+    Without a baseline (the run is its target's FP32 baseline itself) the run is timed alone
+    and its speed-up is 1 by definition. With one (the target's FP32 step and normalizer), the
+    two are timed interleaved in this process on the same graphs
+    (`sciquant.runtime.paired.paired_timing`, one more warm-up pair): `paired_speedup` for the
+    whole rollout and `paired_step_speedup` for the network's calls alone, each the ratio of
+    paired medians with its 95 % bootstrap CI. On a GPU the time ends when the predictions are
+    back on the host (a synchronization) and the network's calls are not timed apart.
     """
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        rollout_all(step, graphs, norm, device)
-        times.append(time.perf_counter() - started)
-    return {
-        "rollout_time_s_median": statistics.median(times),
-        "rollout_time_s_min": min(times),
-        "rollout_time_s_max": max(times),
+    from sciquant.runtime.paired import paired_timing, ratio_of_medians
+
+    cpu = device is None
+    run_step = TimedStep(step) if cpu else step
+    base_step, base_norm = baseline if baseline is not None else (step, norm)
+    base_timed = TimedStep(base_step) if cpu else base_step
+    steps: dict[str, list[float]] = {"run": [], "baseline": []}
+
+    def timed(which: str, stepper: Any, stepper_norm: Normalizer) -> Any:
+        def call() -> None:
+            if cpu:
+                stepper.seconds = 0.0
+            rollout_all(stepper, graphs, stepper_norm, device)
+            if cpu:
+                steps[which].append(stepper.seconds)
+
+        return call
+
+    if baseline is None:
+        # Timed alone (the FP32 baseline of its target); paired with nothing, speed-up 1.
+        paired = paired_timing(
+            timed("run", run_step, norm), lambda: None, repeats, warmup=0, threads=threads or 1
+        )
+    else:
+        paired = paired_timing(
+            timed("run", run_step, norm),
+            timed("baseline", base_timed, base_norm),
+            repeats,
+            warmup=1,
+            threads=threads or 1,
+        )
+    metrics: dict[str, Any] = {
+        "rollout_time_s_median": paired["run_time_s_median"],
+        "rollout_time_s_min": paired["run_time_s_min"],
+        "rollout_time_s_max": paired["run_time_s_max"],
         "rollout_time_repeats": repeats,
+        "cpu_share": paired["cpu_share"],
+        "contended": float(paired["contended"]),
+        "load_average_1min": paired["load_average_1min_after"],
     }
+    if baseline is None:
+        metrics["paired_speedup"] = 1.0
+        if cpu:
+            metrics["step_time_s_median"] = statistics.median(steps["run"])
+            metrics["paired_step_speedup"] = 1.0
+        return metrics
+    metrics.update(
+        {
+            "baseline_rollout_time_s_median": paired["baseline_time_s_median"],
+            "paired_speedup": paired["paired_speedup"],
+            "paired_speedup_ci_low": paired["paired_speedup_ci_low"],
+            "paired_speedup_ci_high": paired["paired_speedup_ci_high"],
+            "timing_pairs": repeats,
+        }
+    )
+    if cpu:
+        # The warm-up pair's network times are dropped, as paired_timing drops its wall times.
+        run_steps, base_steps = steps["run"][1:], steps["baseline"][1:]
+        ratio, low, high = ratio_of_medians(np.array(base_steps), np.array(run_steps))
+        metrics.update(
+            {
+                "step_time_s_median": statistics.median(run_steps),
+                "baseline_step_time_s_median": statistics.median(base_steps),
+                "paired_step_speedup": ratio,
+                "paired_step_speedup_ci_low": low,
+                "paired_step_speedup_ci_high": high,
+            }
+        )
+    return metrics
 
 
 def evaluate_step(
@@ -81,12 +166,15 @@ def evaluate_step(
     norm: Normalizer,
     repeats: int,
     device: str | None = None,
+    baseline: tuple[StepFunction, Normalizer] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
     """Errors per test simulation and aggregated (mean, std, min, max), plus rollout timing.
 
     All test simulations are rolled out together as one disjoint graph (one step for all); the
     accuracy rollout is the timing's warm-up. `device`: where the rollout state lives (the
-    step function's device; None: the CPU).
+    step function's device; None: the CPU); `baseline`: the target's FP32 step and normalizer,
+    timed interleaved with this one (`time_rollouts`).
     """
     predictions = rollout_all(step, graphs, norm, device)
     per_simulation = {
@@ -102,7 +190,7 @@ def evaluate_step(
         metrics[f"{field}_max"] = float(values.max())
     metrics["test_simulations"] = len(graphs)
     if repeats > 0:
-        metrics.update(time_rollouts(step, graphs, norm, repeats, device))
+        metrics.update(time_rollouts(step, graphs, norm, repeats, device, baseline, threads))
     metrics["per_simulation"] = per_simulation
     return metrics, predictions
 
@@ -253,8 +341,16 @@ def run(
     onnx: Path | None = None,
     simulated: bool = False,
     runtime: str | None = None,
+    baseline_checkpoint: Path | None = None,
+    baseline_onnx: Path | None = None,
 ) -> Path:
-    """Roll out the test simulations with the artifact; write metrics.json and figures to `out`."""
+    """Roll out the test simulations with the artifact; write metrics.json and figures to `out`.
+
+    `baseline_checkpoint` (+ `baseline_onnx` for ONNX Runtime / TensorRT targets): the
+    target's FP32 artifact; a timed run is then timed interleaved with it in this process and
+    its speed-up is the paired one (`time_rollouts`). Without them a timed run is its target's
+    FP32 baseline itself (speed-up 1).
+    """
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -277,7 +373,13 @@ def run(
     repeats = 0 if simulated else settings.get("repeats", 5)
     # TensorRT steps take and return CUDA tensors: the rollout state stays on the GPU.
     device = "cuda" if runtime == "tensorrt" else None
-    metrics, predictions = evaluate_step(step, graphs, norm, repeats, device)
+    baseline = None
+    if repeats > 0 and baseline_checkpoint is not None:
+        base_step, base_state, _ = load_step(
+            baseline_checkpoint, baseline_onnx, threads, runtime, "fp32", graphs
+        )
+        baseline = (base_step, Normalizer.of_checkpoint(base_state))
+    metrics, predictions = evaluate_step(step, graphs, norm, repeats, device, baseline, threads)
     checks, data_checks = rollout_physics(list(samples.values()), predictions)
     metrics.update(checks)
     metrics.update(sizes)
@@ -302,11 +404,22 @@ def run(
         "data_physics_checks": data_checks,
         "provenance": provenance(time.perf_counter() - started, threads),
     }
-    timing = (
-        f"rollout {metrics['rollout_time_s_median']:.3f} s"
-        if "rollout_time_s_median" in metrics
-        else "not timed (a simulation)"
-    )
+    if repeats > 0:
+        from sciquant.runtime.paired import host_facts
+
+        payload["host"] = host_facts()
+    timing = "not timed (a simulation)"
+    if "rollout_time_s_median" in metrics:
+        timing = f"rollout {metrics['rollout_time_s_median']:.3f} s"
+        if "paired_step_speedup_ci_low" in metrics:
+            timing += (
+                f", {metrics['paired_step_speedup']:.2f}x FP32 network step (95 % CI "
+                f"{metrics['paired_step_speedup_ci_low']:.2f}-"
+                f"{metrics['paired_step_speedup_ci_high']:.2f}), "
+                f"{metrics['paired_speedup']:.2f}x whole rollout, paired"
+            )
+        if metrics["contended"]:
+            timing += f" [contended: {metrics['cpu_share']:.0%} of the wall time on the CPU]"
     print(
         f"pressure error {metrics['pressure_error_pct']:.2f} %, flow error "
         f"{metrics['flowrate_error_pct']:.2f} %, {timing}; without a network: "

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.provenance import package_versions, provenance, write_json  # noqa: E402
+from sciquant.runtime.paired import host_facts, paired_timing  # noqa: E402
 from sciquant.train.md import TF_PACKAGES, load_pixelmaps  # noqa: E402
 
 __all__ = ["COORDINATE_KEYS", "classification_metrics", "make_runner", "plot_confusion", "run"]
@@ -95,6 +96,36 @@ def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+def paired_latency(
+    runner: Any, baseline: Any, x: np.ndarray, repeats: int, warmup: int = 5
+) -> dict[str, Any]:
+    """Batch-1 latency of `runner` paired with `baseline`'s (its target's FP32) on the same
+    frames, interleaved (`sciquant.runtime.paired.paired_timing`); each side's time is its
+    runner's own measurement of one call (`time_batch1`), frame i for both in pair i."""
+    frames = np.asarray(x, dtype=np.float32)
+    position = {"run": 0, "baseline": 0}
+
+    def call(which: str, timed: Any) -> Any:
+        def one() -> float:
+            frame = frames[position[which] % len(frames)][None]
+            position[which] += 1
+            return timed.time_batch1(frame, repeats=1, warmup=0)["total_ms"] / 1e3
+
+        return one
+
+    paired = paired_timing(call("run", runner), call("baseline", baseline), repeats, warmup=warmup)
+    return {
+        "baseline_latency_ms_median": paired["baseline_time_s_median"] * 1e3,
+        "paired_speedup": paired["paired_speedup"],
+        "paired_speedup_ci_low": paired["paired_speedup_ci_low"],
+        "paired_speedup_ci_high": paired["paired_speedup_ci_high"],
+        "timing_pairs": repeats,
+        "cpu_share": paired["cpu_share"],
+        "contended": float(paired["contended"]),
+        "load_average_1min": paired["load_average_1min_after"],
+    }
+
+
 def run(
     prepared: Path,
     artifact: Path,
@@ -108,10 +139,15 @@ def run(
     extra: dict[str, Any] | None = None,
     study: str | None = None,
     config_hash: str | None = None,
+    baseline: Path | None = None,
 ) -> Path:
     """Classify the test split with `artifact`, time batch-1 inference; write metrics.json.
 
     Simulated runs (fake-quant) are not timed: their latency would be the simulation's overhead.
+    `baseline`: the FP32 artifact of the run's target (`.keras` / `.tflite`); the run's batch-1
+    calls are then timed interleaved with its calls on the same frames (`paired_latency`), the
+    speed-up being the ratio of the paired medians; without it a timed run is its target's
+    FP32 itself (speed-up 1).
 
     out: the metrics.json path (`confusion.png` goes next to it); runtime: the label stored in
     metrics.json (default: the runner's name, `keras` or `litert`); extra: further metrics
@@ -149,6 +185,10 @@ def run(
                 "latency_repeats": repeats,
             }
         )
+        if baseline is not None:
+            metrics.update(paired_latency(runner, make_runner(baseline, threads), x_test, repeats))
+        else:
+            metrics["paired_speedup"] = 1.0
     metrics["parameters"] = icnnmd_parameters(data.grid, data.channels, probabilities.shape[1])
     metrics["model_bytes"] = artifact.stat().st_size
     if extra:
@@ -166,6 +206,7 @@ def run(
         prov["packages"].update(package_versions(("ai-edge-litert",)))
     payload = {
         "coordinates": {k: coordinates.get(k) for k in COORDINATE_KEYS},
+        **({"host": host_facts()} if "latency_ms_median" in metrics else {}),
         "study": study if study is not None else coordinates.get("study"),
         "config_hash": config_hash if config_hash is not None else coordinates.get("config_hash"),
         "simulated": simulated,
@@ -178,6 +219,13 @@ def run(
         if "latency_ms_median" in metrics
         else "not timed (a simulation)"
     )
+    if "paired_speedup_ci_low" in metrics:
+        latency += (
+            f", {metrics['paired_speedup']:.2f}x FP32 (paired, 95 % CI "
+            f"{metrics['paired_speedup_ci_low']:.2f}-{metrics['paired_speedup_ci_high']:.2f})"
+        )
+    if metrics.get("contended"):
+        latency += f" [contended: {metrics['cpu_share']:.0%} of the wall time on the CPU]"
     print(
         f"{artifact.name} ({runtime}): accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f}"
         f" on {metrics['test_frames']} test frames, {latency}"

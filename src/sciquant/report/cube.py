@@ -440,6 +440,21 @@ def bench_aggregate(n_runs: int = 1000, rerun_fraction: float | None = None) -> 
 
 SPREAD_SUFFIXES = ("_std", "_min", "_max", "_repeats", "_ci_low", "_ci_high")
 COUNT_METRICS = ("simulated", "test_simulations")
+#: The paired speed-ups a timed run's evaluation measures against its target's FP32, in one
+#: process, interleaved (`sciquant.runtime.paired`): the network's calls alone first (what
+#: `sciquant bench rollout` times), then the whole rollout / batch-1 call.
+PAIRED_SPEEDUPS = ("paired_step_speedup", "paired_speedup")
+#: How a timing was taken, not what it measured: kept in the cube, not a table column.
+TIMING_DETAILS = (
+    *PAIRED_SPEEDUPS,
+    "contended",
+    "cpu_share",
+    "load_average_1min",
+    "timing_pairs",
+    "baseline_rollout_time_s_median",
+    "baseline_step_time_s_median",
+    "baseline_latency_ms_median",
+)
 SCORE_PREFIXES = (
     "accuracy", "balanced_accuracy", "f1", "auc", "recall", "r2", "retained_gain",
 )  # fmt: skip
@@ -465,6 +480,7 @@ def headline_metrics(cube: xr.Dataset) -> list[str]:
         name
         for name in cube.data_vars
         if name not in COUNT_METRICS
+        and name not in TIMING_DETAILS
         and not str(name).endswith(SPREAD_SUFFIXES)
         and bool(cube[name].notnull().any())
     ]
@@ -548,22 +564,39 @@ def fp32_baseline(runs: xr.Dataset, name: str, target: str) -> tuple[xr.DataArra
     return None
 
 
-def speedups(runs: xr.Dataset, name: str) -> tuple[xr.DataArray, dict[str, str]]:
-    """FP32 time / run time per seed (×), against the same target's FP32 or else the reference's.
+def speedup_metric(runs: xr.Dataset) -> str | None:
+    """The paired speed-up these runs carry (`PAIRED_SPEEDUPS`, first found), or None."""
+    for name in PAIRED_SPEEDUPS:
+        if name in runs and bool(runs[name].notnull().any()):
+            return name
+    return None
 
-    Returns the speed-ups (dims seed, target, method, precision) and each target's baseline.
+
+def speedups(runs: xr.Dataset) -> tuple[xr.DataArray, dict[str, str]]:
+    """Paired speed-ups over FP32 per seed (×), and each target's baseline (itself).
+
+    Each value was measured in the run's own evaluation, interleaved with its target's FP32
+    on the same inputs (`sciquant.runtime.paired`); the FP32 run of a target is 1 by
+    definition. Times of two separate jobs are never divided: a run without a paired
+    measurement (a simulation, or an older metrics.json) has no speed-up (NaN).
     """
-    ratios = []
-    baselines = {}
-    for target in runs["target"].values:
-        found = fp32_baseline(runs, name, str(target))
-        times = runs[name].sel(target=target)
-        if found is None:
-            ratios.append(times * np.nan)
-            continue
-        baseline, baselines[str(target)] = found
-        ratios.append(baseline / times)
-    return xr.concat(ratios, dim="target").transpose(*runs[name].dims), baselines
+    name = speedup_metric(runs)
+    if name is None:
+        return runs["simulated"] * np.nan, {}
+    values = runs[name]
+    timed = values.notnull().any([d for d in values.dims if d != "target"])
+    baselines = {
+        str(t): str(t) for t, has in zip(runs["target"].values, timed.values, strict=True) if has
+    }
+    return values, baselines
+
+
+def contended_runs(runs: xr.Dataset) -> set[RunKey]:
+    """The runs whose timing shared its CPU with other work in any seed (`contended`)."""
+    if "contended" not in runs:
+        return set()
+    flagged = seed_estimates(runs["contended"].max("seed", skipna=True).expand_dims("seed"))
+    return {key for key, estimate in flagged.items() if estimate.mean > 0}
 
 
 # The error budget of "what to deploy".
@@ -669,7 +702,7 @@ def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> l
     means = {c.metric: seed_estimates(runs[c.metric]) for c in applicable}
     time_name = time_metric(runs)
     times = seed_estimates(runs[time_name]) if time_name else {}
-    gains = seed_estimates(speedups(runs, time_name)[0]) if time_name else {}
+    gains = seed_estimates(speedups(runs)[0])
     # Simulated runs are not candidates: the target cannot run that precision natively.
     native = [key for key, e in seed_estimates(runs["simulated"]).items() if e.mean == 0]
     deployments = []
@@ -701,13 +734,15 @@ def fastest(
     times: dict[RunKey, Estimate],
     gains: dict[RunKey, Estimate],
 ) -> Deployment:
-    """The fastest eligible run of `target` (fewest bits where none was timed)."""
+    """The eligible run of `target` with the largest paired speed-up over its FP32 (fewest bits
+    where none was timed). Speed-ups, not times, are compared: each was measured beside the
+    same FP32 in its own process, while two jobs' times met different loads."""
     if not eligible:
         return Deployment(target, None, None, None, None, (), "no measured run within the budget")
-    timed = [key for key in eligible if key in times]
+    timed = [key for key in eligible if key in gains]
     if timed:
-        chosen = min(timed, key=lambda key: times[key].mean)
-        reason = "fastest within the budget"
+        chosen = max(timed, key=lambda key: gains[key].mean)
+        reason = "fastest within the budget (paired speed-up)"
     else:
         chosen = min(eligible, key=lambda key: sum(precision_bits(key[2])))
         reason = "fewest bits within the budget (no timings)"

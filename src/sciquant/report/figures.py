@@ -102,9 +102,9 @@ def error_vs_bits(runs: xr.Dataset, name: str) -> bytes | None:
     return png_bytes(fig)
 
 
-def speedup_vs_precision(runs: xr.Dataset, time_name: str) -> bytes | None:
-    """Speed-up over FP32 (mean over seeds and methods) vs precision, a line per target."""
-    ratios, baselines = speedups(runs, time_name)
+def speedup_vs_precision(runs: xr.Dataset) -> bytes | None:
+    """Paired speed-up over FP32 (mean over seeds and methods) vs precision, a line per target."""
+    ratios, baselines = speedups(runs)
     if not baselines or runs.sizes["precision"] < 2:
         return None  # nothing to compare FP32 with
     precisions = [str(p) for p in runs["precision"].values]
@@ -127,7 +127,7 @@ def speedup_vs_precision(runs: xr.Dataset, time_name: str) -> bytes | None:
         )
     ax.axhline(1.0, color="0.4", ls="--", lw=1)
     ax.set_xticks(range(len(precisions)), precisions, rotation=45, fontsize=8)
-    ax.set_ylabel(f"speed-up over FP32 [×] ({metric_label(time_name)})")
+    ax.set_ylabel("paired speed-up over the target's FP32 [×]")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("speed-up vs precision (hollow: simulated, not a real low-precision kernel)")
@@ -147,11 +147,14 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
-def accuracy_speed_pareto(runs: xr.Dataset, quality_name: str, time_name: str) -> bytes | None:
-    """Quality vs time of every (target, method, precision), means over seeds; the measured
-    (non-simulated) Pareto front is the line."""
+def accuracy_speed_pareto(runs: xr.Dataset, quality_name: str) -> bytes | None:
+    """Quality vs relative time (1 / paired speed-up over the target's FP32) of every timed
+    (target, method, precision), means over seeds; the Pareto front is the line.
+
+    Times of separate jobs are not compared: each run's time is the one measured beside its
+    target's FP32 in the same process (`speedups`)."""
     qualities = seed_estimates(runs[quality_name])
-    times = seed_estimates(runs[time_name])
+    times = {key: 1.0 / e.mean for key, e in seed_estimates(speedups(runs)[0]).items()}
     simulated = seed_estimates(runs["simulated"])
     keys = [k for k in qualities if k in times]
     if not keys:
@@ -165,12 +168,12 @@ def accuracy_speed_pareto(runs: xr.Dataset, quality_name: str, time_name: str) -
         measured = [k for k in mine if simulated[k].mean == 0]
         others = [k for k in mine if simulated[k].mean > 0]
         color = target_colors[target]
-        ax.scatter([times[k].mean for k in measured], [qualities[k].mean for k in measured],
+        ax.scatter([times[k] for k in measured], [qualities[k].mean for k in measured],
                    s=22, color=color, label=target)  # fmt: skip
-        ax.scatter([times[k].mean for k in others], [qualities[k].mean for k in others],
+        ax.scatter([times[k] for k in others], [qualities[k].mean for k in others],
                    s=22, facecolors="none", edgecolors=color)  # fmt: skip
     measured = [k for k in keys if simulated[k].mean == 0]
-    points = [(times[k].mean, qualities[k].mean) for k in measured]
+    points = [(times[k], qualities[k].mean) for k in measured]
     front = pareto_front(points, higher_is_better=metric_kind(quality_name) == "score")
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k-", lw=1, zorder=0)
     for i in front:
@@ -181,7 +184,7 @@ def accuracy_speed_pareto(runs: xr.Dataset, quality_name: str, time_name: str) -
     ax.xaxis.set_major_formatter(LogFormatter())
     ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel(metric_label(time_name))
+    ax.set_xlabel("time relative to the target's FP32 (1 / paired speed-up)")
     ax.set_ylabel(metric_label(quality_name))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
