@@ -57,7 +57,7 @@ wildcard_constraints:
     seed=r"\d+",
     target=alternatives(sorted(TARGETS)),
     method=alternatives(("none",) + QUANTIZATION_METHODS),
-    precision=r"fp32|fp16|w[2-8]a[4-8]|mixed",
+    precision=r"fp32|fp16|bf16|w[2-8]a[4-8]|mixed",
 
 
 def get_final_output():
@@ -172,15 +172,19 @@ def get_run_artifacts(wildcards):
     }
     plan = study.plan(run)
     fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
-    if plan.runtime in ("onnxruntime", "tensorrt"):
+    if plan.runtime in ONNX_RUNTIMES:
         # float runs (method none) all build from the target's FP32 export
         artifacts["onnx"] = f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
     if is_paired(run):
         # timed interleaved with its target's FP32 in the same process (a paired speed-up)
         artifacts["baseline_checkpoint"] = f"{training}/checkpoint.pt"
-        if plan.runtime in ("onnxruntime", "tensorrt"):
+        if plan.runtime in ONNX_RUNTIMES:
             artifacts["baseline_onnx"] = f"{fp32.folder}/model.onnx"
     return artifacts
+
+
+#: Runtimes that run a blood-flow model from its ONNX export (FP32, or the run's QDQ graph).
+ONNX_RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
 
 
 def is_timed(run):
@@ -228,8 +232,8 @@ def get_runtime_arguments(wildcards, input):
     """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label."""
     plan = study.plan(run_of(wildcards))
     flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
-    if flags and plan.runtime == "tensorrt":
-        flags.append("--runtime tensorrt")
+    if flags and plan.runtime in ("tensorrt", "openvino"):
+        flags.append(f"--runtime {plan.runtime}")
     if "baseline_checkpoint" in input.keys():
         flags.append(f"--baseline-checkpoint {input.baseline_checkpoint}")
     if "baseline_onnx" in input.keys():

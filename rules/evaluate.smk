@@ -92,7 +92,7 @@ rule evaluate_run:
 
 
 # The float runs of a target, from the FP32 weights: FP32 of every swept target that runs FP32
-# natively (the speed-up baseline), and FP16 where a sweep asks for it (TensorRT).
+# natively (the speed-up baseline), and FP16 / BF16 where a sweep asks for it (TensorRT, OpenVINO).
 use rule evaluate_run as evaluate_target_float with:
     output:
         metrics="results/{dataset}/{model}/seed{seed}/{target}/none/{precision}/metrics.json",
@@ -105,7 +105,7 @@ use rule evaluate_run as evaluate_target_float with:
     wildcard_constraints:
         model=alternatives(models_of("torch")),
         target=alternatives(study.fp32_targets()),
-        precision="fp32|fp16",
+        precision="fp32|fp16|bf16",
 
 
 # Keras classifiers (md datasets): accuracy, F1, confusion matrix and batch-1 latency of every

@@ -134,3 +134,46 @@ def test_prepared_and_checkpoint_come_together(tmp_path):
         run(prepared=tmp_path)
     with pytest.raises(SciquantError, match="repeats"):
         run(repeats=0)
+
+
+def test_openvino_variants_agree_and_compare_with_their_own_fp32(bench):
+    from sciquant.runtime.openvino import available, bf16_native
+
+    rows, _ = bench
+    if not available()[0]:
+        pytest.skip(available()[1])
+    expected = {"ov-fp32", "ov-int8"} | ({"ov-bf16"} if bf16_native() else set())
+    assert expected <= set(rows)
+    assert ("ov-bf16" in rows) == bf16_native()
+    ov_ms = rows["ov-fp32"]["median_ms"]
+    for name in expected:
+        row = rows[name]
+        assert row["runtime"] == "openvino" and row["agrees"], row
+        assert row["speedup_vs_own_fp32"] == pytest.approx(ov_ms / row["median_ms"])
+    for name in BASE:  # ORT and torch rows compare with their own runtime's FP32
+        own = "fp32-torch" if name == "fp32-torch" else "fp32-ort"
+        assert rows[name]["speedup_vs_own_fp32"] == pytest.approx(
+            rows[own]["median_ms"] / rows[name]["median_ms"]
+        )
+    assert rows["int8-ort"]["int8_class"] in ("amx", "vnni", "avx2", "other")
+
+
+def test_cli_writes_the_rows_as_json(tmp_path, monkeypatch):
+    import json
+
+    from sciquant import cli
+    from sciquant.benchmarks import rollout
+
+    def tiny(**kwargs):
+        return run(repeats=1, warmup=0, work_dir=kwargs["work_dir"], cases={"t": [30]},
+                   config=SMALL, extras=False, profile_runs=0)  # fmt: skip
+
+    monkeypatch.setattr(rollout, "run", tiny)
+    out = tmp_path / "rows.json"
+    cli.main(["bench", "rollout", "--work-dir", str(tmp_path / "w"), "--json", str(out)])
+    rows = json.loads(out.read_text())
+    variants = {row["variant"] for row in rows}
+    assert set(BASE) <= variants
+    for row in rows:
+        assert {"num_nodes", "median_ms", "iqr_ms", "speedup_vs_fp32_ort", "max_abs_error",
+                "error_bound", "agrees", "cpu", "cpu_features"} <= set(row)  # fmt: skip

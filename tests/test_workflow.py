@@ -172,9 +172,31 @@ def test_ci_study_end_to_end(tmp_path: Path) -> None:
     for run_dir in ("reference/none/fp32", "cpu-x86/ptq-dynamic/w8a8"):
         payload = json.loads((reference / run_dir / "metrics.json").read_text())
         assert payload["metrics"]["flowrate_error_pct"] > 0, run_dir
+    # Every timed run beside its target's FP32 in the same process: a paired speed-up with
+    # its interval, the contention measured, the CPU's int8/bf16 features recorded.
+    residual = tmp_path / "results/bloodflow/meshgraphnet/seed0"
+    timed = {
+        reference / "cpu-x86/ptq-dynamic/w8a8": "onnxruntime",
+        residual / "openvino-cpu/ptq-minmax/w8a8": "openvino",
+        residual / "openvino-cpu/none/bf16": "openvino",
+    }
+    for folder, runtime in timed.items():
+        payload = json.loads((folder / "metrics.json").read_text())
+        values = payload["metrics"]
+        if payload["simulated"]:  # bf16 on a CPU without a bf16 unit: a simulation, untimed
+            assert folder.name == "bf16" and "paired_speedup" not in values
+            continue
+        assert payload["runtime"] == runtime, folder
+        assert values["timing_pairs"] == 2 and 0 < values["cpu_share"] <= 1.5
+        for name in ("paired_speedup", "paired_step_speedup"):
+            assert values[f"{name}_ci_low"] <= values[name] <= values[f"{name}_ci_high"]
+        assert set(payload["host"]["cpu_features"]) >= {"avx2", "avx512_vnni", "amx_int8"}
+    for folder in (residual / "openvino-cpu/none/fp32", reference / "cpu-x86/none/fp32"):
+        values = json.loads((folder / "metrics.json").read_text())["metrics"]
+        assert values["paired_speedup"] == 1.0 and values["rollout_time_s_median"] > 0
     # The quantized run of the residual model gets its retained gain in the cube.
     table = (tmp_path / "results/summary/metrics.csv").read_text().splitlines()
-    assert "retained_gain_pressure_pct" in table[0]
+    assert "retained_gain_pressure_pct" in table[0] and "paired_step_speedup" in table[0]
     # Nothing to do on a second run.
     again = snakemake("-n", "--configfile", str(CI_CONFIG), "--directory", str(tmp_path))
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -240,6 +262,11 @@ def test_md_study_end_to_end(tmp_path: Path) -> None:
             assert "latency_ms_median" not in values
         else:
             assert values["latency_ms_median"] > 0 and values["compute_ms_median"] > 0
+            if (target, method, precision) == ("litert-cpu", "ptq-minmax", "w8a8"):
+                low, high = values["paired_speedup_ci_low"], values["paired_speedup_ci_high"]
+                assert low <= values["paired_speedup"] <= high and values["timing_pairs"] == 5
+            elif method == "none" and precision == "fp32":
+                assert values["paired_speedup"] == 1.0
         assert (folder / "confusion.png").stat().st_size > 5_000
     assert (runs / "litert-cpu/ptq-minmax/w8a8/model.tflite").is_file()
     assert (tmp_path / "results/gpcr/overview.png").stat().st_size > 10_000

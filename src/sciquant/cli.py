@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--runtime",
-        choices=["onnxruntime", "tensorrt"],
+        choices=["onnxruntime", "tensorrt", "openvino"],
         default="onnxruntime",
-        help="what runs --onnx: ONNX Runtime (CPU) or TensorRT (GPU node; engine cached)",
+        help="what runs --onnx: ONNX Runtime (CPU), TensorRT (GPU node; engine cached) or "
+        "OpenVINO (CPU; fp32, bf16 under the bf16 hint, w8a8 from the QDQ graph)",
     )
     evaluate.add_argument(
         "--simulated", action="store_true", help="label the run as a fake-quant simulation"
@@ -225,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--work-dir", type=Path, default=None, help="rollout: where ONNX exports are kept"
+    )
+    bench.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="rollout: also write the table's rows to this JSON file (a list with, per case and "
+        "variant: variant, num_nodes, median_ms, iqr_ms, speedup_vs_fp32_ort, "
+        "speedup_vs_own_fp32, max_abs_error, error_bound, agrees, the CPU and its flags)",
     )
     bench.add_argument(
         "--no-physicsnemo",
@@ -409,6 +418,10 @@ def run(args: argparse.Namespace) -> None:
             work_dir=args.work_dir,
         )  # fmt: skip
         print(rollout.format_table(rows))
+        if args.json is not None:
+            from sciquant.provenance import write_json
+
+            print(f"rows written to {write_json(args.json, rows)}")
     elif args.command == "bench" and args.what == "cnn":
         from sciquant.benchmarks import cnn
 

@@ -178,6 +178,10 @@ class Study:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Float precisions below FP32: a cast of the FP32 weights, no ranges (method `none`).
+FLOAT_CASTS = ("fp16", "bf16")
+
+
 def check_semantics(config: dict[str, Any]) -> None:
     """What JSON Schema cannot say: cross references and impossible values."""
     datasets = config.get("datasets", {})
@@ -357,17 +361,19 @@ def _check_sweep(config: dict[str, Any]) -> None:
         for method in entry["methods"]:
             if method in DYNAMIC_METHODS:
                 _check_dynamic(key, method, entry, frameworks)
-        integer = [p for p in entry["precisions"] if p != "fp16"]
+        casts = [p for p in entry["precisions"] if p in FLOAT_CASTS]
+        integer = [p for p in entry["precisions"] if p not in FLOAT_CASTS]
         if "none" in entry["methods"] and integer:
             raise SciquantError(
-                f"{key}.methods: `none` (no ranges, a plain cast) goes with fp16 only, not with "
-                f"{', '.join(integer)}; the FP32 baseline is always included"
+                f"{key}.methods: `none` (no ranges, a plain cast) goes with fp16 / bf16 only, not "
+                f"with {', '.join(integer)}; the FP32 baseline is always included"
             )
         methods = [m for m in entry["methods"] if m != "none"]
-        if "fp16" in entry["precisions"] and methods:
+        if casts and methods:
             raise SciquantError(
-                f"{key}.methods: fp16 is a cast with no ranges to choose, so {', '.join(methods)} "
-                f"would do nothing; give fp16 its own entry with `methods: [none]`"
+                f"{key}.methods: {', '.join(casts)} is a cast with no ranges to choose, so "
+                f"{', '.join(methods)} would do nothing; give it its own entry with "
+                "`methods: [none]`"
             )
     sensitivity = config.get("quantize", {}).get("sensitivity")
     if sensitivity:

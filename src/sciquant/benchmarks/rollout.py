@@ -9,10 +9,16 @@ inputs, so load drifts hit all alike), medians of wall time per step:
                    `quant.pytorch.calibrate`) exported as QDQ ONNX (`export_qdq_onnx`)
     trt-fp16/int8  TensorRT (`runtime.tensorrt.TrtStep`; INT8 from a trt-rtx3090 QDQ export),
                    only where `runtime.tensorrt.available()`
+    ov-fp32        OpenVINO's CPU plugin (`runtime.openvino.OvStep`) on the FP32 export,
+                   compiled for the case's graph size (static shapes, as a rollout deploys it)
+    ov-bf16        the same graph under OpenVINO's bf16 hint, where the CPU has AMX-BF16 or
+                   AVX-512-BF16 (elsewhere left out: OpenVINO would run FP32 and call it bf16)
+    ov-int8        OpenVINO on the int8-ort QDQ graph (our scales; its FakeQuantize fusion)
 
 Per variant: median step time, the full-rollout equivalent (median x the rollout's steps; the
-state update between steps, identical for all, is not included), speedups vs FP32 torch and vs
-FP32 ORT side by side, agreement with its reference (FP32 torch; for INT8 the fake-quant model
+state update between steps, identical for all, is not included), speedups vs FP32 torch, vs
+FP32 ORT and vs its own runtime's FP32 (the paired speed-up a study's report shows for that
+target) side by side, agreement with its reference (FP32 torch; for INT8 the fake-quant model
 it was exported from, in output quantization steps, see `_int8_agreement`), and for the
 ORT variants the time split by operator from ONNX Runtime's profiler (`operator_split`).
 
@@ -71,7 +77,7 @@ DEFAULT_CASES: dict[str, Sequence[int]] = {
     "big": (20000,),
 }
 _HELPS = 0.95  # a lever helps when its median is below 95 % of the base row's
-_FP32_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # relative to max |reference output|
+_FP32_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}  # relative to max |reference output|
 _INT8_MEDIAN_STEPS = 1e-3  # INT8 vs its fake-quant model, in output steps (`_int8_agreement`)
 _INT8_WITHIN_STEP = 0.99
 Inputs = tuple[Tensor, Tensor, Tensor]
@@ -481,6 +487,30 @@ def _trt_variants(
     return variants
 
 
+def _openvino_variants(fp32: Path, int8: Path, inputs: Inputs, threads: int) -> list[_Variant]:
+    """ov-fp32, ov-bf16 (bf16 hosts only) and ov-int8, compiled for these inputs' shapes."""
+    from sciquant.runtime.openvino import OvStep, available, bf16_native
+
+    if not available()[0]:
+        return []
+    names = ("node_features", "edge_features", "edge_index")
+    shapes = {name: tuple(value.shape) for name, value in zip(names, inputs, strict=True)}
+    chosen = [("ov-fp32", fp32, "fp32", "fp32"), ("ov-int8", int8, "w8a8", "cpu-x86")]
+    if bf16_native():
+        chosen.insert(1, ("ov-bf16", fp32, "bf16", "fp32"))
+    return [
+        _Variant(
+            name,
+            "openvino",
+            precision,
+            OvStep(path, precision, threads, shapes=shapes),
+            reference,
+            threads=threads,
+        )
+        for name, path, precision, reference in chosen
+    ]
+
+
 def _resident(step: Callable) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Inputs already on the GPU and the output kept there (a GPU-resident rollout state)."""
     cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -601,8 +631,13 @@ def _run(
         trt_int8_path = _export_qdq(qmodels["trt"], folder, example)
 
     rows: list[dict[str, Any]] = []
+    from sciquant.runtime.paired import cpu_features, int8_class
+
+    features = cpu_features()
     host = {
         "cpu": cpu_name(),
+        "cpu_features": features,
+        "int8_class": int8_class(features),
         "vnni": cpu_has_vnni(),
         "gpu": gpu_reason,
         "source": source,
@@ -661,12 +696,20 @@ def _run(
         if gpu:
             cache = folder / "trt" if keep_engines else None
             variants += _trt_variants(fp32_path, trt_int8_path, inputs, cache)
+        variants += _openvino_variants(fp32_path, int8_path, inputs, threads)
         rows += _measure_case(
             case, inputs, steps, model, qmodels, variants, repeats, warmup, profile_runs, folder
         )
     for row in rows:
         row.update(host)
     return rows
+
+
+def _own_fp32(variant: _Variant, medians: Mapping[str, float]) -> str:
+    """The FP32 variant of the variant's own runtime (its target's paired baseline)."""
+    own = {"torch": "fp32-torch", "onnxruntime": "fp32-ort", "openvino": "ov-fp32",
+           "tensorrt": "trt-fp32"}.get(variant.runtime, "fp32-ort")  # fmt: skip
+    return own if own in medians else "fp32-ort"
 
 
 def _measure_case(
@@ -700,7 +743,7 @@ def _measure_case(
         error = (output - reference).abs()
         steps_off: dict[str, float] = {}  # INT8 only
         if variant.reference == "fp32":
-            tolerance = _FP32_TOLERANCE["fp16" if variant.precision == "fp16" else "fp32"]
+            tolerance = _FP32_TOLERANCE.get(variant.precision, _FP32_TOLERANCE["fp32"])
             bound = tolerance * float(reference.abs().max())
             agrees = bool(error.max() <= bound)
         else:
@@ -736,6 +779,7 @@ def _measure_case(
             "rollout_s": median * steps / 1e3,
             "speedup_vs_fp32_torch": medians["fp32-torch"] / median,
             "speedup_vs_fp32_ort": medians["fp32-ort"] / median,
+            "speedup_vs_own_fp32": medians[_own_fp32(variant, medians)] / median,
             "reference": "fp32-torch"
             if variant.reference == "fp32"
             else f"fake-quant torch ({variant.reference})",
@@ -786,11 +830,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     )
     lines = [
         f"bench rollout: {first['source']}",
-        f"CPU: {first['cpu']} ({vnni}); threads {first['threads']}; GPU: {first['gpu']}",
+        f"CPU: {first['cpu']} ({vnni}); int8/bf16 flags: "
+        + (", ".join(k for k, v in first.get("cpu_features", {}).items() if v) or "none")
+        + f"; threads {first['threads']}; GPU: {first['gpu']}",
     ]
     header = (
         f"{'variant':<44} {'median':>10} {'IQR':>8} {'rollout':>9} {'x torch':>8} "
-        f"{'x ORT':>7} {'max|err|':>9} {'bound':>9} {'ok':>3}"
+        f"{'x ORT':>7} {'x own':>7} {'max|err|':>9} {'bound':>9} {'ok':>3}"
     )
     for case in dict.fromkeys(row["case"] for row in rows):
         block = [row for row in rows if row["case"] == case]
@@ -808,7 +854,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append(
                 f"{row['variant'][:44]:<44} {row['median_ms']:>7.2f} ms {row['iqr_ms']:>5.2f} ms "
                 f"{row['rollout_s']:>7.2f} s {row['speedup_vs_fp32_torch']:>7.2f}x "
-                f"{row['speedup_vs_fp32_ort']:>6.2f}x {row['max_abs_error']:>9.2e} "
+                f"{row['speedup_vs_fp32_ort']:>6.2f}x {row['speedup_vs_own_fp32']:>6.2f}x "
+                f"{row['max_abs_error']:>9.2e} "
                 f"{row['error_bound']:>9.2e} {'yes' if row['agrees'] else 'NO':>3}"
             )
         for row in block:
@@ -827,7 +874,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     loads = [v for row in rows for v in row.get("loadavg_1min", ())]
     lines += [
         "",
-        "x torch / x ORT: speedup over fp32-torch / fp32-ort (their median / this median).",
+        "x torch / x ORT / x own: speedup over fp32-torch / fp32-ort / the FP32 of the variant's "
+        "own runtime (their median / this median; x own is what a study's paired speed-up of "
+        "that target measures).",
         "max|err|: vs fp32-torch (ok: below the bound, 1e-4 x max|output| for FP32, 1e-2 x for "
         "FP16); INT8 vs the fake-quant model it came from, bound = one output quantization step "
         "(ok: median error <= 1e-3 step and >= 99 % of outputs within one step; code flips at "

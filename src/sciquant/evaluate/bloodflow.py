@@ -288,6 +288,21 @@ def load_step(
             "parameters": sum(p.numel() for p in model.parameters()),
             "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
+    if onnx is not None and runtime == "openvino":
+        from sciquant.runtime.openvino import OvStep, bf16_native
+
+        sizes["artifact_bytes"] = onnx.stat().st_size
+        if precision == "bf16" and not bf16_native():
+            # No bf16 unit here: the FP32 model in bfloat16 autocast, a labelled simulation.
+            return Bf16Simulation(model), state, sizes
+        merged, _ = merge_graphs(graphs or [])
+        shapes = {
+            "node_features": (merged.num_nodes, feature_count(state)),
+            "edge_features": tuple(merged.edge_features.shape),
+            "edge_index": tuple(merged.edge_index.shape),
+        }
+        # Compiled for the batched test graph's size (static shapes), as a rollout deploys it.
+        return OvStep(onnx, precision, threads or 1, shapes=shapes), state, sizes
     if onnx is not None and runtime == "tensorrt":
         from sciquant.runtime.tensorrt import TrtStep, graph_dims
 
@@ -313,6 +328,24 @@ def load_step(
         sizes["artifact_bytes"] = onnx.stat().st_size
         return OrtStep(onnx, intra_op_num_threads=threads or 1), state, sizes
     return model, state, sizes
+
+
+class Bf16Simulation:
+    """The FP32 model under bfloat16 autocast (weights and activations of every Linear in
+    bf16, accumulation and LayerNorm in FP32): bf16 where the CPU has no bf16 unit, evaluated
+    as a simulation (labelled, not timed)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(*inputs).float()
+
+
+def feature_count(state: dict[str, Any]) -> int:
+    """The node-feature count of a checkpoint's model (its first Linear's input width)."""
+    return int(state["architecture"]["node_features"])
 
 
 def quantized_size(qmodel: Any) -> dict[str, Any]:
@@ -357,8 +390,8 @@ def run(
     runtime = runtime or ("onnxruntime" if onnx is not None else "torch")
     samples = test_samples(prepared)  # read once: the rollouts, baselines and checks share them
     graphs = None
-    if runtime == "tensorrt":
-        # TensorRT's engine is sized for the batched test graph: load the graphs first.
+    if runtime in ("tensorrt", "openvino"):
+        # TensorRT's engine and OpenVINO's model are sized for the batched test graph.
         from sciquant.quant.bloodflow import is_quantized, load_quantized
 
         loader = load_quantized if is_quantized(checkpoint) else load_model
@@ -367,6 +400,9 @@ def run(
     step, state, sizes = load_step(
         checkpoint, onnx, threads, runtime, coordinates.get("precision", "fp32"), graphs
     )
+    if isinstance(step, Bf16Simulation) and not simulated:
+        simulated = True
+        print("bf16: this CPU has no bf16 unit (amx_bf16, avx512_bf16); evaluated as a simulation")
     norm = Normalizer.of_checkpoint(state)
     graphs = graphs if graphs is not None else test_graphs(prepared, norm, samples)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.

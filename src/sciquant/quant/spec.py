@@ -213,15 +213,17 @@ def _broadcast_qparams(
 
 @dataclass(frozen=True)
 class Precision:
-    """A run's precision: `fp32`, `fp16`, or `wXaY` (X-bit weights, Y-bit activations).
+    """A run's precision: `fp32`, `fp16`, `bf16`, or `wXaY` (X-bit weights, Y-bit activations).
 
-    kind "float": weight_bits == activation_bits in {16, 32}; kind "int": weight_bits in 2..8,
+    kind "float": weight_bits == activation_bits in {16, 32}, `bfloat` True for bfloat16 (8
+    exponent bits, 7 mantissa bits; `fp16` is IEEE half); kind "int": weight_bits in 2..8,
     activation_bits in 4..8. `str(precision)` gives back the string `parse_precision` reads.
     """
 
     kind: Literal["float", "int"]
     weight_bits: int
     activation_bits: int
+    bfloat: bool = False
 
     def __post_init__(self) -> None:
         if not (_is_int(self.weight_bits) and _is_int(self.activation_bits)):
@@ -235,7 +237,11 @@ class Precision:
                     "a float Precision has weight_bits == activation_bits in {16, 32}, got "
                     f"{self.weight_bits} and {self.activation_bits}"
                 )
+            if self.bfloat and self.weight_bits != 16:
+                raise SciquantError("bfloat is a 16-bit format (bf16)")
         elif self.kind == "int":
+            if self.bfloat:
+                raise SciquantError("an integer Precision is not bfloat")
             if self.weight_bits not in WEIGHT_BITS or self.activation_bits not in ACTIVATION_BITS:
                 raise SciquantError(f"precision {self._name()!r} is out of range: {_ALLOWED}")
         else:
@@ -243,7 +249,7 @@ class Precision:
 
     def _name(self) -> str:
         if self.kind == "float":
-            return f"fp{self.weight_bits}"
+            return "bf16" if self.bfloat else f"fp{self.weight_bits}"
         return f"w{self.weight_bits}a{self.activation_bits}"
 
     def __str__(self) -> str:
@@ -251,14 +257,16 @@ class Precision:
 
 
 _ALLOWED = (
-    f"allowed are fp32, fp16 and wXaY with weight bits X in {WEIGHT_BITS.start}.."
+    f"allowed are fp32, fp16, bf16 and wXaY with weight bits X in {WEIGHT_BITS.start}.."
     f"{WEIGHT_BITS.stop - 1} and activation bits Y in {ACTIVATION_BITS.start}.."
     f"{ACTIVATION_BITS.stop - 1} (e.g. w8a8, w4a8)"
 )
 
 
 def parse_precision(text: str) -> Precision:
-    """Read `fp32`, `fp16` or `wXaY` (lower case, no leading zeros) into a `Precision`."""
+    """Read `fp32`, `fp16`, `bf16` or `wXaY` (lower case, no leading zeros) into a `Precision`."""
+    if text == "bf16":
+        return Precision(kind="float", weight_bits=16, activation_bits=16, bfloat=True)
     if text in ("fp32", "fp16"):
         bits = int(text[2:])
         return Precision(kind="float", weight_bits=bits, activation_bits=bits)

@@ -34,11 +34,11 @@ from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, par
 
 __all__ = ["FRAMEWORKS", "TARGETS", "Plan", "Scheme", "Target", "get_target"]
 
-Backend = Literal["eager", "tensorrt", "onnxruntime", "litert", "simulated"]
+Backend = Literal["eager", "tensorrt", "onnxruntime", "openvino", "litert", "simulated"]
 Node = Literal["cpu", "v100", "rtx3090"]
 Framework = Literal["torch", "keras"]
 FRAMEWORKS: tuple[Framework, ...] = ("torch", "keras")
-_BACKENDS = ("eager", "tensorrt", "onnxruntime", "litert", "simulated")
+_BACKENDS = ("eager", "tensorrt", "onnxruntime", "openvino", "litert", "simulated")
 _NODES = ("cpu", "v100", "rtx3090")
 
 
@@ -70,7 +70,8 @@ class Plan:
     """How one (target, precision, framework) runs.
 
     runtime: "torch" or "keras" (eager, fake-quant when simulated), "tensorrt", "onnxruntime",
-    "litert". simulated: True when the results are a fake-quant simulation of the target.
+    "openvino", "litert". simulated: True when the results are a fake-quant simulation of the
+    target.
     """
 
     target: Target
@@ -89,7 +90,8 @@ class Plan:
 class Target:
     """One row of the hardware table.
 
-    backend: "eager" (the model's own framework), "tensorrt", "onnxruntime", "litert", or
+    backend: "eager" (the model's own framework), "tensorrt", "onnxruntime", "openvino",
+    "litert", or
     "simulated" (no runtime here; everything runs as fake-quant). node: "cpu", "v100",
     "rtx3090", or None for the run's own node. native_precisions: precision strings such as
     "fp32", "fp16", "w8a8".
@@ -205,6 +207,21 @@ _ROWS = (
         description=(
             "ONNX Runtime static QDQ U8S8 on x86 (VNNI/AMX): int8 weights per channel, symmetric "
             "in [-127, 127]; uint8 activations per tensor, asymmetric; INT8 native"
+        ),
+    ),
+    Target(
+        name="openvino-cpu",
+        backend="openvino",
+        node="cpu",
+        frameworks=frozenset({"torch"}),
+        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True),
+        activation_scheme=Scheme(symmetric=False),
+        native_precisions=frozenset({"fp32", "bf16", "w8a8"}),
+        description=(
+            "OpenVINO's CPU plugin, compiled for the rollout's graph size: FP32; BF16 (the FP32 "
+            "graph under the bf16 inference hint, on AMX / AVX-512-BF16; a host without them "
+            "evaluates it as a simulation); INT8 from our own QDQ graph and scales (int8 weights "
+            "per channel in [-127, 127], uint8 activations per tensor, asymmetric)"
         ),
     ),
     Target(

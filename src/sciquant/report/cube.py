@@ -31,7 +31,9 @@ from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 
 #: Display and sort order of known labels; unknown labels follow, alphabetically.
-TARGET_ORDER = ("reference", "trt-v100", "trt-rtx3090", "cpu-x86", "litert-cpu", "npu-pow2")
+TARGET_ORDER = (
+    "reference", "trt-v100", "trt-rtx3090", "cpu-x86", "openvino-cpu", "litert-cpu", "npu-pow2",
+)  # fmt: skip
 METHOD_ORDER = (
     "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-dynamic", "qat-ste",
     "qat-lsq",
@@ -64,8 +66,9 @@ class RunRecord:
 
 
 def precision_bits(precision: str) -> tuple[int, int]:
-    """(weight bits, activation bits) of a precision label: fp32 → (32, 32), w4a8 → (4, 8)."""
-    if precision.startswith("fp") and precision[2:].isdigit():
+    """(weight bits, activation bits) of a precision label: fp32 → (32, 32), bf16 → (16, 16),
+    w4a8 → (4, 8)."""
+    if precision[:2] in ("fp", "bf") and precision[2:].isdigit():
         return int(precision[2:]), int(precision[2:])
     match = PRECISION_PATTERN.match(precision)
     if match:

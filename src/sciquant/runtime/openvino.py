@@ -1,0 +1,155 @@
+"""OpenVINO (CPU plugin) as a rollout step function: FP32, BF16 and INT8 from our own graphs.
+
+    step = OvStep("model.onnx", precision="bf16", threads=1)
+    delta = step(node_features, edge_features, edge_index)   # torch in, torch out
+    step.timings[-1]                                         # {"h2d": 0.0, "compute": ms, ...}
+
+The same ONNX files as ONNX Runtime runs: the FP32 export (`fp32`, and `bf16`, which is that
+graph compiled with OpenVINO's inference precision hint `bf16`: weights and activations in
+bfloat16, accumulation in FP32, on AMX or AVX-512-BF16 units), and the QDQ export of a
+calibrated fake-quant model for `w8a8` (OpenVINO turns each QuantizeLinear/DequantizeLinear pair
+into a FakeQuantize and its low-precision transformations run the GEMMs in int8 with our
+scales; nothing is recalibrated). Dynamic node and edge counts: one compiled model serves every
+graph size.
+
+`bf16` is native only where the CPU has `amx_bf16` or `avx512_bf16` (`bf16_native`); elsewhere
+OpenVINO would quietly run FP32 under the hint, so `OvStep` refuses it and the study evaluates
+bf16 as a simulation instead (`sciquant.quant.targets`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sciquant.errors import SciquantError
+
+__all__ = ["PRECISIONS", "OvStep", "available", "bf16_native"]
+
+#: What OvStep compiles: the precision label → OpenVINO's inference precision hint.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "w8a8": "f32"}
+
+
+def available() -> tuple[bool, str]:
+    """Whether OpenVINO's CPU plugin loads here, and a sentence saying why not / which one."""
+    try:
+        import openvino as ov
+    except ImportError as error:  # pragma: no cover - openvino is a dependency
+        return False, f"openvino is not installed ({error})"
+    try:
+        devices = ov.Core().available_devices
+    except Exception as error:  # noqa: BLE001 - any plugin failure means: not here
+        return False, f"OpenVINO's CPU plugin does not load: {error}"
+    if "CPU" not in devices:
+        return False, f"OpenVINO sees no CPU device (devices: {devices})"
+    return True, f"OpenVINO {ov.__version__}"
+
+
+def bf16_native(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX-512-BF16)."""
+    from sciquant.runtime.paired import cpu_features
+
+    features = cpu_features(cpuinfo)
+    return bool(features["amx_bf16"] or features["avx512_bf16"])
+
+
+class OvStep:
+    """An ONNX model compiled by OpenVINO for the CPU as a StepFunction (see the module).
+
+    precision: `fp32`, `bf16` (the FP32 graph under the bf16 hint; native hosts only) or
+    `w8a8` (a QDQ graph). threads: OpenVINO's inference threads (one stream, latency hint).
+    Every call appends ``{"h2d": 0.0, "compute": ms, "d2h": 0.0}`` to ``timings``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        precision: str = "fp32",
+        threads: int = 1,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SciquantError(f"{self.path}: ONNX file not found; run the export stage first")
+        if precision not in PRECISIONS:
+            raise SciquantError(
+                f"OpenVINO runs {', '.join(PRECISIONS)}, not {precision!r}; "
+                "evaluate other precisions as a simulation"
+            )
+        if precision == "bf16" and not bf16_native():
+            raise SciquantError(
+                "bf16 is not native on this CPU (no amx_bf16 or avx512_bf16 flag): OpenVINO "
+                "would run FP32 under the bf16 hint; evaluate bf16 as a simulation here"
+            )
+        self.precision = precision
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        if shapes:
+            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        config = {
+            "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+            "INFERENCE_NUM_THREADS": max(int(threads), 1),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self._types = [port.get_element_type().to_dtype() for port in self.compiled.inputs]
+        self.timings: list[dict[str, float]] = []
+
+    @property
+    def execution_precision(self) -> str:
+        """The precision OpenVINO chose to execute in (`f32`, `bf16`), as it reports it."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def kernels(self) -> dict[str, int]:
+        """`layer type/runtime precision` → count in the compiled model (e.g.
+        `FullyConnected/u8`): which precision each layer really runs in."""
+        counts: dict[str, int] = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            key = f"{info['layerType'].astype(str)}/{info['runtimePrecision'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(
+                f"{self.path.name} takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(inputs)}"
+            )
+        feeds = [
+            np.ascontiguousarray(
+                (value.detach().cpu().numpy() if isinstance(value, Tensor) else value).astype(
+                    dtype, copy=False
+                )
+            )
+            for value, dtype in zip(inputs, self._types, strict=True)
+        ]
+        start = time.perf_counter()
+        self.request.infer(feeds)
+        output = self.request.get_output_tensor(0).data
+        compute_ms = (time.perf_counter() - start) * 1e3
+        self.timings.append({"h2d": 0.0, "compute": compute_ms, "d2h": 0.0})
+        return torch.from_numpy(np.array(output, dtype=np.float32, copy=True))
+
+    def timing_summary(self) -> dict[str, float]:
+        """Median and interquartile range (ms) of each timing over the recorded calls."""
+        if not self.timings:
+            return {}
+        summary = {"calls": float(len(self.timings))}
+        for key in ("h2d", "compute", "d2h"):
+            values = [timing[key] for timing in self.timings]
+            summary[f"{key}_median"] = statistics.median(values)
+            if len(values) > 1:
+                q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+                summary[f"{key}_iqr"] = q3 - q1
+        return summary
