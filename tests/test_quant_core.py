@@ -165,17 +165,20 @@ def test_qparams_shape_must_match_the_granularity():
 def test_parse_precision_reads_the_three_forms():
     assert parse_precision("w4a8") == Precision(kind="int", weight_bits=4, activation_bits=8)
     assert parse_precision("fp16") == Precision(kind="float", weight_bits=16, activation_bits=16)
+    bf16 = parse_precision("bf16")
+    assert bf16 == Precision(kind="float", weight_bits=16, activation_bits=16, bfloat=True)
+    assert bf16 != parse_precision("fp16") and str(bf16) == "bf16"
     assert parse_precision("fp32").kind == "float"
 
 
 def test_every_allowed_precision_round_trips():
-    names = ["fp32", "fp16"] + [f"w{w}a{a}" for w in range(2, 9) for a in range(4, 9)]
+    names = ["fp32", "fp16", "bf16"] + [f"w{w}a{a}" for w in range(2, 9) for a in range(4, 9)]
     assert [str(parse_precision(name)) for name in names] == names
 
 
 @pytest.mark.parametrize("text", ["w9a8", "w1a8", "w8a3", "w8a16", "W8A8", "w08a8", "fp8", "int8"])
 def test_bad_precisions_name_the_string_and_what_is_allowed(text):
-    with pytest.raises(SciquantError, match=f"'{text}'.*allowed are fp32, fp16 and wXaY"):
+    with pytest.raises(SciquantError, match=f"'{text}'.*allowed are fp32, fp16, bf16 and wXaY"):
         parse_precision(text)
 
 
@@ -405,10 +408,17 @@ def test_the_table_holds_the_design_targets():
         "trt-v100",
         "trt-rtx3090",
         "cpu-x86",
+        "openvino-cpu",
         "litert-cpu",
         "npu-pow2",
     }
     assert get_target("trt-v100").node == "v100" and get_target("reference").node is None
+    openvino = get_target("openvino-cpu")
+    assert openvino.native_precisions == {"fp32", "bf16", "w8a8"}
+    assert openvino.plan("bf16", "torch").runtime == "openvino"
+    assert openvino.plan("w4a8", "torch").simulated
+    with pytest.raises(SciquantError, match="torch models only"):
+        openvino.plan("w8a8", "keras")
     assert "10.4" in get_target("trt-v100").description
 
 
@@ -422,6 +432,8 @@ def test_unknown_target_lists_the_known_ones():
     [
         ("reference", "fp32", "torch", False, "torch"),
         ("reference", "fp32", "keras", False, "keras"),
+        ("openvino-cpu", "bf16", "torch", False, "openvino"),
+        ("openvino-cpu", "w8a8", "torch", False, "openvino"),
         ("reference", "w8a8", "torch", True, "torch"),
         ("trt-v100", "w8a8", "torch", False, "tensorrt"),
         ("trt-v100", "w5a8", "torch", True, "torch"),
@@ -445,6 +457,7 @@ def test_plans(target, precision, framework, simulated, runtime):
     [
         ("litert-cpu", "w8a8", "torch", "keras models only"),
         ("cpu-x86", "fp16", "torch", "no simulation"),
+        ("cpu-x86", "bf16", "torch", "no simulation"),
         ("npu-pow2", "fp16", "keras", "no simulation"),
         ("npu-pow2", "fp32", "torch", "baseline is target 'reference'"),
         ("reference", "fp16", "torch", "native: fp32"),

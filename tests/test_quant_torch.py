@@ -295,10 +295,19 @@ def test_ort_int8_agrees_with_the_simulation_within_one_output_step(exported_w8a
     assert error.median() <= 1e-3 * one_step.min()
     assert step.timings[-1]["compute"] > 0 and step.timings[-1]["h2d"] == 0.0
 
-    # every Linear runs as an integer kernel: no float GEMM and no DequantizeLinear is left
+    # every Linear runs as integer kernels (a processor MLP's first one as one per input part:
+    # the concat trick); no float GEMM, no DequantizeLinear, no Concat of gathered states and
+    # no float bias Add is left
+    from sciquant.quant.export import _column_blocks
+
     summary = kernel_summary(path)
-    assert sum(integer_kernels(summary).values()) == len(qmodel.quantized_layers()), summary
-    assert not {"Gemm", "FusedGemm", "MatMul", "DequantizeLinear"} & set(summary), summary
+    gemms = sum(len(_column_blocks(qmodel.model, name) or (0, 1)) - 1
+                for name in qmodel.quantized_layers())  # fmt: skip
+    assert gemms > len(qmodel.quantized_layers())
+    assert sum(integer_kernels(summary).values()) == gemms, summary
+    assert not {"Gemm", "FusedGemm", "MatMul", "DequantizeLinear", "Concat"} & set(summary), summary
+    # adds left: the residual updates, the two gathered projections, the edge part (per block)
+    assert summary["Add"] <= 2 * SMALL.processor_size + 3 * SMALL.processor_size
 
 
 def test_ort_runs_the_message_passing_scatter_on_one_thread(exported_w8a8):
@@ -320,10 +329,19 @@ def test_export_carries_our_integer_weights_and_qparams(exported_w8a8):
     proto = onnx.load(str(path))
     storage = {p.key: p.value for p in proto.metadata_props}["sciquant.weight_dtype"]
     integers = weight_initializers(path)
+    from sciquant.quant.export import _column_blocks
+
     ops = [node.op_type for node in proto.graph.node]
     linear_count = len(qmodel.quantized_layers())
-    assert ops.count("QuantizeLinear") == linear_count
-    assert ops.count("DequantizeLinear") == 2 * linear_count
+    # The concat trick: a processor MLP's first layer quantizes its two distinct inputs
+    # ([e, h] of the edge MLP, [h, agg] of the node MLP) once each, with one initializer per
+    # weight column block; every layer's bias is an int32 DequantizeLinear (CPU target).
+    split = [n for n in qmodel.quantized_layers() if _column_blocks(qmodel.model, n)]
+    blocks = sum(len(_column_blocks(qmodel.model, n) or (0, 1)) - 1
+                 for n in qmodel.quantized_layers())  # fmt: skip
+    assert len(split) == 2 * SMALL.processor_size
+    assert ops.count("QuantizeLinear") == linear_count + len(split)
+    assert ops.count("DequantizeLinear") == (linear_count + len(split)) + blocks + linear_count
     assert [value.name for value in proto.graph.input] == [
         "node_features",
         "edge_features",
@@ -341,7 +359,8 @@ def test_export_carries_our_integer_weights_and_qparams(exported_w8a8):
     shift = 128 if storage == "uint8" else 0
     matrices = [a for a in integers.values() if a.shape == tuple(layer.weight.shape)]
     assert any(np.array_equal(a.astype(np.int32) - shift, codes) for a in matrices)
-    assert sum(a.ndim == 2 for a in integers.values()) == linear_count
+    assert sum(a.ndim == 2 for a in integers.values()) == blocks
+    assert {p.key: p.value for p in proto.metadata_props}["sciquant.concat_trick"] == "yes"
 
 
 def test_ort_step_rejects_a_missing_file(tmp_path):

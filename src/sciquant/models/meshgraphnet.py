@@ -40,6 +40,12 @@ read a Linear's weight instead of calling it). Two ways to get the plain ``linea
 path: set ``model.concat_trick = False``, or replace the first Linear of an MLP by any module
 that is not exactly ``nn.Linear`` (e.g. a fake-quant wrapper): the split is only taken when
 ``type(layer) is nn.Linear``. All other Linear layers are always called through their module.
+
+The one exception is a first layer that splits itself (`SplitLinear`: the QDQ export's layer,
+``sciquant.quant.export``): per-tensor quantization commutes with concatenation and with a
+gather, so quantizing the node state once (with the concatenated input's scale) and
+projecting it per column block is the same integer arithmetic as quantizing the gathered
+[E, F_e + 2 F_n] concatenation; the INT8 graph then keeps the concat trick too.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ __all__ = [
     "MLP",
     "MeshGraphNet",
     "MeshGraphNetConfig",
+    "SplitLinear",
     "export_onnx",
     "random_tree_graph",
 ]
@@ -111,6 +118,19 @@ def _is_plain_linear(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear
 
 
+class SplitLinear(nn.Module):
+    """A Linear that evaluates itself on column blocks of its input (the concat trick):
+    ``columns(prepare(x_part), start, stop, bias)`` = the layer's weight columns
+    ``start:stop`` applied to that part of the input, plus the bias if asked. ``prepare`` is
+    what the layer does to its input first (e.g. quantize it, once per part)."""
+
+    def prepare(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def columns(self, x: Tensor, start: int, stop: int, bias: bool) -> Tensor:
+        raise NotImplementedError
+
+
 class MeshGraphNet(nn.Module):
     """Encode–process–decode graph network; see the module docstring for the algebra.
 
@@ -138,10 +158,16 @@ class MeshGraphNet(nn.Module):
     def _edge_update(self, mlp: MLP, e: Tensor, h: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         """Returns ``MLP_e([e, h[src], h[dst]])``."""
         first = mlp.layers[0]
+        fe, fn = e.shape[1], h.shape[1]
+        if self.concat_trick and isinstance(first, SplitLinear):
+            e_in, h_in = first.prepare(e), first.prepare(h)  # h once, before the gathers
+            p_src = first.columns(h_in, fe, fe + fn, bias=True)
+            p_dst = first.columns(h_in, fe + fn, fe + 2 * fn, bias=False)
+            z = p_src.index_select(0, src) + p_dst.index_select(0, dst)
+            return mlp.tail(z + first.columns(e_in, 0, fe, bias=False))
         if not (self.concat_trick and _is_plain_linear(first)):
             return mlp(torch.cat([e, h.index_select(0, src), h.index_select(0, dst)], dim=1))
         # The concat trick (module docstring): W [e, h_s, h_d] + b = W_e e + P_src[s] + P_dst[d].
-        fe, fn = e.shape[1], h.shape[1]
         w = first.weight
         p_src = F.linear(h, w[:, fe : fe + fn], first.bias)  # [N, H], bias folded in (N rows)
         p_dst = F.linear(h, w[:, fe + fn :])  # [N, H]
@@ -152,10 +178,13 @@ class MeshGraphNet(nn.Module):
     def _node_update(self, mlp: MLP, h: Tensor, agg: Tensor) -> Tensor:
         """Returns ``MLP_n([h, agg])``."""
         first = mlp.layers[0]
+        fn = h.shape[1]
+        if self.concat_trick and isinstance(first, SplitLinear):
+            z = first.columns(first.prepare(h), 0, fn, bias=True)
+            return mlp.tail(z + first.columns(first.prepare(agg), fn, 2 * fn, bias=False))
         if not (self.concat_trick and _is_plain_linear(first)):
             return mlp(torch.cat([h, agg], dim=1))
         # W [h, agg] + b = (W_h h + b) + W_a agg
-        fn = h.shape[1]
         w = first.weight
         z = F.linear(h, w[:, :fn], first.bias).addmm_(agg, w[:, fn:].t())
         return mlp.tail(z, fresh=True)

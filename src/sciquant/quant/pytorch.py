@@ -61,7 +61,7 @@ from sciquant.quant.observers import (
     make_observer,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
-from sciquant.quant.targets import Target, get_target
+from sciquant.quant.targets import INTEGER_BIAS_BACKENDS, Target, get_target
 
 __all__ = [
     "MODES",
@@ -87,6 +87,9 @@ class QuantLinear(nn.Module):
     Holds the wrapped Linear's ``weight`` [out, in] and ``bias`` [out] (same parameters, same
     state_dict names) and the qparams: ``input_scale`` [] float32, ``input_zero_point`` [] int32,
     ``weight_scale`` / ``weight_zero_point`` [out] (per channel) or [] (per tensor).
+    ``integer_bias``: the bias is rounded to the int32 grid of step s_x·s_w, as an integer GEMM
+    that adds it in its accumulator does (`sciquant.quant.targets.INTEGER_BIAS_BACKENDS`;
+    straight-through in LSQ training).
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class QuantLinear(nn.Module):
         activation_spec: QuantSpec,
         activation_method: str = "minmax",
         weight_method: str = "minmax",
+        integer_bias: bool = False,
     ) -> None:
         super().__init__()
+        self.integer_bias = integer_bias
         if not isinstance(activation_spec.granularity, PerTensor):
             raise SciquantError(
                 f"activations are quantized per tensor; got {activation_spec.granularity}"
@@ -179,7 +184,15 @@ class QuantLinear(nn.Module):
         if self._mode == "observe":
             self.input_observer.update(x.detach().float().cpu().numpy())
             return F.linear(x, self.weight, self.bias)
-        return F.linear(self.fake_quantize_input(x), self.fake_quantize_weight(), self.bias)
+        return F.linear(self.fake_quantize_input(x), self.fake_quantize_weight(), self.used_bias())
+
+    def used_bias(self) -> Tensor | None:
+        """The bias the quantized layer adds: float, or on the int32 grid s_x·s_w."""
+        if self.bias is None or not self.integer_bias:
+            return self.bias
+        step = (self.input_scale * self.weight_scale).expand_as(self.bias)
+        rounded = torch.round(self.bias / step) * step
+        return self.bias + (rounded - self.bias).detach()  # straight through in training
 
     def fake_quantize_input(self, x: Tensor) -> Tensor:
         """The input on its integer grid (activation spec, per tensor), same shape as x."""
@@ -391,6 +404,7 @@ def quantize_model(
             target.activation_spec(layer_precision.activation_bits),
             activation_method=activation_method,
             weight_method=weight_method,
+            integer_bias=target.backend in INTEGER_BIAS_BACKENDS,
         )
         parent_name, _, child = name.rpartition(".")
         setattr(quantized.get_submodule(parent_name), child, replacement)

@@ -32,7 +32,15 @@ from typing import Literal
 from sciquant.errors import SciquantError
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
 
-__all__ = ["FRAMEWORKS", "TARGETS", "Plan", "Scheme", "Target", "get_target"]
+__all__ = [
+    "FRAMEWORKS",
+    "INTEGER_BIAS_BACKENDS",
+    "TARGETS",
+    "Plan",
+    "Scheme",
+    "Target",
+    "get_target",
+]
 
 Backend = Literal["eager", "tensorrt", "onnxruntime", "openvino", "litert", "simulated"]
 Node = Literal["cpu", "v100", "rtx3090"]
@@ -150,6 +158,11 @@ class Target:
             )
         return Plan(self, parsed, framework, simulated=True, runtime=framework)
 
+
+#: Backends whose integer GEMM takes the bias as int32 with scale s_x·s_w (ONNX Runtime's QGemm,
+#: OpenVINO): the simulation rounds the bias likewise (`QuantLinear.integer_bias`) and the QDQ
+#: export folds it into the GEMM. TensorRT adds a float bias (no int32 DequantizeLinear there).
+INTEGER_BIAS_BACKENDS = ("onnxruntime", "openvino")
 
 _TENSORRT_WEIGHTS = Scheme(symmetric=True, per_channel=True, narrow_range=True)
 _TENSORRT_ACTIVATIONS = Scheme(symmetric=True)
