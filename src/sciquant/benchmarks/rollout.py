@@ -38,8 +38,9 @@ Extras (``extras=True``; on the first case only, which is the test-set-sized one
 Without ``prepared`` / ``checkpoint``: random weights (bloodflow hyper-parameters) on random
 trees: ``test-batch`` = 13 trees of 60-120 nodes as one disjoint graph (the size of a batched
 test set) and ``big`` = 20,000 nodes; rollouts of `DEFAULT_ROLLOUT_STEPS` steps. With them: the
-trained FP32 model on the real batched test graph at its first step, calibration on training
-samples as in the quantize stage, rollouts of the test set's own length.
+trained FP32 model on the real batched test graph at its first step (``test-set``, rollouts of
+the test set's own length) and on a 20,000-node random tree (``big``), calibration on training
+samples as in the quantize stage.
 """
 
 from __future__ import annotations
@@ -384,6 +385,10 @@ def _prepared_setup(
     train = load_index(prepared)["samples"]["train"][:calibration_samples]
     calibration = list(calibration_inputs(load_graphs(prepared, train, norm), steps, norm))
     cases = {"test-set": ((x, merged.edge_features, merged.edge_index), merged.num_steps - 1)}
+    # The deployment-size case: the trained weights on a 20,000-node random tree (random
+    # features: its time, not its accuracy, is what this case measures).
+    config = model.config
+    cases["big"] = (_random_case(DEFAULT_CASES["big"], 0, config), DEFAULT_ROLLOUT_STEPS)
     return model.eval(), cases, calibration
 
 
