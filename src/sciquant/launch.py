@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
-from sciquant.study import Run, Study, Training, load_config
+from sciquant.study import (
+    Run,
+    Study,
+    Training,
+    check_node,
+    check_one_line,
+    load_config,
+    slurm_extra_options,
+)
 
 #: Stages in dependency order (`fetch` is the raw stage of datasets with a `files` source).
 STAGES = ("synthesize", "fetch", "prepare", "train", "evaluate")
@@ -170,8 +177,17 @@ def _json(value: Any) -> str:
 def executor_parameters(
     config: dict[str, Any], stage: str, node: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """submitit parameters of a node type: the config's `nodes` entry, then the CLI overrides."""
+    """submitit parameters of a node type: the config's `nodes` entry, then the CLI overrides.
+
+    submitit writes them as `#SBATCH` lines of the job script, so every text is checked to be
+    one line and `slurm_extra` to be sbatch options (`check_node`), also where the config did
+    not come through `load_config`.
+    """
     spec = config["nodes"].get(node, {})
+    check_node(node, spec)
+    for option in ("partition", "constraint", "account"):
+        if getattr(args, option):
+            check_one_line(f"sciquant submit --{option}", getattr(args, option))
     mem_mb, runtime = STAGE_RESOURCES[stage]
     extra = {}
     if args.constraint or spec.get("constraint"):
@@ -181,10 +197,7 @@ def executor_parameters(
     elif spec.get("gpu"):
         model = f"{spec['gpu_model']}:" if spec.get("gpu_model") else ""
         extra["gres"] = f"gpu:{model}{spec['gpu']}"
-    for token in shlex.split(spec.get("slurm_extra", "")):  # verbatim sbatch arguments
-        if not token.startswith("--"):
-            raise SciquantError(f"nodes.{node}.slurm_extra: use --key=value forms ({token!r})")
-        key, _, value = token[2:].partition("=")
+    for key, value in slurm_extra_options(node, spec.get("slurm_extra", "")):
         extra[key] = value or True
     params = {
         "name": f"sciquant-{stage}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,9 +182,66 @@ class Study:
 #: Float precisions below FP32: a cast of the FP32 weights, no ranges (method `none`).
 FLOAT_CASTS = ("fp16", "bf16")
 
+#: Bounds on sizes that run for days or fill the disk when mistyped: `max_*` are the largest
+#: values allowed, `min_*` the smallest. A config's `limits:` mapping replaces any of them (the
+#: schema's `limits` documents each, with these values as its defaults).
+LIMITS: dict[str, int | float] = {
+    "max_simulations": 2000,
+    "max_md_frames": 50000,
+    "max_seeds": 20,
+    "min_prepare_dt": 0.001,
+}
+
+#: `nodes` keys whose text reaches the sbatch command line (the Slurm executor plugin runs it
+#: through a shell) or an `#SBATCH` line of a job script (`sciquant submit`).
+SBATCH_TEXT_KEYS = ("slurm_partition", "constraint", "gpu_model", "gres", "slurm_extra")
+#: One `slurm_extra` option: `--option` or `--option=value`, the value free of anything a shell
+#: or a job script treats specially (quotes, spaces, newlines, `;&|$<>` and backticks).
+SLURM_OPTION = re.compile(r"--(?P<name>[a-z][a-z0-9-]*)(?:=(?P<value>[A-Za-z0-9_.,:@%+/=-]+))?")
+#: What `slurm_extra` may hold, in words (for error messages and the schema's description).
+SLURM_EXTRA_ALLOWED = (
+    "long sbatch options only, `--option` or `--option=value`, separated by spaces; values of "
+    "letters, digits and _ . , : @ % + / = - (no quotes, spaces, newlines, $, `, ;, &, |, <, >)"
+)
+#: sbatch options the workflow sets itself (the Slurm executor plugin and submitit), with the
+#: `nodes` key that sets them where a node type has one. sbatch takes any unambiguous prefix of
+#: a long option, so a prefix of one of these is refused too.
+MANAGED_SBATCH_OPTIONS: dict[str, str | None] = {
+    "partition": "slurm_partition",
+    "constraint": "constraint",
+    "gres": "gpu and gpu_model, or gres",
+    "gpus": "gpu and gpu_model, or gres",
+    "time": "runtime",
+    "mem": "mem_mb",
+    "mem-per-cpu": "mem_mb",
+    "cpus-per-task": "cpus_per_task",
+    "cpus-per-gpu": "cpus_per_task",
+    "account": None,
+    "qos": None,
+    "clusters": None,
+    "nodes": None,
+    "ntasks": None,
+    "ntasks-per-gpu": None,
+    "job-name": None,
+    "output": None,
+    "error": None,
+    "comment": None,
+    "export": None,
+    "chdir": None,
+    "workdir": None,
+    "parsable": None,
+    "wrap": None,
+}
+#: A newline or another control character: text holding one is not a single sbatch argument.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def check_semantics(config: dict[str, Any]) -> None:
-    """What JSON Schema cannot say: cross references and impossible values."""
+    """What JSON Schema cannot say: cross references, impossible values, text that would reach a
+    shell, and sizes beyond their `LIMITS`."""
+    for node, spec in config.get("nodes", {}).items():
+        check_node(node, spec)
+    _check_limits(config)
     datasets = config.get("datasets", {})
     for name, dataset in datasets.items():
         source = dataset.get("source", {})
@@ -253,6 +311,93 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key models.{name}.train.node: node type '{node}' has no entry in `nodes`; "
                 f"add nodes.{node} with its Slurm resources"
             )
+
+
+def check_node(node: str, spec: dict[str, Any]) -> None:
+    """A node type's Slurm settings stay sbatch arguments: every text that reaches the sbatch
+    command or an `#SBATCH` line is one line, and `slurm_extra` holds sbatch options only."""
+    for key in SBATCH_TEXT_KEYS:
+        if key == "slurm_extra":
+            slurm_extra_options(node, spec.get(key, ""))
+        elif isinstance(spec.get(key), str):
+            check_one_line(f"config key nodes.{node}.{key}", spec[key])
+
+
+def check_one_line(label: str, text: str) -> None:
+    """SciquantError naming `label` if `text` holds a newline or another control character: it
+    would end an `#SBATCH` line and start a command of the job script."""
+    if CONTROL_CHARACTER.search(text):
+        raise SciquantError(
+            f"{label}: must be one line, with no newline or other control character (it becomes "
+            f"an sbatch argument and an #SBATCH line); got {text!r}"
+        )
+
+
+def slurm_extra_options(node: str, text: str) -> list[tuple[str, str | None]]:
+    """`nodes.<node>.slurm_extra` as (option, value or None) pairs, in order.
+
+    SciquantError naming the key unless the text is `SLURM_EXTRA_ALLOWED` and sets no option of
+    `MANAGED_SBATCH_OPTIONS`: the Slurm executor plugin pastes the text into an sbatch command
+    line run by a shell, and `sciquant submit` writes each option as an `#SBATCH` line.
+    """
+    key = f"config key nodes.{node}.slurm_extra"
+    options = []
+    for token in text.split(" "):
+        if not token:
+            continue
+        match = SLURM_OPTION.fullmatch(token)
+        if match is None:
+            raise SciquantError(f"{key}: {token!r} is not allowed; give {SLURM_EXTRA_ALLOWED}")
+        name = match["name"]
+        managed = [option for option in MANAGED_SBATCH_OPTIONS if option.startswith(name)]
+        if managed:
+            option = name if name in managed else managed[0]
+            source = MANAGED_SBATCH_OPTIONS.get(option)
+            where = f"give it as nodes.{node}.{source}" if source else "leave it out"
+            shown = f"--{name}" if name == option else f"--{name} (sbatch's --{option})"
+            raise SciquantError(f"{key}: {shown} is set by the workflow itself; {where}")
+        options.append((name, match["value"]))
+    return options
+
+
+def _check_limits(config: dict[str, Any]) -> None:
+    """Sizes beyond `LIMITS` (or the config's own `limits:`) fail here, before any job runs."""
+    limits = {**LIMITS, **config.get("limits", {})}
+    seeds = config.get("seeds", [0])
+    _at_most("config key seeds", len(seeds), "max_seeds", limits,
+             "seeds (every model is trained, quantized and evaluated once per seed)")  # fmt: skip
+    for name, dataset in config.get("datasets", {}).items():
+        key = f"config key datasets.{name}"
+        embedded = dataset.get("source", {}).get("embedded")
+        if dataset.get("workload") == "md":
+            if embedded is not None:
+                _at_most(f"{key}.source.embedded.frames", embedded.get("frames", 600),
+                         "max_md_frames", limits, "frames per state")  # fmt: skip
+            continue
+        if embedded is not None:
+            _at_most(f"{key}.source.embedded.n_simulations", embedded.get("n_simulations", 24),
+                     "max_simulations", limits, "simulations")  # fmt: skip
+        dt = dataset.get("prepare", {}).get("dt", 0.01)
+        if dt < limits["min_prepare_dt"]:
+            smallest = _number(limits["min_prepare_dt"])
+            raise SciquantError(
+                f"{key}.prepare.dt: {_number(dt)} s is below the limit of {smallest} s (a "
+                f"cardiac cycle of T seconds becomes T/dt steps in every graph sample and every "
+                f"rollout); raise it, or lower the limit on purpose with "
+                f"`limits: {{min_prepare_dt: {_number(dt)}}}`"
+            )
+
+
+def _at_most(key: str, value: int, limit: str, limits: dict[str, Any], what: str) -> None:
+    if value > limits[limit]:
+        raise SciquantError(
+            f"{key}: {value} {what} exceed the limit of {_number(limits[limit])}; lower it, or "
+            f"raise the limit on purpose with `limits: {{{limit}: {value}}}`"
+        )
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _check_md_dataset(name: str, dataset: dict[str, Any]) -> None:
