@@ -9,6 +9,12 @@ A download is written to `<target>.part` and only moved to `<target>` by `os.rep
 hash is right, so a finished-looking file is always a verified one. An interrupted download
 (dropped connection, timeout, killed job) keeps its `.part`, and the next attempt, or the next
 run, asks the server for the rest with an HTTP `Range` header.
+
+Every file of a dataset lives in one raw folder, under the name `local_name` derives from its
+config entry; `fetch`, the config's duplicate-name check and `prepare md` all use that one
+function. Archives are unpacked into the raw folder so that nothing is written outside it, even
+through symlinks left there by an archive unpacked before, and no member replaces a file that
+`fetch` itself is responsible for (a downloaded file, the manifest, a partial download).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -39,7 +46,15 @@ from tqdm import tqdm
 from sciquant import __version__
 from sciquant.errors import SciquantError
 
-__all__ = ["RemoteFile", "download", "extract_archive", "fetch"]
+__all__ = [
+    "MANIFEST_NAME",
+    "RemoteFile",
+    "check_local_names",
+    "download",
+    "extract_archive",
+    "fetch",
+    "local_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +67,90 @@ _MAX_BACKOFF_S = 60.0
 # A server asking for a longer pause than this is better answered by rerunning later.
 _MAX_RETRY_AFTER_S = 300.0
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+#: The file `sciquant fetch` writes last into the raw folder, listing what it delivered
+#: (`sciquant.data.manifest`); no dataset file or archive member may take its name.
+MANIFEST_NAME = "manifest.json"
+
+
+def local_name(url: str, name: str | None = None) -> str:
+    """The file name a dataset file is saved under in the raw folder, from its config entry.
+
+    `name` if the entry gives one, else the last part of the URL's path, percent-decoded and
+    without query string or fragment: `https://h/r/my%20run.xtc?download=1` gives
+    `my run.xtc`. `fetch` saves the file under this name, and the check for entries that would
+    share a name and `prepare md` look it up under the same name. Raises `SciquantError` if the
+    result is not a plain file name (empty, `.`, `..`, or with a slash, backslash or NUL
+    character, as for a URL ending in `/`): such an entry needs a `name` in the config.
+    """
+    if name is None:
+        # Not PurePosixPath(...).name: that would turn ".../dir/" into "dir".
+        derived = unquote(urlsplit(url).path.rpartition("/")[2])
+    elif isinstance(name, str):
+        derived = name
+    else:
+        raise SciquantError(
+            f"The `name` given for {url} is {name!r}, not a string. Set `name` to a plain file"
+            " name in the config, or leave it out to use the URL's last part."
+        )
+    _check_name(derived, url)
+    return derived
+
+
+def check_local_names(
+    entries: Iterable[RemoteFile | Mapping[str, Any]], key: str = "files"
+) -> list[str]:
+    """The local names of a dataset's file entries, in order, checked against each other.
+
+    `entries` are `RemoteFile`s or config mappings (`url`, optional `name` and `extract`);
+    `key` is the config key of the list, used in messages (`datasets.<name>.source.files`).
+    Each entry needs, in the raw folder, its file (`local_name`), `<file>.part` while it
+    downloads and, for an archive, the stamp `.<file>.extracted`. A `SciquantError` naming both
+    entries is raised if two entries need the same name, and one naming the entry if it would
+    be saved as `manifest.json`, which `sciquant fetch` writes over it. Nothing is downloaded:
+    this is the check a config can get before any network access.
+    """
+    return _claims(entries, key)[1]
+
+
+def _claims(
+    entries: Iterable[RemoteFile | Mapping[str, Any]], key: str
+) -> tuple[dict[str, str], list[str]]:
+    """Every name in the raw folder that the entries need, mapped to who needs it and why, and
+    the entries' local names; see `check_local_names`."""
+    claims: dict[str, tuple[str, str]] = {}
+    names: list[str] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, RemoteFile):
+            url, name, extract = entry.url, entry.name, entry.extract
+        else:
+            url, name, extract = entry.get("url"), entry.get("name"), entry.get("extract", False)
+            if not isinstance(url, str):
+                raise SciquantError(
+                    f"config key {key}.{i}.url: missing or not a string ({url!r}); give the"
+                    " file's http(s) or file:// URL."
+                )
+        who = f"{key}.{i} ({url})"
+        filename = local_name(url, name)
+        if filename == MANIFEST_NAME:
+            raise SciquantError(
+                f"{who} would be saved as {MANIFEST_NAME!r}, the name of the list of files that"
+                " `sciquant fetch` writes into the raw folder over it. Give this entry a"
+                " different `name` in the config."
+            )
+        needs = {filename: "file", f"{filename}.part": "partial download"}
+        if extract:
+            needs[f".{filename}.extracted"] = "unpacking record"
+        for needed, why in needs.items():
+            if needed in claims:
+                other, other_why = claims[needed]
+                raise SciquantError(
+                    f"Two dataset files clash in the raw folder: {other} needs {needed!r} for its"
+                    f" {other_why} and {who} needs it for its {why}; one would overwrite the"
+                    " other. Give one of them a different `name` in the config."
+                )
+            claims[needed] = (who, why)
+        names.append(filename)
+    return {n: f"the {why} of {who}" for n, (who, why) in claims.items()}, names
 
 
 @dataclass(frozen=True)
@@ -59,9 +158,10 @@ class RemoteFile:
     """One file of a dataset: where it lives, its sha256, and what to do with it.
 
     `name` is the file name to save it under in the destination folder (default: the last part of
-    the URL's path, without query string). `extract` unpacks a zip or tar archive into the
-    destination folder after its hash has been checked. The URL scheme, the hash and the name are
-    checked when the object is made, so a bad config fails before anything is downloaded.
+    the URL's path, percent-decoded, without query string; see `local_name`). `extract` unpacks
+    a zip or tar archive into the destination folder after its hash has been checked. The URL
+    scheme, the hash and the name are checked when the object is made, so a bad config fails
+    before anything is downloaded.
     """
 
     url: str
@@ -72,15 +172,12 @@ class RemoteFile:
     def __post_init__(self) -> None:
         _check_url(self.url)
         _check_sha256(self.sha256, self.url)
-        _check_name(self.filename, self.url)
+        local_name(self.url, self.name)
 
     @property
     def filename(self) -> str:
-        """The name the file is saved under: `name`, or the basename of the URL's path."""
-        if self.name is not None:
-            return self.name
-        # Not PurePosixPath(...).name: that would turn ".../dir/" into "dir".
-        return unquote(urlsplit(self.url).path.rpartition("/")[2])
+        """The name the file is saved under: `local_name` of its URL and `name`."""
+        return local_name(self.url, self.name)
 
 
 def fetch(
@@ -101,18 +198,24 @@ def fetch(
     unpacked; delete it to force unpacking). See `download` for `retries`, `backoff_s`,
     `timeout_s` and `progress`. Run one `fetch` per `dest` at a time: two runs would write the
     same `.part` files.
+
+    Before anything is downloaded the entries' names are checked (`check_local_names`): two
+    entries that need one name, or an entry saved as `manifest.json`, fail at once. An archive
+    member that would replace a file of any entry, its partial download or unpacking record, or
+    `manifest.json`, fails its archive (see `extract_archive` for the other checks).
     """
     dest = Path(dest)
-    seen: dict[str, str] = {}
-    for remote in files:
-        # Two entries saved under one name would silently overwrite each other.
-        if remote.filename in seen:
-            raise SciquantError(
-                f"Two dataset files would be saved as {dest / remote.filename}:"
-                f" {seen[remote.filename]} and {remote.url}. Give one of them a different `name`"
-                " in the config."
-            )
-        seen[remote.filename] = remote.url
+    # Two entries saved under one name would silently overwrite each other.
+    claims, _ = _claims(files, "files")
+    # What no archive member may replace, and what to do about it.
+    protected = {
+        name: f"{what}; give that entry a different `name` in the config"
+        for name, what in claims.items()
+    }
+    protected[MANIFEST_NAME] = (
+        "the list of delivered files that `sciquant fetch` writes there; set `extract: false`"
+        " for this archive and unpack it by hand elsewhere"
+    )
     _check_settings(retries, backoff_s, timeout_s)
     _mkdir(dest)
 
@@ -130,7 +233,7 @@ def fetch(
                 session=session,
             )
             if remote.extract:
-                _extract_once(path, dest, _check_sha256(remote.sha256, remote.url))
+                _extract_once(path, dest, _check_sha256(remote.sha256, remote.url), protected)
             paths.append(path)
     return paths
 
@@ -208,7 +311,9 @@ def download(
     return target
 
 
-def extract_archive(archive: Path, dest: Path) -> list[Path]:
+def extract_archive(
+    archive: Path, dest: Path, *, protected: Mapping[str, str] | None = None
+) -> list[Path]:
     """Unpack a zip or tar archive (plain, gz, bz2, xz) into `dest`; return the unpacked paths.
 
     Every member is checked before anything is written: an absolute path, a `..` component, a
@@ -217,6 +322,15 @@ def extract_archive(archive: Path, dest: Path) -> list[Path]:
     The archive is unpacked into a temporary folder inside `dest` and its entries are then moved
     into place, merging into folders that already exist, so a failed or interrupted unpack
     leaves no half-written files in `dest`.
+
+    Before the first move, every destination is checked against what `dest` holds now (links
+    left by archives unpacked before included), on real paths: a symlink member that would
+    resolve outside the real `dest`, a member that would be written through a symlink leading
+    outside it, a folder member where a file or link exists (moving it in would delete that),
+    a file member where a folder exists, or a top-level member named in `protected` (file name
+    -> what that file is and what to do) rejects the whole archive. If placing this archive's
+    links makes a symlink already in `dest` lead outside it, that symlink is removed and the
+    unpack fails.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -255,7 +369,7 @@ def extract_archive(archive: Path, dest: Path) -> list[Path]:
                 f"Cannot unpack {archive}: {exc}. The archive is damaged; delete it and fetch"
                 " it again."
             ) from exc
-        _merge_into(staging, dest, archive)
+        _merge_into(staging, dest, archive, protected or {})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [dest / name for name in names]
@@ -671,42 +785,170 @@ def _unsafe(archive: Path, member: str, why: str) -> SciquantError:
     )
 
 
-def _merge_into(staging: Path, dest: Path, archive: Path) -> None:
+def _merge_into(staging: Path, dest: Path, archive: Path, protected: Mapping[str, str]) -> None:
     """Move the unpacked tree from `staging` into `dest`, merging with folders already there.
 
     Merging (rather than replacing whole folders) lets datasets split over several archives
-    that share a top-level folder unpack side by side. Each move is an atomic rename.
+    that share a top-level folder unpack side by side. Each move is an atomic rename. Every move
+    is checked first (`_plan_merge`), so a refused archive places nothing; afterwards the
+    symlinks in `dest` are checked again if this archive placed or replaced one.
     """
-    for root, dirs, files in os.walk(staging):
-        src_dir = Path(root)
-        dst_dir = dest / src_dir.relative_to(staging)
-        descend = []
-        for name in dirs:
+    root = _real(dest)
+    moves, links_change = _plan_merge(staging, dest, root, archive, protected)
+    before = _links_leaving(dest, root) if links_change else set()
+    for src, dst in moves:
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            raise SciquantError(
+                f"Cannot unpack {archive}: moving {src.name} to {dst} failed ({exc}). Check"
+                f" permissions in {dest}, then fetch again."
+            ) from exc
+    if links_change:
+        # A link placed now can change where an earlier one points (`E -> L/x/../..` once `L`
+        # is re-pointed); such a link is removed rather than left to be followed.
+        leaving = sorted(_links_leaving(dest, root) - before)
+        for link in leaving:
+            link.unlink(missing_ok=True)
+        if leaving:
+            raise SciquantError(
+                f"Unpacking {archive} made the symlinks {', '.join(map(str, leaving))} lead"
+                f" outside {dest} (a link in this archive changed where they point); they were"
+                " removed. Check that the dataset's URLs serve the intended archives, then"
+                f" delete {dest} and fetch again."
+            )
+
+
+def _plan_merge(
+    staging: Path, dest: Path, root: str, archive: Path, protected: Mapping[str, str]
+) -> tuple[list[tuple[Path, Path]], bool]:
+    """The (source, destination) renames that merge `staging` into `dest`, all checked.
+
+    `root` is the real path of `dest`. Returns the renames and whether they place or replace a
+    symlink. Raises `SciquantError` (naming the archive, the member and what to do) before
+    anything is moved if a destination is unsafe: see `extract_archive`.
+    """
+    moves: list[tuple[Path, Path]] = []
+    links_change = False
+    # Staging folders moved whole: their contents go with them and need only the link check.
+    carried: set[Path] = set()
+    for top, dirs, files in os.walk(staging):
+        src_dir = Path(top)
+        rel = src_dir.relative_to(staging)
+        dst_dir = dest / rel
+        inside_new = src_dir in carried
+        # The folder the members land in, as the OS will find it (nonexistent parts lexically).
+        real_dir = _real(dst_dir)
+        if not _inside(real_dir, root):
+            member = (rel / (dirs + files)[0]).as_posix() if dirs + files else rel.as_posix()
+            link = _outward_link(dest, rel, root) or dst_dir
+            raise SciquantError(
+                f"Refusing to unpack {archive}: member {member!r} would be written through the"
+                f" symlink {link}, which leads to {_real(link)}, outside {dest}."
+                f" Nothing from this archive was unpacked. Remove {link} (links in the raw"
+                " folder must stay inside it) and fetch again; check that the dataset's URLs"
+                " serve the intended archives."
+            )
+        for name in [*dirs, *files]:
             src, dst = src_dir / name, dst_dir / name
-            if not src.is_symlink() and dst.is_dir():
-                descend.append(name)
-            else:
-                _move(src, dst, archive)
-        # Only folders that exist on both sides need walking; the rest moved in one rename.
-        dirs[:] = descend
-        for name in files:
-            _move(src_dir / name, dst_dir / name, archive)
+            member = (rel / name).as_posix()
+            is_link = src.is_symlink()
+            if is_link:
+                links_change = True
+                target = os.readlink(src)
+                resolved = _real(os.path.join(real_dir, target))
+                if not _inside(resolved, root):
+                    raise SciquantError(
+                        f"Refusing to unpack {archive}: member {member!r} is a symlink to"
+                        f" {target!r}, which in {dest} resolves to {resolved}, outside that"
+                        " folder (following links already there, e.g. from archives unpacked"
+                        " before). Nothing from this archive was unpacked. Check that the"
+                        " dataset's URLs serve the intended archives; remove links in"
+                        f" {dest} that lead elsewhere, or set `extract: false` for this archive"
+                        " and unpack it by hand."
+                    )
+            is_folder = not is_link and src.is_dir()
+            if inside_new:
+                if is_folder:
+                    carried.add(src)
+                continue
+            if not rel.parts and name in protected:
+                raise SciquantError(
+                    f"Refusing to unpack {archive}: member {member!r} would replace {dst},"
+                    f" {protected[name]}. Nothing from this archive was unpacked."
+                )
+            if is_folder:
+                if dst.is_dir():
+                    continue  # an existing folder (or a link to one inside dest): merge into it
+                if dst.exists() or dst.is_symlink():
+                    raise SciquantError(
+                        f"Refusing to unpack {archive}: member {member!r} is a folder, but"
+                        f" {dst} exists and is not a folder; moving the folder in would delete"
+                        f" it. Nothing from this archive was unpacked. Move {dst} away (or, if"
+                        " another dataset file delivers it, fix the clash between the two) and"
+                        " fetch again."
+                    )
+                carried.add(src)
+            elif dst.is_dir() and not dst.is_symlink():
+                raise SciquantError(
+                    f"Cannot unpack {archive}: {dst} is a folder but the archive has a file"
+                    f" there. Move {dst} away and fetch again."
+                )
+            links_change = links_change or dst.is_symlink()
+            moves.append((src, dst))
+    return moves, links_change
 
 
-def _move(src: Path, dst: Path, archive: Path) -> None:
-    if dst.is_dir() and not dst.is_symlink():
-        raise SciquantError(
-            f"Cannot unpack {archive}: {dst} is a folder but the archive has a file there."
-            f" Move {dst} away and fetch again."
-        )
-    if src.is_dir() and not src.is_symlink() and (dst.exists() or dst.is_symlink()):
-        # rename() cannot put a folder over a file.
-        dst.unlink()
-    os.replace(src, dst)
+def _real(path: str | Path) -> str:
+    """The path as the OS resolves it: symlinks followed, nonexistent parts and `..` after a
+    symlink loop taken lexically (never an answer inside where the OS would go outside)."""
+    return os.path.normpath(os.path.realpath(path))
 
 
-def _extract_once(archive: Path, dest: Path, sha256: str) -> None:
-    """Unpack `archive` unless the stamp says this exact archive is already unpacked."""
+def _inside(path: str, root: str) -> bool:
+    """Whether the absolute, normalized `path` is `root` or below it."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _outward_link(dest: Path, rel: Path, root: str) -> Path | None:
+    """The first symlink on the way from `dest` down `rel` that leads outside `root`."""
+    path = dest
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink() and not _inside(_real(path), root):
+            return path
+    return None
+
+
+def _links_leaving(dest: Path, root: str) -> set[Path]:
+    """Every symlink under `dest` whose real path is outside `root` (links are not followed;
+    unpacking folders are skipped)."""
+    found: set[Path] = set()
+    pending = [dest]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if folder == dest and entry.name.startswith(".") and entry.name.endswith(".unpacking"):
+                continue
+            if entry.is_symlink():
+                if not _inside(_real(entry.path), root):
+                    found.add(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+    return found
+
+
+def _extract_once(
+    archive: Path, dest: Path, sha256: str, protected: Mapping[str, str] | None = None
+) -> None:
+    """Unpack `archive` unless the stamp says this exact archive is already unpacked.
+
+    `protected` goes to `extract_archive`.
+    """
     stamp = dest / f".{archive.name}.extracted"
     try:
         recorded = json.loads(stamp.read_text())
@@ -716,7 +958,8 @@ def _extract_once(archive: Path, dest: Path, sha256: str) -> None:
             return
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no stamp, or an unreadable one: unpack
-    top = sorted({p.relative_to(dest).parts[0] for p in extract_archive(archive, dest)})
+    unpacked = extract_archive(archive, dest, protected=protected)
+    top = sorted({p.relative_to(dest).parts[0] for p in unpacked})
     tmp = stamp.with_name(stamp.name + ".part")
     tmp.write_text(json.dumps({"sha256": sha256, "top": top}))
     os.replace(tmp, stamp)

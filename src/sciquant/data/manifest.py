@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sciquant.data.download import sha256_of
+from sciquant.data.download import MANIFEST_NAME, sha256_of
 from sciquant.provenance import write_json
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_NAME
 
 
 def write_manifest(raw: Path, source: dict[str, Any]) -> Path:

@@ -56,7 +56,7 @@ import mdtraj
 import numpy as np
 from tqdm import tqdm
 
-from sciquant.data.download import sha256_of
+from sciquant.data.download import MANIFEST_NAME, local_name, sha256_of
 from sciquant.errors import SciquantError
 from sciquant.provenance import atomic_path, write_json
 
@@ -531,6 +531,75 @@ def prepare_from_info(raw: Path, out: Path, **kw: Any) -> Path:
             f"{path}: expected {{'topology': file, 'trajectories': [{{'file': file, 'label': int}},"
             f" ...]}}; missing or malformed {error}. Fetch or synthesize again."
         ) from error
+    return prepare(topology, trajectories, out, **kw)
+
+
+def listing_from_manifest(raw: Path) -> tuple[Path, list[tuple[Path, int]]]:
+    """The topology and the (trajectory, label) pairs a fetch delivered into `raw`.
+
+    Reads the config entries `sciquant fetch` recorded in `raw/manifest.json` (`source.files`:
+    `url`, optional `name`, `role` "topology" or "trajectory", a trajectory's `label`) and
+    finds each file under the name fetch saved it as: `sciquant.data.download.local_name`, so a
+    URL with a query string or percent-escapes is looked up where it was saved. Errors name the
+    manifest and the entry and say what to fix.
+    """
+    raw = Path(raw)
+    path = raw / MANIFEST_NAME
+    try:
+        files = json.loads(path.read_text())["source"]["files"]
+    except FileNotFoundError:
+        raise SciquantError(
+            f"{path}: not found, so the downloaded files are unknown; rerun fetch (it writes"
+            " the manifest last)."
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise SciquantError(
+            f"{path}: cannot read the list of downloaded files ({error!r}); rerun fetch"
+        ) from None
+    if not isinstance(files, list):
+        raise SciquantError(f"{path}: source.files is not a list; rerun fetch")
+    topologies: list[Path] = []
+    trajectories: list[tuple[Path, int]] = []
+    for i, spec in enumerate(files):
+        key = f"{path}: source.files.{i}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+            raise SciquantError(f"{key} has no `url`; rerun fetch with the dataset's config")
+        file = raw / local_name(spec["url"], spec.get("name"))
+        role = spec.get("role")
+        if role == "topology":
+            topologies.append(file)
+        elif role == "trajectory":
+            label = spec.get("label")
+            if isinstance(label, str) and label.strip().isdigit():
+                label = int(label)
+            if label is None:
+                raise SciquantError(
+                    f"{key} ({spec['url']}) is a trajectory without `label`; give it its state"
+                    " label (0, 1, ...) in the config and rerun fetch"
+                )
+            trajectories.append((file, label))
+        else:
+            raise SciquantError(
+                f"{key} ({spec['url']}) has role {role!r}; set `role: topology` or"
+                " `role: trajectory` for it in the config and rerun fetch"
+            )
+    if len(topologies) != 1:
+        raise SciquantError(
+            f"{path}: exactly one file needs `role: topology` (found {len(topologies)}); fix the"
+            " dataset's `files` in the config and rerun fetch"
+        )
+    if not trajectories:
+        raise SciquantError(
+            f"{path}: no file has `role: trajectory`; list the trajectories in the dataset's"
+            " `files` in the config and rerun fetch"
+        )
+    return topologies[0], trajectories
+
+
+def prepare_from_manifest(raw: Path, out: Path, **kw: Any) -> Path:
+    """`prepare` on the files a fetch delivered into `raw` (see `listing_from_manifest`).
+    Keyword arguments go to `prepare`."""
+    topology, trajectories = listing_from_manifest(raw)
     return prepare(topology, trajectories, out, **kw)
 
 
