@@ -109,7 +109,7 @@ CASES = [
      "config key datasets.bloodflow.source: give exactly one of `embedded` or `files`"),
     ("same-file-name-twice", files({"url": "https://a.org/x/data.zip", "sha256": SHA},
                                    {"url": "https://b.org/data.zip", "sha256": "1" * 64}),
-     "config key datasets.bloodflow.source.files: two files would be saved as data.zip"),
+     "datasets.bloodflow.source.files.0 (https://a.org/x/data.zip) needs 'data.zip'"),
     # splits and sizes
     ("split-no-training", dataset(prepare={"split": {"train": 0, "valid": 0, "test": 1}}),
      "config key datasets.bloodflow.prepare.split: train and test fractions must be > 0"),

@@ -468,20 +468,8 @@ def _prepare_md(raw: Path, out: Path, settings: dict) -> None:
     if (raw / "dataset_info.json").is_file():
         md.prepare_from_info(raw, out, **options)
         return
-    manifest = raw / "manifest.json"
-    try:
-        files = json.loads(manifest.read_text())["source"]["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise SciquantError(
-            f"{manifest}: cannot read the list of downloaded files ({error}); rerun fetch"
-        ) from None
-
-    def local(spec: dict) -> Path:
-        return raw / (spec.get("name") or spec["url"].rstrip("/").rsplit("/", 1)[-1])
-
-    topology = next(local(f) for f in files if f["role"] == "topology")
-    trajectories = [(local(f), int(f["label"])) for f in files if f["role"] == "trajectory"]
-    md.prepare(topology, trajectories, out, **options)
+    # The files are looked up under the names fetch saved them as (download.local_name).
+    md.prepare_from_manifest(raw, out, **options)
 
 
 FAULT_VARIABLE = "SCIQUANT_FAIL_STAGE"

@@ -263,13 +263,12 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key datasets.{name}.prepare.split: train and test fractions must be > 0"
             )
         files = source.get("files", [])
-        names = [f.get("name") or f["url"].rstrip("/").rsplit("/", 1)[-1] for f in files]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise SciquantError(
-                f"config key datasets.{name}.source.files: two files would be saved as "
-                f"{', '.join(duplicates)}; give them distinct `name`s"
-            )
+        if files:
+            # The names fetch saves them under (one function for fetch, this check and prepare):
+            # two entries on one name, or one on manifest.json, fail here, before any download.
+            from sciquant.data.download import check_local_names
+
+            check_local_names(files, key=f"datasets.{name}.source.files")
         if dataset.get("workload") == "md":
             _check_md_dataset(name, dataset)
             continue

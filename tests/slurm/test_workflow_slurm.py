@@ -129,10 +129,17 @@ def slurm_jobs(cluster, sm: Snakemake) -> list[dict[str, str]]:
 
 
 def science(metrics_file: Path) -> dict[str, object]:
-    """A metrics.json without provenance and timings, flattened to dotted keys."""
+    """A metrics.json without provenance, the host and timings, flattened to dotted keys."""
+    from sciquant.report.cube import TIMING_DETAILS
+
     payload = json.loads(metrics_file.read_text())
     payload.pop("provenance")
-    payload["metrics"] = {k: v for k, v in payload["metrics"].items() if "time" not in k}
+    payload.pop("host", None)  # the load average changes from run to run
+    payload["metrics"] = {
+        k: v
+        for k, v in payload["metrics"].items()
+        if "time" not in k and k not in TIMING_DETAILS and not k.startswith("paired_")
+    }
     return _flat(payload)
 
 
