@@ -174,7 +174,9 @@ def get_run_artifacts(wildcards):
     fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
     if plan.runtime in ONNX_RUNTIMES:
         # float runs (method none) all build from the target's FP32 export
-        artifacts["onnx"] = f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
+        artifacts["onnx"] = (
+            f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
+        )
     if is_paired(run):
         # timed interleaved with its target's FP32 in the same process (a paired speed-up)
         artifacts["baseline_checkpoint"] = f"{training}/checkpoint.pt"
@@ -205,7 +207,8 @@ def is_paired(run):
 def timed_threads(wildcards):
     """Cores a job holds: a timed evaluation holds every local core, so that no other job of
     this workflow shares its CPU while it is timed (its runtime still uses `threads` from the
-    config, `params.threads`); on a cluster (Slurm) the job's own allocation isolates it."""
+    config, `params.threads`); on a cluster (Slurm) the job's own allocation isolates it.
+    """
     if workflow.local_exec and is_timed(run_of(wildcards)):
         try:
             return max(config["threads"], workflow.cores)
