@@ -15,6 +15,17 @@ config entry; `fetch`, the config's duplicate-name check and `prepare md` all us
 function. Archives are unpacked into the raw folder so that nothing is written outside it, even
 through symlinks left there by an archive unpacked before, and no member replaces a file that
 `fetch` itself is responsible for (a downloaded file, the manifest, a partial download).
+
+Limits keep a wrong URL or a hostile server from filling the disk: a download may not exceed
+`max_download_bytes` (checked against the size the server announces and while the bytes arrive),
+and an archive is unpacked only if it has at most `max_archive_members` members, unpacks to at
+most `max_unpacked_bytes` and, above 100 MiB unpacked, to at most `max_compression_ratio` times
+its own size (archive bombs). Archives are checked on the sizes their headers declare, before
+anything is unpacked. The defaults (`MAX_DOWNLOAD_BYTES` 100 GiB, `MAX_UNPACKED_BYTES` 200 GiB,
+`MAX_ARCHIVE_MEMBERS` 100,000, `MAX_COMPRESSION_RATIO` 200) are far above the real data sets:
+VMR and GPCRmd files are a few GiB at most, their archives hold at most thousands of files, and
+simulation data compress far less than 200:1. Each limit is a keyword argument of `fetch`, to be
+raised on purpose for a larger data set.
 """
 
 from __future__ import annotations
@@ -48,6 +59,10 @@ from sciquant.errors import SciquantError
 
 __all__ = [
     "MANIFEST_NAME",
+    "MAX_ARCHIVE_MEMBERS",
+    "MAX_COMPRESSION_RATIO",
+    "MAX_DOWNLOAD_BYTES",
+    "MAX_UNPACKED_BYTES",
     "RemoteFile",
     "check_local_names",
     "download",
@@ -70,6 +85,18 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.x
 #: The file `sciquant fetch` writes last into the raw folder, listing what it delivered
 #: (`sciquant.data.manifest`); no dataset file or archive member may take its name.
 MANIFEST_NAME = "manifest.json"
+#: Default largest file `fetch` downloads, in bytes (100 GiB).
+MAX_DOWNLOAD_BYTES = 100 * 2**30
+#: Default largest total of the member sizes of one archive that `fetch` unpacks (200 GiB).
+MAX_UNPACKED_BYTES = 200 * 2**30
+#: Default largest number of members (files, folders, links) of one archive `fetch` unpacks.
+MAX_ARCHIVE_MEMBERS = 100_000
+#: Default largest ratio of an archive's unpacked size to its own size (checked above 100 MiB).
+MAX_COMPRESSION_RATIO = 200.0
+# An archive that unpacks to less than this is never refused for its compression ratio: small
+# files of zeros or repeated text can compress very well and are harmless.
+_RATIO_FREE_BYTES = 100 * 2**20
+_WHERE_LIMITS = "a keyword argument of `sciquant.data.download.fetch`"
 
 
 def local_name(url: str, name: str | None = None) -> str:
@@ -188,6 +215,10 @@ def fetch(
     backoff_s: float = 1.0,
     timeout_s: float = 60.0,
     progress: bool = True,
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+    max_archive_members: int = MAX_ARCHIVE_MEMBERS,
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES,
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO,
 ) -> list[Path]:
     """Download every file into `dest`, verify it, unpack archives; return the file paths.
 
@@ -203,7 +234,24 @@ def fetch(
     entries that need one name, or an entry saved as `manifest.json`, fail at once. An archive
     member that would replace a file of any entry, its partial download or unpacking record, or
     `manifest.json`, fails its archive (see `extract_archive` for the other checks).
+
+    Limits (see the module docstring for the defaults): a file larger than `max_download_bytes`
+    is not downloaded (see `download`); an archive with more than `max_archive_members` members,
+    whose members add up to more than `max_unpacked_bytes`, or, above 100 MiB, to more than
+    `max_compression_ratio` times the archive's size, is not unpacked (see `extract_archive`).
+    Each refusal is a `SciquantError` naming the file, the limit and the argument that raises it.
     """
+    _check_limits(
+        max_download_bytes=max_download_bytes,
+        max_archive_members=max_archive_members,
+        max_unpacked_bytes=max_unpacked_bytes,
+        max_compression_ratio=max_compression_ratio,
+    )
+    archive_limits = {
+        "max_archive_members": max_archive_members,
+        "max_unpacked_bytes": max_unpacked_bytes,
+        "max_compression_ratio": max_compression_ratio,
+    }
     dest = Path(dest)
     # Two entries saved under one name would silently overwrite each other.
     claims, _ = _claims(files, "files")
@@ -231,9 +279,16 @@ def fetch(
                 timeout_s=timeout_s,
                 progress=progress,
                 session=session,
+                max_download_bytes=max_download_bytes,
             )
             if remote.extract:
-                _extract_once(path, dest, _check_sha256(remote.sha256, remote.url), protected)
+                _extract_once(
+                    path,
+                    dest,
+                    _check_sha256(remote.sha256, remote.url),
+                    protected,
+                    archive_limits,
+                )
             paths.append(path)
     return paths
 
@@ -248,6 +303,7 @@ def download(
     timeout_s: float = 60.0,
     progress: bool = True,
     session: requests.Session | None = None,
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Download `url` to `target` and check its sha256; return `target`.
 
@@ -258,10 +314,16 @@ def download(
     HTTP errors fail at once. `timeout_s` bounds connecting and each wait for data, not the
     whole download. `progress` shows a progress bar on stderr. `file://` URLs are copied.
     Proxies come from the usual HTTPS_PROXY / NO_PROXY variables.
+
+    A file larger than `max_download_bytes` raises `SciquantError`: at once if the server
+    announces the size (Content-Length, or Content-Range when resuming; a `.part` left by an
+    earlier run is then kept), else as soon as more bytes arrive (the `.part` is deleted). A
+    limit is not retried.
     """
     expected = _check_sha256(sha256, url)
     scheme = _check_url(url)
     _check_settings(retries, backoff_s, timeout_s)
+    _check_limits(max_download_bytes=max_download_bytes)
     target = Path(target)
     part = target.with_name(target.name + ".part")
 
@@ -272,13 +334,15 @@ def download(
     _mkdir(target.parent)
 
     if scheme == "file":
-        _copy_local(url, part)
+        _copy_local(url, part, max_download_bytes)
         actual = sha256_of(part)
     else:
         own_session = session is None
         session = session or _new_session()
         try:
-            transfer = _Transfer(url, part, session, retries, backoff_s, timeout_s, progress)
+            transfer = _Transfer(
+                url, part, session, retries, backoff_s, timeout_s, progress, max_download_bytes
+            )
             from_earlier_run = part.is_file() and part.stat().st_size > 0
             transfer.run()
             actual = sha256_of(part)
@@ -312,7 +376,13 @@ def download(
 
 
 def extract_archive(
-    archive: Path, dest: Path, *, protected: Mapping[str, str] | None = None
+    archive: Path,
+    dest: Path,
+    *,
+    protected: Mapping[str, str] | None = None,
+    max_archive_members: int = MAX_ARCHIVE_MEMBERS,
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES,
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO,
 ) -> list[Path]:
     """Unpack a zip or tar archive (plain, gz, bz2, xz) into `dest`; return the unpacked paths.
 
@@ -331,7 +401,21 @@ def extract_archive(
     -> what that file is and what to do) rejects the whole archive. If placing this archive's
     links makes a symlink already in `dest` lead outside it, that symlink is removed and the
     unpack fails.
+
+    Before anything is unpacked, the member headers are read and counted: more than
+    `max_archive_members` members, declared sizes adding up to more than `max_unpacked_bytes`
+    (a hard link counts as a copy of its target), or, once the total passes 100 MiB, to more
+    than `max_compression_ratio` times the archive's size, reject the archive with a
+    `SciquantError` naming it, the limit and the argument that raises it. Tar headers are
+    counted as they are read, so a bomb is refused before the rest of its stream is
+    decompressed. Member sizes are what is written: tarfile writes exactly the declared size
+    and zipfile stops at it.
     """
+    _check_limits(
+        max_archive_members=max_archive_members,
+        max_unpacked_bytes=max_unpacked_bytes,
+        max_compression_ratio=max_compression_ratio,
+    )
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise SciquantError(f"Cannot unpack {archive}: no such file. Fetch it first.")
@@ -340,13 +424,19 @@ def extract_archive(
     staging = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".unpacking", dir=dest))
     try:
         try:
+            budget = _Budget(
+                archive, max_archive_members, max_unpacked_bytes, max_compression_ratio
+            )
             if kind == "zip":
                 with zipfile.ZipFile(archive) as zf:
+                    infos = zf.infolist()
+                    for info in infos:
+                        budget.add(info.file_size)
                     names = _checked_zip_members(zf, archive)
                     zf.extractall(staging)
             else:
                 with tarfile.open(archive, "r:*") as tf:
-                    names = _checked_tar_members(tf.getmembers(), archive)
+                    names = _checked_tar_members(_tar_members(tf, budget), archive)
                     # The data filter is a second line of defence (and drops setuid bits and
                     # unsafe permissions); it exists from Python 3.11.4.
                     if hasattr(tarfile, "data_filter"):
@@ -401,6 +491,7 @@ class _Transfer:
     backoff_s: float
     timeout_s: float
     progress: bool
+    max_bytes: int = MAX_DOWNLOAD_BYTES
 
     def run(self) -> None:
         """Attempt until `part` holds all bytes the server has, or raise `SciquantError`."""
@@ -487,12 +578,21 @@ class _Transfer:
                 offset, mode = 0, "wb"
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
+            if total is not None and total > self.max_bytes:
+                raise SciquantError(
+                    f"Refusing to download {self.url}: the server announces {total} bytes"
+                    f" ({_size(total)}), above the limit max_download_bytes={self.max_bytes}"
+                    f" ({_size(self.max_bytes)}). Nothing more was downloaded. Check that the URL"
+                    " serves the intended file; to download a file this large on purpose, raise"
+                    f" `max_download_bytes` ({_WHERE_LIMITS})."
+                )
             self._receive(response, offset, total, mode)
 
     def _receive(
         self, response: requests.Response, offset: int, total: int | None, mode: str
     ) -> None:
         written = offset
+        too_long = False
         try:
             with (
                 open(self.part, mode) as out,
@@ -519,6 +619,9 @@ class _Transfer:
                         raise _Transient(f"connection lost after {written} bytes ({exc})") from exc
                     if chunk is None:
                         break
+                    if written + len(chunk) > self.max_bytes:
+                        too_long = True
+                        break
                     out.write(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
@@ -529,6 +632,16 @@ class _Transfer:
             raise SciquantError(
                 f"Cannot write {self.part}: {exc}. Check free space and permissions there."
             ) from exc
+        if too_long:
+            self.part.unlink(missing_ok=True)
+            raise SciquantError(
+                f"Refusing to download {self.url}: the server sent more than the limit"
+                f" max_download_bytes={self.max_bytes} ({_size(self.max_bytes)}) and was cut"
+                f" off; the partial download {self.part} was deleted. Check that the URL serves"
+                " the intended file (a server that never ends its answer looks like this); to"
+                f" download a file this large on purpose, raise `max_download_bytes`"
+                f" ({_WHERE_LIMITS})."
+            )
         if total is not None and written != total:
             raise _Transient(f"connection closed after {written} of {total} bytes")
 
@@ -600,7 +713,7 @@ def _new_session() -> requests.Session:
     return session
 
 
-def _copy_local(url: str, part: Path) -> None:
+def _copy_local(url: str, part: Path, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise SciquantError(
@@ -610,6 +723,16 @@ def _copy_local(url: str, part: Path) -> None:
     source = Path(url2pathname(unquote(parts.path)))
     if not source.is_file():
         raise SciquantError(f"{url}: no such file {source}. Check the path in the config.")
+    try:
+        size = source.stat().st_size
+    except OSError as exc:
+        raise SciquantError(f"Cannot read {source}: {exc}.") from exc
+    if size > max_bytes:
+        raise SciquantError(
+            f"Refusing to copy {url}: it has {size} bytes ({_size(size)}), above the limit"
+            f" max_download_bytes={max_bytes} ({_size(max_bytes)}). To copy a file this large"
+            f" on purpose, raise `max_download_bytes` ({_WHERE_LIMITS})."
+        )
     try:
         shutil.copyfile(source, part)
     except OSError as exc:
@@ -664,6 +787,25 @@ def _check_settings(retries: int, backoff_s: float, timeout_s: float) -> None:
         )
 
 
+def _check_limits(**limits: float) -> None:
+    """Each limit must be a positive number; the counts and byte sizes whole numbers."""
+    for name, value in limits.items():
+        whole = name != "max_compression_ratio"
+        kinds = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+            need = "a whole number > 0" if whole else "a number > 0"
+            raise SciquantError(f"Download limit out of range: {name}={value!r}; use {need}.")
+
+
+def _size(n: float) -> str:
+    """A byte count for people: 1.5 GiB, 20 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
 def _mkdir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -672,6 +814,75 @@ def _mkdir(path: Path) -> None:
 
 
 # --- archives ------------------------------------------------------------------------------
+
+
+class _Budget:
+    """Counts an archive's members and declared sizes against its limits, one member at a
+    time; raises `SciquantError` at the first member past a limit."""
+
+    def __init__(self, archive: Path, max_members: int, max_bytes: int, max_ratio: float) -> None:
+        self.archive = archive
+        self.max_members, self.max_bytes, self.max_ratio = max_members, max_bytes, max_ratio
+        try:
+            self.archive_bytes = archive.stat().st_size
+        except OSError as exc:
+            raise SciquantError(f"Cannot read {archive}: {exc}.") from exc
+        self.members = 0
+        self.unpacked = 0
+
+    def add(self, size: int) -> None:
+        self.members += 1
+        self.unpacked += max(int(size), 0)
+        if self.members > self.max_members:
+            self._refuse(
+                f"it has more than {self.max_members} members",
+                f"max_archive_members={self.max_members}",
+                "max_archive_members",
+            )
+        if self.unpacked > self.max_bytes:
+            self._refuse(
+                f"its members add up to more than {self.max_bytes} bytes ({_size(self.max_bytes)})",
+                f"max_unpacked_bytes={self.max_bytes}",
+                "max_unpacked_bytes",
+            )
+        if (
+            self.unpacked > _RATIO_FREE_BYTES
+            and self.unpacked > self.max_ratio * self.archive_bytes
+        ):
+            self._refuse(
+                f"its members add up to at least {_size(self.unpacked)},"
+                f" {self.unpacked / max(self.archive_bytes, 1):.0f} times the archive's own"
+                f" {_size(self.archive_bytes)} (data sets compress far less: this looks like an"
+                " archive bomb)",
+                f"max_compression_ratio={self.max_ratio:g}",
+                "max_compression_ratio",
+            )
+
+    def _refuse(self, why: str, limit: str, argument: str) -> None:
+        raise SciquantError(
+            f"Refusing to unpack {self.archive}: {why}, past the limit {limit}. Nothing was"
+            " unpacked. Check that the URL serves the intended archive; to unpack it on"
+            f" purpose, raise `{argument}` ({_WHERE_LIMITS}), or set `extract: false` for it"
+            " and unpack it by hand."
+        )
+
+
+def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> list[tarfile.TarInfo]:
+    """All members of `tf`, counted against `budget` as each header is read (a hard link
+    counts as a copy of its target)."""
+    members: list[tarfile.TarInfo] = []
+    sizes: dict[str, int] = {}
+    for member in tf:
+        if member.isfile():
+            size = member.size
+        elif member.islnk():
+            size = sizes.get(member.linkname, 0)
+        else:
+            size = 0
+        sizes[member.name] = size
+        budget.add(size)
+        members.append(member)
+    return members
 
 
 def _archive_kind(archive: Path) -> str:
@@ -943,11 +1154,15 @@ def _links_leaving(dest: Path, root: str) -> set[Path]:
 
 
 def _extract_once(
-    archive: Path, dest: Path, sha256: str, protected: Mapping[str, str] | None = None
+    archive: Path,
+    dest: Path,
+    sha256: str,
+    protected: Mapping[str, str] | None = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> None:
     """Unpack `archive` unless the stamp says this exact archive is already unpacked.
 
-    `protected` goes to `extract_archive`.
+    `protected` and `limits` (keyword arguments `max_*`) go to `extract_archive`.
     """
     stamp = dest / f".{archive.name}.extracted"
     try:
@@ -958,7 +1173,7 @@ def _extract_once(
             return
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no stamp, or an unreadable one: unpack
-    unpacked = extract_archive(archive, dest, protected=protected)
+    unpacked = extract_archive(archive, dest, protected=protected, **(limits or {}))
     top = sorted({p.relative_to(dest).parts[0] for p in unpacked})
     tmp = stamp.with_name(stamp.name + ".part")
     tmp.write_text(json.dumps({"sha256": sha256, "top": top}))

@@ -52,6 +52,8 @@ QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
 # 8: the bias of ONNX Runtime / OpenVINO targets on the int32 grid s_x·s_w (as their GEMMs add it)
 QUANTIZED_VERSION = 8
+#: The file name the quantize stage writes.
+QUANTIZED_NAME = "quantized.pt"
 
 
 def calibration_inputs(
@@ -180,10 +182,29 @@ def _quantized_state(qmodel, fp32_state, target, method, precision, settings) ->
 
 
 def load_quantized(path: Path) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Rebuild a quantized model from `quantized.pt` (eval mode) and return it with its state."""
-    state = load_checkpoint(
-        path, QUANTIZED_FORMAT, QUANTIZED_VERSION, label="sciquant quantized MeshGraphNet"
-    )
+    """Rebuild a quantized model from `quantized.pt` (eval mode) and return it with its state.
+
+    A missing or unreadable file raises a `SciquantError` that points to the quantize stage,
+    the one that writes it.
+    """
+    try:
+        state = load_checkpoint(
+            path, QUANTIZED_FORMAT, QUANTIZED_VERSION, label="sciquant quantized MeshGraphNet"
+        )
+    except SciquantError as error:
+        # load_checkpoint's own advice for these two cases names the train stage.
+        cause = error.__cause__
+        if isinstance(cause, FileNotFoundError):
+            raise SciquantError(
+                f"{path}: quantized model not found; run the quantize stage first"
+            ) from cause
+        if cause is not None:
+            first_line = (str(cause).splitlines() or [""])[0][:200]
+            raise SciquantError(
+                f"{path}: not a readable quantized model ({type(cause).__name__}: {first_line});"
+                " delete it and rerun the quantize stage"
+            ) from cause
+        raise
     model = MeshGraphNet(MeshGraphNetConfig(**state["architecture"]))
     qmodel = quantize_model(
         model,
@@ -224,11 +245,16 @@ def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
 
 
 def is_quantized(path: Path) -> bool:
-    """Whether `path` is a quantized.pt (False for an FP32 checkpoint or an unreadable file)."""
+    """Whether `path` is a quantized.pt: its format says so.
+
+    A file that cannot be read (missing or corrupt) has no format; it counts as quantized if it
+    is named `quantized.pt`, the name the quantize stage writes, so that `load_quantized`
+    reports it and points to that stage (otherwise the FP32 loader would point to training).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a missing or corrupt file is reported by the loaders with its fix
-        return False
+        return Path(path).name == QUANTIZED_NAME
     return isinstance(state, dict) and state.get("format") == QUANTIZED_FORMAT
 
 

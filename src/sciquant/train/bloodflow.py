@@ -337,6 +337,13 @@ def fit(
     `checkpoint_state(model)` gives what the resume checkpoint stores besides the optimizer
     (format, weights, settings). Writes `resume.pt` every epoch and `training_log.csv` at the end;
     returns the log rows.
+
+    `resume.pt` also records torch's intra-op thread count. CPU kernels sum in an order that
+    depends on it, so a resume is bit-identical to an uninterrupted run only with the same
+    count. A resume with another count still resumes (a requeued job may land on another node,
+    and its finished epochs are kept), and prints that the result will not be bit-identical,
+    naming both counts; `--threads` (the config's `threads`) set to the recorded count keeps
+    the resume bit-identical.
     """
     steps = settings.rollout_steps
     too_short = [g.name for g in train_graphs if g.num_steps < steps + 3]
@@ -384,6 +391,14 @@ def fit(
             log_rows = list(state["log"])
             first_epoch = int(state["epoch"]) + 1
             print(f"resuming from {resume_path} after epoch {first_epoch}")
+            recorded, threads = state.get("torch_threads"), torch.get_num_threads()
+            if recorded is not None and recorded != threads:
+                print(
+                    f"note: {resume_path} was written with {_threads(recorded)}, this run uses"
+                    f" {_threads(threads)}; the result will not be bit-identical to an"
+                    " uninterrupted run (CPU sums depend on the thread count). Rerun with"
+                    f" --threads {recorded} (the config's `threads`) to keep it bit-identical."
+                )
 
     stop = _StopRequest()
     stop.install()
@@ -443,11 +458,17 @@ def fit(
                 "schedule": schedule.state_dict(),
                 "epoch": epoch,
                 "log": log_rows,
+                "torch_threads": torch.get_num_threads(),
             },
             resume_path,
         )
     _write_log(out / "training_log.csv", log_rows)
     return log_rows
+
+
+def _threads(count: int) -> str:
+    """A thread count in words: "1 torch thread", "2 torch threads"."""
+    return f"{count} torch thread" + ("" if count == 1 else "s")
 
 
 def _final_state(model, architecture, index, settings, seed, data_sha256) -> dict[str, Any]:  # noqa: ANN001
