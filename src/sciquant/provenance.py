@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -119,8 +120,65 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) 
     return path
 
 
+#: The key `write_json` adds to a mapping payload that held non-finite numbers.
+NON_FINITE = "non_finite"
+
+
+def json_pointer(keys: Sequence[str | int]) -> str:
+    """The RFC 6901 JSON Pointer of a location: `("metrics", "a/b")` → `/metrics/a~1b`."""
+    return "".join("/" + str(key).replace("~", "~0").replace("/", "~1") for key in keys)
+
+
+def pointer_keys(pointer: str) -> list[str]:
+    """The keys of an RFC 6901 JSON Pointer (the inverse of `json_pointer`; list positions as
+    text): `/metrics/a~1b` → `["metrics", "a/b"]`."""
+    if not pointer.startswith("/"):
+        return []
+    return [part.replace("~1", "/").replace("~0", "~") for part in pointer[1:].split("/")]
+
+
+def finite_json(value: Any) -> tuple[Any, dict[str, str]]:
+    """`value` with every non-finite float (NaN, +∞, −∞) replaced by None, and what was replaced.
+
+    Returns (copy, {JSON Pointer of the location: "nan" | "inf" | "-inf"}); mappings and
+    lists (tuples become lists) are copied, the input is left as it is.
+    """
+    found: dict[str, str] = {}
+
+    def clean(item: Any, keys: tuple[str | int, ...]) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            found[json_pointer(keys)] = "nan" if math.isnan(item) else "inf" if item > 0 else "-inf"
+            return None
+        if isinstance(item, dict):
+            return {key: clean(inner, (*keys, key)) for key, inner in item.items()}
+        if isinstance(item, list | tuple):
+            return [clean(inner, (*keys, index)) for index, inner in enumerate(item)]
+        return item
+
+    return clean(value, ()), found
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    """Write JSON atomically (no half-written metrics.json after a crash)."""
+    """Write JSON atomically (no half-written metrics.json after a crash); always valid JSON.
+
+    JSON has no NaN or infinity. A non-finite float anywhere in `payload` (a diverged run's
+    error, an interval that one sample cannot give) is written as `null`, and a mapping payload
+    gets a top-level `"non_finite"` object naming each by its JSON Pointer (RFC 6901) and what it
+    was, e.g. `{"/metrics/pressure_error_pct": "nan", "/metrics/flowrate_error_pct": "inf"}`;
+    the key is absent where every number is finite. So `null` alone still means "not measured",
+    and a reader tells it from a value that came out NaN or infinite (`sciquant.report.cube`
+    counts the latter in errors and scores as a diverged run); an entry counts only where the
+    value it points to is `null` (a payload read back, changed and written again keeps its
+    earlier entries). A payload that is not a mapping has nowhere to list them: its non-finite
+    numbers are written as `null` only.
+    """
+    cleaned, found = finite_json(payload)
+    if found and isinstance(cleaned, dict):
+        # A payload read back from such a file and written again keeps its earlier entries.
+        earlier = cleaned.get(NON_FINITE) or {}
+        if not isinstance(earlier, dict):
+            raise ValueError(f"{path}: the payload's '{NON_FINITE}' is not a mapping")
+        cleaned[NON_FINITE] = {**earlier, **found}
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
+        tmp.write_text(json.dumps(cleaned, indent=1, sort_keys=False, allow_nan=False))
     return path

@@ -55,7 +55,10 @@ inflow's waveform. The statistics of `pressure`, `flowrate` and their increments
 from __future__ import annotations
 
 import json
+import math
 import re
+import zipfile
+import zlib
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,8 +217,60 @@ def find_vtps(raw: Path) -> Path:
     return candidates[0].parent
 
 
+def read_dataset_info(vtps: Path) -> dict[str, Any]:
+    """`vtps/dataset_info.json`: one object per simulation name; errors name the file and the fix.
+
+    The entries themselves are checked where each simulation is read (`load_simulation`).
+    """
+    path = vtps / "dataset_info.json"
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise SciquantError(
+            f"{path}: cannot be read ({error}); rerun the fetch/synthesize stage"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise SciquantError(
+            f"{path}: not UTF-8 ({error}); save it as UTF-8 (JSON files are UTF-8) or rerun the "
+            "fetch/synthesize stage"
+        ) from error
+    except json.JSONDecodeError as error:
+        raise SciquantError(
+            f"{path}: not valid JSON ({error}); fix it or rerun the fetch/synthesize stage"
+        ) from error
+    if not isinstance(info, dict):
+        raise SciquantError(
+            f"{path}: not an object of simulations (found a {type(info).__name__}); expected "
+            '{"<simulation>": {"dt": ..., "T": ..., ...}, ...}; rerun the fetch/synthesize stage'
+        )
+    return info
+
+
+def _positive_seconds(info_file: Path, name: str, entry: dict[str, Any], key: str) -> float:
+    """`entry[key]` as a finite number of seconds > 0 (a number, or text that reads as one); an
+    error naming the file and key if not."""
+    value = entry[key]
+    try:
+        seconds = float(value) if isinstance(value, int | float | str) else math.nan
+    except ValueError:
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        meaning = {"dt": "the time between stored steps", "T": "the cardiac period"}[key]
+        raise SciquantError(
+            f"{info_file}: '{name}': '{key}' is {value!r}; it must be {meaning} in seconds, a "
+            "finite number > 0; correct the entry or rerun the fetch/synthesize stage"
+        )
+    return seconds
+
+
 def load_simulation(path: Path, info: dict[str, Any]) -> Simulation:
-    """Read one `.vtp` and check it has what ingestion needs; errors name the file."""
+    """Read one `.vtp` and check it has what ingestion needs; errors name the file (and the key).
+
+    Its `dataset_info.json` entry must be an object with `dt` (s between stored steps) and `T`
+    (the period, s), both finite and > 0; the file must store at least 3 time steps that fall at
+    distinct times of the cycle (the periodic spline through them needs 3).
+    """
+    info_file = path.parent / "dataset_info.json"
     centerline = read_centerline(path)
     name = path.stem
     if name not in info:
@@ -224,9 +279,16 @@ def load_simulation(path: Path, info: dict[str, Any]) -> Simulation:
             "time_shift, bc_type and outlet values, or remove the file"
         )
     entry = info[name]
+    if not isinstance(entry, dict):
+        raise SciquantError(
+            f"{info_file}: '{name}' is not an object (found a {type(entry).__name__}); give it "
+            'as {"dt": ..., "T": ..., "bc_type": ..., ...} or rerun the fetch/synthesize stage'
+        )
     for key in ("dt", "T"):
         if key not in entry:
-            raise SciquantError(f"{path.parent / 'dataset_info.json'}: '{name}' has no '{key}'")
+            raise SciquantError(f"{info_file}: '{name}' has no '{key}'")
+    dt = _positive_seconds(info_file, name, entry, "dt")
+    period = _positive_seconds(info_file, name, entry, "T")
     data = centerline.point_data
     for required in ("area", "BranchIdTmp"):
         if required not in data:
@@ -251,8 +313,35 @@ def load_simulation(path: Path, info: dict[str, Any]) -> Simulation:
             raise SciquantError(f"{path}: '{label}' contains NaN or infinite values")
     if np.any(data["area"] <= 0):
         raise SciquantError(f"{path}: 'area' has non-positive values")
-    times = np.asarray(indices, dtype=np.float64) * float(entry["dt"])
+    times = np.asarray(indices, dtype=np.float64) * dt
+    # As `network.periodic_spline` counts them: times within a cycle, the cycle's end = its start.
+    phase = np.mod(times, period)
+    phase[phase > period * (1 - 1e-9)] = 0.0
+    distinct = int(np.sum(np.diff(np.sort(phase)) > period * 1e-9)) + 1
+    if distinct < 3:
+        steps = f"{len(indices)} stored time step{'s' if len(indices) > 1 else ''}"
+        raise SciquantError(
+            f"{path}: {steps} (pressure_<k>, flow_<k>) at {distinct} distinct time"
+            f"{'s' if distinct > 1 else ''} of the cycle (dt = {dt:g} s, T = {period:g} s in "
+            f"{info_file}); at least 3 per cycle are needed; check 'dt' and 'T' there or "
+            "rerun the fetch/synthesize stage"
+        )
     return Simulation(name, path, centerline, entry, times, pressure, flowrate)
+
+
+#: Fewest resampled steps per cycle `prepare` works with (`PrepareSettings.dt` against `T`).
+MIN_CYCLE_STEPS = 3
+
+
+def check_cycle(sim: Simulation, settings: PrepareSettings) -> None:
+    """An error naming dataset_info.json where `T` is shorter than `MIN_CYCLE_STEPS` of `dt`."""
+    period = float(sim.info["T"])
+    if int(round(period / settings.dt)) < MIN_CYCLE_STEPS:
+        raise SciquantError(
+            f"{sim.path.parent / 'dataset_info.json'}: '{sim.name}': 'T' is {period:g} s, fewer "
+            f"than {MIN_CYCLE_STEPS} steps of the prepare time step dt = {settings.dt:g} s; "
+            "correct 'T' or lower `prepare.dt`"
+        )
 
 
 def point_types(centerline: Centerline) -> np.ndarray:
@@ -615,11 +704,7 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
 def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
     """`prepare` itself."""
     vtps = find_vtps(raw)
-    info_file = vtps / "dataset_info.json"
-    try:
-        info = json.loads(info_file.read_text())
-    except json.JSONDecodeError as error:
-        raise SciquantError(f"{info_file}: not valid JSON ({error})") from error
+    info = read_dataset_info(vtps)
     paths = sorted(vtps.glob("*.vtp"))
     if len(paths) < 3:
         raise SciquantError(f"{vtps}: found {len(paths)} .vtp files; need at least 3 to split")
@@ -632,6 +717,7 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
     collected: dict[str, list[np.ndarray]] = defaultdict(list)
     for path in tqdm(paths, desc="prepare", unit="simulation"):
         sim = load_simulation(path, info)
+        check_cycle(sim, settings)
         graph, tree = build_graph(sim, settings)
         period = float(sim.info["T"])
         harmonics = linear_harmonics(period, settings.dt)
@@ -806,11 +892,22 @@ def load_index(prepared: Path) -> dict[str, Any]:
     """Read `index.json` of a prepared dataset; errors name the file and the fix."""
     path = prepared / "index.json"
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as error:
         raise SciquantError(f"{path}: not found; run the prepare stage first") from error
+    except OSError as error:
+        raise SciquantError(f"{path}: cannot be read ({error}); rerun the prepare stage") from error
+    except UnicodeDecodeError as error:
+        raise SciquantError(
+            f"{path}: not UTF-8, a damaged file ({error}); rerun the prepare stage"
+        ) from error
     except json.JSONDecodeError as error:
         raise SciquantError(f"{path}: not valid JSON ({error}); rerun prepare") from error
+    if not isinstance(index, dict):
+        raise SciquantError(
+            f"{path}: not an object (found a {type(index).__name__}), not written by prepare; "
+            "rerun the prepare stage"
+        )
     if index.get("format_version") != FORMAT_VERSION:
         raise SciquantError(
             f"{path}: format version {index.get('format_version')} is not {FORMAT_VERSION}; "
@@ -820,10 +917,19 @@ def load_index(prepared: Path) -> dict[str, Any]:
 
 
 def load_sample(prepared: Path, name: str) -> dict[str, np.ndarray]:
-    """One prepared sample's arrays."""
+    """One prepared sample's arrays.
+
+    A missing, truncated or damaged file (not a zip archive, a failed checksum, a cut-off
+    array) is an error naming it and saying to rerun the prepare stage.
+    """
     path = prepared / "graphs" / f"{name}.npz"
     try:
         with np.load(path) as arrays:
             return {key: arrays[key] for key in arrays.files}
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise SciquantError(f"{path}: cannot read the sample ({error}); rerun prepare") from error
+    except (
+        OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error
+    ) as error:  # fmt: skip
+        raise SciquantError(
+            f"{path}: cannot read the sample, missing, truncated or damaged "
+            f"({type(error).__name__}: {error}); rerun the prepare stage"
+        ) from error

@@ -5,6 +5,14 @@ scalar in a run's `"metrics"` becomes a float64 variable (nested tables such as 
 stay in the run's own metrics.json), plus `simulated` (1.0 / 0.0). A combination that was not run
 is NaN, never dropped. Provenance (package versions, devices, git revisions, config hashes, study)
 is kept as attributes, JSON strings where the value is not a scalar.
+
+A diverged run is not a missing one. An error or score (`diverging_metric`) that came out NaN or
+infinite (`null` listed in the file's `non_finite`, see `sciquant.provenance.write_json`, or a
+bare NaN/Infinity of an older writer) is NaN in its variable, and where any run has one the cube
+gets a `diverged` variable: per run, how many of its errors and scores diverged (0 for a run
+without, NaN where no run was made), and the attribute `diverged_metrics`, a JSON list of
+`{"run": {coordinate: label}, "metrics": [names]}`, one per diverged run. A `null` that is not
+listed (or NaN in a timing detail, e.g. the interval of a single timing pair) is "not measured".
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import pandas as pd
 import xarray as xr
 
 from sciquant.errors import SciquantError
-from sciquant.provenance import atomic_path, write_json
+from sciquant.provenance import NON_FINITE, atomic_path, pointer_keys, write_json
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 
@@ -42,7 +50,9 @@ METHOD_ORDER = (
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
 UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
 UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
-CACHE_VERSION = 3  # raise when RunRecord or read_metrics changes, so old caches are not reused
+CACHE_VERSION = 4  # raise when RunRecord or read_metrics changes, so old caches are not reused
+#: Cube variables that are not metrics: a metrics.json may not use these names for its metrics.
+RESERVED_NAMES = ("simulated", "diverged")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,9 @@ class RunRecord:
     # the baselines' ({name: ...}); what the retained gain's paired bootstrap needs.
     per_simulation: dict[str, dict[str, float]] = field(default_factory=dict)
     baseline_per_simulation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # The scalar errors and scores (`diverging_metric`) that came out NaN or infinite; their
+    # values in `metrics` are NaN.
+    diverged: list[str] = field(default_factory=list)
 
 
 def precision_bits(precision: str) -> tuple[int, int]:
@@ -94,7 +107,13 @@ def label_ranks(dim: str, labels: Iterable[Any]) -> dict[Any, int]:
 
 
 def read_metrics(path: Path) -> RunRecord:
-    """Parse one metrics.json; numeric scalars only (bool → 0/1, null → NaN); tables skipped."""
+    """Parse one metrics.json; numeric scalars only (bool → 0/1, null → NaN); tables skipped.
+
+    A non-finite value (a `null` its `non_finite` lists, or a bare NaN/±Infinity) becomes NaN;
+    the errors and scores among them are the record's `diverged`. A metric name a NetCDF
+    variable cannot have (with `/`, or a coordinate's or `RESERVED_NAMES`' name) is an error
+    naming the file and the metric.
+    """
     try:
         payload = json.loads(Path(path).read_bytes())
         coordinates = payload["coordinates"]
@@ -112,12 +131,28 @@ def read_metrics(path: Path) -> RunRecord:
             f"({type(error).__name__}: {error}); it was not written by `sciquant evaluate`; "
             "delete it and rerun that stage"
         ) from error
-    metrics = {}
+    listed = payload.get(NON_FINITE)
+    non_finite = {
+        keys[1]
+        for keys in map(pointer_keys, listed if isinstance(listed, dict) else {})
+        if len(keys) == 2 and keys[0] == "metrics"
+    }
+    metrics: dict[str, float | int] = {}
+    diverged = []
     for name, value in payload.get("metrics", {}).items():
+        if isinstance(value, dict | list | str):
+            continue
+        check_metric_name(path, name)
         if value is None:
             metrics[name] = math.nan
+            if name in non_finite and diverging_metric(name):
+                diverged.append(name)
         elif isinstance(value, bool):
             metrics[name] = int(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            metrics[name] = math.nan
+            if diverging_metric(name):
+                diverged.append(name)
         elif isinstance(value, int | float):
             metrics[name] = value
     return RunRecord(
@@ -135,6 +170,41 @@ def read_metrics(path: Path) -> RunRecord:
             for name, values in (payload.get("baselines") or {}).items()
             if isinstance(values, dict) and values.get("per_simulation")
         },
+        diverged=diverged,
+    )
+
+
+def check_metric_name(path: Path, name: str) -> None:
+    """Refuse a metric name the cube cannot hold, naming the metrics.json and the metric."""
+    if "/" in name:
+        problem = "contains '/', which a NetCDF variable name cannot"
+    elif name in COORDINATES or name in RESERVED_NAMES:
+        problem = "is the name of one of the cube's coordinates or own variables"
+    elif not name.strip():
+        problem = "is empty"
+    else:
+        return
+    raise SciquantError(
+        f"{path}: metric {name!r} {problem}; rename it (e.g. {_safe_name(name)!r}) in what wrote "
+        "this file, rerun that stage, then aggregate again"
+    )
+
+
+def _safe_name(name: str) -> str:
+    """A usable spelling of a refused metric name (for the error message)."""
+    safe = name.replace("/", "_").strip() or "metric"
+    return f"{safe}_value" if safe in COORDINATES or safe in RESERVED_NAMES else safe
+
+
+def diverging_metric(name: str) -> bool:
+    """Whether a non-finite value of this metric means the run diverged: an error or a score
+    (`metric_kind`), not a spread (`_std`, `_min`, ..., the interval of a single sample) nor a
+    timing detail."""
+    return (
+        metric_kind(name) in ("error", "score")
+        and not name.endswith(SPREAD_SUFFIXES)
+        and name not in TIMING_DETAILS
+        and name not in COUNT_METRICS
     )
 
 
@@ -256,10 +326,13 @@ def to_dataset(records: Sequence[RunRecord], study_info: dict[str, Any]) -> xr.D
     )
     shape = tuple(len(labels[dim]) for dim in COORDINATES)
     variables = {}
-    for name in ["simulated", *metric_names(records)]:
+    any_diverged = any(r.diverged for r in records)
+    for name in ["simulated", *(["diverged"] if any_diverged else []), *metric_names(records)]:
         values = np.full(shape, np.nan)
         if name == "simulated":
             values[index] = [float(r.simulated) for r in records]
+        elif name == "diverged":
+            values[index] = [float(len(r.diverged)) for r in records]
         else:
             values[index] = [r.metrics.get(name, math.nan) for r in records]
         variables[name] = (COORDINATES, values, variable_attrs(name))
@@ -267,13 +340,24 @@ def to_dataset(records: Sequence[RunRecord], study_info: dict[str, Any]) -> xr.D
         dim: np.array(labels[dim], dtype=np.int64 if dim == "seed" else object)
         for dim in COORDINATES
     }
-    return xr.Dataset(variables, coords=coords, attrs=provenance_attrs(records, study_info))
+    attrs = provenance_attrs(records, study_info)
+    if any_diverged:
+        attrs["diverged_metrics"] = json.dumps(
+            [
+                {"run": dict(zip(COORDINATES, r.coordinates, strict=True)), "metrics": r.diverged}
+                for r in records
+                if r.diverged
+            ]
+        )
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
 def variable_attrs(name: str) -> dict[str, str]:
     """`units` from the metric's name (`_pct` → %, `_s` → s, `_ms` → ms, `_bytes` → bytes)."""
     if name == "simulated":
         return {"description": "1: bit-width below the target's native ones, run as simulation"}
+    if name == "diverged":
+        return {"description": "errors and scores of the run that came out NaN or infinite"}
     match = UNIT_PATTERN.search(name)
     return {"units": UNITS[match.group(1)]} if match else {}
 
@@ -313,12 +397,20 @@ def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -
 
 
 def to_table(records: Sequence[RunRecord]) -> pd.DataFrame:
-    """The tidy table: one row per run, columns coordinates, `simulated`, metrics."""
+    """The tidy table: one row per run, columns coordinates, `simulated`, metrics; where a run
+    diverged, a `diverged` column (the count, as in the cube) after `simulated`."""
     names = metric_names(records)
+    counts = ["diverged"] if any(r.diverged for r in records) else []
     rows = [
-        [*r.coordinates, r.simulated, *(r.metrics.get(n, math.nan) for n in names)] for r in records
+        [
+            *r.coordinates,
+            r.simulated,
+            *([len(r.diverged)] if counts else []),
+            *(r.metrics.get(n, math.nan) for n in names),
+        ]
+        for r in records
     ]
-    return pd.DataFrame(rows, columns=[*COORDINATES, "simulated", *names])
+    return pd.DataFrame(rows, columns=[*COORDINATES, "simulated", *counts, *names])
 
 
 def cache_path(out_nc: Path) -> Path:
@@ -357,11 +449,26 @@ def aggregate(
 
 
 def load_cube(path: Path) -> xr.Dataset:
-    """Read a cube written by `aggregate` fully into memory (the file is closed again)."""
+    """Read a cube written by `aggregate` fully into memory (the file is closed again).
+
+    A missing file, or one that is not a complete cube (truncated, corrupt, another kind of
+    file), is an error naming it and saying to aggregate again.
+    """
     if not Path(path).is_file():
         raise SciquantError(f"{path}: result cube not found; run `sciquant aggregate` first")
-    with xr.open_dataset(path, engine="h5netcdf") as opened:
-        cube = opened.load()
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as opened:
+            cube = opened.load()
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise SciquantError(
+            f"{path}: not a readable result cube, truncated or corrupt ({type(error).__name__}: "
+            f"{error}); delete it and run `sciquant aggregate` again"
+        ) from error
+    if "simulated" not in cube or tuple(cube["simulated"].dims) != COORDINATES:
+        raise SciquantError(
+            f"{path}: not a result cube written by `sciquant aggregate` (no `simulated` over "
+            f"{', '.join(COORDINATES)}); delete it and run `sciquant aggregate` again"
+        )
     return cube
 
 
@@ -442,7 +549,7 @@ def bench_aggregate(n_runs: int = 1000, rerun_fraction: float | None = None) -> 
 # Summaries over seeds: what the report's tables and figures show.
 
 SPREAD_SUFFIXES = ("_std", "_min", "_max", "_repeats", "_ci_low", "_ci_high")
-COUNT_METRICS = ("simulated", "test_simulations")
+COUNT_METRICS = ("simulated", "diverged", "test_simulations")
 #: The paired speed-ups a timed run's evaluation measures against its target's FP32, in one
 #: process, interleaved (`sciquant.runtime.paired`): the network's calls alone first (what
 #: `sciquant bench rollout` times), then the whole rollout / batch-1 call.
@@ -594,6 +701,40 @@ def speedups(runs: xr.Dataset) -> tuple[xr.DataArray, dict[str, str]]:
     return values, baselines
 
 
+def diverged_runs(runs: xr.Dataset) -> dict[RunKey, int]:
+    """Per (target, method, precision): in how many seeds it diverged (only those that did)."""
+    if "diverged" not in runs:
+        return {}
+    seeds = (runs["diverged"] > 0).sum("seed").expand_dims("seed")
+    return {key: int(e.mean) for key, e in seed_estimates(seeds).items() if e.mean > 0}
+
+
+def diverged_metric_seeds(runs: xr.Dataset) -> dict[RunKey, dict[str, int]]:
+    """Per (target, method, precision) of these runs' (dataset, model): in how many seeds each
+    of its errors and scores diverged (from the cube's `diverged_metrics`)."""
+    try:
+        entries = json.loads(str(runs.attrs.get("diverged_metrics", "[]")))
+    except json.JSONDecodeError:
+        return {}
+    labels = {
+        dim: {str(v) for v in np.atleast_1d(runs[dim].values)}
+        for dim in ("dataset", "model", "target", "method", "precision")
+    }
+    seeds = {int(v) for v in np.atleast_1d(runs["seed"].values)}
+    found: dict[RunKey, dict[str, int]] = {}
+    for entry in entries:
+        run = entry.get("run", {}) if isinstance(entry, dict) else {}
+        if not all(str(run.get(dim)) in labels[dim] for dim in labels):
+            continue
+        if run.get("seed") not in seeds:
+            continue
+        key = (str(run["target"]), str(run["method"]), str(run["precision"]))
+        for name in entry.get("metrics", []):
+            found.setdefault(key, {})
+            found[key][name] = found[key].get(name, 0) + 1
+    return found
+
+
 def contended_runs(runs: xr.Dataset) -> set[RunKey]:
     """The runs whose timing shared its CPU with other work in any seed (`contended`)."""
     if "contended" not in runs:
@@ -698,6 +839,8 @@ def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> l
 
     Values are means over seeds; where no run of the target was timed, the fewest bits wins.
     Constraints on metrics these runs do not have are left out (no deployments if none is left).
+    A (method, precision) that diverged in any seed (`diverged_runs`) is never a candidate: the
+    mean over its other seeds would hide that it can blow up.
     """
     applicable = applicable_constraints(runs, constraints)
     if not applicable:
@@ -707,7 +850,12 @@ def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> l
     times = seed_estimates(runs[time_name]) if time_name else {}
     gains = seed_estimates(speedups(runs)[0])
     # Simulated runs are not candidates: the target cannot run that precision natively.
-    native = [key for key, e in seed_estimates(runs["simulated"]).items() if e.mean == 0]
+    diverged = diverged_runs(runs)
+    native = [
+        key
+        for key, e in seed_estimates(runs["simulated"]).items()
+        if e.mean == 0 and key not in diverged
+    ]
     deployments = []
     for target in map(str, runs["target"].values):
         thresholds = {}

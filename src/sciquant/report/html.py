@@ -4,6 +4,12 @@ Per (dataset, model): what to deploy on each target under the error budget, the 
 target × method × precision (mean ± 95 % CI over seeds, speed-up over FP32) and the figures.
 Every number is the cube's value through `format_value`; table cells also carry it unrounded in
 `data-value` (and `data-ci`, `data-n`), so a reader or a test can check them.
+
+A run whose errors or scores came out NaN or infinite (the cube's `diverged`) is shown as
+diverged, never as missing: its row has the class `diverged`, `data-diverged` (in how many seeds)
+and a ✗ mark beside its seed count; each metric that diverged says so in its cell (with
+`data-diverged`, its seeds) instead of a dash; the table's notes count the diverged runs. A
+combination that was not run has no row.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from sciquant.report.cube import (
     applicable_constraints,
     choose_deployments,
     contended_runs,
+    diverged_metric_seeds,
+    diverged_runs,
     headline_metrics,
     load_cube,
     parse_budget,
@@ -70,6 +78,8 @@ th { background: #f5f5f7; position: sticky; top: 0; }
 th.label, td.label { text-align: left; }
 tr.baseline td { font-weight: 600; }
 tr.group-start td { border-top: 2px solid #ccc; }
+tr.diverged { background: #fff3f3; }
+.diverged-mark { color: #b00020; font-weight: 600; }
 figure { margin: 1rem 0; }
 img { max-width: 100%; height: auto; display: block; }
 nav ul { padding-left: 1.2rem; }
@@ -104,14 +114,27 @@ def format_estimate(estimate: Estimate) -> str:
     return f"{format_value(estimate.mean)} ± {format_value(estimate.half_width, digits=2)}"
 
 
-def estimate_cell(metric: str, estimate: Estimate | None, suffix: str = "") -> str:
-    """A table cell with the formatted estimate and its unrounded value in data attributes."""
+def estimate_cell(
+    metric: str, estimate: Estimate | None, suffix: str = "", diverged: int = 0
+) -> str:
+    """A table cell with the formatted estimate and its unrounded value in data attributes.
+
+    `diverged`: in how many seeds this metric came out NaN or infinite; the cell then says so
+    (`data-diverged`), after the mean of the other seeds where there is one, else instead of a
+    dash.
+    """
+    mark = ""
+    if diverged:
+        seeds = f"{diverged} seed{'s' if diverged > 1 else ''}"
+        text = "✗ diverged" + (f" in {seeds}" if estimate is not None else f" ({seeds})")
+        mark = f' <span class="diverged-mark">{escape(text)}</span>'
+    flag = f' data-diverged="{diverged}"' if diverged else ""
     if estimate is None:
-        return f'<td data-metric="{escape(metric)}">—</td>'
+        return f'<td data-metric="{escape(metric)}"{flag}>{mark.strip() or "—"}</td>'
     return (
         f'<td data-metric="{escape(metric)}" data-value="{estimate.mean!r}" '
-        f'data-ci="{estimate.half_width!r}" data-n="{estimate.n}">'
-        f"{escape(format_estimate(estimate))}{suffix}</td>"
+        f'data-ci="{estimate.half_width!r}" data-n="{estimate.n}"{flag}>'
+        f"{escape(format_estimate(estimate))}{suffix}{mark}</td>"
     )
 
 
@@ -131,8 +154,16 @@ def precision_label(precision: str, simulated: bool) -> str:
 def results_table(dataset: str, model: str, runs: xr.Dataset) -> str:
     """Every (target, method, precision) run: seeds, headline metrics, speed-up over FP32."""
     metrics = headline_metrics(runs)
+    diverged_metrics = diverged_metric_seeds(runs)
+    # A metric that diverged in every run it was measured in still gets its column.
+    metrics += [
+        name
+        for name in dict.fromkeys(n for by_name in diverged_metrics.values() for n in by_name)
+        if name in runs and name not in metrics
+    ]
     estimates = {name: seed_estimates(runs[name]) for name in metrics}
     simulated = seed_estimates(runs["simulated"])
+    diverged = diverged_runs(runs)
     time_name = time_metric(runs)
     gains, baselines = speedups(runs) if speedup_metric(runs) else (None, {})
     if gains is not None:
@@ -155,11 +186,20 @@ def results_table(dataset: str, model: str, runs: xr.Dataset) -> str:
         against_reference = baselines.get(target, target) != target
         first_of_target = target != previous_target
         rows.append(
-            result_row(key, simulated[key], estimates, against_reference, first_of_target, suffixes)
+            result_row(
+                key,
+                simulated[key],
+                estimates,
+                against_reference,
+                first_of_target,
+                suffixes,
+                diverged.get(key, 0),
+                diverged_metrics.get(key, {}),
+            )
         )
         previous_target = target
     data = f' data-dataset="{escape(dataset)}" data-model="{escape(model)}"'
-    notes = results_notes(simulated, baselines, time_name)
+    notes = results_notes(simulated, baselines, time_name, sum(diverged.values()))
     if suffixes:
         notes += f'<p class="note">{RETAINED_GAIN_NOTE}</p>'
     return table(head, rows, "results", data) + notes
@@ -237,27 +277,51 @@ def result_row(
     against_reference: bool,
     first_of_target: bool,
     suffixes: dict[str, dict[RunKey, str]] | None = None,
+    diverged: int = 0,
+    diverged_metrics: dict[str, int] | None = None,
 ) -> str:
-    """One run's row: labels (precision marked `*` where simulated), seeds, metric cells."""
+    """One run's row: labels (precision marked `*` where simulated), seeds, metric cells.
+
+    `diverged`: in how many seeds the run diverged (row class `diverged`, `data-diverged` and a
+    mark beside the seed count); `diverged_metrics`: per metric, in how many seeds it did.
+    """
     target, method, precision = key
     classes = ["baseline"] if (method, precision) == ("none", "fp32") else []
     if first_of_target:
         classes.append("group-start")
+    seeds = f"n={simulated.n}"
+    if diverged:
+        classes.append("diverged")
+        seeds += f' <span class="diverged-mark">✗ {diverged} diverged</span>'
     cells = [
         f'<td class="label">{escape(target)}</td>',
         f'<td class="label">{escape(method)}</td>',
         f'<td class="label">{escape(precision_label(precision, simulated.mean > 0))}</td>',
-        f"<td>n={simulated.n}</td>",
+        f"<td>{seeds}</td>",
     ]
     for name, by_run in estimates.items():
         marker = " ‡" if name == "speedup" and against_reference else ""
         marker += (suffixes or {}).get(name, {}).get(key, "")
-        cells.append(estimate_cell(name, by_run.get(key), marker))
+        count = (diverged_metrics or {}).get(name, 0)
+        cells.append(estimate_cell(name, by_run.get(key), marker, count))
+    flag = f' data-diverged="{diverged}"' if diverged else ""
     return (
         f'<tr class="{" ".join(classes)}" data-target="{escape(target)}" '
-        f'data-method="{escape(method)}" data-precision="{escape(precision)}">'
+        f'data-method="{escape(method)}" data-precision="{escape(precision)}"{flag}>'
         + "".join(cells)
         + "</tr>"
+    )
+
+
+def diverged_note(count: int) -> str:
+    """The note counting a table's diverged runs (one run: one seed of a row)."""
+    runs = f"{count} run{'s' if count > 1 else ''}"
+    return (
+        f"✗ diverged: {runs} (a seed of a target × method × precision) gave NaN or infinite "
+        "errors or scores, marked in their rows and cells. A cell's mean is over the seeds "
+        "whose value stayed finite, and a configuration that diverged in any seed is never "
+        "chosen to deploy. A run that was not made has no row. Check the "
+        "diverged runs' training and quantization, and rerun them."
     )
 
 
@@ -265,9 +329,11 @@ def results_notes(
     simulated: dict[RunKey, Estimate],
     baselines: dict[str, str],
     time_name: str | None,
+    diverged: int = 0,
 ) -> str:
-    """The footnotes the table needs: simulated precisions, reference baselines, statistics."""
-    notes = []
+    """The footnotes the table needs: diverged runs (`diverged`: how many), simulated
+    precisions, reference baselines, statistics."""
+    notes = [diverged_note(diverged)] if diverged else []
     if any(e.mean > 0 for e in simulated.values()):
         notes.append(SIMULATED_NOTE)
     if any(baselines.get(t, t) != t for t in {key[0] for key in simulated}):
