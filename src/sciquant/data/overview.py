@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sciquant.data.bloodflow import INLET, OUTLET, find_vtps, load_simulation, point_types  # noqa: E402
+from sciquant.data.bloodflow import (  # noqa: E402
+    INLET,
+    OUTLET,
+    find_vtps,
+    load_simulation,
+    point_types,
+    read_dataset_info,
+)
 from sciquant.errors import SciquantError  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
@@ -20,7 +26,7 @@ MMHG = 1333.2  # dyn/cm² per mmHg
 def plot_bloodflow(raw: Path, out: Path, n_simulations: int = 4) -> Path:
     """Plot inlet and outlet pressure (mmHg) and flow (mL/s) of the first simulations."""
     vtps = find_vtps(raw)
-    info = json.loads((vtps / "dataset_info.json").read_text())
+    info = read_dataset_info(vtps)
     paths = sorted(vtps.glob("*.vtp"))[:n_simulations]
     fig, axes = plt.subplots(2, len(paths), figsize=(3.2 * len(paths), 5.2), squeeze=False)
     for column, path in enumerate(paths):

@@ -200,7 +200,7 @@ def results_table(dataset: str, model: str, runs: xr.Dataset) -> str:
         previous_target = target
     data = f' data-dataset="{escape(dataset)}" data-model="{escape(model)}"'
     notes = results_notes(simulated, baselines, time_name, sum(diverged.values()))
-    if suffixes:
+    if any(name.startswith("retained_gain") for name in suffixes):
         notes += f'<p class="note">{RETAINED_GAIN_NOTE}</p>'
     return table(head, rows, "results", data) + notes
 
