@@ -135,15 +135,6 @@ class Running:
         return f"{self.base}/{name}"
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A proxy from the environment would route 127.0.0.1 traffic elsewhere.
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 def server() -> Iterator[Running]:
     httpd = Server(("127.0.0.1", 0), Handler)

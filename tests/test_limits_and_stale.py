@@ -108,14 +108,6 @@ class Served:
         return RemoteFile(f"{self.base}/{name}", sha(data), **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 def server() -> Iterator[Served]:
     httpd = _Server(("127.0.0.1", 0), _Handler)

@@ -49,7 +49,6 @@ import collections
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -68,6 +67,7 @@ from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, rando
 from sciquant.quant.export import export_qdq_onnx
 from sciquant.quant.pytorch import QuantizedModel, calibrate, quantize_model
 from sciquant.runtime.onnxruntime import OrtStep, cpu_has_vnni
+from sciquant.runtime.paired import cpu_name
 from sciquant.runtime.tensorrt import INCOMING_EDGES, incoming_edges, rewrite_scatter_add
 
 __all__ = ["DEFAULT_ROLLOUT_STEPS", "cpu_name", "format_table", "operator_split", "run"]
@@ -85,17 +85,6 @@ Inputs = tuple[Tensor, Tensor, Tensor]
 
 
 # -- host facts --------------------------------------------------------------------------------
-
-
-def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux ``model name`` line), else `platform.processor()`."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # -- ONNX Runtime sessions, profiles -----------------------------------------------------------

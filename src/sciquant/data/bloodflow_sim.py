@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1601,66 +1600,11 @@ _OWN_FILE = re.compile(
 
 
 def _clear_earlier_synthesis(out_dir: Path) -> None:
-    """Remove what an earlier synthesis left in `out_dir`, or refuse a folder it did not write.
+    """Remove what an earlier synthesis left in `out_dir` (`_OWN_FILE`, the `vtps` folder), or
+    refuse a folder it did not write (`sciquant.data.manifest.clear_earlier_synthesis`)."""
+    from sciquant.data.manifest import clear_earlier_synthesis
 
-    A missing or empty folder is fine. Otherwise every entry must be a regular file that a
-    synthesis writes (`vtps/sim_<iii>.vtp`, `vtps/dataset_info.json`, `manifest.json`, or a
-    temporary file of one of them) or the `vtps` folder itself, and a `manifest.json` must
-    record an embedded source (`{"source": {"embedded": ...}}`), not a download. Anything else
-    raises a `SciquantError` naming the folder and the entries, and nothing is removed.
-    """
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not out_dir.is_dir():
-        raise SciquantError(
-            f"synthesize: {out_dir} exists and is not a folder; choose another --out"
-        )
-    own: list[Path] = []
-    foreign: list[str] = []
-    for top, dirs, files in os.walk(out_dir):
-        here = Path(top)
-        for name in sorted(dirs):
-            rel = (here / name).relative_to(out_dir).as_posix()
-            if rel != "vtps" or (here / name).is_symlink():
-                foreign.append(rel + "/")
-        dirs[:] = [d for d in dirs if (here / d).relative_to(out_dir).as_posix() == "vtps"]
-        for name in sorted(files):
-            path = here / name
-            rel = path.relative_to(out_dir).as_posix()
-            if _OWN_FILE.fullmatch(rel) and not path.is_symlink():
-                own.append(path)
-            else:
-                foreign.append(rel)
-    manifest = out_dir / "manifest.json"
-    if manifest in own:
-        try:
-            source = json.loads(manifest.read_text()).get("source")
-        except (OSError, ValueError, AttributeError) as error:
-            raise SciquantError(
-                f"synthesize: cannot read {manifest} ({error}), so {out_dir} is not known to"
-                " hold an earlier synthesis; nothing was removed. Choose another --out, or"
-                " delete the folder if it is stale."
-            ) from error
-        if not isinstance(source, dict) or "embedded" not in source:
-            raise SciquantError(
-                f"Refusing to synthesize into {out_dir}: its {manifest.name} records a download"
-                " or another source, not an embedded synthesis, and synthesis replaces the"
-                " folder's files; nothing was removed. Choose another --out (each data set has"
-                " its own raw folder), or delete the folder if that data is no longer needed."
-            )
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise SciquantError(
-            f"Refusing to synthesize into {out_dir}: it holds {shown}, which the blood-flow"
-            " simulator does not write, and synthesis replaces the folder's files; nothing was"
-            " removed. Choose an empty or new --out (each data set has its own raw folder), or"
-            " move those entries away."
-        )
-    # The manifest first: a run stopped halfway leaves no folder that looks complete.
-    for path in sorted(own, key=lambda p: p != manifest):
-        path.unlink()
+    clear_earlier_synthesis(out_dir, _OWN_FILE, "blood-flow simulator", subfolders=("vtps",))
 
 
 def _synthesize(

@@ -6,10 +6,15 @@ workflow reruns the stage instead of reading half a dataset.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sciquant.data.download import MANIFEST_NAME, sha256_of
+from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 
 MANIFEST = MANIFEST_NAME
@@ -27,3 +32,84 @@ def write_manifest(raw: Path, source: dict[str, Any]) -> Path:
         if path.is_file() and path.name != MANIFEST and not path.name.endswith(".part")
     ]
     return write_json(raw / MANIFEST, {"source": source, "files": files})
+
+
+def _embedded_source(data: dict[str, Any]) -> bool:
+    return isinstance(data.get("source"), dict) and "embedded" in data["source"]
+
+
+def clear_earlier_synthesis(
+    out_dir: Path,
+    own_file: re.Pattern[str],
+    simulator: str,
+    subfolders: tuple[str, ...] = (),
+    checks: Mapping[str, Callable[[dict[str, Any]], bool]] | None = None,
+) -> None:
+    """Remove what an earlier synthesis left in `out_dir`, or refuse a folder it did not write.
+
+    A missing or empty folder is fine. Otherwise every entry must be a regular file whose path
+    relative to `out_dir` matches `own_file` (the simulator's files, the manifest and the
+    temporary names an interrupted write leaves), or one of `subfolders` (not a link); each
+    JSON file named in `checks` must pass its check (and `manifest.json` must record an
+    embedded source, not a download). Anything else raises a `SciquantError` naming the folder
+    and the entries, and nothing is removed. The manifest goes first, so a run stopped halfway
+    leaves no folder that looks complete.
+    """
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise SciquantError(
+            f"{simulator}: {out_dir} exists and is not a folder; choose another --out"
+        )
+    own: list[Path] = []
+    foreign: list[str] = []
+    for top, dirs, files in os.walk(out_dir):
+        here = Path(top)
+        kept = []
+        for name in sorted(dirs):
+            rel = (here / name).relative_to(out_dir).as_posix()
+            if rel in subfolders and not (here / name).is_symlink():
+                kept.append(name)
+            else:
+                foreign.append(rel + "/")
+        dirs[:] = kept
+        for name in sorted(files):
+            path = here / name
+            rel = path.relative_to(out_dir).as_posix()
+            if own_file.fullmatch(rel) and not path.is_symlink():
+                own.append(path)
+            else:
+                foreign.append(rel)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise SciquantError(
+            f"Refusing to synthesize into {out_dir}: it holds {shown}, which the {simulator} does"
+            " not write, and synthesis replaces the folder's files; nothing was removed. Choose"
+            " an empty or new --out (each data set has its own raw folder), or move those"
+            " entries away."
+        )
+    for name, written_by_synthesis in {**(checks or {}), MANIFEST: _embedded_source}.items():
+        path = out_dir / name
+        if path not in own:
+            continue
+        try:
+            data = json.loads(path.read_text())
+            ours = isinstance(data, dict) and written_by_synthesis(data)
+        except (OSError, ValueError) as error:
+            raise SciquantError(
+                f"{simulator}: cannot read {path} ({error}), so {out_dir} is not known to hold an"
+                " earlier synthesis; nothing was removed. Choose another --out, or delete the"
+                " folder if it is stale."
+            ) from error
+        if not ours:
+            raise SciquantError(
+                f"Refusing to synthesize into {out_dir}: its {name} was not written by the"
+                f" {simulator} (a download or another source), and synthesis replaces the"
+                " folder's files; nothing was removed. Choose another --out (each data set has"
+                " its own raw folder), or delete the folder if that data is no longer needed."
+            )
+    manifest = out_dir / MANIFEST
+    for path in sorted(own, key=lambda p: p != manifest):
+        path.unlink()

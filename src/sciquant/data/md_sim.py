@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -596,66 +595,13 @@ _OWN_FILE = re.compile(
 
 
 def _clear_earlier_synthesis(raw: Path) -> None:
-    """Remove what an earlier synthesis left in `raw`, or refuse a folder it did not write.
+    """Remove what an earlier synthesis left in `raw` (`_OWN_FILE`; its `dataset_info.json` of
+    format `sciquant-md-raw`), or refuse a folder it did not write
+    (`sciquant.data.manifest.clear_earlier_synthesis`)."""
+    from sciquant.data.manifest import clear_earlier_synthesis
 
-    A missing or empty folder is fine. Otherwise every entry must be a regular file that a
-    synthesis writes (see `_OWN_FILE`; no subfolders), a `dataset_info.json` must be of the
-    format `sciquant-md-raw`, and a `manifest.json` must record an embedded source, not a
-    download. Anything else raises a `SciquantError` naming the folder and the entries, and
-    nothing is removed.
-    """
-    if not raw.exists() and not raw.is_symlink():
-        return
-    if not raw.is_dir():
-        raise SciquantError(
-            f"md synthesize: {raw} exists and is not a folder; choose another --out"
-        )
-    own: list[Path] = []
-    foreign: list[str] = []
-    for entry in sorted(os.scandir(raw), key=lambda e: e.name):
-        if entry.is_file(follow_symlinks=False) and _OWN_FILE.fullmatch(entry.name):
-            own.append(Path(entry.path))
-        else:
-            foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
-    if foreign:
-        shown = ", ".join(foreign[:5])
-        shown += f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise SciquantError(
-            f"Refusing to synthesize into {raw}: it holds {shown}, which the MD simulator does"
-            " not write, and synthesis replaces the folder's files; nothing was removed. Choose"
-            " an empty or new --out (each data set has its own raw folder), or move those"
-            " entries away."
-        )
-    checks = {
-        "dataset_info.json": lambda data: data.get("format") == "sciquant-md-raw",
-        "manifest.json": lambda data: (
-            isinstance(data.get("source"), dict) and "embedded" in data["source"]
-        ),
-    }
-    for name, written_by_synthesis in checks.items():
-        path = raw / name
-        if path not in own:
-            continue
-        try:
-            data = json.loads(path.read_text())
-            ours = isinstance(data, dict) and written_by_synthesis(data)
-        except (OSError, ValueError) as error:
-            raise SciquantError(
-                f"md synthesize: cannot read {path} ({error}), so {raw} is not known to hold an"
-                " earlier synthesis; nothing was removed. Choose another --out, or delete the"
-                " folder if it is stale."
-            ) from error
-        if not ours:
-            raise SciquantError(
-                f"Refusing to synthesize into {raw}: its {name} was not written by the MD"
-                " simulator (a download or another source), and synthesis replaces the folder's"
-                " files; nothing was removed. Choose another --out (each data set has its own"
-                " raw folder), or delete the folder if that data is no longer needed."
-            )
-    manifest = raw / "manifest.json"
-    # The manifest first: a run stopped halfway leaves no folder that looks complete.
-    for path in sorted(own, key=lambda p: p != manifest):
-        path.unlink()
+    checks = {"dataset_info.json": lambda data: data.get("format") == "sciquant-md-raw"}
+    clear_earlier_synthesis(raw, _OWN_FILE, "MD simulator", checks=checks)
 
 
 def _save_atomic(traj: mdtraj.Trajectory, path: Path) -> None:

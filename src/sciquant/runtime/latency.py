@@ -52,3 +52,18 @@ def batch1_latency(
     result["total_ms_max"] = max(totals)
     result["repeats"] = float(repeats)
     return result
+
+
+def timing_summary(timings: list[dict[str, float]]) -> dict[str, float]:
+    """A step runner's per-call timings (`h2d`, `compute`, `d2h` in ms) as the number of calls
+    and each part's median and interquartile range; empty where nothing was timed."""
+    if not timings:
+        return {}
+    summary = {"calls": float(len(timings))}
+    for key in ("h2d", "compute", "d2h"):
+        values = [timing[key] for timing in timings]
+        summary[f"{key}_median"] = statistics.median(values)
+        if len(values) > 1:
+            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+            summary[f"{key}_iqr"] = q3 - q1
+    return summary

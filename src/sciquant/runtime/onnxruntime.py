@@ -18,7 +18,6 @@ case a host is; `sciquant.quant.export` then stores weights as uint8 (U8U8, exac
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from sciquant.errors import SciquantError
+from sciquant.runtime.latency import timing_summary
 
 __all__ = [
     "INTEGER_OPS",
@@ -136,16 +136,7 @@ class OrtStep:
 
     def timing_summary(self) -> dict[str, float]:
         """Median and interquartile range (ms) of each timing over the recorded calls."""
-        if not self.timings:
-            return {}
-        summary = {"calls": float(len(self.timings))}
-        for key in ("h2d", "compute", "d2h"):
-            values = [timing[key] for timing in self.timings]
-            summary[f"{key}_median"] = statistics.median(values)
-            if len(values) > 1:
-                q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-                summary[f"{key}_iqr"] = q3 - q1
-        return summary
+        return timing_summary(self.timings)
 
 
 def has_reducing_scatter(path: str | Path) -> bool:

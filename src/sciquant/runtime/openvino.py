@@ -19,7 +19,6 @@ bf16 as a simulation instead (`sciquant.quant.targets`).
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sciquant.errors import SciquantError
+from sciquant.runtime.latency import timing_summary
 
 __all__ = ["PRECISIONS", "OvStep", "available", "bf16_native"]
 
@@ -146,13 +146,4 @@ class OvStep:
 
     def timing_summary(self) -> dict[str, float]:
         """Median and interquartile range (ms) of each timing over the recorded calls."""
-        if not self.timings:
-            return {}
-        summary = {"calls": float(len(self.timings))}
-        for key in ("h2d", "compute", "d2h"):
-            values = [timing[key] for timing in self.timings]
-            summary[f"{key}_median"] = statistics.median(values)
-            if len(values) > 1:
-                q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-                summary[f"{key}_iqr"] = q3 - q1
-        return summary
+        return timing_summary(self.timings)

@@ -32,6 +32,7 @@ __all__ = [
     "CONTENDED_SHARE",
     "CPU_FEATURES",
     "cpu_features",
+    "cpu_name",
     "host_facts",
     "int8_class",
     "paired_timing",
@@ -81,7 +82,8 @@ def int8_class(features: dict[str, bool]) -> str:
     return "other"
 
 
-def _cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux ``model name`` line), else `platform.processor()`."""
     try:
         for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("model name"):
@@ -106,7 +108,7 @@ def host_facts(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return {
-        "cpu": _cpu_name(cpuinfo),
+        "cpu": cpu_name(cpuinfo),
         "cpu_features": features,
         "int8_class": int8_class(features),
         "bf16_native": bool(features["amx_bf16"] or features["avx512_bf16"]),

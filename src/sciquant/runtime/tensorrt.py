@@ -64,7 +64,6 @@ import hashlib
 import json
 import os
 import re
-import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,7 +75,7 @@ from torch import Tensor
 
 from sciquant.errors import SciquantError
 from sciquant.provenance import atomic_path
-from sciquant.runtime.latency import batch1_latency
+from sciquant.runtime.latency import batch1_latency, timing_summary
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -698,20 +697,6 @@ def _host_cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.to(dtype).contiguous()
 
 
-def _summary(timings: list[dict[str, float]]) -> dict[str, float]:
-    """Median and interquartile range (ms) of each timing, as `OrtStep.timing_summary`."""
-    if not timings:
-        return {}
-    summary = {"calls": float(len(timings))}
-    for key in ("h2d", "compute", "d2h"):
-        values = [timing[key] for timing in timings]
-        summary[f"{key}_median"] = statistics.median(values)
-        if len(values) > 1:
-            q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-            summary[f"{key}_iqr"] = q3 - q1
-    return summary
-
-
 class TrtStep:
     """A TensorRT engine of a (rewritten) MeshGraphNet as a StepFunction: ``(node_features
     [N, F], edge_features [E, 9], edge_index [2, E]) -> delta [N, 2]``, torch in and out.
@@ -798,7 +783,7 @@ class TrtStep:
 
     def timing_summary(self) -> dict[str, float]:
         """Median and interquartile range (ms) of each timing over the recorded calls."""
-        return _summary(self.timings)
+        return timing_summary(self.timings)
 
     def _incoming(self, edge_index: Tensor, num_nodes: int) -> Tensor:
         cached = self._table
