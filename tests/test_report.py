@@ -546,3 +546,23 @@ def test_report_renders_in_a_browser(study: dict, tmp_path: Path, width: int, he
                       profile=tmp_path / "profile")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_sees_a_rewrite_with_the_same_size_and_mtime(tmp_path: Path) -> None:
+    """A metrics.json rewritten with as many bytes and its mtime put back (a coarse file system,
+    or a tool that restores times) is read again, not taken from the cache."""
+    import os
+
+    path = write_run(tmp_path, 0, "cpu-x86", "none", "fp32", pressure_error_pct=1.5)
+    nc, csv = tmp_path / "m.nc", tmp_path / "m.csv"
+    aggregate([path], nc, csv, {"study": "cache"})
+    before = path.stat()
+    write_run(tmp_path, 0, "cpu-x86", "none", "fp32", pressure_error_pct=2.5)  # same length
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    cube = aggregate([path], nc, csv, {"study": "cache"})
+    value = cube["pressure_error_pct"].sel(
+        {"target": "cpu-x86", "method": "none", "precision": "fp32"}
+    )
+    assert float(value.squeeze()) == 2.5

@@ -50,7 +50,7 @@ METHOD_ORDER = (
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
 UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
 UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
-CACHE_VERSION = 4  # raise when RunRecord or read_metrics changes, so old caches are not reused
+CACHE_VERSION = 5  # raise when RunRecord or read_metrics changes, so old caches are not reused
 #: Cube variables that are not metrics: a metrics.json may not use these names for its metrics.
 RESERVED_NAMES = ("simulated", "diverged")
 
@@ -225,12 +225,15 @@ def _numeric_table(section: Any) -> dict[str, dict[str, float]]:
 
 
 def file_signature(path: Path) -> list[int]:
-    """What tells a rewritten metrics.json from the one cached: mtime [ns] and size [bytes]."""
+    """What tells a rewritten metrics.json from the one cached: mtime and ctime [ns], size
+    [bytes] and inode. Every writer replaces the file (a new inode, `provenance.atomic_path`)
+    and any write or rename sets the ctime, so a rewrite is seen even where the file system's
+    mtime is coarse or a tool restored it and the size did not change."""
     try:
         stat = Path(path).stat()
     except FileNotFoundError as error:
         raise SciquantError(f"{path}: metrics file not found; rerun its evaluate stage") from error
-    return [stat.st_mtime_ns, stat.st_size]
+    return [stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns]
 
 
 def read_cache(cache: Path) -> dict[str, Any]:
