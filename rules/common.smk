@@ -81,6 +81,20 @@ def get_fetch_files(wildcards):
     return json.dumps(get_dataset(wildcards)["source"]["files"])
 
 
+FETCH_LIMITS = (
+    "max_download_bytes",
+    "max_archive_members",
+    "max_unpacked_bytes",
+    "max_compression_ratio",
+)
+
+
+def get_fetch_limits(wildcards):
+    """The config's download and archive limits (`limits:`), as JSON; {} keeps fetch's own."""
+    limits = config.get("limits", {})
+    return json.dumps({key: limits[key] for key in FETCH_LIMITS if key in limits})
+
+
 def get_prepare_params(wildcards):
     return json.dumps(get_dataset(wildcards)["prepare"])
 

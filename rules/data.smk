@@ -39,8 +39,9 @@ rule fetch:
         runtime=scaled("runtime", 120, node="cpu"),
     params:
         files=get_fetch_files,
+        limits=get_fetch_limits,
     shell:
-        "sciquant fetch --files {params.files:q}"
+        "sciquant fetch --files {params.files:q} --limits {params.limits:q}"
         " --out resources/{wildcards.dataset}/raw > {log} 2>&1"
 
 

@@ -444,3 +444,25 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_identical(
     assert "resuming from" in other
     assert "not be bit-identical" in other
     assert "1 torch thread" in other and "2 torch threads" in other
+
+
+def test_fetch_command_takes_the_configs_limits(
+    server: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sciquant fetch --limits` (what the workflow passes from the config's `limits:`) reaches
+    the download: a lowered limit refuses a file the defaults take; unknown limits are named."""
+    import json
+
+    from sciquant import cli
+
+    remote = server.add("data.bin", b"x" * 4096)
+    files = json.dumps([{"url": remote.url, "sha256": remote.sha256}])
+    out = tmp_path / "raw"
+    code = cli.main(["fetch", "--files", files, "--limits", '{"max_download_bytes": 1000}',
+                     "--out", str(out)])  # fmt: skip
+    assert code == 2 and "max_download_bytes" in capsys.readouterr().err
+    assert not (out / "data.bin").exists()
+    code = cli.main(["fetch", "--files", files, "--limits", '{"max_bytes": 1}', "--out", str(out)])
+    assert code == 2 and "unknown max_bytes" in capsys.readouterr().err
+    assert cli.main(["fetch", "--files", files, "--out", str(out)]) == 0
+    assert (out / "data.bin").read_bytes() == b"x" * 4096

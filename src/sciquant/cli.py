@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help='JSON list of {"url", "sha256", "name"?, "extract"?} (md files also "role", "label")',
     )
+    fetch.add_argument(
+        "--limits",
+        type=_json_argument,
+        default={},
+        help="JSON object raising (or lowering) download and archive limits: "
+        "max_download_bytes, max_archive_members, max_unpacked_bytes, max_compression_ratio "
+        "(the config's `limits:`; defaults far above real VMR / GPCRmd data)",
+    )
     fetch.add_argument("--out", type=Path, required=True, help="raw data folder to write")
 
     prepare = commands.add_parser(
@@ -283,7 +291,14 @@ def run(args: argparse.Namespace) -> None:
         files = [
             RemoteFile(**{k: v for k, v in spec.items() if k in fields}) for spec in args.files
         ]
-        fetch(files, args.out)
+        known = ("max_download_bytes", "max_archive_members", "max_unpacked_bytes",
+                 "max_compression_ratio")  # fmt: skip
+        unknown = sorted(set(args.limits) - set(known))
+        if unknown:
+            raise SciquantError(
+                f"fetch --limits: unknown {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        fetch(files, args.out, **args.limits)
         write_manifest(args.out, source={"files": args.files})
     elif args.command == "prepare" and args.workload == "md":
         _prepare_md(args.raw, args.out, dict(args.settings))
