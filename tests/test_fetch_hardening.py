@@ -8,15 +8,11 @@ Every archive is built in the test, pinned by its sha256 and served by a small H
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -24,69 +20,18 @@ from sciquant.data import download, md
 from sciquant.data.download import RemoteFile, fetch
 from sciquant.data.manifest import MANIFEST, write_manifest
 from sciquant.errors import SciquantError
+from tests.fileserver import Served, serving
 
 FAST = {"retries": 1, "backoff_s": 0.01, "timeout_s": 2.0, "progress": False}
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- a static file server -------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server dispatches to)
-        self.server.requests.append(self.path)
-        # The file is found by its decoded path; the query string is ignored.
-        body = self.server.files.get(unquote(urlsplit(self.path).path).lstrip("/"))
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    files: dict[str, bytes]
-    requests: list[str]
-
-
-class Served:
-    """The running server: `add` a file, get its pinned `RemoteFile`."""
-
-    def __init__(self, httpd: _Server) -> None:
-        self.httpd = httpd
-        self.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-
-    @property
-    def requests(self) -> list[str]:
-        return self.httpd.requests
-
-    def add(self, path: str, data: bytes, **kw: object) -> RemoteFile:
-        """Serve `data` at `path` (decoded, no query string); `kw` goes to `RemoteFile`."""
-        self.httpd.files[unquote(urlsplit(path).path)] = data
-        return RemoteFile(f"{self.base}/{path}", sha(data), **kw)  # type: ignore[arg-type]
+# --- a static file server (tests/fileserver.py) ---------------------------------------------
 
 
 @pytest.fixture
 def server() -> Iterator[Served]:
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests = {}, []
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield Served(httpd)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serving() as served:
+        yield served
 
 
 # --- tar members ----------------------------------------------------------------------------

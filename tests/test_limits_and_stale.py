@@ -13,14 +13,11 @@ the blood-flow training and quantize stages.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
-import threading
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,13 +27,10 @@ from sciquant.data import bloodflow_sim, md_sim
 from sciquant.data.download import RemoteFile, fetch
 from sciquant.data.manifest import MANIFEST, write_manifest
 from sciquant.errors import SciquantError
+from tests.fileserver import FileHandler, Served, serving, sha
 
 FAST = {"retries": 1, "backoff_s": 0.01, "timeout_s": 5.0, "progress": False}
 MIB = 1 << 20
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # --- a server that serves files, streams forever or announces a huge file -------------------
@@ -45,14 +39,13 @@ def sha(data: bytes) -> str:
 STREAM_CAP = 64 * MIB
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
+class _Handler(FileHandler):
+    """Serves files, and two special paths: `endless.bin` streams until the client hangs up
+    (at most `STREAM_CAP` bytes), `huge.bin` announces a petabyte and sends a kilobyte."""
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server dispatches to)
         self.server.requests.append(self.path)
-        name = self.path.lstrip("/")
-        if name == "endless.bin":
+        if self.name == "endless.bin":
             # No Content-Length: the body ends when the connection closes, i.e. never.
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -66,8 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass  # the client hung up
             self.close_connection = True
             return
-        if name == "huge.bin":
-            # Announces a petabyte, sends a little.
+        if self.name == "huge.bin":
             self.send_response(200)
             self.send_header("Content-Length", str(10**15))
             self.send_header("Connection", "close")
@@ -78,48 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
             return
-        body = self.server.files.get(name)
-        self.send_response(200 if body is not None else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    files: dict[str, bytes]
-    requests: list[str]
-    sent: int
-
-
-class Served:
-    def __init__(self, httpd: _Server) -> None:
-        self.httpd = httpd
-        self.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-
-    def add(self, name: str, data: bytes, **kw: object) -> RemoteFile:
-        self.httpd.files[name] = data
-        return RemoteFile(f"{self.base}/{name}", sha(data), **kw)  # type: ignore[arg-type]
+        self.serve_file(self.name)
 
 
 @pytest.fixture
 def server() -> Iterator[Served]:
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests, httpd.sent = {}, [], 0
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield Served(httpd)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    with serving(_Handler) as served:
+        yield served
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
