@@ -177,3 +177,15 @@ def test_cli_writes_the_rows_as_json(tmp_path, monkeypatch):
     for row in rows:
         assert {"num_nodes", "median_ms", "iqr_ms", "speedup_vs_fp32_ort", "max_abs_error",
                 "error_bound", "agrees", "cpu", "cpu_features"} <= set(row)  # fmt: skip
+
+
+def test_non_fp32_base_variants_are_also_paired_with_their_own_fp32(bench):
+    rows, _ = bench
+    assert "paired_vs_own_fp32" not in rows["fp32-ort"]  # an FP32 is its own baseline
+    assert "paired_vs_own_fp32" not in rows["fp32-torch"]
+    for name in ("int8-ort", "ov-int8"):
+        if name in rows:
+            low, high = rows[name]["paired_vs_own_fp32_ci"]
+            assert rows[name]["paired_vs_own_fp32"] > 0 and low <= high
+    text = format_table(list(rows.values()))
+    assert "paired" in text.splitlines()[3] or any("paired" in line for line in text.splitlines())

@@ -699,6 +699,41 @@ def _run(
     return rows
 
 
+def _pair_with_own_fp32(
+    variants: Sequence[_Variant],
+    rows: list[dict[str, Any]],
+    inputs: Inputs,
+    repeats: int,
+    warmup: int,
+) -> None:
+    """`paired_vs_own_fp32` (+ its CI) of every base variant that is not an FP32 itself: the
+    variant and its runtime's FP32 timed alone together, interleaved (ABBA), as a study's
+    evaluation times a run beside its target's FP32 (`sciquant.runtime.paired`). The round
+    robin over every variant (`speedup_vs_own_fp32`) runs each step between many others, its
+    caches cold; this pair is what the study's report compares with."""
+    from sciquant.runtime.paired import paired_timing
+
+    by_name = {variant.name: variant for variant in variants}
+    medians = {row["variant"]: row["median_ms"] for row in rows}
+    for row, variant in zip(rows, variants, strict=True):
+        own = by_name.get(_own_fp32(variant, medians))
+        if variant.lever is not None or own is None or own is variant:
+            continue
+        with torch.inference_mode():
+            paired = paired_timing(
+                lambda v=variant: v.step(*inputs),
+                lambda o=own: o.step(*inputs),
+                repeats,
+                warmup=max(warmup, 1),
+                threads=variant.threads,
+            )
+        row["paired_vs_own_fp32"] = paired["paired_speedup"]
+        row["paired_vs_own_fp32_ci"] = (
+            paired["paired_speedup_ci_low"],
+            paired["paired_speedup_ci_high"],
+        )
+
+
 def _own_fp32(variant: _Variant, medians: Mapping[str, float]) -> str:
     """The FP32 variant of the variant's own runtime (its target's paired baseline)."""
     own = {"torch": "fp32-torch", "onnxruntime": "fp32-ort", "openvino": "ov-fp32",
@@ -794,6 +829,7 @@ def _measure_case(
                 variant.onnx, inputs, profile_runs, variant.threads, work_dir=folder
             )
         rows.append(row)
+    _pair_with_own_fp32(variants, rows, inputs, repeats, warmup)
     by_name = {row["variant"]: row for row in rows}
     for row in rows:  # INT8 vs FP32 under the same lever: does INT8 pay off there?
         if row["precision"] == "w8a8" and row["lever"] is not None:
@@ -830,7 +866,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     header = (
         f"{'variant':<44} {'median':>10} {'IQR':>8} {'rollout':>9} {'x torch':>8} "
-        f"{'x ORT':>7} {'x own':>7} {'max|err|':>9} {'bound':>9} {'ok':>3}"
+        f"{'x ORT':>7} {'x own':>7} {'paired':>7} {'max|err|':>9} {'bound':>9} {'ok':>3}"
     )
     for case in dict.fromkeys(row["case"] for row in rows):
         block = [row for row in rows if row["case"] == case]
@@ -845,11 +881,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             "-" * len(header),
         ]
         for row in shown:
+            paired = row.get("paired_vs_own_fp32")
+            paired_text = f"{paired:>6.2f}x" if paired is not None else f"{'-':>7}"
             lines.append(
                 f"{row['variant'][:44]:<44} {row['median_ms']:>7.2f} ms {row['iqr_ms']:>5.2f} ms "
                 f"{row['rollout_s']:>7.2f} s {row['speedup_vs_fp32_torch']:>7.2f}x "
                 f"{row['speedup_vs_fp32_ort']:>6.2f}x {row['speedup_vs_own_fp32']:>6.2f}x "
-                f"{row['max_abs_error']:>9.2e} "
+                f"{paired_text} {row['max_abs_error']:>9.2e} "
                 f"{row['error_bound']:>9.2e} {'yes' if row['agrees'] else 'NO':>3}"
             )
         for row in block:
@@ -869,8 +907,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines += [
         "",
         "x torch / x ORT / x own: speedup over fp32-torch / fp32-ort / the FP32 of the variant's "
-        "own runtime (their median / this median; x own is what a study's paired speed-up of "
-        "that target measures).",
+        "own runtime (their median / this median, in the round robin over all variants); "
+        "paired: the variant and its own FP32 timed alone together, interleaved, as a study's "
+        "evaluation measures that target's paired speed-up.",
         "max|err|: vs fp32-torch (ok: below the bound, 1e-4 x max|output| for FP32, 1e-2 x for "
         "FP16); INT8 vs the fake-quant model it came from, bound = one output quantization step "
         "(ok: median error <= 1e-3 step and >= 99 % of outputs within one step; code flips at "
