@@ -8,6 +8,7 @@ from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.quant.targets import TARGETS
 from sciquant.study import (
     CALIBRATED_METHODS,
+    FETCH_LIMITS,
     QUANTIZATION_METHODS,
     Run,
     Study,
@@ -79,14 +80,6 @@ def get_simulation_params(wildcards):
 def get_fetch_files(wildcards):
     """The dataset's files (url, sha256, name, extract), as JSON for the command line."""
     return json.dumps(get_dataset(wildcards)["source"]["files"])
-
-
-FETCH_LIMITS = (
-    "max_download_bytes",
-    "max_archive_members",
-    "max_unpacked_bytes",
-    "max_compression_ratio",
-)
 
 
 def get_fetch_limits(wildcards):

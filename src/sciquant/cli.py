@@ -291,12 +291,12 @@ def run(args: argparse.Namespace) -> None:
         files = [
             RemoteFile(**{k: v for k, v in spec.items() if k in fields}) for spec in args.files
         ]
-        known = ("max_download_bytes", "max_archive_members", "max_unpacked_bytes",
-                 "max_compression_ratio")  # fmt: skip
-        unknown = sorted(set(args.limits) - set(known))
+        from sciquant.study import FETCH_LIMITS
+
+        unknown = sorted(set(args.limits) - set(FETCH_LIMITS))
         if unknown:
             raise SciquantError(
-                f"fetch --limits: unknown {', '.join(unknown)}; known: {', '.join(known)}"
+                f"fetch --limits: unknown {', '.join(unknown)}; known: {', '.join(FETCH_LIMITS)}"
             )
         fetch(files, args.out, **args.limits)
         write_manifest(args.out, source={"files": args.files})

@@ -182,6 +182,15 @@ class Study:
 #: Float precisions below FP32: a cast of the FP32 weights, no ranges (method `none`).
 FLOAT_CASTS = ("fp16", "bf16")
 
+#: The download and archive limits of `sciquant.data.download.fetch` a config's `limits:` may
+#: set (their defaults live there); the fetch rule passes them to `sciquant fetch --limits`.
+FETCH_LIMITS = (
+    "max_download_bytes",
+    "max_archive_members",
+    "max_unpacked_bytes",
+    "max_compression_ratio",
+)
+
 #: Bounds on sizes that run for days or fill the disk when mistyped: `max_*` are the largest
 #: values allowed, `min_*` the smallest. A config's `limits:` mapping replaces any of them (the
 #: schema's `limits` documents each, with these values as its defaults).

@@ -297,7 +297,7 @@ def load_step(
             return Bf16Simulation(model), state, sizes
         merged, _ = merge_graphs(graphs or [])
         shapes = {
-            "node_features": (merged.num_nodes, feature_count(state)),
+            "node_features": (merged.num_nodes, state["architecture"]["node_features"]),
             "edge_features": tuple(merged.edge_features.shape),
             "edge_index": tuple(merged.edge_index.shape),
         }
@@ -341,11 +341,6 @@ class Bf16Simulation:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return self.model(*inputs).float()
-
-
-def feature_count(state: dict[str, Any]) -> int:
-    """The node-feature count of a checkpoint's model (its first Linear's input width)."""
-    return int(state["architecture"]["node_features"])
 
 
 def quantized_size(qmodel: Any) -> dict[str, Any]:
