@@ -305,6 +305,8 @@ def test_default_storage_is_a_few_megabytes(dataset: tuple[Path, list[str], dict
         ("model", "quadratic"),
         ("velocity_profile_range", (1.0, 1.2)),
         ("stenosis_probability", 1.5),
+        ("stenosis_max_generation", -1),
+        ("stenosis_max_generation", 1.5),
         ("cfl", 0.0),
     ],
 )
@@ -340,3 +342,32 @@ def test_raw_files_do_not_depend_on_the_blas_thread_count(tmp_path: Path) -> Non
             [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.*"))]
         )
     assert digests[0] == digests[1]
+
+
+def _generation(tree: bs.VascularTree, vessel: int) -> int:
+    depth = 0
+    while tree.vessels[vessel].parent >= 0:
+        vessel, depth = tree.vessels[vessel].parent, depth + 1
+    return depth
+
+
+@pytest.mark.parametrize("deepest", [0, 1])
+def test_stenoses_sit_no_deeper_than_the_configured_generation(deepest: int) -> None:
+    """Only vessels of generation ≤ `stenosis_max_generation` hold a stenosis; every vessel does
+    when the limit is large, so the limit (not the trees) is what keeps them proximal."""
+    rng_params = {"stenosis_probability": 1.0, "branch_count_range": (7, 15)}
+    limited = bs.SimulationParams(stenosis_max_generation=deepest, **rng_params)
+    free = bs.SimulationParams(stenosis_max_generation=1000, **rng_params)
+    seen = []
+    deep_when_free = 0
+    for index in range(12):
+        rng = np.random.default_rng([7, index])
+        network = bs.discretize(bs.build_tree(rng, limited), segment_length=0.35)
+        stenosis = bs.draw_stenosis(np.random.default_rng(index), network, limited)
+        if stenosis is not None:
+            seen.append(_generation(network.tree, stenosis.vessel))
+        anywhere = bs.draw_stenosis(np.random.default_rng(index), network, free)
+        deep_when_free += anywhere is not None and _generation(network.tree, anywhere.vessel) > 1
+    assert len(seen) >= 6
+    assert max(seen) <= deepest
+    assert deep_when_free >= 3

@@ -95,9 +95,15 @@ FORMAT_VERSION = 6
 BRANCH_FITS = ("linear", "mean")
 #: `PrepareSettings.prior` values: which physics prior feeds the residual model (`linear_*`).
 PRIORS = ("calibrated", "lumped")
-#: Bounds of the calibrated prior's wall-stiffness and viscosity factors (`calibrate_prior`).
-STIFFNESS_FACTOR_BOUNDS = (0.05, 20.0)
-VISCOSITY_FACTOR_BOUNDS = (0.1, 20.0)
+#: Bounds of the calibrated prior's wall-stiffness and viscosity factors (`calibrate_prior`):
+#: what a physiologist would accept for a 1D tree, not what makes the inlet fit. Stiffness: the
+#: embedded simulator's per-simulation scale (0.4–2.5) widened for the tube law's stiffening
+#: at mean pressure. Viscosity, as a factor on every vessel's Poiseuille resistance: blood's
+#: 0.025–0.06 P over the prior's 0.04, times the friction of a blunt profile (α = 1.05 gives
+#: 5.25× Poiseuille's). Wider bounds let a stenosis near the inlet drive the fit to 20× the
+#: viscosity: the inlet then matches and the rest of the tree is wrong (35 % on one tree).
+STIFFNESS_FACTOR_BOUNDS = (0.2, 5.0)
+VISCOSITY_FACTOR_BOUNDS = (0.5, 8.0)
 BRANCH, JUNCTION, INLET, OUTLET = range(4)
 #: Harmonics of the cycle whose linear response is a node feature (`PrepareSettings.harmonics`).
 HARMONICS = 3

@@ -277,6 +277,13 @@ class SimulationParams:
         "1",
         "Area reduction 1 − A_s/A0 at the stenosis throat, drawn per stenosis; 0 < min ≤ max < 1.",
     )
+    stenosis_max_generation: int = _param(
+        1,
+        "1",
+        "Deepest vessel generation a stenosis may sit in (0 = the root vessel only, 1 = the root "
+        "or its daughters, ...); a large value allows every vessel. Proximal stenoses change the "
+        "whole tree's pressure and flow split, a distal one only its own small branch. ≥ 0.",
+    )
     stenosis_length_range: tuple[float, float] = _param(
         (2.0, 3.5),
         "cm",
@@ -418,6 +425,7 @@ def _validate_params(p: SimulationParams) -> None:
     _check_scalar(p, "stenosis_probability", 0.0, 1.0)
     _check_range(p, "stenosis_area_reduction_range", 0.0, 1.0, low_open=True, high_open=True)
     _check_range(p, "stenosis_length_range", 0.0, 100.0, low_open=True)
+    _check_scalar(p, "stenosis_max_generation", 0, 1000, integer=True)
     _check_scalar(p, "cfl", 0.0, 1.0, low_open=True)
 
 
@@ -1245,16 +1253,22 @@ def draw_stenosis(
 ) -> Stenosis | None:
     """With probability `params.stenosis_probability`, a stenosis in a vessel that holds it.
 
-    A vessel holds a stenosis of length L_s (cm) if L_s plus one segment on each side fits in it;
-    the stenosis starts ≥ one segment from either end.
+    A vessel holds a stenosis of length L_s (cm) if L_s plus one segment on each side fits in it
+    and its generation (root 0, its daughters 1, ...) is at most `stenosis_max_generation`; the
+    stenosis starts ≥ one segment from either end.
     """
     if rng.uniform() >= params.stenosis_probability:
         return None
     length = rng.uniform(*params.stenosis_length_range)
     reduction = rng.uniform(*params.stenosis_area_reduction_range)
+    generation = np.zeros(network.tree.n_branches, dtype=np.int64)
+    for v, vessel in enumerate(network.tree.vessels[1:], start=1):
+        generation[v] = generation[vessel.parent] + 1
     candidates = []
     for v, arc in enumerate(network.vessel_arc):
         h = arc[-1] / (len(arc) - 1)
+        if generation[v] > params.stenosis_max_generation:
+            continue
         if arc[-1] - 2.0 * h >= length + 0.5 * h:
             candidates.append((v, h, arc[-1]))
     if not candidates:

@@ -185,6 +185,7 @@ def evaluate_step(
     for field in ("pressure_error_pct", "flowrate_error_pct"):
         values = np.array([errors[field] for errors in per_simulation.values()])
         metrics[field] = float(values.mean())
+        metrics[f"{field}_median"] = float(np.median(values))
         metrics[f"{field}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         metrics[f"{field}_min"] = float(values.min())
         metrics[f"{field}_max"] = float(values.max())
@@ -196,7 +197,8 @@ def evaluate_step(
 
 
 def no_network_baselines(samples: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """The physics priors alone on the test simulations: mean errors and each simulation's.
+    """The physics priors alone on the test simulations: mean and median errors, and each
+    simulation's.
 
     Not runs of the study (they have no weights to quantize): what a user gets with no network
     (`sciquant.evaluate.physics.BASELINES`), kept beside every run's metrics so a surrogate is
@@ -208,10 +210,12 @@ def no_network_baselines(samples: list[dict[str, Any]], names: list[str]) -> dic
             name: baseline_errors(sample, baseline)
             for name, sample in zip(names, samples, strict=True)
         }
-        baselines[baseline] = {
-            field: float(np.mean([errors[field] for errors in per_simulation.values()]))
-            for field in ("pressure_error_pct", "flowrate_error_pct")
-        }
+        baselines[baseline] = {}
+        for field in ("pressure_error_pct", "flowrate_error_pct"):
+            values = [errors[field] for errors in per_simulation.values()]
+            baselines[baseline][field] = float(np.mean(values))
+            # A mean over a dozen trees follows its worst one; the median shows the typical tree.
+            baselines[baseline][f"{field}_median"] = float(np.median(values))
         baselines[baseline]["per_simulation"] = per_simulation
     return baselines
 
