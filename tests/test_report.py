@@ -23,9 +23,11 @@ from sciquant.report.cube import (
     aggregate,
     cache_path,
     choose_deployments,
+    headline_metrics,
     load_cube,
     parse_budget,
     precision_bits,
+    quality_metrics,
     workload_slices,
 )
 from sciquant.report.html import build_report, extra_figures_section, format_value
@@ -261,6 +263,21 @@ def test_metric_added_later_appears_without_code_changes(tmp_path: Path) -> None
     assert np.isnan(cube["energy_mj"].sel(target="reference").max())
     build_report(tmp_path / "m.nc", tmp_path / "index.html")
     assert 'data-metric="energy_mj"' in (tmp_path / "index.html").read_text()
+
+
+def test_error_median_is_a_table_column_beside_the_mean_but_not_a_figure(tmp_path: Path) -> None:
+    """The median over test simulations shows the typical tree where one bad tree carries the
+    mean; it is a column, not a quality figure or a deploy criterion of its own."""
+    paths = [
+        write_run(tmp_path, 0, "reference", "none", "fp32", pressure_error_pct_median=0.5),
+        write_run(tmp_path, 0, "cpu-x86", "ptq-mse", "w8a8", pressure_error_pct_median=0.7),
+    ]
+    cube = aggregate(paths, tmp_path / "m.nc", tmp_path / "m.csv", {"study": "tiny"})
+    assert "pressure_error_pct_median" in headline_metrics(cube)
+    assert "pressure_error_pct_median" not in quality_metrics(cube)
+    assert "pressure_error_pct" in quality_metrics(cube)
+    build_report(tmp_path / "m.nc", tmp_path / "index.html")
+    assert 'data-metric="pressure_error_pct_median"' in (tmp_path / "index.html").read_text()
 
 
 def test_baselines_reach_the_cube_and_the_report_but_are_not_runs(tmp_path: Path) -> None:

@@ -236,6 +236,8 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     assert metrics["test_simulations"] == 2 and len(metrics["per_simulation"]) == 2
     mean = np.mean([m["pressure_error_pct"] for m in metrics["per_simulation"].values()])
     assert metrics["pressure_error_pct"] == pytest.approx(mean)
+    median = np.median([m["flowrate_error_pct"] for m in metrics["per_simulation"].values()])
+    assert metrics["flowrate_error_pct_median"] == pytest.approx(median)
     assert metrics["rollout_time_s_min"] <= metrics["rollout_time_s_median"]
     assert (tmp_path / "run" / "pressure.png").stat().st_size > 5000
     # The priors alone, by hand from the samples' physical arrays (no network).
@@ -253,6 +255,8 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
         for field in ("pressure", "flowrate"):
             expected = np.mean(by_hand[field])
             assert values[f"{field}_error_pct"] == pytest.approx(expected, rel=1e-4)
+            median = np.median(by_hand[field])
+            assert values[f"{field}_error_pct_median"] == pytest.approx(median, rel=1e-4)
             per_simulation = [v[f"{field}_error_pct"] for v in values["per_simulation"].values()]
             assert np.mean(per_simulation) == pytest.approx(expected, rel=1e-9)
     # The rollout's physics checks, and the data's own beside them.
