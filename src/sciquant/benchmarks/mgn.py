@@ -10,12 +10,18 @@ flow that PhysicsNeMo's default also uses) is timed too, interleaved with ours.
 When PhysicsNeMo's MeshGraphNet (with torch_geometric and torch_scatter) is importable, it is
 timed in this run as well, interleaved with ours, built as the bloodflow_1d_mgn example builds it
 (PyG backend) and loaded with our weights, after a check that it then computes what ours does.
-If it cannot be imported, the table says so (and why) and is otherwise unchanged.
+If it cannot be imported, the table says so (and why) and is otherwise unchanged. A torchvision
+whose C++ ops do not load (a build for another torch, e.g. PyPI's CUDA build beside CPU torch) is
+imported without them, since PhysicsNeMo's MeshGraphNet does not use them; the table then gives
+the pip command that installs the matching build.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -92,11 +98,13 @@ def _callables(model: torch.nn.Module, x, e, graph, target) -> dict[str, Callabl
 
 @dataclass(frozen=True)
 class _PhysicsNeMo:
-    """PhysicsNeMo's MeshGraphNet class, PyG's ``Data`` class and PhysicsNeMo's version."""
+    """PhysicsNeMo's MeshGraphNet class, PyG's ``Data`` class, PhysicsNeMo's version and a note
+    on how torchvision was imported (None: as usual)."""
 
     model_cls: type
     data_cls: type
     version: str
+    torchvision_note: str | None = None
 
     def graph(self, edge_index: torch.Tensor, num_nodes: int):
         return self.data_cls(edge_index=edge_index, num_nodes=num_nodes)
@@ -156,16 +164,95 @@ def _copy_mlp(src: MLP, dst: torch.nn.Sequential, first_weight: torch.Tensor | N
 
 
 def _import_physicsnemo() -> _PhysicsNeMo:
-    """Raises whatever the imports raise."""
+    """Raises whatever the imports raise (a torchvision without its C++ ops aside, see
+    :func:`_import_torchvision`)."""
     # The bench runs on CPU; Transformer Engine's LayerNorm (chosen where CUDA and TE exist) is
     # CUDA-only. setdefault: an explicit choice by the user wins.
     os.environ.setdefault("PHYSICSNEMO_FORCE_TE", "False")
+    torchvision_note = _import_torchvision()
     import physicsnemo
     import torch_scatter  # noqa: F401  (needed by PhysicsNeMo's PyG path: fail here, not mid-run)
     from physicsnemo.models.meshgraphnet import MeshGraphNet as PhysicsNeMoMeshGraphNet
     from torch_geometric.data import Data
 
-    return _PhysicsNeMo(PhysicsNeMoMeshGraphNet, Data, physicsnemo.__version__)
+    return _PhysicsNeMo(PhysicsNeMoMeshGraphNet, Data, physicsnemo.__version__, torchvision_note)
+
+
+# What torchvision raises at import when its C++ ops did not load: it registers fake kernels for
+# nms and qnms without checking that the ops exist (its other registrations do check).
+_MISSING_TORCHVISION_OP = re.compile(r"operator torchvision::\w+ does not exist")
+
+
+def _import_torchvision() -> str | None:
+    """Imports torchvision where installed: PhysicsNeMo imports it through timm, which uses only
+    its Python modules. If its C++ ops did not load, imports it without registering fake kernels
+    for the missing ops and returns a note with the fix (two lines); otherwise returns None."""
+    try:
+        import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        return None  # PhysicsNeMo's own import says what is missing
+    except RuntimeError as err:
+        if not _MISSING_TORCHVISION_OP.search(str(err)):
+            raise
+        mismatch = (
+            f"torchvision {_installed_version('torchvision')} does not match torch"
+            f" {torch.__version__}: its C++ ops did not load ({_one_line(err)})"
+        )
+        try:
+            with _skip_fakes_for_missing_torchvision_ops():
+                import torchvision  # noqa: F401, F811
+        except Exception as retry:
+            raise RuntimeError(f"{mismatch}; without them: {_one_line(retry)}") from retry
+        return (
+            f"{mismatch}; PhysicsNeMo's MeshGraphNet does not use them, so torchvision was"
+            f" imported without them. To fix:\n  {_torchvision_fix()}"
+        )
+    return None
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+@contextlib.contextmanager
+def _skip_fakes_for_missing_torchvision_ops():
+    """Within: ``torch.library.register_fake`` skips torchvision ops that do not exist."""
+    register_fake = torch.library.register_fake
+
+    def register_fake_if_defined(op, func=None, /, **kwargs):
+        if isinstance(op, str) and op.startswith("torchvision::"):
+            name = op.removeprefix("torchvision::").split(".")[0]
+            if not hasattr(torch.ops.torchvision, name):
+                return func if func is not None else (lambda fn: fn)
+        return register_fake(op, func, **kwargs)
+
+    torch.library.register_fake = register_fake_if_defined
+    try:
+        yield
+    finally:
+        torch.library.register_fake = register_fake
+
+
+def _torchvision_fix(torch_version: str | None = None) -> str:
+    """The pip command that installs the torchvision build made for the installed torch."""
+    torch_version = torch_version or torch.__version__
+    public, _, local = torch_version.partition("+")
+    match = re.match(r"2\.(\d+)\.(\d+)", public)
+    if match is None:
+        return f"install the torchvision release made for torch {torch_version}"
+    minor, patch = int(match[1]), int(match[2])
+    # torch 2.m.p pairs with torchvision 0.(m+15).p; only torch 2.0.p had 0.15.(p+1)
+    version = f"0.{minor + 15}.{patch + 1 if minor == 0 else patch}"
+    if local:  # a build from PyTorch's own index (cpu, cu130, rocm6.4, ...)
+        return (
+            f"pip install torchvision=={version}+{local}"
+            f" --index-url https://download.pytorch.org/whl/{local}"
+        )
+    # PyPI's default build: same version string as the mismatched one, hence the reinstall
+    return f"pip install --force-reinstall --no-deps torchvision=={version}"
 
 
 def _check_same_computation(pnm: _PhysicsNeMo, config: MeshGraphNetConfig) -> tuple[bool, str]:
@@ -194,17 +281,22 @@ def _one_line(err: BaseException) -> str:
 
 
 def _physicsnemo(config: MeshGraphNetConfig) -> tuple[_PhysicsNeMo | None, str]:
-    """(PhysicsNeMo to time, or None; a one-line note saying what was checked, or why not)."""
+    """(PhysicsNeMo to time, or None; a note saying what was checked, or why not: one line, more
+    where torchvision's C++ ops did not load)."""
     # Not only ImportError: a broken extension wheel (e.g. torchvision's, which PhysicsNeMo
     # imports via timm) raises RuntimeError or OSError at import.
     try:
         pnm = _import_physicsnemo()
     except Exception as err:
-        return None, f"PhysicsNeMo not timed in this run: it cannot be imported ({_one_line(err)})."
+        note = f"PhysicsNeMo not timed in this run: it cannot be imported ({_one_line(err)})."
+        if _MISSING_TORCHVISION_OP.search(str(err)):
+            note += f" To fix torchvision:\n  {_torchvision_fix()}"
+        return None, note
     same, note = _check_same_computation(pnm, config)
-    if not same:
-        return None, f"PhysicsNeMo {pnm.version} NOT timed in this run: {note}."
-    return pnm, f"PhysicsNeMo {pnm.version} check: {note}."
+    note = f"PhysicsNeMo {pnm.version} {'check' if same else 'NOT timed in this run'}: {note}."
+    if pnm.torchvision_note is not None:
+        note += "\n" + pnm.torchvision_note
+    return (pnm if same else None), note
 
 
 def run(
@@ -222,7 +314,8 @@ def run(
     ``iqr_ms``, ``repeats``, ``warmup``, ``threads``, ``loadavg_1min`` (before, after); with
     ``baseline`` also ``baseline_median_ms`` ... for the same model with ``concat_trick=False``,
     timed interleaved with ours. With ``physicsnemo``, every row has ``physicsnemo_note`` (the
-    same-computation check's result, or why PhysicsNeMo cannot be imported) and, if it imported
+    same-computation check's result, or why PhysicsNeMo cannot be imported; further lines where
+    torchvision's C++ ops did not load: that, and the pip command to fix it) and, if it imported
     and passed the check, ``physicsnemo_median_ms`` ... for PhysicsNeMo's MeshGraphNet, timed
     interleaved with ours. ``threads`` (if given) is set with ``torch.set_num_threads`` for the
     run and restored afterwards; otherwise torch's current setting is used.
@@ -345,9 +438,10 @@ def format_table(rows: Sequence[dict]) -> str:
             "  PhysicsNeMo (this run): its MeshGraphNet built as in * (do_concat_trick=False),"
             " loaded with our weights, timed interleaved with ours."
         )
-    # one line: the same-computation check's result, or why PhysicsNeMo was not timed in this run
+    # the same-computation check's result, or why PhysicsNeMo was not timed in this run (one
+    # line), and how torchvision was imported where not as usual (with the fix on its own line)
     notes = dict.fromkeys(r.get("physicsnemo_note") for r in rows)  # unique, in order
-    lines += ["  " + note for note in notes if note]
+    lines += ["  " + line for note in notes if note for line in note.splitlines()]
     if loads:
         lines.append(
             f"  1-min load average during the run: {min(loads):.2f}-{max(loads):.2f}"
