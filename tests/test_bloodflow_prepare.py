@@ -267,3 +267,39 @@ def test_no_dataset_info(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     with pytest.raises(SciquantError, match="no dataset_info.json"):
         bloodflow.prepare(tmp_path / "raw", tmp_path / "out", PrepareSettings())
+
+
+def _narrowed(throat: int, ratio: float) -> Centerline:
+    """The Y tree with a cosine-shaped narrowing of the parent centred on point `throat`."""
+    centerline, _ = y_tree()
+    area = np.array(centerline.point_data["area"], dtype=np.float64)
+    offsets = np.arange(-3, 4)
+    area[throat + offsets] = 0.5 * (1 - (1 - ratio) * 0.5 * (1 + np.cos(np.pi * offsets / 4)))
+    return Centerline(centerline.points, centerline.edges, {**centerline.point_data, "area": area})
+
+
+@pytest.mark.parametrize("throat", [6, 7, 9, 11])
+def test_a_stenosis_throat_is_kept_wherever_the_spacing_falls(throat: int) -> None:
+    """The sampled graph (one point in 8) misses most throats; with `throat_narrowing` the throat
+    is a node, so the graph shows the narrowing's depth."""
+    centerline = _narrowed(throat, ratio=0.3)
+    types = bloodflow.point_types(centerline)
+    plain, _ = bloodflow.select_points(centerline, types, keep_fraction=0.125)
+    kept, edges = bloodflow.select_points(centerline, types, 0.125, throat_narrowing=0.2)
+    assert throat in kept
+    # One node more at most (the spacing restarts at the throat, as at any kept point).
+    assert len(plain) <= len(kept) <= len(plain) + 1
+    assert len(edges) == len(kept) - 1  # still a tree over the kept points
+    area = centerline.point_data["area"]
+    assert area[kept].min() == pytest.approx(0.5 * 0.3)
+    # Below the threshold (a 15 % narrowing) or switched off: the plain sampling.
+    shallow = _narrowed(throat, ratio=0.85)
+    for narrowing, line in ((0.2, shallow), (0.0, centerline)):
+        again, _ = bloodflow.select_points(line, types, 0.125, throat_narrowing=narrowing)
+        np.testing.assert_array_equal(again, bloodflow.select_points(line, types, 0.125)[0])
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_bad_throat_narrowing_names_the_key(value: float) -> None:
+    with pytest.raises(SciquantError, match="prepare.throat_narrowing"):
+        PrepareSettings(throat_narrowing=value)

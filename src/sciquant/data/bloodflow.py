@@ -174,6 +174,7 @@ class PrepareSettings:
     """How raw centerlines become graph samples (the config's `datasets.<name>.prepare`)."""
 
     keep_fraction: float = 0.06
+    throat_narrowing: float = 0.0
     dt: float = 0.01
     loading_steps: int = 10
     time_offsets: int = 4
@@ -185,6 +186,11 @@ class PrepareSettings:
     split: Split = field(default_factory=Split)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.throat_narrowing < 1.0:
+            raise SciquantError(
+                f"prepare.throat_narrowing: {self.throat_narrowing!r} must be in [0, 1) (0 keeps "
+                "no throats; 0.2 keeps the throat of every narrowing by ≥ 20 %)"
+            )
         if self.branch_fit not in BRANCH_FITS:
             raise SciquantError(
                 f"prepare.branch_fit: {self.branch_fit!r} is not one of {', '.join(BRANCH_FITS)}"
@@ -371,12 +377,47 @@ def _adjacency(n_points: int, edges: np.ndarray) -> list[list[int]]:
     return neighbours
 
 
-def select_points(centerline: Centerline, types: np.ndarray, keep_fraction: float):
+def _throats(
+    centerline: Centerline,
+    types: np.ndarray,
+    neighbours: list[list[int]],
+    narrowing: float,
+    hops: int,
+) -> np.ndarray:
+    """Branch points [bool] where the cross-section is a narrowing's throat: the smallest `area`
+    within `hops` points along the centerline, and narrower than (1 − `narrowing`) × the widest
+    cross-section of its branch (`BranchIdTmp`)."""
+    area = np.asarray(centerline.point_data["area"], dtype=np.float64)
+    branch = np.asarray(centerline.point_data["BranchIdTmp"]).astype(np.int64)
+    on_branch = (types == BRANCH) & (branch >= 0)  # junction points carry no branch (-1)
+    widest = np.zeros(int(branch.max(initial=0)) + 1)
+    np.maximum.at(widest, branch[on_branch], area[on_branch])
+    found = np.zeros(len(area), dtype=bool)
+    narrow = np.zeros(len(area), dtype=bool)
+    narrow[on_branch] = area[on_branch] < (1.0 - narrowing) * widest[branch[on_branch]]
+    for point in np.flatnonzero(narrow):
+        seen, frontier = {int(point)}, [int(point)]
+        for _ in range(hops):
+            frontier = [n for p in frontier for n in neighbours[p] if n not in seen]
+            seen.update(frontier)
+        # ties (a flat throat) keep the first point along the centerline only
+        found[point] = all(
+            area[point] < area[n] or (area[point] == area[n] and point < n)
+            for n in seen - {int(point)}
+        )
+    return found
+
+
+def select_points(
+    centerline: Centerline, types: np.ndarray, keep_fraction: float, throat_narrowing: float = 0.0
+):
     """Kept point ids and the edges between consecutive kept points (as point-id pairs).
 
     Walks the tree from the inlet; along each chain of branch points, keeps one point every
     `mean spacing / keep_fraction` of arc length. Inlet, outlets, junction points and points of
-    degree ≠ 2 are always kept.
+    degree ≠ 2 are always kept; so is the throat of every narrowing by ≥ `throat_narrowing` of
+    its branch's widest area (`_throats`; 0: none), wherever the spacing would fall, so a
+    stenosis shows its depth on the graph instead of wherever sampling lands on it.
     """
     points = centerline.points
     n_points = len(points)
@@ -387,6 +428,9 @@ def select_points(centerline: Centerline, types: np.ndarray, keep_fraction: floa
     spacing = float(lengths.mean()) / keep_fraction
     degree = np.array([len(n) for n in neighbours])
     always = (types != BRANCH) | (degree != 2)
+    if throat_narrowing > 0:
+        hops = max(1, round(0.5 / keep_fraction))
+        always |= _throats(centerline, types, neighbours, throat_narrowing, hops)
 
     kept = [0]
     kept_edges: list[tuple[int, int]] = []
@@ -447,7 +491,9 @@ def _boundary_edges(n_nodes: int, edges: np.ndarray, sources: np.ndarray, hops: 
 def build_graph(sim: Simulation, settings: PrepareSettings) -> tuple[dict[str, np.ndarray], Tree]:
     """The static part of a sample (nodes, edges and their features) and its lumped tree."""
     types_all = point_types(sim.centerline)
-    kept, point_edges = select_points(sim.centerline, types_all, settings.keep_fraction)
+    kept, point_edges = select_points(
+        sim.centerline, types_all, settings.keep_fraction, settings.throat_narrowing
+    )
     node_of_point = {int(p): i for i, p in enumerate(kept)}
     tree_edges = np.array([[node_of_point[a], node_of_point[b]] for a, b in point_edges])
     pos = sim.centerline.points[kept]
