@@ -28,6 +28,7 @@ from sciquant.data.download import RemoteFile, fetch
 from sciquant.data.manifest import MANIFEST, write_manifest
 from sciquant.errors import SciquantError
 from tests.fileserver import FileHandler, Served, serving, sha
+from tests.test_train_bloodflow import tiny_prepared
 
 FAST = {"retries": 1, "backoff_s": 0.01, "timeout_s": 5.0, "progress": False}
 MIB = 1 << 20
@@ -360,16 +361,7 @@ def torch_threads() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sciquant.data import bloodflow
-    from sciquant.data.bloodflow import PrepareSettings
-    from tests.test_bloodflow_prepare import write_dataset
-
-    root = tmp_path_factory.mktemp("flow")
-    write_dataset(root / "raw", n_simulations=6)
-    settings = PrepareSettings(keep_fraction=0.3, dt=0.05, loading_steps=3, time_offsets=2,
-                               split={"train": 0.5, "valid": 0.17, "test": 0.33})  # fmt: skip
-    bloodflow.prepare(root / "raw", root / "prepared", settings)
-    return root / "prepared"
+    return tiny_prepared(tmp_path_factory.mktemp("flow"))
 
 
 TINY = {

@@ -33,14 +33,18 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("flow")
+def tiny_prepared(root: Path) -> Path:
+    """Six small Y-tree simulations prepared into `root`/prepared (3 train, 1 valid, 2 test)."""
     write_dataset(root / "raw", n_simulations=6)
     settings = PrepareSettings(keep_fraction=0.3, dt=0.05, loading_steps=3, time_offsets=2,
                                split={"train": 0.5, "valid": 0.17, "test": 0.33})  # fmt: skip
     bloodflow.prepare(root / "raw", root / "prepared", settings)
     return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_prepared(tmp_path_factory.mktemp("flow"))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
