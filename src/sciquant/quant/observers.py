@@ -67,7 +67,7 @@ DEFAULT_MAX_SAMPLES = 1 << 20
 
 #: Modes of a fake-quantized layer, on every framework: float (pass-through), observe (collect
 #: ranges), quantize (fake-quant with frozen qparams), lsq (learned step sizes).
-MODES = ("float", "observe", "quantize", "lsq")
+MODES = ("float", "observe", "quantize", "lsq", "tqt")
 
 #: Method → (activation observer, weight observer), shared by the PyTorch and Keras sides.
 #: Weights keep min/max except under `ptq-mse`, whose MSE-optimal clipping also suits weights;

@@ -20,6 +20,8 @@ Modes of a `QuantLinear` (`set_mode`):
               weight_zero_point; gradients are the kernels' straight-through estimator (QAT-STE)
     lsq       fake-quant with learnable scales (and zero points of asymmetric specs), LSQ
               (Esser et al., ICLR 2020) through ``torch._fake_quantize_learnable_*``
+    tqt       fake-quant with learned power-of-two thresholds, TQT (Jain et al., MLSys 2020),
+              for power-of-two targets (npu-pow2); see below
 
 Observers (`sciquant.quant.observers.make_observer`): activations use the method's own observer
 (ptq-minmax, ptq-percentile, ptq-mse, ptq-entropy). Weights use per-channel (or per-tensor, as
@@ -31,12 +33,34 @@ LSQ: the scale gradient is scaled by grad_factor = 1 / sqrt(n · qmax), n the nu
 one scale quantizes (the whole input per tensor, one weight row per channel), as in LSQ. A scale
 is used as |s| clamped to float32's smallest normal, so a step that crosses zero cannot break the
 kernel. Power-of-two targets (npu-pow2) keep the powers of two the observer gives; LSQ would move
-them off the grid, so `enable_lsq` refuses them (TQT-style log2-scale training would be the
-method for those).
+them off the grid, so `enable_lsq` refuses them: `enable_tqt` trains those instead.
 
-State: the four qparam buffers (parameters in lsq mode, same names) and the mode are in the
-``state_dict`` (``_extra_state``), so a quantized model saved and loaded into a fresh
-`quantize_model` of the same float model runs identically. Observers are not saved.
+TQT (method ``qat-tqt``; `enable_tqt`): only for symmetric signed per-tensor specs with pow2
+scales, the npu-pow2 scheme (`check_tqt_specs`). Each quantizer (the layer's input, its weight)
+learns log2 t, t its clipping threshold: a float32 ``nn.Parameter`` [] named
+``input_log2_threshold`` / ``weight_log2_threshold`` (None outside tqt mode). For b bits:
+
+    s = 2^ceil(log2 t) / 2^(b-1)                  an exact power of two (t rounded up to one)
+    q = clamp(round(x / s), qmin, qmax) · s        exact too, x / s only shifts the exponent
+    entering tqt:  log2 t = log2(s_calibrated) + (b - 1), an integer, so that tqt starts from
+                   exactly the quantize-mode forward (t = 2^(b-1)·s = (qmax + 1)·s)
+
+Backward (the paper's; round and ceil straight through), r = round(x / s), "inside" meaning
+qmin <= r <= qmax (decided on the rounded code, as in the paper, since the clamp acts on r):
+
+    dq/dx        = 1 inside, 0 outside
+    dq/d(log2 t) = s·ln2·(r - x/s) inside,  s·ln2·qmin where r < qmin,  s·ln2·qmax where r > qmax
+
+The exponent of s is kept in float32's normal range [-126, 127]. Leaving tqt (any other mode,
+e.g. `disable_tqt`) writes the s in effect into the ``input_scale`` / ``weight_scale`` buffers,
+exact powers of two, and drops the thresholds, so export runs unchanged; in tqt mode
+`QuantLinear.input_qparams` / `QuantLinear.weight_qparams` give the scales in effect (the
+buffers keep the values from before tqt until then).
+
+State: the four qparam buffers (parameters in lsq mode, same names), the two log2 thresholds
+in tqt mode and the mode are in the ``state_dict`` (``_extra_state``), so a quantized model
+saved and loaded into a fresh `quantize_model` of the same float model runs identically.
+Observers are not saved.
 """
 
 from __future__ import annotations
@@ -68,17 +92,26 @@ __all__ = [
     "QuantLinear",
     "QuantizedModel",
     "calibrate",
+    "check_tqt_specs",
     "disable_lsq",
     "disable_observers",
+    "disable_tqt",
     "enable_lsq",
+    "enable_tqt",
     "layer_names",
     "lsq_parameters",
     "quantize_model",
     "set_mode",
+    "tqt_fake_quantize",
+    "tqt_parameters",
+    "tqt_scale",
 ]
 
 
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
+#: float32's normal exponents: TQT scales 2^e stay in [2^-126, 2^127] (2^-126 = _MIN_SCALE)
+_MIN_EXPONENT, _MAX_EXPONENT = -126, 127
+_LN2 = math.log(2.0)
 
 
 class QuantLinear(nn.Module):
@@ -89,7 +122,8 @@ class QuantLinear(nn.Module):
     ``weight_scale`` / ``weight_zero_point`` [out] (per channel) or [] (per tensor).
     ``integer_bias``: the bias is rounded to the int32 grid of step s_x·s_w, as an integer GEMM
     that adds it in its accumulator does (`sciquant.quant.targets.INTEGER_BIAS_BACKENDS`;
-    straight-through in LSQ training).
+    straight-through in LSQ training). In tqt mode ``input_log2_threshold`` and
+    ``weight_log2_threshold`` (float32 [] parameters, None in other modes) hold log2 t.
     """
 
     def __init__(
@@ -127,6 +161,8 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "weight_zero_point", torch.zeros(weight_shape, dtype=torch.int32, device=device)
         )
+        self.register_parameter("input_log2_threshold", None)  # tqt mode only
+        self.register_parameter("weight_log2_threshold", None)
         self.input_observer = self._new_input_observer()
         self.calibrated = False
         self._mode = "observe"
@@ -139,18 +175,29 @@ class QuantLinear(nn.Module):
         return self._mode
 
     def set_mode(self, mode: str) -> None:
-        """Switch to `mode` (see the module docstring); quantize and lsq need frozen qparams."""
+        """Switch to `mode` (see the module docstring); quantize, lsq and tqt need frozen qparams.
+
+        Leaving tqt freezes the learned thresholds into the scale buffers; entering it again
+        starts from those buffers.
+        """
+        self.check_mode(mode)
+        self._set_learnable(mode == "lsq")
+        self._set_tqt(mode == "tqt")
+        self._mode = mode
+
+    def check_mode(self, mode: str) -> None:
+        """SciquantError unless `set_mode(mode)` may switch this layer (it changes nothing)."""
         if mode not in MODES:
             raise SciquantError(f"unknown QuantLinear mode {mode!r}; known: {', '.join(MODES)}")
-        if mode in ("quantize", "lsq") and not self.calibrated:
+        if mode in ("quantize", "lsq", "tqt") and not self.calibrated:
             raise SciquantError(
                 f"cannot switch to {mode!r} before calibration: run calibrate(qmodel, inputs) "
                 "(or disable_observers after observing) first"
             )
         if mode == "lsq":
             check_lsq_specs(self.weight_spec, self.activation_spec)
-        self._set_learnable(mode == "lsq")
-        self._mode = mode
+        if mode == "tqt":
+            check_tqt_specs(self.weight_spec, self.activation_spec)
 
     def reset_observer(self) -> None:
         """Forget every input observed so far."""
@@ -190,7 +237,11 @@ class QuantLinear(nn.Module):
         """The bias the quantized layer adds: float, or on the int32 grid s_x·s_w."""
         if self.bias is None or not self.integer_bias:
             return self.bias
-        step = (self.input_scale * self.weight_scale).expand_as(self.bias)
+        if self._mode == "tqt":  # the scales in effect (powers of two, no gradient)
+            step = self.input_qparams()[0] * self.weight_qparams()[0]
+        else:
+            step = self.input_scale * self.weight_scale
+        step = step.expand_as(self.bias)
         rounded = torch.round(self.bias / step) * step
         return self.bias + (rounded - self.bias).detach()  # straight through in training
 
@@ -199,6 +250,8 @@ class QuantLinear(nn.Module):
         spec = self.activation_spec
         if self._mode == "lsq":
             return _learnable_fake_quantize(x, self.input_scale, self.input_zero_point, spec, None)
+        if self._mode == "tqt":
+            return tqt_fake_quantize(x, self.input_log2_threshold, spec)
         return torch.fake_quantize_per_tensor_affine(
             x, self.input_scale, self.input_zero_point, spec.qmin, spec.qmax
         )
@@ -210,6 +263,8 @@ class QuantLinear(nn.Module):
             return _learnable_fake_quantize(
                 self.weight, self.weight_scale, self.weight_zero_point, spec, axis
             )
+        if self._mode == "tqt":
+            return tqt_fake_quantize(self.weight, self.weight_log2_threshold, spec)
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(
                 self.weight, self.weight_scale, self.weight_zero_point, spec.qmin, spec.qmax
@@ -219,11 +274,19 @@ class QuantLinear(nn.Module):
         )
 
     def input_qparams(self) -> tuple[Tensor, Tensor]:
-        """(scale float32 [], zero_point int32 []) in effect, also in lsq mode; detached."""
+        """(scale float32 [], zero_point int32 []) in effect, also in lsq and tqt mode; detached."""
+        if self._mode == "tqt":
+            return _tqt_qparams(
+                self.input_log2_threshold, self.input_zero_point, self.activation_spec
+            )
         return _effective_qparams(self.input_scale, self.input_zero_point, self.activation_spec)
 
     def weight_qparams(self) -> tuple[Tensor, Tensor]:
         """(scale float32 [out] or [], zero_point int32 likewise) in effect; detached."""
+        if self._mode == "tqt":
+            return _tqt_qparams(
+                self.weight_log2_threshold, self.weight_zero_point, self.weight_spec
+            )
         return _effective_qparams(self.weight_scale, self.weight_zero_point, self.weight_spec)
 
     # -- state ---------------------------------------------------------------------------------
@@ -234,14 +297,17 @@ class QuantLinear(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.calibrated = bool(state["calibrated"])
         self._set_learnable(state["mode"] == "lsq")
+        self._set_tqt(state["mode"] == "tqt")
         self._mode = state["mode"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Make qparams buffers or parameters, as in the saved model, before the values are
-        # copied: a float LSQ zero point copied into an int32 buffer would be truncated.
+        # copied: a float LSQ zero point copied into an int32 buffer would be truncated, and the
+        # TQT thresholds exist only in tqt mode.
         state = state_dict.get(prefix + "_extra_state")
         if isinstance(state, dict) and "mode" in state:
             self._set_learnable(state["mode"] == "lsq")
+            self._set_tqt(state["mode"] == "tqt")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -287,6 +353,112 @@ class QuantLinear(nn.Module):
                     frozen = value.round().clamp(spec.qmin, spec.qmax).to(torch.int32)
                 del self._parameters[name]
                 self.register_buffer(name, frozen.clone())
+
+    def _set_tqt(self, enabled: bool) -> None:
+        """Create the log2 thresholds from the scale buffers, or freeze them back into those."""
+        for which, spec in (("input", self.activation_spec), ("weight", self.weight_spec)):
+            name = f"{which}_log2_threshold"
+            threshold = getattr(self, name)
+            scale = getattr(self, f"{which}_scale")
+            if enabled and threshold is None:
+                setattr(self, name, nn.Parameter(_log2_threshold_of(scale, spec)))
+            elif not enabled and threshold is not None:
+                with torch.no_grad():
+                    scale.copy_(tqt_scale(threshold, spec).to(scale.dtype))
+                setattr(self, name, None)
+
+
+def check_tqt_specs(*specs: QuantSpec) -> None:
+    """TQT trains power-of-two thresholds: SciquantError unless every spec is symmetric signed,
+    per tensor, with pow2 scales (the npu-pow2 target's scheme)."""
+    for spec in specs:
+        if spec.scale_kind != "pow2" or not spec.symmetric or not spec.signed:
+            kind = "symmetric" if spec.symmetric else "asymmetric"
+            sign = "signed" if spec.signed else "unsigned"
+            raise SciquantError(
+                "TQT (method qat-tqt) trains power-of-two thresholds of symmetric signed "
+                f"quantizers, the scheme of target npu-pow2; got a {kind} {sign} spec with "
+                f"{spec.scale_kind} scales: use qat-lsq or qat-ste on this target"
+            )
+        if not isinstance(spec.granularity, PerTensor):
+            raise SciquantError(
+                "TQT (method qat-tqt) learns one threshold per tensor, as target npu-pow2 "
+                f"quantizes; a {spec.granularity} spec is not supported"
+            )
+
+
+def tqt_scale(log2_threshold: Tensor, spec: QuantSpec) -> Tensor:
+    """s = 2^ceil(log2 t) / 2^(b-1), float32 of log2_threshold's shape; detached.
+
+    Built from its exponent bits, so s is an exact power of two on every device; the exponent
+    is clamped to float32's normal range [-126, 127].
+    """
+    return _pow2_scale(log2_threshold, spec.bits)
+
+
+def _pow2_scale(log2_threshold: Tensor, bits: int) -> Tensor:
+    exponent = torch.ceil(log2_threshold.detach().double()) - (bits - 1)
+    exponent = exponent.clamp(_MIN_EXPONENT, _MAX_EXPONENT).to(torch.int32)
+    return torch.bitwise_left_shift(exponent + 127, 23).view(torch.float32)
+
+
+def tqt_fake_quantize(x: Tensor, log2_threshold: Tensor, spec: QuantSpec) -> Tensor:
+    """TQT fake-quant of x (any shape) with one learned threshold log2 t ([] or [1]).
+
+    clamp(round(x / s), qmin, qmax) · s with s = `tqt_scale`; gradients for x and log2 t as in
+    the module docstring. Computed in float32, returned in x's dtype.
+    """
+    return _TQTFakeQuantize.apply(x, log2_threshold, spec.bits, spec.qmin, spec.qmax)
+
+
+class _TQTFakeQuantize(torch.autograd.Function):
+    """Forward and the paper's backward of TQT fake-quant, one threshold for the whole x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, log2_threshold: Tensor, bits: int, qmin: int, qmax: int) -> Tensor:  # noqa: ANN001
+        scale = _pow2_scale(log2_threshold, bits).to(x.device)
+        ctx.save_for_backward(x, scale)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        ctx.threshold_shape, ctx.threshold_dtype = log2_threshold.shape, log2_threshold.dtype
+        codes = torch.round(x.float() / scale).clamp(qmin, qmax)
+        return (codes * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # noqa: ANN001, ANN205
+        x, scale = ctx.saved_tensors
+        ratio = x.float() / scale  # exact: s is a power of two
+        codes = torch.round(ratio)
+        below, above = codes < ctx.qmin, codes > ctx.qmax
+        inside = ~(below | above)
+        grad = grad_output.float()
+        grad_x = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * inside).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            outside = torch.where(below, float(ctx.qmin), float(ctx.qmax))
+            local = torch.where(inside, codes - ratio, outside)
+            grad_threshold = (grad * local).sum() * (scale * _LN2)
+            grad_threshold = grad_threshold.reshape(ctx.threshold_shape).to(ctx.threshold_dtype)
+        return grad_x, grad_threshold, None, None, None
+
+
+def _log2_threshold_of(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """log2 t = log2(s) + (b - 1) for the scale s in effect, float32, exact for powers of two.
+
+    log2 s comes from frexp (s = m·2^e, m in [0.5, 1)): e - 1 + log2(2m), exactly an integer
+    when s is a power of two, so `tqt_scale` gives s back.
+    """
+    scale = scale.detach().double().abs().clamp_min(_MIN_SCALE)
+    mantissa, exponent = torch.frexp(scale)
+    log2_scale = (exponent - 1).double() + torch.log2(2.0 * mantissa)
+    return (log2_scale + (spec.bits - 1)).float().clone()
+
+
+def _tqt_qparams(
+    log2_threshold: Tensor, zero_point: Tensor, spec: QuantSpec
+) -> tuple[Tensor, Tensor]:
+    """The qparams of tqt mode: the power-of-two scale in effect and zero point 0."""
+    return tqt_scale(log2_threshold, spec), torch.zeros_like(zero_point, dtype=torch.int32)
 
 
 def _learnable_fake_quantize(
@@ -451,8 +623,15 @@ def disable_observers(qmodel: QuantizedModel) -> QuantizedModel:
 
 
 def set_mode(qmodel: QuantizedModel, mode: str) -> QuantizedModel:
-    """Put every quantized layer into `mode` (one of `MODES`)."""
-    for layer in qmodel.quant_linears().values():
+    """Put every quantized layer into `mode` (one of `MODES`); all of them or, on a
+    SciquantError naming the layer, none."""
+    layers = qmodel.quant_linears()
+    for name, layer in layers.items():
+        try:
+            layer.check_mode(mode)
+        except SciquantError as error:
+            raise SciquantError(f"layer {name!r}: {error}") from None
+    for layer in layers.values():
         layer.set_mode(mode)
     return qmodel
 
@@ -478,6 +657,31 @@ def lsq_parameters(qmodel: QuantizedModel) -> list[nn.Parameter]:
         for layer in qmodel.quant_linears().values()
         for name in layer._learnable_names()
         if isinstance(getattr(layer, name), nn.Parameter)
+    ]
+
+
+def enable_tqt(qmodel: QuantizedModel) -> QuantizedModel:
+    """Learn power-of-two thresholds (TQT mode for QAT), starting from the calibrated scales.
+
+    Build the optimizer after this call (the thresholds are new ``nn.Parameter`` objects, see
+    `tqt_parameters`). SciquantError before calibration or for targets other than pow2 ones
+    (npu-pow2), see `check_tqt_specs`.
+    """
+    return set_mode(qmodel, "tqt")
+
+
+def disable_tqt(qmodel: QuantizedModel) -> QuantizedModel:
+    """Freeze the learned thresholds into the scale buffers as powers of two (quantize mode)."""
+    return set_mode(qmodel, "quantize")
+
+
+def tqt_parameters(qmodel: QuantizedModel) -> list[nn.Parameter]:
+    """The learned log2 thresholds (empty unless in tqt mode), e.g. for their own optimizer."""
+    return [
+        threshold
+        for layer in qmodel.quant_linears().values()
+        for threshold in (layer.input_log2_threshold, layer.weight_log2_threshold)
+        if threshold is not None
     ]
 
 
