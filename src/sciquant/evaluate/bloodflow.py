@@ -15,7 +15,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
-from sciquant.data.features import GraphTensors, Normalizer, merge_graphs, to_tensors  # noqa: E402
+from sciquant.data.features import (  # noqa: E402
+    GraphTensors,
+    Normalizer,
+    merge_graphs,
+    state_increment,
+    step_inputs,
+    to_tensors,
+)
 from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.evaluate.physics import (  # noqa: E402
     BASELINES,
@@ -29,6 +36,7 @@ from sciquant.evaluate.rollout import (  # noqa: E402
     rollout_errors,
 )
 from sciquant.provenance import provenance, write_json  # noqa: E402
+from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
@@ -334,6 +342,80 @@ def load_step(
     return model, state, sizes
 
 
+def teacher_forced_inputs(
+    graph: GraphTensors, steps: int, norm: Normalizer
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Model inputs (node features, edge features, edge index) at `steps` evenly spaced true
+    states of `graph`, as a rollout builds them (`sciquant.quant.bloodflow.calibration_inputs`
+    with each node's own inlet, so also for several samples merged into one graph)."""
+    inlet = graph.inlet_of_nodes()
+    ones = torch.ones(graph.num_nodes)
+    inputs = []
+    for t in np.linspace(0, graph.num_steps - 2, steps).astype(int):
+        before = max(t - 1, 0)
+        previous = state_increment(
+            graph.pressure[t], graph.flowrate[t], graph.pressure[before], graph.flowrate[before],
+            norm,
+        )  # fmt: skip
+        x, _ = step_inputs(
+            norm, graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
+            graph.flowrate[t + 1][inlet], graph.flowrate[t][inlet], previous,
+            (graph.linear_pressure[t], graph.linear_flowrate[t]),
+            (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
+        )  # fmt: skip
+        inputs.append((x, graph.edge_features, graph.edge_index))
+    return inputs
+
+
+def quant_debug(
+    checkpoint: Path,
+    prepared: Path,
+    norm: Normalizer,
+    deployed: StepFunction | None,
+    graphs: list[GraphTensors],
+    inputs: int = DEBUG_INPUTS,
+    runtime: str = "torch",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Quantization debugging of a calibrated run (`sciquant.quant.debug`); {} for others.
+
+    For a `quantized.pt` (a calibrated method; not ptq-dynamic, which has no simulation, nor a
+    float run): the per-layer output SQNR of its fake-quant model (``layer_sqnr_*``) on
+    `inputs` calibration inputs, the first calibration sample (training sample 0) at `inputs`
+    evenly spaced true states; and where `deployed` is a runtime's step (ONNX Runtime,
+    OpenVINO, TensorRT; `device` where it takes its tensors), the agreement of the simulation's
+    and the runtime's outputs (``sim_vs_deployed_*``, relative to the output RMS: the network's
+    output is float) on the test simulations merged into one graph (the shape the runtime was
+    built for) at `inputs` evenly spaced true states. `inputs` 0 turns both off.
+    """
+    from sciquant.data.bloodflow import load_index
+    from sciquant.quant.bloodflow import calibration_inputs, is_quantized, load_quantized
+    from sciquant.quant.debug import (
+        output_agreement,
+        sqnr_metrics,
+        torch_layer_sqnr,
+        torch_outputs,
+    )
+    from sciquant.train.bloodflow import load_graphs
+
+    if inputs <= 0 or not is_quantized(checkpoint):
+        return {}
+    qmodel, _ = load_quantized(checkpoint)
+    metrics: dict[str, Any] = {}
+    train = load_index(prepared)["samples"]["train"][:1]
+    if train:
+        calibration = list(calibration_inputs(load_graphs(prepared, train, norm), inputs, norm))
+        metrics.update(sqnr_metrics(torch_layer_sqnr(qmodel, calibration), len(calibration)))
+    if deployed is not None and runtime != "torch" and not isinstance(deployed, Bf16Simulation):
+        merged, _ = merge_graphs(graphs)
+        test = teacher_forced_inputs(merged, inputs, norm)
+        simulated = torch_outputs(qmodel, test)
+        metrics.update(
+            output_agreement(simulated, torch_outputs(deployed, test, device), inputs=len(test))
+        )
+    return metrics
+
+
 class Bf16Simulation:
     """The FP32 model under bfloat16 autocast (weights and activations of every Linear in
     bf16, accumulation and LayerNorm in FP32): bf16 where the CPU has no bf16 unit, evaluated
@@ -425,6 +507,14 @@ def run(
                 for k, v in step.timing_summary().items()
             }
         )
+    # After the timings: its runtime calls are not among the timed ones.
+    debug = quant_debug(
+        checkpoint, prepared, norm, None if simulated else step, graphs,
+        settings.get("debug_inputs", DEBUG_INPUTS), runtime, device,
+    )  # fmt: skip
+    if debug:
+        print(describe(debug))
+    metrics.update(debug)
     out.mkdir(parents=True, exist_ok=True)
     plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
     keys = ("dataset", "model", "seed", "target", "method", "precision")

@@ -20,10 +20,19 @@ import numpy as np  # noqa: E402
 
 from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.provenance import package_versions, provenance, write_json  # noqa: E402
+from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.runtime.paired import host_facts, paired_timing  # noqa: E402
 from sciquant.train.md import TF_PACKAGES, load_pixelmaps  # noqa: E402
 
-__all__ = ["COORDINATE_KEYS", "classification_metrics", "make_runner", "plot_confusion", "run"]
+__all__ = [
+    "COORDINATE_KEYS",
+    "calibration_frames",
+    "classification_metrics",
+    "make_runner",
+    "plot_confusion",
+    "quant_debug",
+    "run",
+]
 
 COORDINATE_KEYS = ("dataset", "model", "seed", "target", "method", "precision")
 RUNNERS = {".keras": "keras", ".tflite": "litert"}
@@ -96,6 +105,94 @@ def plot_confusion(confusion: list[list[int]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+#: Most test frames on which a LiteRT run's outputs are compared with its simulation's.
+AGREEMENT_FRAMES = 1024
+
+
+def calibration_frames(data: Any, summary: dict[str, Any], count: int) -> np.ndarray:
+    """The first `count` calibration frames of a run, drawn from the train split as the md
+    quantize stage draws them (`sciquant.quant.md.run`: ``calibration.frames`` frames without
+    replacement, a generator seeded by the run's ``seed``, in index order)."""
+    train = np.flatnonzero(data.split == 0)
+    frames = min(int(summary["calibration"]["frames"]), len(train))
+    rng = np.random.default_rng(summary.get("seed", 0))
+    chosen = np.sort(rng.choice(train, size=frames, replace=False))
+    return data.x[chosen[:count]]
+
+
+def quant_debug(
+    artifact: Path,
+    data: Any,
+    runner: Any,
+    probabilities: np.ndarray,
+    inputs: int = DEBUG_INPUTS,
+) -> dict[str, Any]:
+    """Quantization debugging of a fake-quantized run (`sciquant.quant.debug`); {} for FP32
+    runs and for float models converted for a runtime (LiteRT fp32 / fp16).
+
+    The run's fake-quant model: the `.keras` artifact itself (a simulation), or for a LiteRT
+    `.tflite` the simulation rebuilt from the FP32 model and the run's `quantization.json`
+    (`sciquant.quant.debug.rebuild_keras_simulation`; post-training methods only: a QAT run's
+    fine-tuned weights are not kept, and its metrics then say so in ``quant_debug_note``).
+    Per-layer output SQNR (``layer_sqnr_*``) on the first `inputs` calibration frames
+    (`calibration_frames`); for a LiteRT run also the agreement of the simulated and the
+    deployed class probabilities (``sim_vs_deployed_*``) on at most `AGREEMENT_FRAMES` evenly
+    spaced test frames (`probabilities`: the runner's, on the whole test split), in steps of the
+    int8 output's scale (1/256 for a softmax output). `inputs` 0 turns it off.
+    """
+    import json
+
+    from sciquant.quant.debug import (
+        keras_layer_sqnr,
+        output_agreement,
+        rebuild_keras_simulation,
+        sqnr_metrics,
+    )
+
+    summary_path = Path(artifact).parent / "quantization.json"
+    if inputs <= 0 or not summary_path.is_file():
+        return {}
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as error:
+        raise SciquantError(f"{summary_path}: not readable ({error}); rerun quantize") from error
+    if not summary.get("layers"):
+        return {}  # nothing fake-quantized (fp32, or fp16 converted from the float model)
+    from sciquant.quant import keras as quant_keras
+
+    deployed = getattr(runner, "name", "") == "litert"
+    if deployed:
+        from sciquant.runtime.keras import load_keras_model
+
+        try:
+            qmodel = rebuild_keras_simulation(load_keras_model(summary["checkpoint"]), summary)
+        except SciquantError as error:
+            note = f"no simulation of this {summary.get('method')} run to debug with: {error}"
+            print(note)
+            return {"quant_debug_note": note}
+    else:
+        qmodel = getattr(runner, "model", None)
+        if qmodel is None or not quant_keras.is_quantized(qmodel):
+            return {}
+    frames = calibration_frames(data, summary, inputs)
+    batches = list(quant_keras.iterate_batches(frames, 64))
+    metrics = sqnr_metrics(keras_layer_sqnr(qmodel, batches), len(frames))
+    if deployed:
+        x_test, _ = data.subset("test")
+        chosen = np.unique(np.linspace(0, len(x_test) - 1, AGREEMENT_FRAMES).astype(int))
+        simulated = np.concatenate(
+            [
+                np.asarray(qmodel(batch, training=False).numpy(), dtype=np.float32)
+                for batch in quant_keras.iterate_batches(x_test[chosen], 256)
+            ]
+        )
+        step = runner.output_details.get("scale")  # an integer output's step; None if float
+        metrics.update(
+            output_agreement(simulated, probabilities[chosen], step=step, inputs=len(chosen))
+        )
+    return metrics
+
+
 def paired_latency(
     runner: Any, baseline: Any, x: np.ndarray, repeats: int, warmup: int = 5
 ) -> dict[str, Any]:
@@ -140,6 +237,7 @@ def run(
     study: str | None = None,
     config_hash: str | None = None,
     baseline: Path | None = None,
+    debug_inputs: int = DEBUG_INPUTS,
 ) -> Path:
     """Classify the test split with `artifact`, time batch-1 inference; write metrics.json.
 
@@ -152,7 +250,8 @@ def run(
     out: the metrics.json path (`confusion.png` goes next to it); runtime: the label stored in
     metrics.json (default: the runner's name, `keras` or `litert`); extra: further metrics
     (e.g. from quantization) merged into "metrics"; study, config_hash: default to the
-    coordinates' entries of those names.
+    coordinates' entries of those names. debug_inputs: calibration frames of the per-layer
+    SQNR of a quantized run (`quant_debug`; 0: no quantization debugging).
     """
     started = time.perf_counter()
     from sciquant.models.icnnmd import icnnmd_parameters
@@ -189,6 +288,11 @@ def run(
             metrics.update(paired_latency(runner, make_runner(baseline, threads), x_test, repeats))
         else:
             metrics["paired_speedup"] = 1.0
+    # After the timings: the debugging's inferences are not among the timed ones.
+    debug = quant_debug(artifact, data, runner, probabilities, debug_inputs)
+    if "layer_sqnr_db" in debug:
+        print(describe(debug))
+    metrics.update(debug)
     metrics["parameters"] = icnnmd_parameters(data.grid, data.channels, probabilities.shape[1])
     metrics["model_bytes"] = artifact.stat().st_size
     if extra:

@@ -32,7 +32,13 @@ import pandas as pd
 import xarray as xr
 
 from sciquant.errors import SciquantError
-from sciquant.provenance import NON_FINITE, atomic_path, pointer_keys, write_json
+from sciquant.provenance import (
+    NON_FINITE,
+    atomic_path,
+    json_pointer,
+    pointer_keys,
+    write_json,
+)
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 
@@ -50,9 +56,16 @@ METHOD_ORDER = (
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
 UNIT_PATTERN = re.compile(r"_(pct|s|ms|bytes)(?:_|$)")
 UNITS = {"pct": "%", "s": "s", "ms": "ms", "bytes": "bytes"}
-CACHE_VERSION = 5  # raise when RunRecord or read_metrics changes, so old caches are not reused
+CACHE_VERSION = 6  # raise when RunRecord or read_metrics changes, so old caches are not reused
+#: The per-layer output SQNR of quantized runs (`sciquant.quant.debug`): in metrics.json a
+#: table {layer: dB}; in the cube a variable over the run's coordinates and `LAYER_DIM`.
+LAYER_SQNR = "layer_sqnr_db"
+LAYER_DIM = "layer"
 #: Cube variables that are not metrics: a metrics.json may not use these names for its metrics.
-RESERVED_NAMES = ("simulated", "diverged")
+RESERVED_NAMES = ("simulated", "diverged", LAYER_SQNR, LAYER_DIM)
+#: Quantization-debugging metrics (`sciquant.quant.debug`): the report shows them in a table of
+#: their own, not as columns of the results table.
+DEBUG_PREFIXES = ("layer_sqnr_", "sim_vs_deployed_")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,9 @@ class RunRecord:
     # The scalar errors and scores (`diverging_metric`) that came out NaN or infinite; their
     # values in `metrics` are NaN.
     diverged: list[str] = field(default_factory=list)
+    # The per-layer output SQNR {layer: dB} of a quantized run (`LAYER_SQNR`); +inf for a layer
+    # whose quantized output is exact.
+    layer_sqnr_db: dict[str, float] = field(default_factory=dict)
 
 
 def precision_bits(precision: str) -> tuple[int, int]:
@@ -143,7 +159,10 @@ def read_metrics(path: Path) -> RunRecord:
         if isinstance(value, dict | list | str):
             continue
         check_metric_name(path, name)
-        if value is None:
+        if value is None and name.startswith(LAYER_SQNR):
+            # An SQNR of +inf (an exact layer) is a value, not a divergence.
+            metrics[name] = _listed_value(listed, ("metrics", name))
+        elif value is None:
             metrics[name] = math.nan
             if name in non_finite and diverging_metric(name):
                 diverged.append(name)
@@ -171,7 +190,28 @@ def read_metrics(path: Path) -> RunRecord:
             if isinstance(values, dict) and values.get("per_simulation")
         },
         diverged=diverged,
+        layer_sqnr_db=_layer_sqnr(payload.get("metrics", {}).get(LAYER_SQNR), listed),
     )
+
+
+def _listed_value(listed: Any, keys: Sequence[str]) -> float:
+    """What a `null` of metrics.json was: ±inf or NaN as its `non_finite` entry says, else NaN
+    (a `null` alone means "not measured")."""
+    kind = listed.get(json_pointer(keys)) if isinstance(listed, dict) else None
+    return {"inf": math.inf, "-inf": -math.inf}.get(str(kind), math.nan)
+
+
+def _layer_sqnr(table: Any, listed: Any) -> dict[str, float]:
+    """The per-layer SQNR table of a metrics.json, exact layers (`null`, listed "inf") +inf."""
+    if not isinstance(table, dict):
+        return {}
+    values = {}
+    for layer, value in table.items():
+        if value is None:
+            values[str(layer)] = _listed_value(listed, ("metrics", LAYER_SQNR, str(layer)))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            values[str(layer)] = float(value)
+    return values
 
 
 def check_metric_name(path: Path, name: str) -> None:
@@ -343,6 +383,20 @@ def to_dataset(records: Sequence[RunRecord], study_info: dict[str, Any]) -> xr.D
         dim: np.array(labels[dim], dtype=np.int64 if dim == "seed" else object)
         for dim in COORDINATES
     }
+    layers = list(dict.fromkeys(layer for r in records for layer in r.layer_sqnr_db))
+    if layers:
+        values = np.full((*shape, len(layers)), np.nan)
+        column = {layer: i for i, layer in enumerate(layers)}
+        for position, record in zip(zip(*index, strict=True), records, strict=True):
+            for layer, value in record.layer_sqnr_db.items():
+                values[(*position, column[layer])] = value
+        variables[LAYER_SQNR] = (
+            (*COORDINATES, LAYER_DIM),
+            values,
+            {"units": "dB", "description": "output SQNR of each quantized layer against the "
+             "float network on calibration inputs (sciquant.quant.debug); inf: exact"},
+        )  # fmt: skip
+        coords[LAYER_DIM] = np.array(layers, dtype=object)
     attrs = provenance_attrs(records, study_info)
     if any_diverged:
         attrs["diverged_metrics"] = json.dumps(
@@ -598,6 +652,8 @@ def headline_metrics(cube: xr.Dataset) -> list[str]:
         if name not in COUNT_METRICS
         and name not in TIMING_DETAILS
         and not str(name).endswith(SPREAD_SUFFIXES)
+        and not str(name).startswith(DEBUG_PREFIXES)
+        and LAYER_DIM not in cube[name].dims
         and bool(cube[name].notnull().any())
     ]
     rank = {"error": 0, "score": 0, "time": 1, "other": 2}

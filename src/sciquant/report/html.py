@@ -19,16 +19,20 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from sciquant.provenance import atomic_path
 from sciquant.report import figures
 from sciquant.report.cube import (
+    LAYER_DIM,
+    LAYER_SQNR,
     Constraint,
     Deployment,
     Estimate,
@@ -446,6 +450,120 @@ def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
     )
 
 
+#: The agreement of a deployed run with its simulation (`sciquant.quant.debug`), per unit.
+AGREEMENT_COLUMNS = (
+    ("sim_vs_deployed_max_steps", "sim vs runtime, max [output steps]"),
+    ("sim_vs_deployed_median_steps", "sim vs runtime, median [output steps]"),
+    ("sim_vs_deployed_max_rel_rms", "sim vs runtime, max [× output RMS]"),
+    ("sim_vs_deployed_median_rel_rms", "sim vs runtime, median [× output RMS]"),
+)
+DEBUG_NOTE = (
+    "Per-layer output SQNR = 10·log10(Σ y_FP32² / Σ (y_quantized − y_FP32)²) of each quantized "
+    "layer's output on a few calibration inputs, with every earlier layer quantized too (errors "
+    "propagate): the first layer where it drops is where the network loses precision; ∞: the "
+    "layer's quantized output is exact. Its FP32 reference is the run's own weights with the "
+    "quantizers off (for QAT, the fine-tuned ones). Sim vs runtime: |simulated − deployed| "
+    "output of a runtime run and of the fake-quant simulation it was deployed from, on the same "
+    "test inputs, max and median over all output values, in steps of a quantized output (LiteRT "
+    "int8) or relative to the output's RMS (a float output). Mean over seeds; the worst layer "
+    "is the one with the lowest mean."
+)
+
+
+def debug_section(runs: xr.Dataset) -> str:
+    """Quantization debugging of these runs, where their metrics have it: per run the worst
+    layer's output SQNR and the simulation's agreement with its runtime, and the per-layer
+    SQNR table (one column per run) folded away below it. Empty where no run has any."""
+    layer_means = None
+    if LAYER_SQNR in runs and bool(runs[LAYER_SQNR].notnull().any()):
+        values = runs[LAYER_SQNR]
+        with warnings.catch_warnings():  # a run absent in every seed: an empty mean, NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            layer_means = values.mean("seed", skipna=True)
+        layer_means = layer_means.isel({LAYER_DIM: values.notnull().any(
+            [d for d in values.dims if d != LAYER_DIM]).values})  # fmt: skip
+    columns = [(n, label) for n, label in AGREEMENT_COLUMNS if n in runs]
+    columns = [(n, label) for n, label in columns if bool(runs[n].notnull().any())]
+    estimates = {name: seed_estimates(runs[name]) for name, _ in columns}
+    worst: dict[RunKey, tuple[str, float]] = {}
+    per_layer: dict[RunKey, dict[str, float]] = {}
+    if layer_means is not None:
+        layers = [str(layer) for layer in layer_means[LAYER_DIM].values]
+        matrix = layer_means.transpose("target", "method", "precision", LAYER_DIM)
+        for index in np.ndindex(*matrix.shape[:3]):
+            row = matrix.values[index]
+            if np.all(np.isnan(row)):
+                continue
+            key = tuple(str(matrix[dim].values[i]) for dim, i in
+                        zip(("target", "method", "precision"), index, strict=True))  # fmt: skip
+            per_layer[key] = {
+                layer: float(v) for layer, v in zip(layers, row, strict=True) if not np.isnan(v)
+            }
+            lowest = min(per_layer[key], key=per_layer[key].__getitem__)
+            worst[key] = (lowest, per_layer[key][lowest])
+    keys = list(dict.fromkeys([*worst, *(k for by_run in estimates.values() for k in by_run)]))
+    if not keys:
+        return ""
+    simulated = seed_estimates(runs["simulated"])
+    order = {key: i for i, key in enumerate(simulated)}  # the results table's order
+    keys.sort(key=lambda key: order.get(key, len(order)))
+    head = [f'<th class="label">{label}</th>' for label in ("target", "method", "precision")]
+    head += ['<th class="label">worst layer</th>', "<th>its output SQNR [dB]</th>"]
+    head += [f'<th data-metric="{escape(n)}">{escape(label)}</th>' for n, label in columns]
+    rows = []
+    for key in keys:
+        target, method, precision = key
+        cells = [f'<td class="label">{escape(label)}</td>' for label in key]
+        if key in worst:
+            layer, value = worst[key]
+            cells.append(f'<td class="label" data-metric="layer_sqnr_worst_layer">'
+                         f"<code>{escape(layer)}</code></td>")  # fmt: skip
+            cells.append(f'<td data-metric="layer_sqnr_db_worst" data-value="{value!r}">'
+                         f"{escape(format_value(value, 3))}</td>")  # fmt: skip
+        else:
+            cells += ['<td class="label">—</td>', "<td>—</td>"]
+        cells += [estimate_cell(name, estimates[name].get(key)) for name, _ in columns]
+        rows.append(
+            f'<tr data-target="{escape(target)}" data-method="{escape(method)}" '
+            f'data-precision="{escape(precision)}">' + "".join(cells) + "</tr>"
+        )
+    parts = ["<h3>Quantization debugging</h3>", table(head, rows, "quant-debug")]
+    if per_layer:
+        parts.append(layer_sqnr_table(per_layer, worst))
+    parts.append(f'<p class="note">{DEBUG_NOTE}</p>')
+    return "".join(parts)
+
+
+def layer_sqnr_table(
+    per_layer: dict[RunKey, dict[str, float]], worst: dict[RunKey, tuple[str, float]]
+) -> str:
+    """Output SQNR [dB] per layer (rows, in the model's order) and run (columns), folded; each
+    run's worst layer in bold."""
+    layers = list(dict.fromkeys(layer for values in per_layer.values() for layer in values))
+    head = ['<th class="label">layer</th>'] + [
+        f'<th data-target="{escape(t)}" data-method="{escape(m)}" data-precision="{escape(p)}">'
+        f"{escape(t)}<br>{escape(m)}<br>{escape(p)}</th>"
+        for t, m, p in per_layer
+    ]
+    rows = []
+    for layer in layers:
+        cells = [f'<td class="label"><code>{escape(layer)}</code></td>']
+        for key, values in per_layer.items():
+            if layer not in values:
+                cells.append("<td>—</td>")
+                continue
+            text = escape(format_value(values[layer], 3))
+            if worst[key][0] == layer:
+                text = f"<strong>{text}</strong>"
+            cells.append(f'<td data-value="{values[layer]!r}">{text}</td>')
+        rows.append(f'<tr data-layer="{escape(layer)}">' + "".join(cells) + "</tr>")
+    return (
+        "<details><summary>output SQNR per layer [dB] (worst of each run in bold)</summary>"
+        + table(head, rows, "layer-sqnr")
+        + "</details>"
+    )
+
+
 def image_html(data: bytes, caption: str, mime: str = "image/png") -> str:
     """A figure with its image embedded as base64."""
     encoded = base64.b64encode(data).decode("ascii")
@@ -497,6 +615,7 @@ def workload_section(
     parts.append("<h3>Results over seeds</h3>")
     parts.append(results_table(dataset, model, runs))
     parts.append(baselines_note(dataset, runs))
+    parts.append(debug_section(runs))
     parts.append("<h3>Figures</h3>")
     parts += workload_figures(runs)
     parts.append("</section>")
