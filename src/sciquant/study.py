@@ -19,7 +19,12 @@ from typing import Any
 import yaml
 
 from sciquant.errors import SciquantError
-from sciquant.quant.observers import DYNAMIC_METHODS, METHODS
+from sciquant.quant.observers import (
+    DYNAMIC_METHODS,
+    METHOD_LIMITS,
+    METHODS,
+    check_method_limits,
+)
 from sciquant.quant.targets import Plan, get_target
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -514,6 +519,8 @@ def _check_sweep(config: dict[str, Any]) -> None:
         for method in entry["methods"]:
             if method in DYNAMIC_METHODS:
                 _check_dynamic(key, method, entry, frameworks)
+            elif method in METHOD_LIMITS:
+                _check_method_limits(key, method, entry, frameworks)
         casts = [p for p in entry["precisions"] if p in FLOAT_CASTS]
         integer = [p for p in entry["precisions"] if p not in FLOAT_CASTS]
         if "none" in entry["methods"] and integer:
@@ -562,6 +569,19 @@ def _check_dynamic(
                 except SciquantError as error:
                     hint = _models_hint(entry, model)
                     raise SciquantError(f"{key}.methods: {error}{hint}") from None
+
+
+def _check_method_limits(
+    key: str, method: str, entry: dict[str, Any], frameworks: dict[str, str]
+) -> None:
+    """A calibrated method built for some frameworks or scale grids only (`METHOD_LIMITS`)."""
+    for target in entry["targets"]:
+        for framework, model in sorted(frameworks.items()):
+            try:
+                check_method_limits(method, target, framework)
+            except SciquantError as error:
+                hint = _models_hint(entry, model)
+                raise SciquantError(f"{key}.methods: {error}{hint}") from None
 
 
 def _models_hint(entry: dict[str, Any], model: str) -> str:

@@ -30,10 +30,12 @@ from sciquant.data.features import (
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
+from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
 from sciquant.quant.pytorch import (
     QuantizedModel,
     calibrate,
     enable_lsq,
+    enable_tqt,
     quantize_model,
     set_mode,
 )
@@ -92,6 +94,7 @@ def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSe
         steps_per_epoch=qat.get("steps_per_epoch", 50),
         learning_rate=qat.get("learning_rate", 1e-4),
         learning_rate_min=min(base.learning_rate_min, qat.get("learning_rate", 1e-4)),
+        threshold_learning_rate=qat.get("threshold_learning_rate", 1e-2),
     )
 
 
@@ -132,12 +135,20 @@ def run(
         precision = chosen["high"]
     qmodel = quantize_model(model, target, precision, method, precisions=layer_precisions)
     steps = quantize_settings.get("calibration_steps", 16)
-    calibrate(qmodel, calibration_inputs(calibration, steps, norm))
+    batches = list(calibration_inputs(calibration, steps, norm))
+    calibrate(qmodel, batches)
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
+    if method == "ptq-adaround":
+        options = quantize_settings.get("adaround", {})
+        adaround(qmodel, model, batches, AdaRoundSettings(**options, seed=seed))
+    elif method == "ptq-biascorr":
+        correct_bias(qmodel, model, batches)
 
     if method.startswith("qat-"):
         if method == "qat-lsq":
             enable_lsq(qmodel)
+        elif method == "qat-tqt":
+            enable_tqt(qmodel)  # before the optimizer: the thresholds are new parameters
         train_graphs = load_graphs(prepared, train_names, norm)
         valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
         fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))

@@ -97,6 +97,7 @@ from sciquant.quant.observers import (
     OBSERVERS,
     Observer,
     check_lsq_specs,
+    check_method_limits,
     make_observer,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
@@ -440,8 +441,7 @@ class _QuantMixin:
 
     def set_mode(self, mode: str) -> None:
         """Switch to `mode`; quantize and lsq need frozen qparams (calibration)."""
-        if mode not in MODES:
-            raise SciquantError(f"unknown quantized-layer mode {mode!r}; known: {', '.join(MODES)}")
+        _check_keras_mode(mode)
         if self.kind == "fp16":
             if mode in ("observe", "lsq"):
                 raise SciquantError(f"layer {self.name!r} is fp16 (a cast): no {mode} mode")
@@ -652,8 +652,7 @@ class QuantActivation(keras.layers.Activation):
         return self._mode
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise SciquantError(f"unknown quantized-layer mode {mode!r}; known: {', '.join(MODES)}")
+        _check_keras_mode(mode)
         self._mode = mode
 
     def freeze(self) -> None:
@@ -726,6 +725,8 @@ def quantize_model(
             "precision fp32 is the float model itself; quantize_model takes wXaY or fp16"
         )
     method = check_method(method, parsed)
+    if parsed.kind == "int":
+        check_method_limits(method, target.name, "keras")
     if is_quantized(model):
         raise SciquantError("the model is already quantized; quantize its float original")
     if not isinstance(model, keras.Model) or not hasattr(model, "inputs") or not model.inputs:
@@ -1022,6 +1023,17 @@ def iterate_batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """x in consecutive batches of `batch_size` (the last one may be smaller)."""
     for start in range(0, len(x), batch_size):
         yield x[start : start + batch_size]
+
+
+def _check_keras_mode(mode: str) -> None:
+    """SciquantError for modes a Keras quantized layer does not have (`MODES` but tqt)."""
+    if mode == "tqt":
+        raise SciquantError(
+            "mode 'tqt' (method qat-tqt, trained power-of-two thresholds) exists for PyTorch "
+            "models only; Keras models on npu-pow2 take ptq-* or qat-ste"
+        )
+    if mode not in MODES:
+        raise SciquantError(f"unknown quantized-layer mode {mode!r}; known: {', '.join(MODES)}")
 
 
 def check_method(method: str, precision: Precision | None) -> str:

@@ -77,9 +77,62 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-percentile": ("percentile", "minmax"),
     "ptq-mse": ("mse", "mse"),
     "ptq-entropy": ("entropy", "minmax"),
+    "ptq-adaround": ("mse", "mse"),
+    "ptq-biascorr": ("mse", "mse"),
     "qat-ste": ("minmax", "minmax"),
     "qat-lsq": ("minmax", "minmax"),
+    "qat-tqt": ("minmax", "minmax"),
 }
+
+
+@dataclass(frozen=True)
+class MethodLimits:
+    """Where a calibrated method runs: the model frameworks it is built for and, for methods
+    made for one scale grid, the targets' scale kind (e.g. TQT learns power-of-two scales)."""
+
+    frameworks: frozenset[str]
+    scale_kind: str | None = None
+    description: str = ""
+
+
+#: Calibrated methods that do not run everywhere (all others take every framework and target).
+METHOD_LIMITS: dict[str, MethodLimits] = {
+    "ptq-adaround": MethodLimits(
+        frameworks=frozenset({"torch"}), description="AdaRound, layer-wise learned rounding"
+    ),
+    "ptq-biascorr": MethodLimits(
+        frameworks=frozenset({"torch"}), description="empirical bias correction"
+    ),
+    "qat-tqt": MethodLimits(
+        frameworks=frozenset({"torch"}),
+        scale_kind="pow2",
+        description="TQT, trained power-of-two thresholds",
+    ),
+}
+
+
+def check_method_limits(method: str, target: str, framework: str) -> None:
+    """SciquantError unless calibrated `method` runs for a `framework` model on `target`."""
+    limits = METHOD_LIMITS.get(method)
+    if limits is None:
+        return
+    if framework not in limits.frameworks:
+        raise SciquantError(
+            f"method {method} ({limits.description}) takes "
+            f"{' and '.join(sorted(limits.frameworks))} models only, not a {framework} model; "
+            f"use ptq-mse, ptq-minmax, qat-lsq, ... for it"
+        )
+    if limits.scale_kind is not None:
+        if get_target(target).weight_scheme.scale_kind != limits.scale_kind:
+            allowed = sorted(
+                name
+                for name, row in TARGETS.items()
+                if row.weight_scheme.scale_kind == limits.scale_kind
+            )
+            raise SciquantError(
+                f"method {method} ({limits.description}) is for targets with {limits.scale_kind} "
+                f"scales ({', '.join(allowed)}), not {target!r}; use qat-lsq there"
+            )
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ from sciquant.quant.observers import (
     OBSERVERS,
     Observer,
     check_lsq_specs,
+    check_method_limits,
     make_observer,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
@@ -555,6 +556,7 @@ def quantize_model(
     default = _integer_precision(precision)
     target.plan(str(default), "torch")  # refuses targets that do not take torch models
     method = _method_name(method)
+    check_method_limits(method, target.name, "torch")
     activation_method, weight_method = METHOD_OBSERVERS[method]
     names = layer_names(model)
     chosen = _chosen_layers(names, layers)

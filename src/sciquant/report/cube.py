@@ -49,8 +49,8 @@ TARGET_ORDER = (
     "reference", "trt-v100", "trt-rtx3090", "cpu-x86", "openvino-cpu", "litert-cpu", "npu-pow2",
 )  # fmt: skip
 METHOD_ORDER = (
-    "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-dynamic", "qat-ste",
-    "qat-lsq",
+    "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-adaround",
+    "ptq-biascorr", "ptq-dynamic", "qat-ste", "qat-lsq", "qat-tqt",
 )  # fmt: skip
 
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")

@@ -1,0 +1,329 @@
+"""Layer-wise PTQ that changes the weights: AdaRound and empirical bias correction (PyTorch).
+
+Both run after `calibrate` on a `QuantizedModel`, layer by layer in module order (the data-flow
+order of the models here: every layer's input comes from layers before it), each on the inputs
+its layer sees in the model quantized so far (so later layers compensate what earlier ones lost)
+against the outputs of the untouched float model on the same calibration inputs:
+
+    qmodel = quantize_model(model, "reference", "w4a8", "ptq-adaround")
+    batches = list(calibration_inputs)                       # tuples of model inputs
+    calibrate(qmodel, batches)
+    adaround(qmodel, model, batches, AdaRoundSettings())     # or correct_bias(...) alike
+
+**AdaRound** (Nagel et al., "Up or down? Adaptive rounding for post-training quantization",
+ICML 2020) chooses, for every weight, whether it rounds down or up on the grid the weight
+observer fixed, by minimising the layer's output reconstruction error
+
+    mean_rows ‖ W x_fp + b − (W̃ q(x̂) + b) ‖²  +  λ · Σ (1 − |2 h(V) − 1|^β)
+
+with W̃ = s · (clamp(⌊W/s⌋ + h(V) + z, qmin, qmax) − z), h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)
+the rectified sigmoid (ζ = 1.1, γ = −0.1), x_fp the layer's input in the float model, x̂ its
+input in the quantized model and q the layer's activation fake-quantization. V starts where
+h(V) equals the weight's rest W/s − ⌊W/s⌋ (so the soft weight starts at the float weight); β
+anneals from `beta_start` to `beta_end` after a warm-up with no rounding term, which drives every
+h to 0 or 1. The hard choice h = [V ≥ 0] is written into the layer's float weight as the
+dequantized grid value, so the fake-quant forward, the saved model and every export round
+exactly to the chosen integers with no new state.
+
+**Bias correction** (Nagel et al., "Data-free quantization through weight equalization and bias
+correction", ICCV 2019, its empirical form): each layer's bias gains the mean over calibration
+rows of (W x_fp + b) − (W_q q(x̂) + b), the systematic shift quantization puts into its output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sciquant.errors import SciquantError
+from sciquant.quant.pytorch import QuantizedModel, QuantLinear
+
+__all__ = [
+    "AdaRoundSettings",
+    "adaround",
+    "correct_bias",
+    "layer_inputs",
+    "rectified_sigmoid",
+    "soft_weight",
+]
+
+#: The rectified sigmoid's stretch (AdaRound's ζ and γ).
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass(frozen=True)
+class AdaRoundSettings:
+    """AdaRound's optimisation per layer (the paper's defaults where it has them)."""
+
+    iterations: int = 1000
+    reg_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    learning_rate: float = 1e-3
+    batch_rows: int = 1024
+    max_rows: int = 32768
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_rows < 1 or self.max_rows < 1:
+            raise SciquantError(
+                "quantize.adaround: iterations, batch_rows and max_rows must be positive"
+            )
+        if not 0 <= self.warmup < 1:
+            raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
+        if self.reg_lambda < 0 or self.learning_rate <= 0:
+            raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _initial_v(rest: Tensor) -> Tensor:
+    """V with h(V) = rest (rest in [0, 1))."""
+    p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def _grid(layer: QuantLinear) -> tuple[Tensor, Tensor, int, int]:
+    """(scale, zero point) shaped to broadcast over the weight [out, in], qmin, qmax."""
+    scale, zero_point = layer.weight_qparams()
+    if scale.ndim == 1:
+        scale, zero_point = scale[:, None], zero_point[:, None]
+    spec = layer.weight_spec
+    return scale, zero_point.float(), spec.qmin, spec.qmax
+
+
+def soft_weight(weight: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                h: Tensor) -> Tensor:  # fmt: skip
+    """W̃ = s · (clamp(⌊W/s⌋ + h + z, qmin, qmax) − z): the weight rounded by h ∈ [0, 1]."""
+    floor = torch.floor(weight / scale)
+    return scale * (torch.clamp(floor + h + zero_point, qmin, qmax) - zero_point)
+
+
+def layer_inputs(
+    model: nn.Module,
+    name: str,
+    batches: Sequence[tuple[Tensor, ...]],
+    select: Callable[[int, int], Tensor] | None = None,
+) -> Tensor:
+    """What layer `name` of `model` receives for every batch, as rows [n, in], stacked.
+
+    select(batch index, row count) → the row indices to keep of that batch (default all).
+    """
+    module = model.get_submodule(name)
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach()
+        captured.append(x.reshape(-1, x.shape[-1]))
+
+    # Models that read a Linear's weight instead of calling it (MeshGraphNet's concat trick)
+    # call every Linear as a module with the trick off.
+    tricks = [m for m in model.modules() if getattr(m, "concat_trick", None) is True]
+    for m in tricks:
+        m.concat_trick = False
+    handle = module.register_forward_pre_hook(hook)
+    taken = []
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                captured.clear()
+                model(*batch)
+                if len(captured) != 1:
+                    raise SciquantError(
+                        f"layer {name!r} ran {len(captured)} times in one forward pass; "
+                        "layer-wise reconstruction needs every quantized layer to run once"
+                    )
+                rows = captured[0]
+                taken.append(rows if select is None else rows[select(index, rows.shape[0])])
+    finally:
+        handle.remove()
+        for m in tricks:
+            m.concat_trick = True
+    return torch.cat(taken)
+
+
+def _pairs(
+    qmodel: QuantizedModel, float_model: nn.Module, name: str,
+    batches: Sequence[tuple[Tensor, ...]], max_rows: int, seed: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(x_fp, x̂): the layer's input in the float model and in the quantized model, same rows
+    (at most max_rows in all, an even share of each batch, drawn with `seed`)."""
+    per_batch = max(1, math.ceil(max_rows / len(batches)))
+
+    def select(index: int, count: int) -> Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        return torch.randperm(count, generator=generator)[: min(count, per_batch)]
+
+    x_float = layer_inputs(float_model, name, batches, select)
+    x_quant = layer_inputs(qmodel.model, name, batches, select)
+    if x_float.shape != x_quant.shape:
+        raise SciquantError(
+            f"layer {name!r} sees inputs of shape {tuple(x_float.shape)} in the float model and "
+            f"{tuple(x_quant.shape)} in the quantized one"
+        )
+    return x_float, x_quant
+
+
+def _check(qmodel: QuantizedModel, float_model: nn.Module, what: str) -> dict[str, QuantLinear]:
+    layers = qmodel.quant_linears()
+    for name, layer in layers.items():
+        if layer.mode != "quantize":
+            raise SciquantError(
+                f"{what}: layer {name!r} is in mode {layer.mode!r}; calibrate the model first "
+                "(every quantized layer in quantize mode)"
+            )
+        try:
+            original = float_model.get_submodule(name)
+        except AttributeError:
+            raise SciquantError(
+                f"{what}: the float model has no layer {name!r}; pass the float model the "
+                "quantized one was made from"
+            ) from None
+        if not isinstance(original, nn.Linear) or original.weight.shape != layer.weight.shape:
+            raise SciquantError(f"{what}: layer {name!r} differs in the float model")
+    return layers
+
+
+def adaround(
+    qmodel: QuantizedModel,
+    float_model: nn.Module,
+    batches: Sequence[tuple[Tensor, ...]],
+    settings: AdaRoundSettings | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, dict[str, float]]:
+    """Round every quantized layer's weight adaptively (see the module docstring), in place.
+
+    Returns per layer: the reconstruction MSE with nearest rounding and with AdaRound's, on the
+    rows it optimised, the share of weights rounded the other way than nearest, and
+    `kept_nearest` (1.0 where AdaRound's hard rounding came out worse than nearest on those
+    rows, as an optimisation cut short can, and the layer keeps nearest rounding).
+    """
+    settings = settings or AdaRoundSettings()
+    layers = _check(qmodel, float_model, "adaround")
+    if not batches:
+        raise SciquantError("adaround got no calibration batches")
+    was_training = qmodel.training
+    qmodel.eval()
+    float_model.eval()
+    summary: dict[str, dict[str, float]] = {}
+    try:
+        for index, (name, layer) in enumerate(layers.items()):
+            original = float_model.get_submodule(name)
+            x_float, x_quant = _pairs(
+                qmodel, float_model, name, batches, settings.max_rows, settings.seed + index
+            )
+            summary[name] = _round_layer(layer, original, x_float, x_quant, settings)
+            if progress is not None:
+                s = summary[name]
+                progress(
+                    f"adaround {index + 1}/{len(layers)} {name}: reconstruction MSE "
+                    f"{s['mse_nearest']:.3g} (nearest) -> {s['mse_adaround']:.3g}, "
+                    f"{100 * s['flipped']:.1f} % of weights rounded the other way"
+                    + (" (worse than nearest: kept nearest)" if s["kept_nearest"] else "")
+                )
+    finally:
+        qmodel.train(was_training)
+    return summary
+
+
+def _round_layer(
+    layer: QuantLinear, original: nn.Linear, x_float: Tensor, x_quant: Tensor,
+    settings: AdaRoundSettings,
+) -> dict[str, float]:  # fmt: skip
+    weight = layer.weight.detach().clone()
+    scale, zero_point, qmin, qmax = _grid(layer)
+    with torch.no_grad():
+        target = F.linear(x_float, original.weight, original.bias)
+        x_in = layer.fake_quantize_input(x_quant)
+        bias = layer.used_bias()
+        bias = None if bias is None else bias.detach()
+    rest = weight / scale - torch.floor(weight / scale)
+    nearest = (rest >= 0.5).float()
+    v = nn.Parameter(_initial_v(rest))
+    optimizer = torch.optim.Adam([v], lr=settings.learning_rate)
+    generator = torch.Generator().manual_seed(settings.seed)
+    rows = x_in.shape[0]
+    warm = int(settings.warmup * settings.iterations)
+    for step in range(settings.iterations):
+        chosen = torch.randint(rows, (min(settings.batch_rows, rows),), generator=generator)
+        h = rectified_sigmoid(v)
+        w_soft = soft_weight(weight, scale, zero_point, qmin, qmax, h)
+        out = F.linear(x_in[chosen], w_soft, bias)
+        loss = (out - target[chosen]).pow(2).sum(-1).mean()
+        if step >= warm:
+            progress = (step - warm) / max(1, settings.iterations - warm)
+            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
+                1 + math.cos(math.pi * progress)
+            )
+            loss = loss + settings.reg_lambda * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hard = (v >= 0).float()
+        rounded = soft_weight(weight, scale, zero_point, qmin, qmax, hard)
+        before = soft_weight(weight, scale, zero_point, qmin, qmax, nearest)
+        mse_nearest = (F.linear(x_in, before, bias) - target).pow(2).mean().item()
+        mse_adaround = (F.linear(x_in, rounded, bias) - target).pow(2).mean().item()
+        kept_nearest = mse_adaround > mse_nearest
+        if kept_nearest:  # an optimisation cut short can end worse: never be worse than nearest
+            hard, rounded, mse_adaround = nearest, before, mse_nearest
+        layer.weight.copy_(rounded)
+    return {
+        "mse_nearest": mse_nearest,
+        "mse_adaround": mse_adaround,
+        "flipped": float((hard != nearest).float().mean()),
+        "kept_nearest": float(kept_nearest),
+    }
+
+
+def correct_bias(
+    qmodel: QuantizedModel,
+    float_model: nn.Module,
+    batches: Sequence[tuple[Tensor, ...]],
+    max_rows: int = 65536,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, float]:
+    """Empirical bias correction of every quantized layer with a bias, in place, in order.
+
+    Returns per layer the RMS of the correction added to its bias.
+    """
+    layers = _check(qmodel, float_model, "bias correction")
+    if not batches:
+        raise SciquantError("bias correction got no calibration batches")
+    was_training = qmodel.training
+    qmodel.eval()
+    float_model.eval()
+    summary: dict[str, float] = {}
+    try:
+        for index, (name, layer) in enumerate(layers.items()):
+            if layer.bias is None:
+                continue
+            original = float_model.get_submodule(name)
+            x_float, x_quant = _pairs(qmodel, float_model, name, batches, max_rows, seed + index)
+            with torch.no_grad():
+                expected = F.linear(x_float, original.weight, original.bias)
+                got = F.linear(
+                    layer.fake_quantize_input(x_quant), layer.fake_quantize_weight(), layer.bias
+                )
+                shift = (expected - got).mean(0)
+                layer.bias.add_(shift)
+            summary[name] = float(shift.pow(2).mean().sqrt())
+            if progress is not None:
+                progress(
+                    f"bias correction {index + 1}/{len(layers)} {name}: RMS shift "
+                    f"{summary[name]:.3g}"
+                )
+    finally:
+        qmodel.train(was_training)
+    return summary

@@ -1,0 +1,265 @@
+"""AdaRound and empirical bias correction (sciquant.quant.adaround) on hand-made layers, and
+where the methods are allowed to run (sciquant.quant.observers.METHOD_LIMITS)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from sciquant.errors import SciquantError
+from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
+from sciquant.quant.adaround import (
+    AdaRoundSettings,
+    adaround,
+    correct_bias,
+    rectified_sigmoid,
+    soft_weight,
+)
+from sciquant.quant.bloodflow import load_quantized
+from sciquant.quant.observers import check_method_limits
+from sciquant.quant.pytorch import calibrate, quantize_model
+from sciquant.study import load_config
+from tests.test_quant_dynamic import ROOT, _sciquant
+from tests.test_quant_dynamic import ci_training as ci_training  # the fixture, shared
+
+
+def _set_grid(layer, weight_scale: float, input_scale: float) -> None:
+    """Put a calibrated QuantLinear on a hand-chosen grid (symmetric: zero points 0)."""
+    with torch.no_grad():
+        layer.weight_scale.fill_(weight_scale)
+        layer.weight_zero_point.zero_()
+        layer.input_scale.fill_(input_scale)
+        layer.input_zero_point.zero_()
+
+
+def _collinear_inputs(rows: int = 64) -> torch.Tensor:
+    """x = [a, 2a] with a on the input grid (multiples of 1/32 in [0.5, 1.5])."""
+    a = torch.arange(rows, dtype=torch.float32) % 33 / 32 + 0.5
+    return torch.stack([a, 2 * a], dim=1)
+
+
+def test_rectified_sigmoid_and_soft_weight_by_hand():
+    v = torch.tensor([-100.0, 0.0, 100.0])
+    # σ(0)·1.2 − 0.1 = 0.5; the stretch clamps to exactly 0 and 1 far out
+    assert rectified_sigmoid(v).tolist() == [0.0, 0.5, 1.0]
+    weight = torch.tensor([[0.6, -0.7], [2.2, 9.4]])
+    scale, zero = torch.tensor([[1.0], [0.5]]), torch.zeros(2, 1)
+    h = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # row 0 on the grid of 1: ⌊0.6⌋ + 0 = 0, ⌊−0.7⌋ + 1 = 0; row 1 on 0.5: ⌊4.4⌋ + 1 = 5 → 2.5,
+    # ⌊18.8⌋ + 1 = 19 clamped to qmax 7 → 3.5
+    expected = torch.tensor([[0.0, 0.0], [2.5, 3.5]])
+    assert torch.equal(soft_weight(weight, scale, zero, -8, 7, h), expected)
+
+
+def test_adaround_finds_the_rounding_nearest_misses_on_a_2x2_layer():
+    """W = [[0.6, 0.7], [0.45, 0.3]] on a grid of 1 with inputs x = [a, 2a]: a row's error is
+    a·(r1 + 2·r2 − (w1 + 2·w2)) for the rounded row r, so nearest rounding ([[1, 1], [0, 0]])
+    is off by a·1.0 and a·1.05, while [[0, 1], [1, 0]] is off by 0 and a·0.05 (the inputs sit on
+    the input grid). Brute force over the 16 roundings agrees."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.6, 0.7], [0.45, 0.3]]))
+    x = _collinear_inputs()
+    qmodel = quantize_model(model, "reference", "w4a8", "ptq-adaround")
+    calibrate(qmodel, [(x,)])
+    layer = qmodel.quant_linears()["0"]
+    _set_grid(layer, weight_scale=1.0, input_scale=1 / 32)
+
+    def error(w: torch.Tensor) -> float:
+        return float((x @ w.T - x @ model[0].weight.detach().T).pow(2).mean())
+
+    nearest = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert torch.equal(layer.fake_quantize_weight(), nearest)
+    candidates = [
+        torch.tensor(c, dtype=torch.float32).reshape(2, 2)
+        for c in itertools.product([0.0, 1.0], repeat=4)
+    ]
+    best = min(candidates, key=error)
+    assert torch.equal(best, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert error(best) < 0.01 < 0.5 < error(nearest)
+
+    summary = adaround(
+        qmodel, model, [(x,)], AdaRoundSettings(iterations=2000, learning_rate=0.01), None
+    )
+    assert torch.equal(layer.weight.detach(), best)
+    # the chosen integers are what the fake-quant forward (and so every export) uses
+    assert torch.equal(layer.fake_quantize_weight(), best)
+    assert summary["0"]["flipped"] == 0.5
+    assert summary["0"]["mse_adaround"] == pytest.approx(error(best), rel=1e-4)
+    assert summary["0"]["mse_nearest"] == pytest.approx(error(nearest), rel=1e-4)
+    # the float model is untouched
+    assert torch.equal(model[0].weight, torch.tensor([[0.6, 0.7], [0.45, 0.3]]))
+
+
+def test_adaround_lowers_the_layers_reconstruction_errors_on_a_meshgraphnet():
+    """Layer by layer (the quantity AdaRound minimises); the rollouts of the study measure what
+    it does to the science."""
+    torch.manual_seed(0)
+    model = MeshGraphNet(MeshGraphNetConfig(hidden=16, processor_size=2)).eval()
+    graphs = [random_tree_graph(80, seed) for seed in range(3)]
+    qmodel = quantize_model(model, "reference", "w3a8", "ptq-adaround")
+    calibrate(qmodel, graphs)
+    nearest = {
+        name: layer.fake_quantize_weight().detach().clone()
+        for name, layer in qmodel.quant_linears().items()
+    }
+    summary = adaround(
+        qmodel, model, graphs, AdaRoundSettings(iterations=300, learning_rate=0.01), None
+    )
+    assert set(summary) == set(qmodel.quant_linears())
+    improved = [n for n, s in summary.items() if s["mse_adaround"] < 0.9 * s["mse_nearest"]]
+    assert len(improved) >= 0.8 * len(summary), summary
+    for name, layer in qmodel.quant_linears().items():
+        # never worse than nearest rounding (a layer where it would be keeps nearest)
+        assert summary[name]["mse_adaround"] <= summary[name]["mse_nearest"], name
+        if summary[name]["kept_nearest"]:
+            assert summary[name]["flipped"] == 0, name
+        # on the grid, at most one step from nearest rounding (clipped weights included)
+        scale = layer.weight_qparams()[0][:, None]
+        assert (layer.weight.detach() - nearest[name]).abs().le(scale * 1.0001).all(), name
+        assert torch.equal(layer.fake_quantize_weight(), layer.weight.detach()), name
+
+
+def test_bias_correction_adds_the_mean_shift_and_runs_in_order():
+    """Layer 0: w = 0.3 on a grid of 1 rounds to 0, so its output loses 0.3·mean(x): the bias
+    gains exactly that. Layer 1 (w = 1, exact) then sees the corrected mean and needs no
+    shift; corrected from uncorrected inputs it would add the same 0.3·mean(x) again."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.3)
+        model[0].bias.fill_(0.25)
+        model[1].weight.fill_(1.0)
+        model[1].bias.fill_(0.0)
+    x = (torch.arange(40, dtype=torch.float32) / 16).reshape(-1, 1)  # on the 1/16 grid
+    qmodel = quantize_model(model, "reference", "w4a8", "ptq-biascorr")
+    calibrate(qmodel, [(x,)])
+    first, second = qmodel.quant_linears().values()
+    _set_grid(first, weight_scale=1.0, input_scale=1 / 16)
+    _set_grid(second, weight_scale=1.0, input_scale=1 / 64)
+    shifts = correct_bias(qmodel, model, [(x,)], progress=None)
+    expected = 0.3 * float(x.mean())
+    assert first.bias.item() == pytest.approx(0.25 + expected, abs=1e-6)
+    assert shifts["0"] == pytest.approx(expected, abs=1e-6)
+    # layer 1's input is now (0 + 0.25 + shift) for every row, on the grid of 1/64 up to
+    # rounding: what remains is at most half an input step
+    assert abs(second.bias.item()) <= 0.5 / 64 + 1e-6
+    with torch.no_grad():
+        assert float((qmodel(x) - model(x)).mean()) == pytest.approx(0.0, abs=0.5 / 64 + 1e-6)
+
+
+def test_adaround_refuses_an_uncalibrated_model_and_bad_settings():
+    model = nn.Sequential(nn.Linear(2, 2))
+    qmodel = quantize_model(model, "reference", "w4a8", "ptq-adaround")
+    with pytest.raises(SciquantError, match="calibrate the model first"):
+        adaround(qmodel, model, [(torch.ones(3, 2),)])
+    with pytest.raises(SciquantError, match="warmup"):
+        AdaRoundSettings(warmup=1.5)
+    with pytest.raises(SciquantError, match="iterations"):
+        AdaRoundSettings(iterations=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "framework", "message"),
+    [
+        ("ptq-adaround", "reference", "keras", "takes torch models only"),
+        ("ptq-biascorr", "litert-cpu", "keras", "takes torch models only"),
+        ("qat-tqt", "reference", "torch", "targets with pow2 scales \\(npu-pow2\\)"),
+        ("qat-tqt", "cpu-x86", "torch", "not 'cpu-x86'; use qat-lsq there"),
+    ],
+)
+def test_method_limits_name_what_runs_where(method, target, framework, message):
+    with pytest.raises(SciquantError, match=message):
+        check_method_limits(method, target, framework)
+
+
+def test_method_limits_let_the_allowed_combinations_through():
+    check_method_limits("ptq-adaround", "cpu-x86", "torch")
+    check_method_limits("qat-tqt", "npu-pow2", "torch")
+    check_method_limits("ptq-mse", "litert-cpu", "keras")
+
+
+# -- the config and the quantize stage ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"models": ["meshgraphnet"], "targets": ["reference"], "methods": ["qat-tqt"],
+             "precisions": ["w8a8"]},
+            "methods: method qat-tqt (TQT, trained power-of-two thresholds) is for targets with "
+            "pow2 scales (npu-pow2), not 'reference'",
+        ),
+        (
+            {"models": ["icnnmd"], "targets": ["reference"], "methods": ["ptq-adaround"],
+             "precisions": ["w4a8"]},
+            "methods: method ptq-adaround (AdaRound, layer-wise learned rounding) takes torch "
+            "models only, not a keras model",
+        ),
+    ],
+)  # fmt: skip
+def test_the_config_names_the_sweep_entry_a_method_cannot_run(tmp_path, entry, message):
+    config = yaml.safe_load((ROOT / "workflow/config/default.yaml").read_text())
+    config["quantize"]["sweeps"] = [entry]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SciquantError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"config key quantize.sweeps.0.{message}")
+
+
+def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
+    """`sciquant quantize` with each new method on the ci study's tiny data: AdaRound's weights
+    sit on their grid, bias correction changes only biases, TQT leaves power-of-two scales;
+    the bias-corrected model runs on ONNX Runtime."""
+    prepared, checkpoint = ci_training
+    fp32 = torch.load(checkpoint, weights_only=False)["state_dict"]
+    quantize = {
+        "calibration_samples": 2, "calibration_steps": 4,
+        "adaround": {"iterations": 40}, "qat": {"epochs": 1, "steps_per_epoch": 3},
+    }  # fmt: skip
+    model_settings = {"train": {"batch_size": 2, "rollout_steps": 2}}
+    settings = json.dumps({"quantize": quantize, "model": model_settings})
+    runs = {
+        "ptq-adaround": ("reference", "w4a8"),
+        "ptq-biascorr": ("cpu-x86", "w8a8"),
+        "qat-tqt": ("npu-pow2", "w8a8"),
+    }
+    loaded = {}
+    for method, (target, precision) in runs.items():
+        out = tmp_path / method
+        _sciquant("quantize", "--checkpoint", str(checkpoint), "--prepared", str(prepared),
+                  "--target", target, "--method", method, "--precision", precision,
+                  "--settings", settings, "--threads", "1", "--out", str(out))  # fmt: skip
+        qmodel, state = load_quantized(out / "quantized.pt")
+        assert state["method"] == method
+        loaded[method] = qmodel
+    for name, layer in loaded["ptq-adaround"].quant_linears().items():
+        assert torch.equal(layer.fake_quantize_weight(), layer.weight.detach()), name
+    corrected = loaded["ptq-biascorr"].state_dict()
+    changed = [k for k in fp32 if not torch.equal(fp32[k], corrected[f"model.{k}"])]
+    assert changed and all(k.endswith(".bias") for k in changed), changed
+    for name, layer in loaded["qat-tqt"].quant_linears().items():
+        assert layer.mode == "quantize", name
+        for scale in (layer.input_qparams()[0], layer.weight_qparams()[0]):
+            mantissa, _ = math.frexp(float(scale))
+            assert mantissa == 0.5, (name, float(scale))
+    out = tmp_path / "ptq-biascorr"
+    _sciquant("export", "--checkpoint", str(out / "quantized.pt"), "--prepared", str(prepared),
+              "--out", str(out / "model.onnx"))  # fmt: skip
+    run = {"dataset": "bloodflow", "model": "meshgraphnet", "seed": 0, "target": "cpu-x86",
+           "method": "ptq-biascorr", "precision": "w8a8"}  # fmt: skip
+    _sciquant("evaluate", "--checkpoint", str(out / "quantized.pt"), "--onnx",
+              str(out / "model.onnx"), "--prepared", str(prepared), "--settings",
+              json.dumps({"repeats": 1}), "--coordinates", json.dumps(run), "--threads", "1",
+              "--out", str(out))  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["runtime"] == "onnxruntime" and not metrics["simulated"]
+    assert math.isfinite(metrics["metrics"]["pressure_error_pct"])
