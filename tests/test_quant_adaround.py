@@ -172,6 +172,8 @@ def test_adaround_refuses_an_uncalibrated_model_and_bad_settings():
         ("ptq-biascorr", "litert-cpu", "keras", "takes torch models only"),
         ("qat-tqt", "reference", "torch", "targets with pow2 scales \\(npu-pow2\\)"),
         ("qat-tqt", "cpu-x86", "torch", "not 'cpu-x86'; use qat-lsq there"),
+        ("qat-lsq", "npu-pow2", "torch", "not 'npu-pow2'; use qat-tqt \\(PyTorch models\\)"),
+        ("qat-lsq", "npu-pow2", "keras", "float scales"),
     ],
 )
 def test_method_limits_name_what_runs_where(method, target, framework, message):
@@ -183,6 +185,8 @@ def test_method_limits_let_the_allowed_combinations_through():
     check_method_limits("ptq-adaround", "cpu-x86", "torch")
     check_method_limits("qat-tqt", "npu-pow2", "torch")
     check_method_limits("ptq-mse", "litert-cpu", "keras")
+    check_method_limits("qat-lsq", "litert-cpu", "keras")
+    check_method_limits("qat-lsq", "cpu-x86", "torch")
 
 
 # -- the config and the quantize stage ---------------------------------------------------------

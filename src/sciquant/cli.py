@@ -352,6 +352,7 @@ def run(args: argparse.Namespace) -> None:
             args.prepared, artifact, args.out / "metrics.json", coordinates=coordinates,
             simulated=args.simulated, repeats=args.settings.get("latency_repeats", 100),
             threads=args.threads, study=study, config_hash=config_hash, baseline=baseline,
+            debug_inputs=args.settings.get("debug_inputs", evaluate_md.DEBUG_INPUTS),
         )  # fmt: skip
     elif args.command == "evaluate":
         from sciquant.evaluate import bloodflow as evaluate_bloodflow

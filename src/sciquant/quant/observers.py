@@ -93,6 +93,7 @@ class MethodLimits:
     frameworks: frozenset[str]
     scale_kind: str | None = None
     description: str = ""
+    instead: str = "qat-lsq"  # what to use where it does not run
 
 
 #: Calibrated methods that do not run everywhere (all others take every framework and target).
@@ -102,6 +103,12 @@ METHOD_LIMITS: dict[str, MethodLimits] = {
     ),
     "ptq-biascorr": MethodLimits(
         frameworks=frozenset({"torch"}), description="empirical bias correction"
+    ),
+    "qat-lsq": MethodLimits(
+        frameworks=frozenset({"torch", "keras"}),
+        scale_kind="float",
+        description="LSQ, learned step sizes, which leave any power-of-two grid",
+        instead="qat-tqt (PyTorch models) or qat-ste",
     ),
     "qat-tqt": MethodLimits(
         frameworks=frozenset({"torch"}),
@@ -131,7 +138,7 @@ def check_method_limits(method: str, target: str, framework: str) -> None:
             )
             raise SciquantError(
                 f"method {method} ({limits.description}) is for targets with {limits.scale_kind} "
-                f"scales ({', '.join(allowed)}), not {target!r}; use qat-lsq there"
+                f"scales ({', '.join(allowed)}), not {target!r}; use {limits.instead} there"
             )
 
 
