@@ -406,7 +406,27 @@ def test_md_litert_and_simulated_runs(tmp_path_factory: pytest.TempPathFactory) 
 
     assert quant_keras.layer_summary(rebuilt) == summary["layers"]
 
-    qat, _ = run("litert-cpu", "qat-ste", simulated=False)
+    # a QAT run: the quantize stage keeps the fine-tuned fake-quant model beside the .tflite,
+    # and the deployed model agrees with it (not with the FP32 weights' rebuild)
+    qat, qat_out = run("litert-cpu", "qat-ste", simulated=False)
+    assert json.loads((qat_out / "quantization.json").read_text())["simulation"] == (
+        "simulation.keras"
+    )
+    assert "quant_debug_note" not in qat
+    assert set(qat["layer_sqnr_db"]) == set(litert["layer_sqnr_db"])
+    assert qat["sim_vs_deployed_max_steps"] <= 1.0 + 1e-6
+
+    # without the kept model (a run quantized before it was kept), a QAT run cannot be rebuilt
+    # from the FP32 weights, and says so
+    (qat_out / "simulation.keras").unlink()
+    artifact = qat_out / "model.tflite"
+    coordinates = {"dataset": "g", "model": "i", "seed": 0, "target": "litert-cpu",
+                   "method": "qat-ste", "precision": "w8a8"}  # fmt: skip
+    path = evaluate_md.run(
+        prepared, artifact, qat_out / "metrics.json", coordinates=coordinates,
+        simulated=False, repeats=2, threads=1, debug_inputs=4,
+    )  # fmt: skip
+    qat = json.loads(path.read_text())["metrics"]
     assert "qat-ste" in qat["quant_debug_note"] and "cannot be rebuilt" in qat["quant_debug_note"]
     assert not any(key.startswith(("layer_sqnr", "sim_vs_deployed")) for key in qat)
 

@@ -131,9 +131,11 @@ def quant_debug(
     runs and for float models converted for a runtime (LiteRT fp32 / fp16).
 
     The run's fake-quant model: the `.keras` artifact itself (a simulation), or for a LiteRT
-    `.tflite` the simulation rebuilt from the FP32 model and the run's `quantization.json`
-    (`sciquant.quant.debug.rebuild_keras_simulation`; post-training methods only: a QAT run's
-    fine-tuned weights are not kept, and its metrics then say so in ``quant_debug_note``).
+    `.tflite` the fake-quant model it was converted from, which the quantize stage keeps beside
+    it (``simulation`` in `quantization.json`: QAT's fine-tuned weights included); for a run
+    quantized before that file was kept, the simulation rebuilt from the FP32 model and
+    `quantization.json` (`sciquant.quant.debug.rebuild_keras_simulation`; post-training methods
+    only: a QAT run then says so in ``quant_debug_note``).
     Per-layer output SQNR (``layer_sqnr_*``) on the first `inputs` calibration frames
     (`calibration_frames`); for a LiteRT run also the agreement of the simulated and the
     deployed class probabilities (``sim_vs_deployed_*``) on at most `AGREEMENT_FRAMES` evenly
@@ -161,7 +163,12 @@ def quant_debug(
     from sciquant.quant import keras as quant_keras
 
     deployed = getattr(runner, "name", "") == "litert"
-    if deployed:
+    kept = summary.get("simulation")
+    if deployed and kept and (Path(artifact).parent / kept).is_file():
+        from sciquant.runtime.keras import load_keras_model
+
+        qmodel = load_keras_model(Path(artifact).parent / kept)
+    elif deployed:
         from sciquant.runtime.keras import load_keras_model
 
         try:

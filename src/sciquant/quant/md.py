@@ -48,6 +48,8 @@ QUANTIZATION_FORMAT = "sciquant-md-quantization"
 QUANTIZATION_VERSION = 1
 #: Artifact file names, in the order `artifact_for` looks for them.
 ARTIFACTS = ("model.tflite", "model.onnx", "model.keras")
+#: Beside a LiteRT integer artifact: the fake-quant Keras model it was converted from.
+SIMULATION = "simulation.keras"
 TF_PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert", "tf2onnx")
 TRAIN_SPLIT = 0
 
@@ -134,9 +136,10 @@ def run(
             )
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ARTIFACTS:  # one artifact per run folder, so artifact_for is unambiguous
+    for name in (*ARTIFACTS, SIMULATION):  # one artifact per run folder: artifact_for is exact
         (out / name).unlink(missing_ok=True)
     tflite_info: dict[str, Any] | None = None
+    simulation = None
     if plan.runtime == "litert":
         from sciquant.quant import tflite
 
@@ -144,6 +147,10 @@ def run(
         tflite_precision = "w8a8" if parsed.kind == "int" else str(parsed)
         artifact = tflite.convert(source, out / "model.tflite", tflite_precision, calibration)
         tflite_info = _tflite_summary(artifact, qmodel)
+        if qmodel is not None:
+            # the fake-quant model the .tflite was converted from (QAT: the fine-tuned weights),
+            # for the evaluation's per-layer SQNR and simulation-vs-deployed agreement
+            simulation = _save_keras(qmodel, out / SIMULATION).name
     elif plan.runtime in ("tensorrt", "onnxruntime"):
         artifact = _export_onnx(qmodel if qmodel is not None else model, out / "model.onnx")
     else:
@@ -161,6 +168,7 @@ def run(
         "simulated": plan.simulated,
         "runtime": plan.runtime,
         "artifact": artifact.name,
+        "simulation": simulation,
         "checkpoint": str(checkpoint),
         "seed": seed,
         "calibration": {
