@@ -149,6 +149,11 @@ def run(
             enable_lsq(qmodel)
         elif method == "qat-tqt":
             enable_tqt(qmodel)  # before the optimizer: the thresholds are new parameters
+        elif method == "qat-degree":  # LSQ (STE on pow2 targets) + Degree-Quant protection
+            from sciquant.quant.degree import enable_degree_qat, protection_settings
+
+            p_min, p_max = protection_settings(quantize_settings.get("qat", {}))
+            enable_degree_qat(qmodel, p_min, p_max, seed)
         train_graphs = load_graphs(prepared, train_names, norm)
         valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
         fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))

@@ -82,17 +82,21 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "qat-ste": ("minmax", "minmax"),
     "qat-lsq": ("minmax", "minmax"),
     "qat-tqt": ("minmax", "minmax"),
+    "qat-degree": ("minmax", "minmax"),
 }
 
 
 @dataclass(frozen=True)
 class MethodLimits:
     """Where a calibrated method runs: the model frameworks it is built for and, for methods
-    made for one scale grid, the targets' scale kind (e.g. TQT learns power-of-two scales)."""
+    made for one scale grid, the targets' scale kind (e.g. TQT learns power-of-two scales);
+    for simulation-only methods (e.g. more than one scale per tensor, which no QDQ graph
+    carries), the target backends that run fake-quant (`eager`, `simulated`)."""
 
     frameworks: frozenset[str]
     scale_kind: str | None = None
     description: str = ""
+    backends: frozenset[str] | None = None
     instead: str = "qat-lsq"  # what to use where it does not run
 
 
@@ -114,6 +118,11 @@ METHOD_LIMITS: dict[str, MethodLimits] = {
         frameworks=frozenset({"torch"}),
         scale_kind="pow2",
         description="TQT, trained power-of-two thresholds",
+    ),
+    "qat-degree": MethodLimits(
+        frameworks=frozenset({"torch"}),
+        backends=frozenset({"eager", "simulated"}),
+        description="Degree-Quant protection and per-node-type activation scales",
     ),
 }
 
@@ -139,6 +148,18 @@ def check_method_limits(method: str, target: str, framework: str) -> None:
             raise SciquantError(
                 f"method {method} ({limits.description}) is for targets with {limits.scale_kind} "
                 f"scales ({', '.join(allowed)}), not {target!r}; use {limits.instead} there"
+            )
+    if limits.backends is not None:
+        backend = get_target(target).backend
+        if backend not in limits.backends:
+            allowed = sorted(
+                name for name, row in TARGETS.items() if row.backend in limits.backends
+            )
+            raise SciquantError(
+                f"method {method} ({limits.description}) runs only as fake-quant on targets "
+                f"with backend {' or '.join(sorted(limits.backends))} ({', '.join(allowed)}), "
+                f"not {target!r} (backend {backend}), whose deployed graph has one scale per "
+                f"tensor; use {limits.instead} there"
             )
 
 

@@ -57,6 +57,12 @@ exact powers of two, and drops the thresholds, so export runs unchanged; in tqt 
 `QuantLinear.input_qparams` / `QuantLinear.weight_qparams` give the scales in effect (the
 buffers keep the values from before tqt until then).
 
+Graph-aware QAT (method ``qat-degree``, `sciquant.quant.degree`): `quantize_model` returns a
+`sciquant.quant.degree.DegreeQuantizedModel`, whose node-row layers (node encoder, node MLPs,
+decoder) are `QuantLinear` subclasses with a second input scale for high in-degree (junction)
+rows and Degree-Quant's random protection of high-degree rows in training; the model's forward
+hands them the node degrees of its ``edge_index``. A simulation (eager / simulated targets).
+
 State: the four qparam buffers (parameters in lsq mode, same names), the two log2 thresholds
 in tqt mode and the mode are in the ``state_dict`` (``_extra_state``), so a quantized model
 saved and loaded into a fresh `quantize_model` of the same float model runs identically.
@@ -548,7 +554,8 @@ def quantize_model(
     layers: names (see `layer_names`) of the layers to quantize, default all; the others stay
     float. precisions: per-layer overrides of `precision` (integer precisions, e.g. a
     mixed-precision assignment), only for quantized layers. method: `METHOD_OBSERVERS` key (a
-    bare observer name such as ``minmax`` means ``ptq-minmax``). Run `calibrate` next.
+    bare observer name such as ``minmax`` means ``ptq-minmax``); ``qat-degree`` gives a
+    `sciquant.quant.degree.DegreeQuantizedModel` (MeshGraphNet only). Run `calibrate` next.
     """
     if isinstance(model, QuantizedModel):
         raise SciquantError("the model is already quantized; quantize its float original")
@@ -582,7 +589,12 @@ def quantize_model(
         )
         parent_name, _, child = name.rpartition(".")
         setattr(quantized.get_submodule(parent_name), child, replacement)
-    return QuantizedModel(quantized, target, default, method, layer_precisions)
+    qmodel = QuantizedModel(quantized, target, default, method, layer_precisions)
+    if method == "qat-degree":  # node-row layers with two scales (sciquant.quant.degree)
+        from sciquant.quant.degree import make_degree_aware
+
+        return make_degree_aware(qmodel)
+    return qmodel
 
 
 def calibrate(
