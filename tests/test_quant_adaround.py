@@ -23,8 +23,9 @@ from sciquant.quant.adaround import (
 )
 from sciquant.quant.bloodflow import load_quantized
 from sciquant.quant.observers import check_method_limits
-from sciquant.quant.pytorch import calibrate, quantize_model
+from sciquant.quant.pytorch import calibrate, quantize_model, set_mode
 from sciquant.study import load_config
+from sciquant.train.bloodflow import load_model
 from tests.test_quant_dynamic import ROOT, _sciquant
 from tests.test_quant_dynamic import ci_training as ci_training  # the fixture, shared
 
@@ -221,8 +222,9 @@ def test_the_config_names_the_sweep_entry_a_method_cannot_run(tmp_path, entry, m
 
 def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
     """`sciquant quantize` with each new method on the ci study's tiny data: AdaRound's weights
-    sit on their grid, bias correction changes only biases, TQT leaves power-of-two scales;
-    the bias-corrected model runs on ONNX Runtime."""
+    sit on their grid, bias correction changes only biases, TQT leaves power-of-two scales,
+    equalization changes the weights but not the float function; the bias-corrected model runs
+    on ONNX Runtime."""
     prepared, checkpoint = ci_training
     fp32 = torch.load(checkpoint, weights_only=False)["state_dict"]
     quantize = {
@@ -235,6 +237,7 @@ def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
         "ptq-adaround": ("reference", "w4a8"),
         "ptq-biascorr": ("cpu-x86", "w8a8"),
         "qat-tqt": ("npu-pow2", "w8a8"),
+        "ptq-cle": ("npu-pow2", "w4a8"),
     }
     loaded = {}
     for method, (target, precision) in runs.items():
@@ -255,6 +258,15 @@ def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
         for scale in (layer.input_qparams()[0], layer.weight_qparams()[0]):
             mantissa, _ = math.frexp(float(scale))
             assert mantissa == 0.5, (name, float(scale))
+    # equalization: other weights, the same function in float
+    equalized = loaded["ptq-cle"]
+    assert any(not torch.equal(fp32[k], equalized.state_dict()[f"model.{k}"]) for k in fp32)
+    set_mode(equalized, "float")
+    float_model, _ = load_model(checkpoint)
+    graph = random_tree_graph(60, 3)
+    graph = (torch.randn(60, float_model.config.node_features), *graph[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(equalized(*graph), float_model(*graph), rtol=1e-4, atol=1e-5)
     out = tmp_path / "ptq-biascorr"
     _sciquant("export", "--checkpoint", str(out / "quantized.pt"), "--prepared", str(prepared),
               "--out", str(out / "model.onnx"))  # fmt: skip

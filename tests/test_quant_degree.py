@@ -314,3 +314,16 @@ def test_quantize_stage_runs_qat_degree(ci_training, tmp_path):
               "--coordinates", json.dumps(run), "--threads", "1", "--out", str(out))  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["simulated"] and math.isfinite(metrics["metrics"]["pressure_error_pct"])
+
+
+def test_export_refuses_a_simulation_only_model(tmp_path):
+    from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
+    from sciquant.quant.export import export_qdq_onnx
+    from sciquant.quant.pytorch import calibrate, quantize_model
+
+    model = MeshGraphNet(MeshGraphNetConfig(hidden=8, processor_size=1)).eval()
+    graph = random_tree_graph(40, 0)
+    qmodel = quantize_model(model, "reference", "w8a8", "qat-degree")
+    calibrate(qmodel, [graph])
+    with pytest.raises(SciquantError, match="qat-degree model .* is a simulation"):
+        export_qdq_onnx(qmodel, tmp_path / "model.onnx", graph)

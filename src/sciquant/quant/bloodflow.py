@@ -31,6 +31,7 @@ from sciquant.data.features import (
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
+from sciquant.quant.equalize import equalize
 from sciquant.quant.pytorch import (
     QuantizedModel,
     calibrate,
@@ -133,6 +134,8 @@ def run(
         chosen = load_recommendation(recommendation)
         layer_precisions = chosen["layer_precisions"]
         precision = chosen["high"]
+    if method == "ptq-cle":
+        model = equalize(model)  # the same function, channel ranges shared across ReLUs
     qmodel = quantize_model(model, target, precision, method, precisions=layer_precisions)
     steps = quantize_settings.get("calibration_steps", 16)
     batches = list(calibration_inputs(calibration, steps, norm))

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, SplitLinear, export_onnx
+from sciquant.quant.observers import METHOD_LIMITS
 from sciquant.quant.pytorch import QuantizedModel, QuantLinear
 from sciquant.quant.spec import QuantSpec
 from sciquant.quant.targets import INTEGER_BIAS_BACKENDS
@@ -337,6 +338,12 @@ def export_qdq_onnx(
     onnxruntime target on a CPU without VNNI, else ``int8`` (module docstring). The model's
     metadata records target, precision, method and weight storage.
     """
+    limits = METHOD_LIMITS.get(qmodel.method)
+    if limits is not None and limits.backends is not None:
+        raise SciquantError(
+            f"a {qmodel.method} model ({limits.description}) is a simulation: an ONNX QDQ graph "
+            "has one scale per tensor and could not carry it; evaluate it with --simulated"
+        )
     weight_dtype = weight_dtype or _default_weight_dtype(qmodel)
     if weight_dtype not in _STORAGE:
         raise SciquantError(f"weight_dtype must be int8 or uint8, got {weight_dtype!r}")

@@ -79,6 +79,7 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-entropy": ("entropy", "minmax"),
     "ptq-adaround": ("mse", "mse"),
     "ptq-biascorr": ("mse", "mse"),
+    "ptq-cle": ("minmax", "minmax"),
     "qat-ste": ("minmax", "minmax"),
     "qat-lsq": ("minmax", "minmax"),
     "qat-tqt": ("minmax", "minmax"),
@@ -107,6 +108,11 @@ METHOD_LIMITS: dict[str, MethodLimits] = {
     ),
     "ptq-biascorr": MethodLimits(
         frameworks=frozenset({"torch"}), description="empirical bias correction"
+    ),
+    "ptq-cle": MethodLimits(
+        frameworks=frozenset({"torch"}),
+        description="cross-layer equalization of MeshGraphNet's MLPs",
+        instead="ptq-mse",
     ),
     "qat-lsq": MethodLimits(
         frameworks=frozenset({"torch", "keras"}),

@@ -50,7 +50,7 @@ TARGET_ORDER = (
 )  # fmt: skip
 METHOD_ORDER = (
     "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-adaround",
-    "ptq-biascorr", "ptq-dynamic", "qat-ste", "qat-lsq", "qat-tqt", "qat-degree",
+    "ptq-biascorr", "ptq-cle", "ptq-dynamic", "qat-ste", "qat-lsq", "qat-tqt", "qat-degree",
 )  # fmt: skip
 
 PRECISION_PATTERN = re.compile(r"^w(\d+)a(\d+)$")
