@@ -129,6 +129,28 @@ def test_one_layer_sqnr_is_the_hand_computed_one() -> None:
     assert qmodel.quant_linears()["0"].mode == "quantize"  # modes are restored
 
 
+def test_moved_weights_are_measured_against_the_fp32_ones() -> None:
+    """A method that moves the weight (AdaRound, bias correction) keeps the FP32 layers: the
+    float pass runs them, so the noise is against 1.5 x, not against the moved weight in float;
+    the layer's own weight is back afterwards."""
+    qmodel = hand_quantized(nn.Sequential(linear(1.5)), {"0": 0.5})
+    layer = qmodel.quant_linears()["0"]
+    with torch.no_grad():
+        layer.weight.fill_(1.25)  # "moved"
+    x = torch.from_numpy(X[:, None])
+    fp32 = {"0": {"weight": torch.tensor([[1.5]])}}
+    sqnr = torch_layer_sqnr(qmodel, [(x,)], float_layers=fp32)
+    assert sqnr["0"] == pytest.approx(expected_sqnr(1.5 * X, 1.25 * on_grid(X, 0.5)), rel=1e-5)
+    assert layer.weight.item() == 1.25
+    # without them: against the moved weight in float (only the input rounding is noise)
+    own = torch_layer_sqnr(qmodel, [(x,)])["0"]
+    assert own == pytest.approx(expected_sqnr(1.25 * X, 1.25 * on_grid(X, 0.5)), rel=1e-5)
+    from sciquant.errors import SciquantError
+
+    with pytest.raises(SciquantError, match="not a quantized layer"):
+        torch_layer_sqnr(qmodel, [(x,)], float_layers={"1": {"weight": torch.ones(1, 1)}})
+
+
 def test_exact_layer_is_infinite_and_reads_back_from_json(tmp_path: Path) -> None:
     exact = np.array([0.5, -1.0, 2.0, 3.5], dtype=np.float32)  # on the grid: no rounding
     qmodel = hand_quantized(

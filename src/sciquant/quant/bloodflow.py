@@ -141,11 +141,22 @@ def run(
     batches = list(calibration_inputs(calibration, steps, norm))
     calibrate(qmodel, batches)
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
-    if method == "ptq-adaround":
-        options = quantize_settings.get("adaround", {})
-        adaround(qmodel, model, batches, AdaRoundSettings(**options, seed=seed))
-    elif method == "ptq-biascorr":
-        correct_bias(qmodel, model, batches)
+    float_layers = None
+    if method in ("ptq-adaround", "ptq-biascorr"):
+        if method == "ptq-adaround":
+            options = quantize_settings.get("adaround", {})
+            adaround(qmodel, model, batches, AdaRoundSettings(**options, seed=seed))
+        else:
+            correct_bias(qmodel, model, batches)
+        # the FP32 layers these methods moved: the per-layer SQNR is measured against them
+        float_layers = {
+            name: {
+                key: getattr(model.get_submodule(name), key).detach().clone()
+                for key in ("weight", "bias")
+                if getattr(model.get_submodule(name), key) is not None
+            }
+            for name in qmodel.quantized_layers()
+        }
 
     if method.startswith("qat-"):
         if method == "qat-lsq":
@@ -179,7 +190,10 @@ def run(
         set_mode(qmodel, "quantize")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "quantized.pt"
-    save_atomic(_quantized_state(qmodel, fp32_state, target, method, precision, settings), path)
+    state = _quantized_state(qmodel, fp32_state, target, method, precision, settings)
+    if float_layers is not None:
+        state["float_layers"] = float_layers
+    save_atomic(state, path)
     return path
 
 

@@ -205,18 +205,34 @@ def _ratio(value: float, unit: float) -> float:
 # -- PyTorch ----------------------------------------------------------------------------------
 
 
-def torch_layer_sqnr(qmodel: Any, inputs: Iterable[Sequence[Any]]) -> dict[str, float]:
+def torch_layer_sqnr(
+    qmodel: Any,
+    inputs: Iterable[Sequence[Any]],
+    float_layers: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, float]:
     """Per-layer output SQNR [dB] of a `sciquant.quant.pytorch.QuantizedModel` on `inputs`.
 
     inputs: tuples of the model's positional arguments (e.g. `sciquant.quant.bloodflow.
     calibration_inputs`). Every input runs twice, all quantizers off and then in the layers' own
     modes; forward hooks on every `QuantLinear` take its output (each call, where a layer runs
     more than once per forward). The layers' modes and the model's train/eval state are
-    restored afterwards. Returns {layer name: SQNR} in module order; SciquantError for no inputs.
+    restored afterwards. float_layers: {layer name: {"weight", "bias"}} of the FP32 model, for
+    post-training methods that move weights (AdaRound, bias correction): the float pass then
+    runs those, so the SQNR is against the FP32 model, not against the moved weights in float.
+    Returns {layer name: SQNR} in module order; SciquantError for no inputs.
     """
     import torch
 
     layers = qmodel.quant_linears()
+    swapped = {}
+    for name, tensors in (float_layers or {}).items():
+        if name not in layers:
+            raise SciquantError(f"float weights for {name!r}, which is not a quantized layer")
+        swapped[name] = {
+            key: getattr(layers[name], key).detach().clone()
+            for key in tensors
+            if getattr(layers[name], key) is not None
+        }
     modes = {name: layer.mode for name, layer in layers.items()}
     energies = _Energies(layers)
     captured: dict[str, list[Any]] = {}
@@ -236,9 +252,11 @@ def torch_layer_sqnr(qmodel: Any, inputs: Iterable[Sequence[Any]]) -> dict[str, 
             for batch in inputs:
                 for layer in layers.values():
                     layer.set_mode("float")
+                _load_tensors(layers, float_layers or {})
                 captured.clear()
                 qmodel(*batch)
                 reference = dict(captured)
+                _load_tensors(layers, swapped)
                 for name, layer in layers.items():
                     layer.set_mode(modes[name])
                 captured.clear()
@@ -256,6 +274,7 @@ def torch_layer_sqnr(qmodel: Any, inputs: Iterable[Sequence[Any]]) -> dict[str, 
     finally:
         for handle in handles:
             handle.remove()
+        _load_tensors(layers, swapped)
         for name, layer in layers.items():
             if layer.mode != modes[name]:
                 layer.set_mode(modes[name])
@@ -263,6 +282,18 @@ def torch_layer_sqnr(qmodel: Any, inputs: Iterable[Sequence[Any]]) -> dict[str, 
     if count == 0:
         raise SciquantError("the per-layer SQNR got no inputs; pass at least one input tuple")
     return energies.sqnr()
+
+
+def _load_tensors(layers: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]]) -> None:
+    """Copy {layer: {"weight": …, "bias": …}} into the layers' parameters, in place."""
+    import torch
+
+    with torch.no_grad():
+        for name, values in tensors.items():
+            for key, value in values.items():
+                target = getattr(layers[name], key)
+                if target is not None:
+                    target.copy_(torch.as_tensor(value, dtype=target.dtype))
 
 
 def torch_outputs(
