@@ -12,7 +12,16 @@ from sciquant.study import (
     QUANTIZATION_METHODS,
     Run,
     Study,
+    is_timed,
+    keras_artifacts,
+    quantize_inputs,
+    quantize_params,
+    run_artifacts,
+    run_coordinates,
+    runtime_arguments,
     schema_errors,
+    train_node,
+    train_settings,
 )
 
 try:
@@ -98,9 +107,7 @@ def get_model(wildcards):
 
 def get_train_settings(wildcards):
     """Architecture and training settings of the model (its config minus `datasets`)."""
-    return {
-        key: value for key, value in get_model(wildcards).items() if key != "datasets"
-    }
+    return train_settings(study, wildcards.model)
 
 
 def get_train_params(wildcards):
@@ -129,16 +136,12 @@ def run_of(wildcards):
 
 def get_run_coordinates(wildcards):
     """The run's coordinates and the study's provenance, as JSON for the command line."""
-    coordinates = run_of(wildcards).coordinates()
-    coordinates.update(study=config["study"], config_hash=CONFIG_HASH)
-    return json.dumps(coordinates)
+    return json.dumps(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
 
 
 def get_quantize_params(wildcards):
     """The quantize section and the model's settings (QAT reuses its training), as JSON."""
-    return json.dumps(
-        {"quantize": config["quantize"], "model": get_train_settings(wildcards)}
-    )
+    return json.dumps(quantize_params(study, wildcards.model))
 
 
 def get_quantize_section(wildcards):
@@ -148,12 +151,7 @@ def get_quantize_section(wildcards):
 
 def get_quantize_inputs(wildcards):
     """The FP32 checkpoint, plus the sensitivity recommendation for the `mixed` run."""
-    run = run_of(wildcards)
-    training = f"results/{run.dataset}/{run.model}/seed{run.seed}"
-    inputs = {"checkpoint": f"{training}/fp32/checkpoint.pt"}
-    if run.precision == "mixed":
-        inputs["recommendation"] = f"{training}/sensitivity/recommendation.json"
-    return inputs
+    return quantize_inputs(run_of(wildcards))
 
 
 def get_recommendation_argument(wildcards, input):
@@ -168,47 +166,7 @@ def get_recommendation_argument(wildcards, input):
 def get_run_artifacts(wildcards):
     """The run's checkpoint (FP32, or quantized.pt of a calibrated method), plus model.onnx
     for ONNX Runtime runs (a dynamic method's only artifact)."""
-    run = run_of(wildcards)
-    training = f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32"
-    artifacts = {
-        "checkpoint": (
-            f"{run.folder}/quantized.pt"
-            if run.method in CALIBRATED_METHODS
-            else f"{training}/checkpoint.pt"
-        )
-    }
-    plan = study.plan(run)
-    fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
-    if plan.runtime in ONNX_RUNTIMES:
-        # float runs (method none) all build from the target's FP32 export
-        artifacts["onnx"] = (
-            f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
-        )
-    if is_paired(run):
-        # timed interleaved with its target's FP32 in the same process (a paired speed-up)
-        artifacts["baseline_checkpoint"] = f"{training}/checkpoint.pt"
-        if plan.runtime in ONNX_RUNTIMES:
-            artifacts["baseline_onnx"] = f"{fp32.folder}/model.onnx"
-    return artifacts
-
-
-#: Runtimes that run a blood-flow model from its ONNX export (FP32, or the run's QDQ graph).
-ONNX_RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
-
-
-def is_timed(run):
-    """Whether a run's evaluation is timed: every run a target executes natively."""
-    return not study.plan(run).simulated
-
-
-def is_paired(run):
-    """Whether a run is timed beside its target's FP32 (a timed run that is not that
-    FP32 itself, on a target with an FP32 run)."""
-    return (
-        is_timed(run)
-        and (run.method, run.precision) != ("none", "fp32")
-        and run.target in study.fp32_targets(run.model)
-    )
+    return run_artifacts(study, run_of(wildcards))
 
 
 def timed_threads(wildcards):
@@ -216,7 +174,7 @@ def timed_threads(wildcards):
     this workflow shares its CPU while it is timed (its runtime still uses `threads` from the
     config, `params.threads`); on a cluster (Slurm) the job's own allocation isolates it.
     """
-    if workflow.local_exec and is_timed(run_of(wildcards)):
+    if workflow.local_exec and is_timed(study, run_of(wildcards)):
         try:
             return max(config["threads"], workflow.cores)
         except WorkflowError:  # no --cores given (a dry run)
@@ -226,31 +184,14 @@ def timed_threads(wildcards):
 
 def get_keras_artifacts(wildcards):
     """A Keras run's input: the FP32 model.keras, or the run's quantization.json."""
-    run = run_of(wildcards)
-    if (run.target, run.method, run.precision) == ("reference", "none", "fp32"):
-        return {
-            "artifact": f"results/{run.dataset}/{run.model}/seed{run.seed}/fp32/model.keras"
-        }
-    artifacts = {"artifact": f"{run.folder}/quantization.json"}
-    if is_paired(run):  # timed beside its target's FP32 run's artifact
-        fp32 = Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
-        artifacts["baseline_checkpoint"] = f"{fp32.folder}/quantization.json"
-    return artifacts
+    return keras_artifacts(study, run_of(wildcards))
 
 
 def get_runtime_arguments(wildcards, input):
-    """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label."""
-    plan = study.plan(run_of(wildcards))
-    flags = [f"--onnx {input.onnx}"] if "onnx" in input.keys() else []
-    if flags and plan.runtime in ("tensorrt", "openvino"):
-        flags.append(f"--runtime {plan.runtime}")
-    if "baseline_checkpoint" in input.keys():
-        flags.append(f"--baseline-checkpoint {input.baseline_checkpoint}")
-    if "baseline_onnx" in input.keys():
-        flags.append(f"--baseline-onnx {input.baseline_onnx}")
-    if plan.simulated:
-        flags.append("--simulated")
-    return " ".join(flags)
+    """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label; the
+    paired baseline; `--device cuda` for runs on a GPU node type."""
+    inputs = {key: str(getattr(input, key)) for key in input.keys()}
+    return " ".join(runtime_arguments(study, run_of(wildcards), inputs))
 
 
 def node_resources(node):
@@ -263,7 +204,7 @@ def node_resources(node):
 
 
 def get_train_node(wildcards):
-    return get_model(wildcards)["train"]["node"]
+    return train_node(study, wildcards.model)
 
 
 def get_run_node(wildcards):

@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(train, "model architecture and training settings")
     train.add_argument("--seed", type=int, default=0, help="training seed")
     train.add_argument("--threads", type=int, default=None, help="torch threads")
+    train.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device to ask for (default: what the node type `train.node` in --settings has: "
+        "cuda on a GPU node type, cpu on `cpu`); cuda without CUDA trains on the CPU with a "
+        "warning. Keras models: TensorFlow places them itself",
+    )
     train.add_argument("--out", type=Path, required=True, help="training folder to write")
 
     evaluate = commands.add_parser(
@@ -136,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the FP32 artifact of the run's target: checkpoint.pt (bloodflow), or model.keras "
         "/ the FP32 run's quantization.json (md); the run is then timed interleaved with it "
         "in this process (a paired speed-up)",
+    )
+    evaluate.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="the device the run's node type has (the rules and `sciquant submit` pass cuda for "
+        "runs on a GPU node type): PyTorch rollouts run there if CUDA is present, else on the "
+        "CPU with a warning; TensorRT always runs on the GPU, ONNX Runtime and OpenVINO on the "
+        "CPU; Keras models: TensorFlow places them itself",
     )
     evaluate.add_argument(
         "--baseline-onnx",
@@ -319,6 +336,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "train" and args.settings.get("architecture") == "icnnmd":
         from sciquant.train import md as train_md
 
+        _keras_device_note(args.device or _train_node_device(args.settings))
         train = args.settings.get("train", {})
         train_md.run(
             args.prepared, args.out, epochs=train.get("epochs", 5),
@@ -330,11 +348,13 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.train import bloodflow as train_bloodflow
 
         train_bloodflow.run(
-            args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads
-        )
+            args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads,
+            device=args.device,
+        )  # fmt: skip
     elif args.command == "evaluate" and _is_keras_artifact(args.checkpoint):
         from sciquant.evaluate import md as evaluate_md
 
+        _keras_device_note(args.device)
         artifact = args.checkpoint
         if artifact.suffix == ".json":
             from sciquant.quant.md import artifact_for
@@ -369,6 +389,7 @@ def run(args: argparse.Namespace) -> None:
             runtime=args.runtime if args.onnx is not None else "torch",
             baseline_checkpoint=args.baseline_checkpoint,
             baseline_onnx=args.baseline_onnx,
+            device=args.device,
         )
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md
@@ -455,6 +476,24 @@ def run(args: argparse.Namespace) -> None:
 
         measure = cube.bench_aggregate if args.what == "aggregate" else html.bench_report
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
+
+
+def _train_node_device(settings: dict[str, Any]) -> str:
+    """The device the node type of a model's `train.node` has (`cpu` or `cuda`)."""
+    from sciquant.study import node_device
+
+    return node_device(settings.get("train", {}).get("node", "cpu"))
+
+
+def _keras_device_note(device: str) -> None:
+    """Keras stages leave the device to TensorFlow (it uses a GPU it sees); say so on a GPU node
+    type, where the log would otherwise not say what ran where."""
+    if device != "cpu":
+        print(
+            "note: a Keras model runs where TensorFlow places it (a GPU it sees, else the CPU); "
+            f"--device {device} is applied to PyTorch models only",
+            file=sys.stderr,
+        )
 
 
 def _is_dynamic_method(method: str) -> bool:

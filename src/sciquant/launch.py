@@ -1,11 +1,17 @@
 """`sciquant submit`: run workflow stages as submitit job arrays (Slurm, or local processes).
 
 Every job runs the `sciquant` command of its stage (`run_stage`, in the job's process) with the
-same arguments as the stage's rule, in the working directory, so the same files appear under
-`resources/` and `results/`. One job array per stage and node type; with `--stage all` (or
-several stages) the stages run in dependency order, each waiting for the previous one. Slurm
-resources come from the config's `nodes:` mapping (partition, constraint, GPUs), command-line
-options override them.
+same arguments as the stage's rule (both take them from `sciquant.study`: settings, inputs,
+runtime flags, `--device`), in the working directory, so the same files appear under
+`resources/` and `results/`. Every stage of the rules is here: synthesize / fetch, prepare,
+train, sensitivity (the mixed-precision run's recommendation), quantize (calibration and QAT,
+dynamic quantization, Keras conversion), export (ONNX of the FP32 model and of quantized models)
+and evaluate. A stage's jobs are what the selected runs' evaluations need, as Snakemake would
+find them. One job array per stage and node type; with `--stage all` (or several stages) the
+stages run in dependency order, each waiting for the previous one. Slurm resources come from
+the config's `nodes:` mapping (partition, constraint, GPUs), command-line options override them;
+a job on a GPU node type (training on `train.node`, evaluation on its target's node) uses the
+GPU, as under Snakemake.
 
     sciquant submit --config workflow/config/ci.yaml --stage all --runs seed=0
 """
@@ -23,17 +29,31 @@ from typing import Any
 
 from sciquant.errors import SciquantError
 from sciquant.study import (
+    CALIBRATED_METHODS,
+    CPU_NODE,
     Run,
     Study,
     Training,
     check_node,
     check_one_line,
+    evaluation_inputs,
+    fp32_of_target,
     load_config,
+    quantize_inputs,
+    quantize_params,
+    run_coordinates,
+    runtime_arguments,
+    sensitivity_folder,
     slurm_extra_options,
+    train_node,
+    train_settings,
+    training_of,
 )
 
 #: Stages in dependency order (`fetch` is the raw stage of datasets with a `files` source).
-STAGES = ("synthesize", "fetch", "prepare", "train", "evaluate")
+STAGES = (
+    "synthesize", "fetch", "prepare", "train", "sensitivity", "quantize", "export", "evaluate",
+)  # fmt: skip
 COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 #: First-attempt (mem_mb, runtime in minutes) of each stage, as in its rule, unless `nodes` says.
 STAGE_RESOURCES = {
@@ -41,6 +61,9 @@ STAGE_RESOURCES = {
     "fetch": (1000, 120),
     "prepare": (4000, 30),
     "train": (4000, 120),
+    "sensitivity": (4000, 60),
+    "quantize": (4000, 60),
+    "export": (2000, 10),
     "evaluate": (4000, 60),
 }
 
@@ -82,19 +105,19 @@ def _execute(task: Task) -> str:
 
 
 def select_runs(study: Study, filters: list[str]) -> list[Run]:
-    """The study's runs whose coordinates match every `key=value` filter."""
-    wanted: dict[str, str] = {}
+    """The study's runs whose coordinates match every `key=value` filter (`key=a,b`: either)."""
+    wanted: dict[str, set[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
         if not sep or key not in COORDINATES:
             raise SciquantError(
                 f"--runs {item!r}: give key=value with key one of {', '.join(COORDINATES)}"
             )
-        wanted[key] = value
+        wanted[key] = set(value.split(","))
     runs = [
         run
         for run in study.runs()
-        if all(str(getattr(run, key)) == value for key, value in wanted.items())
+        if all(str(getattr(run, key)) in values for key, values in wanted.items())
     ]
     if not runs:
         raise SciquantError(f"--runs {' '.join(filters)}: no run of the study matches")
@@ -103,11 +126,21 @@ def select_runs(study: Study, filters: list[str]) -> list[Run]:
 
 def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list[Task]:
     """The jobs of one stage for the selected runs (the rules' inputs, outputs and params)."""
+    return [
+        Task(stage, label, node, run_stage, {"argv": argv}, workdir)
+        for label, node, argv in stage_commands(stage, study, runs)
+    ]
+
+
+def stage_commands(stage: str, study: Study, runs: list[Run]) -> list[tuple[str, str, list[str]]]:
+    """(label, node type, `sciquant` arguments) of each job of a stage for the selected runs:
+    the command its rule runs, with the same arguments (`sciquant.study`'s stage arguments)."""
     config = study.config
+    threads = str(config["threads"])
     datasets = sorted({run.dataset for run in runs})
     raw = "resources/{}/raw".format
     prepared = "results/{}/prepared".format
-    tasks = []
+    commands: list[tuple[str, str, list[str]]] = []
     if stage in ("synthesize", "fetch"):
         kind = "embedded" if stage == "synthesize" else "files"
         for name in datasets:
@@ -119,52 +152,137 @@ def stage_tasks(stage: str, study: Study, runs: list[Run], workdir: str) -> list
             else:
                 continue
             argv += ["--out", raw(name)]
-            tasks.append(Task(stage, name, "cpu", run_stage, {"argv": argv}, workdir))
+            commands.append((name, CPU_NODE, argv))
     elif stage == "prepare":
         for name in datasets:
             argv = [
                 "prepare", study.workload(name), "--raw", raw(name),
                 "--settings", _json(study.datasets[name]["prepare"]), "--out", prepared(name),
             ]  # fmt: skip
-            tasks.append(Task(stage, name, "cpu", run_stage, {"argv": argv}, workdir))
+            commands.append((name, CPU_NODE, argv))
     elif stage == "train":
-        for dataset, model, seed in sorted({(r.dataset, r.model, r.seed) for r in runs}):
-            spec = study.models[model]
-            settings = {key: value for key, value in spec.items() if key != "datasets"}
+        for training in sorted({training_of(run) for run in runs}, key=_training_key):
             argv = [
-                "train", "--prepared", prepared(dataset), "--settings", _json(settings),
-                "--seed", str(seed), "--threads", str(config["threads"]),
-                "--out", Training(dataset, model, seed).folder,
+                "train", "--prepared", prepared(training.dataset),
+                "--settings", _json(train_settings(study, training.model)),
+                "--seed", str(training.seed), "--threads", threads, "--out", training.folder,
             ]  # fmt: skip
-            label = f"{dataset}/{model}/seed{seed}"
-            node = spec["train"]["node"]
-            tasks.append(Task(stage, label, node, run_stage, {"argv": argv}, workdir))
+            label = training.folder.removeprefix("results/").removesuffix("/fp32")
+            commands.append((label, train_node(study, training.model), argv))
+    elif stage == "sensitivity":
+        for training in needed_jobs(study, runs)["sensitivity"]:
+            argv = [
+                "sensitivity", "--checkpoint", f"{training.folder}/checkpoint.pt",
+                "--prepared", prepared(training.dataset),
+                "--settings", _json(config["quantize"]), "--threads", threads,
+                "--out", sensitivity_folder(training),
+            ]  # fmt: skip
+            commands.append((sensitivity_folder(training).removeprefix("results/"), CPU_NODE, argv))
+    elif stage == "quantize":
+        for run in needed_jobs(study, runs)["quantize"]:
+            commands.append((_label(run), CPU_NODE, quantize_command(study, run)))
+    elif stage == "export":
+        for run in needed_jobs(study, runs)["export"]:
+            training = training_of(run).folder
+            if run.method in CALIBRATED_METHODS:  # the QDQ graph with the run's own scales
+                argv = [
+                    "export", "--checkpoint", f"{run.folder}/quantized.pt",
+                    "--prepared", prepared(run.dataset), "--out", f"{run.folder}/model.onnx",
+                ]  # fmt: skip
+            else:  # the target's FP32 export (its float runs build from it)
+                argv = [
+                    "export", "--checkpoint", f"{training}/checkpoint.pt",
+                    "--out", f"{run.folder}/model.onnx",
+                ]  # fmt: skip
+            commands.append((f"{_label(run)}/model.onnx", CPU_NODE, argv))
     elif stage == "evaluate":
-        fp32 = [
-            r for r in runs if (r.target, r.method, r.precision) == ("reference", "none", "fp32")
-        ]
-        if len(fp32) < len(runs):
-            print(
-                f"evaluate: skipping {len(runs) - len(fp32)} run(s) other than the FP32 "
-                "reference: quantization stages are not in `submit` yet (use Snakemake)"
-            )
-        for run in fp32:
-            coordinates = {
-                "study": config["study"],
-                "config_hash": study.config_hash(),
-                **run.coordinates(),
-            }
-            artifact = "model.keras" if study.framework(run.model) == "keras" else "checkpoint.pt"
+        config_hash = study.config_hash()
+        for run in runs:
+            inputs = evaluation_inputs(study, run)
+            checkpoint = inputs.get("artifact", inputs.get("checkpoint"))
             argv = [
-                "evaluate",
-                "--checkpoint", f"{Training(run.dataset, run.model, run.seed).folder}/{artifact}",
+                "evaluate", "--checkpoint", checkpoint, *runtime_arguments(study, run, inputs),
                 "--prepared", prepared(run.dataset), "--settings", _json(config["evaluate"]),
-                "--coordinates", _json(coordinates), "--threads", str(config["threads"]),
-                "--out", run.folder,
+                "--coordinates", _json(run_coordinates(study, run, config_hash)),
+                "--threads", threads, "--out", run.folder,
             ]  # fmt: skip
-            label = run.folder.removeprefix("results/")
-            tasks.append(Task(stage, label, study.node(run), run_stage, {"argv": argv}, workdir))
-    return tasks
+            commands.append((_label(run), study.node(run), argv))
+    return commands
+
+
+def quantize_command(study: Study, run: Run) -> list[str]:
+    """`sciquant quantize` of a run: calibration / QAT (quantized.pt), dynamic quantization
+    (model.onnx) or a Keras model's conversion (quantization.json), as the run's rule runs it."""
+    common = [
+        "--prepared", f"results/{run.dataset}/prepared", "--target", run.target,
+        "--method", run.method, "--precision", run.precision,
+    ]  # fmt: skip
+    threads = ["--threads", str(study.config["threads"])]
+    seed = ["--seed", str(run.seed)]
+    settings = ["--settings", _json(quantize_params(study, run.model))]
+    training = training_of(run).folder
+    if study.framework(run.model) == "keras":
+        checkpoint = ["--checkpoint", f"{training}/model.keras"]
+        return ["quantize", *checkpoint, *common, *settings, *seed, *threads, "--out", run.folder]
+    inputs = quantize_inputs(run)
+    checkpoint = ["--checkpoint", inputs["checkpoint"]]
+    if run.method not in CALIBRATED_METHODS:  # dynamic: no calibration, no settings
+        return ["quantize", *checkpoint, *common, *threads, "--out", run.folder]
+    recommendation = (
+        ["--recommendation", inputs["recommendation"]] if "recommendation" in inputs else []
+    )
+    return [
+        "quantize", *checkpoint, *common, *settings, *seed, *threads, *recommendation,
+        "--out", run.folder,
+    ]  # fmt: skip
+
+
+def needed_jobs(study: Study, runs: list[Run]) -> dict[str, list[Any]]:
+    """The sensitivity, quantize and export jobs the runs' evaluations need, found from the
+    files they read as Snakemake finds them from the rules' outputs: a run's `quantized.pt`
+    (rule quantize) or `quantization.json` (quantize_keras); `model.onnx` of a calibrated run
+    (export_onnx, after its quantize), of a dynamic one (quantize_dynamic) or of a target's FP32
+    run (export_fp32_onnx); and the sensitivity recommendation of a `mixed` run."""
+    quantize: dict[Run, None] = {}
+    export: dict[Run, None] = {}
+    sensitivity: dict[Training, None] = {}
+    owners = {run.folder: run for run in runs}
+    owners.update({fp32_of_target(run).folder: fp32_of_target(run) for run in runs})
+
+    def need(path: str) -> None:
+        folder, _, name = path.rpartition("/")
+        owner = owners.get(folder)
+        if owner is None:  # the training's checkpoint.pt / model.keras: the train stage
+            return
+        if name in ("quantized.pt", "quantization.json"):
+            quantize[owner] = None
+        elif name == "model.onnx" and owner.method in CALIBRATED_METHODS:
+            need(f"{folder}/quantized.pt")
+            export[owner] = None
+        elif name == "model.onnx" and owner.method != "none":  # a dynamic method's model
+            quantize[owner] = None
+        elif name == "model.onnx":
+            export[owner] = None
+
+    for run in runs:
+        for path in evaluation_inputs(study, run).values():
+            need(path)
+    for run in quantize:
+        if study.framework(run.model) == "torch" and "recommendation" in quantize_inputs(run):
+            sensitivity[training_of(run)] = None
+    return {
+        "sensitivity": sorted(sensitivity, key=_training_key),
+        "quantize": sorted(quantize),
+        "export": sorted(export),
+    }
+
+
+def _training_key(training: Training) -> tuple[str, str, int]:
+    return (training.dataset, training.model, training.seed)
+
+
+def _label(run: Run) -> str:
+    return run.folder.removeprefix("results/")
 
 
 def _json(value: Any) -> str:
@@ -295,7 +413,9 @@ def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help=f"only runs whose coordinates match ({', '.join(COORDINATES)}), e.g. seed=0",
+        help=f"only runs whose coordinates match ({', '.join(COORDINATES)}), e.g. seed=0 "
+        "precision=fp32,w8a8 (a comma: any of the values); the stages run what their "
+        "evaluations need",
     )
     add(
         "--executor",

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,97 @@ def device_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The devices a stage may be asked for (`--device`): what its node type has.
+DEVICES = ("cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a usable CUDA device here (False where torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def select_device(wanted: str, stage: str) -> str:
+    """The device a stage runs on: `cuda` where its node type asks for a GPU and CUDA is there,
+    else `cpu`.
+
+    A CPU node type (`wanted` `cpu`) runs on the CPU even where CUDA exists. A GPU node type
+    without CUDA is not an error: the stage runs on the CPU (a user running the GPU study on a
+    laptop still gets results) and says so loudly on stderr, which the rules and `sciquant
+    submit` keep in the stage's log; the output records `cpu`. In a Slurm job the warning adds
+    that a GPU job without a GPU is a misconfiguration of the node type or the site.
+    """
+    if wanted not in DEVICES:
+        raise ValueError(f"unknown device {wanted!r}; known: {', '.join(DEVICES)}")
+    if wanted == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    print(f"WARNING: {stage}: {cuda_missing_message()}", file=sys.stderr, flush=True)
+    return "cpu"
+
+
+def cuda_missing_message() -> str:
+    """Why a GPU node type's stage runs on the CPU here, and where to look."""
+    try:
+        import torch
+
+        build = torch.version.cuda
+        why = (
+            f"torch {torch.__version__} is built without CUDA"
+            if build is None
+            else f"torch {torch.__version__} (CUDA {build}) sees no CUDA device"
+        )
+    except ImportError:
+        why = "torch is not installed"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        why += f", CUDA_VISIBLE_DEVICES={visible!r}"
+    message = (
+        f"its node type asks for a GPU, but CUDA is not available here ({why}); "
+        "running on the CPU instead (slower; the results are valid and record device 'cpu')"
+    )
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        message += (
+            f". This is Slurm job {job}: a job on a GPU node type that gets no usable GPU is a "
+            "misconfiguration; check the node type's `nodes` entry (partition, constraint, gpu / "
+            "gres), the node's GPU driver and that the environment's torch is a CUDA build"
+        )
+    return message
+
+
+def describe_device(device: str) -> str:
+    """The device a stage used, as recorded: `cuda:0 (NVIDIA V100-SXM2-32GB)`, or `cpu (<the
+    CPU's model>)`."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+        except (RuntimeError, AssertionError):  # no CUDA here: the stage's own error follows
+            return f"{device} (not available)"
+    return f"cpu ({device_name()})"
+
+
+def device_provenance(device: str, wanted: str | None = None) -> dict[str, str]:
+    """The provenance keys of the device a stage ran on: `device` (`describe_device`),
+    `device_type` (`cpu` / `cuda`), `cpu_model` (the host's CPU, which runs the data handling
+    also on GPU runs) and `device_requested` (what the node type asked for; it differs from
+    `device_type` where a GPU node type found no CUDA)."""
+    return {
+        "device": describe_device(device),
+        "device_type": "cuda" if device.startswith("cuda") else "cpu",
+        "device_requested": wanted or ("cuda" if device.startswith("cuda") else "cpu"),
+        "cpu_model": device_name(),
+    }
+
+
 def git_revision(cwd: Path | None = None) -> str:
     """The workflow checkout's commit (with `-dirty` if it has local changes), or `unknown`."""
     try:
@@ -51,8 +143,19 @@ def git_revision(cwd: Path | None = None) -> str:
         return "unknown"
 
 
-def provenance(wall_time_s: float, threads: int | None = None) -> dict[str, Any]:
-    return {
+def provenance(
+    wall_time_s: float,
+    threads: int | None = None,
+    device: str | None = None,
+    wanted: str | None = None,
+) -> dict[str, Any]:
+    """Package versions, device, git revision, host and wall time of a stage.
+
+    `device`: the device the stage ran on (`select_device`; `wanted`: the one its node type
+    asked for), recorded by `device_provenance`; None: `device` is the CPU's model alone (stages
+    that leave the choice to their framework).
+    """
+    record = {
         "packages": package_versions(),
         "python": platform.python_version(),
         "device": device_name(),
@@ -61,6 +164,9 @@ def provenance(wall_time_s: float, threads: int | None = None) -> dict[str, Any]
         "git_revision": git_revision(),
         "wall_time_s": round(wall_time_s, 3),
     }
+    if device is not None:
+        record.update(device_provenance(device, wanted))
+    return record
 
 
 @contextmanager

@@ -184,6 +184,162 @@ class Study:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+# ------------------------------------------------------------------ stage arguments of a run
+# What a stage reads and which settings and flags it gets, for the workflow's rules
+# (`rules/common.smk`) and for `sciquant submit` (`sciquant.launch`) alike: one definition, so
+# the two run every stage with the same arguments.
+
+#: Runtimes that run a blood-flow model from its ONNX export (FP32, or the run's QDQ graph).
+ONNX_RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
+#: The node type without a GPU; every other node type (`v100`, `rtx3090`) has one.
+CPU_NODE = "cpu"
+
+
+def node_device(node: str) -> str:
+    """The device a stage on node type `node` asks for: `cuda` on a GPU node type (any node
+    type but `cpu`), `cpu` on `cpu` (a CPU node never asks for a GPU)."""
+    return "cpu" if node == CPU_NODE else "cuda"
+
+
+def train_settings(study: Study, model: str) -> dict[str, Any]:
+    """Architecture and training settings of a model (its config minus `datasets`); its
+    `train.node` says where it trains (`sciquant train` picks its device from it)."""
+    return {key: value for key, value in study.models[model].items() if key != "datasets"}
+
+
+def train_node(study: Study, model: str) -> str:
+    """The node type a model trains on (`models.<name>.train.node`)."""
+    return study.models[model]["train"]["node"]
+
+
+def run_coordinates(study: Study, run: Run, config_hash: str | None = None) -> dict[str, Any]:
+    """The run's coordinates and the study's provenance (`sciquant evaluate --coordinates`);
+    `config_hash`: `study.config_hash()`, computed once by a caller with many runs."""
+    coordinates = run.coordinates()
+    coordinates.update(
+        study=study.config["study"],
+        config_hash=config_hash if config_hash is not None else study.config_hash(),
+    )
+    return coordinates
+
+
+def quantize_params(study: Study, model: str) -> dict[str, Any]:
+    """`sciquant quantize --settings`: the quantize section and the model's settings (QAT
+    reuses its training settings)."""
+    return {"quantize": study.config["quantize"], "model": train_settings(study, model)}
+
+
+def training_of(run: Run) -> Training:
+    """The FP32 training a run's model comes from."""
+    return Training(run.dataset, run.model, run.seed)
+
+
+def sensitivity_folder(training: Training) -> str:
+    """Where a training's sensitivity analysis writes recommendation.json and its table."""
+    return f"{training.folder.rsplit('/', 1)[0]}/sensitivity"
+
+
+def fp32_of_target(run: Run) -> Run:
+    """The FP32 run of the run's target (its speed-up baseline; FP32 float runs' export)."""
+    return Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
+
+
+def quantize_inputs(run: Run) -> dict[str, str]:
+    """What a PyTorch run's calibration or QAT reads: the FP32 checkpoint, plus the sensitivity
+    recommendation for the `mixed` run."""
+    training = training_of(run)
+    inputs = {"checkpoint": f"{training.folder}/checkpoint.pt"}
+    if run.precision == MIXED:
+        inputs["recommendation"] = f"{sensitivity_folder(training)}/recommendation.json"
+    return inputs
+
+
+def is_timed(study: Study, run: Run) -> bool:
+    """Whether a run's evaluation is timed: every run a target executes natively."""
+    return not study.plan(run).simulated
+
+
+def is_paired(study: Study, run: Run) -> bool:
+    """Whether a run is timed beside its target's FP32 (a timed run that is not that FP32
+    itself, on a target with an FP32 run)."""
+    return (
+        is_timed(study, run)
+        and (run.method, run.precision) != ("none", "fp32")
+        and run.target in study.fp32_targets(run.model)
+    )
+
+
+def run_artifacts(study: Study, run: Run) -> dict[str, str]:
+    """What a PyTorch run's evaluation reads besides the prepared data.
+
+    `checkpoint`: FP32 checkpoint.pt, or quantized.pt of a calibrated method; `onnx`: model.onnx
+    for runs on an ONNX runtime (a dynamic method's only artifact; float runs build from the
+    target's FP32 export); `baseline_checkpoint` (+ `baseline_onnx`): the target's FP32
+    artifacts of a paired run.
+    """
+    training = training_of(run).folder
+    artifacts = {
+        "checkpoint": (
+            f"{run.folder}/quantized.pt"
+            if run.method in CALIBRATED_METHODS
+            else f"{training}/checkpoint.pt"
+        )
+    }
+    plan = study.plan(run)
+    fp32 = fp32_of_target(run)
+    if plan.runtime in ONNX_RUNTIMES:
+        # float runs (method none) all build from the target's FP32 export
+        artifacts["onnx"] = f"{(fp32 if run.method == 'none' else run).folder}/model.onnx"
+    if is_paired(study, run):
+        # timed interleaved with its target's FP32 in the same process (a paired speed-up)
+        artifacts["baseline_checkpoint"] = f"{training}/checkpoint.pt"
+        if plan.runtime in ONNX_RUNTIMES:
+            artifacts["baseline_onnx"] = f"{fp32.folder}/model.onnx"
+    return artifacts
+
+
+def keras_artifacts(study: Study, run: Run) -> dict[str, str]:
+    """A Keras run's evaluation input: the FP32 model.keras, or the run's quantization.json
+    (+ its target's FP32 run's as `baseline_checkpoint` of a paired run)."""
+    if (run.target, run.method, run.precision) == ("reference", "none", "fp32"):
+        return {"artifact": f"{training_of(run).folder}/model.keras"}
+    artifacts = {"artifact": f"{run.folder}/quantization.json"}
+    if is_paired(study, run):  # timed beside its target's FP32 run's artifact
+        artifacts["baseline_checkpoint"] = f"{fp32_of_target(run).folder}/quantization.json"
+    return artifacts
+
+
+def evaluation_inputs(study: Study, run: Run) -> dict[str, str]:
+    """What a run's evaluation reads besides the prepared data, for its model's framework."""
+    if study.framework(run.model) == "keras":
+        return keras_artifacts(study, run)
+    return run_artifacts(study, run)
+
+
+def run_device(study: Study, run: Run) -> str:
+    """The device a run's evaluation asks for: that of its target's node type."""
+    return node_device(study.node(run))
+
+
+def runtime_arguments(study: Study, run: Run, inputs: dict[str, str]) -> list[str]:
+    """`sciquant evaluate` flags of a run beyond the common ones, given its `inputs`
+    (`evaluation_inputs`): the ONNX file and its runtime, the paired baseline, the simulated
+    label, and `--device cuda` where the run's node type has a GPU."""
+    plan = study.plan(run)
+    flags = ["--onnx", inputs["onnx"]] if "onnx" in inputs else []
+    if flags and plan.runtime in ("tensorrt", "openvino"):
+        flags += ["--runtime", plan.runtime]
+    if "baseline_checkpoint" in inputs:
+        flags += ["--baseline-checkpoint", inputs["baseline_checkpoint"]]
+    if "baseline_onnx" in inputs:
+        flags += ["--baseline-onnx", inputs["baseline_onnx"]]
+    if plan.simulated:
+        flags.append("--simulated")
+    if run_device(study, run) != "cpu":
+        flags += ["--device", run_device(study, run)]
+    return flags
+
+
 #: Float precisions below FP32: a cast of the FP32 weights, no ranges (method `none`).
 FLOAT_CASTS = ("fp16", "bf16")
 

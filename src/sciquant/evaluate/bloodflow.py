@@ -1,4 +1,11 @@
-"""Evaluation of a blood-flow surrogate: rollouts of the test simulations, errors, timings."""
+"""Evaluation of a blood-flow surrogate: rollouts of the test simulations, errors, timings.
+
+Device: PyTorch rollouts (the FP32 model, fake-quant simulations) run on `cuda` where the run's
+node type has a GPU (`--device cuda`, which the rules and `sciquant submit` pass for runs on a
+GPU node type) and CUDA is present, else on the CPU; without CUDA a GPU run says so in its log
+and runs on the CPU (`sciquant.provenance.select_device`). TensorRT runs on the GPU always;
+ONNX Runtime and OpenVINO on the CPU. metrics.json's `provenance` records the device used.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +42,12 @@ from sciquant.evaluate.rollout import (  # noqa: E402
     rollout_all,
     rollout_errors,
 )
-from sciquant.provenance import provenance, write_json  # noqa: E402
+from sciquant.provenance import (  # noqa: E402
+    describe_device,
+    provenance,
+    select_device,
+    write_json,
+)
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
 
@@ -425,8 +437,31 @@ class Bf16Simulation:
         self.model = model
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
             return self.model(*inputs).float()
+
+
+def step_on(step: StepFunction, device: str) -> StepFunction:
+    """A PyTorch step function (a model, a fake-quant model, a bf16 simulation) with its weights
+    on `device` (moved in place); other runtimes' steps are returned as they are."""
+    if isinstance(step, torch.nn.Module):
+        return step.to(device)
+    if isinstance(step, Bf16Simulation):
+        step.model.to(device)
+    return step
+
+
+def rollout_device(runtime: str, wanted: str, run: str) -> str:
+    """The device a run's rollout uses: TensorRT's steps take CUDA tensors (the GPU, always);
+    ONNX Runtime and OpenVINO run on the CPU; PyTorch (the FP32 model, fake-quant) where the
+    node type asks (`wanted`), if CUDA is there (`select_device`)."""
+    if runtime == "tensorrt":
+        return "cuda"
+    if runtime != "torch":
+        if wanted != "cpu":
+            print(f"note: {run}: {runtime} runs on the CPU; --device {wanted} is for PyTorch runs")
+        return "cpu"
+    return select_device(wanted, run)
 
 
 def quantized_size(qmodel: Any) -> dict[str, Any]:
@@ -457,18 +492,25 @@ def run(
     runtime: str | None = None,
     baseline_checkpoint: Path | None = None,
     baseline_onnx: Path | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Roll out the test simulations with the artifact; write metrics.json and figures to `out`.
 
     `baseline_checkpoint` (+ `baseline_onnx` for ONNX Runtime / TensorRT targets): the
     target's FP32 artifact; a timed run is then timed interleaved with it in this process and
     its speed-up is the paired one (`time_rollouts`). Without them a timed run is its target's
-    FP32 baseline itself (speed-up 1).
+    FP32 baseline itself (speed-up 1). `device`: what the run's node type asks for (`cpu`, or
+    `cuda` on a GPU node type); `rollout_device` says what runs where.
     """
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     runtime = runtime or ("onnxruntime" if onnx is not None else "torch")
+    label = "evaluate " + "/".join(
+        str(coordinates[key]) for key in ("target", "method", "precision") if key in coordinates
+    )
+    used = rollout_device(runtime, device, label)
+    print(f"{label}: {runtime} on {describe_device(used)}", flush=True)
     samples = test_samples(prepared)  # read once: the rollouts, baselines and checks share them
     graphs = None
     if runtime in ("tensorrt", "openvino"):
@@ -488,15 +530,20 @@ def run(
     graphs = graphs if graphs is not None else test_graphs(prepared, norm, samples)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
     repeats = 0 if simulated else settings.get("repeats", 5)
-    # TensorRT steps take and return CUDA tensors: the rollout state stays on the GPU.
-    device = "cuda" if runtime == "tensorrt" else None
+    # On a GPU (TensorRT's CUDA tensors, a PyTorch model moved there) the rollout state stays
+    # on the device; None: the CPU.
+    on_device = None if used == "cpu" else used
+    if runtime == "torch" and on_device is not None:
+        step = step_on(step, on_device)
     baseline = None
     if repeats > 0 and baseline_checkpoint is not None:
         base_step, base_state, _ = load_step(
             baseline_checkpoint, baseline_onnx, threads, runtime, "fp32", graphs
         )
+        if runtime == "torch" and on_device is not None:
+            base_step = step_on(base_step, on_device)
         baseline = (base_step, Normalizer.of_checkpoint(base_state))
-    metrics, predictions = evaluate_step(step, graphs, norm, repeats, device, baseline, threads)
+    metrics, predictions = evaluate_step(step, graphs, norm, repeats, on_device, baseline, threads)
     checks, data_checks = rollout_physics(list(samples.values()), predictions)
     metrics.update(checks)
     metrics.update(sizes)
@@ -510,7 +557,7 @@ def run(
     # After the timings: its runtime calls are not among the timed ones.
     debug = quant_debug(
         checkpoint, prepared, norm, None if simulated else step, graphs,
-        settings.get("debug_inputs", DEBUG_INPUTS), runtime, device,
+        settings.get("debug_inputs", DEBUG_INPUTS), runtime, on_device,
     )  # fmt: skip
     if debug:
         print(describe(debug))
@@ -527,7 +574,7 @@ def run(
         "metrics": metrics,
         "baselines": no_network_baselines(list(samples.values()), list(samples)),
         "data_physics_checks": data_checks,
-        "provenance": provenance(time.perf_counter() - started, threads),
+        "provenance": provenance(time.perf_counter() - started, threads, used, device),
     }
     if repeats > 0:
         from sciquant.runtime.paired import host_facts

@@ -19,6 +19,13 @@ computes the same whether it runs after the previous one or after a resume from 
 A resume checkpoint (`resume.pt`) is written atomically after every epoch; a killed run restarts
 from the last finished epoch. SIGTERM/SIGUSR1 (Slurm preemption with `--signal`) stop training
 after the current step; the epoch is then redone on resume.
+
+Device: the model and every batch live on `cuda` where the training's node type
+(`train.node`) has a GPU and CUDA is present, else on the CPU; a GPU node type without CUDA
+trains on the CPU with a warning in the log (`sciquant.provenance.select_device`). The noise is
+drawn on the CPU either way (the same draws on every device). Checkpoints hold CPU tensors, so
+a training resumes, and its checkpoint is evaluated or quantized, on either device.
+`training.json` (and the checkpoint's `device`) records the device used.
 """
 
 from __future__ import annotations
@@ -48,7 +55,14 @@ from sciquant.data.features import (
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
-from sciquant.provenance import atomic_path, write_csv
+from sciquant.provenance import (
+    atomic_path,
+    describe_device,
+    provenance,
+    select_device,
+    write_csv,
+    write_json,
+)
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
@@ -59,6 +73,7 @@ CHECKPOINT_VERSION = 7
 # shape, and what it learns from (the prepared data's index.json; for QAT the FP32 checkpoint).
 RESUME_KEYS = ("settings", "architecture", "data_sha256", "source_sha256")
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "learning_rate", "seconds")
+TRAINING_FORMAT = "sciquant-training"
 
 
 @dataclass(frozen=True)
@@ -172,14 +187,16 @@ def rollout_loss(
     """Weighted multi-step loss of one batch (see the module docstring)."""
     pressure = batch.pressure[0].clone()
     flowrate = batch.flowrate[0].clone()
+    device = pressure.device
     if noise is not None and settings.noise_std > 0:
+        # drawn on the CPU generator whatever the device: the same noise on every device
         n = pressure.shape[0]
-        pressure = pressure + settings.noise_std * torch.randn(n, generator=noise)
-        flow_noise = settings.noise_std * torch.randn(n, generator=noise)
+        pressure = pressure + settings.noise_std * torch.randn(n, generator=noise).to(device)
+        flow_noise = settings.noise_std * torch.randn(n, generator=noise).to(device)
         flowrate = flowrate + torch.where(batch.inlet, 0.0, flow_noise)
-    total = torch.zeros(())
+    total = torch.zeros((), device=device)
     weights_sum = batch.weight.sum()
-    flow_weight = torch.ones(())
+    flow_weight = torch.ones((), device=device)
     if settings.flow_area_exponent:
         area = norm.denormalize("area", batch.static[:, 0]).clamp(min=1e-6)
         flow_weight = area**settings.flow_area_exponent
@@ -234,9 +251,29 @@ def load_graphs(prepared: Path, names: list[str], norm: Normalizer) -> list[Grap
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a `.part` file, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a `.part` file, then rename: a crash never leaves half a checkpoint.
+
+    Every tensor is saved on the CPU (a GPU training's too), so any machine loads the file.
+    """
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(on_cpu(obj), tmp)
+
+
+def on_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in its dicts, lists and tuples moved to the CPU (CPU tensors are
+    kept as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((key, on_cpu(value)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's module versions
+            moved._metadata = obj._metadata
+        return moved
+    if isinstance(obj, list):
+        return [on_cpu(value) for value in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(on_cpu(value) for value in obj)
+    return obj
 
 
 def load_checkpoint(
@@ -300,11 +337,23 @@ def run(
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
-    """Train (or resume training) and write `checkpoint.pt` and `training_log.csv` into `out`."""
+    """Train (or resume training) and write `checkpoint.pt`, `training_log.csv` and
+    `training.json` into `out`.
+
+    `device` (`cpu` / `cuda`): what to ask for; None: what the node type `train.node` of
+    `settings` has (`sciquant.study.node_device`). `cuda` without CUDA trains on the CPU with a
+    warning (`sciquant.provenance.select_device`); training.json records the device used.
+    """
+    from sciquant.study import node_device
+
+    started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     train_settings = TrainSettings(**settings.get("train", {}))
+    wanted = device or node_device(train_settings.node)
+    used = select_device(wanted, f"train (node type {train_settings.node})")
     index = load_index(prepared)
     formulation = settings.get("formulation", "residual")
     architecture = architecture_from_settings(settings, feature_count(formulation, index))
@@ -318,9 +367,28 @@ def run(
     def final_state(trained: torch.nn.Module) -> dict[str, Any]:
         return _final_state(trained, architecture, index, settings, seed, data_sha256)
 
-    fit(model, train_graphs, valid_graphs, norm, train_settings, seed, out, final_state, progress)
+    log_rows = fit(
+        model, train_graphs, valid_graphs, norm, train_settings, seed, out, final_state,
+        progress, device=used,
+    )  # fmt: skip
     target = out / "checkpoint.pt"
-    save_atomic(final_state(model), target)
+    described = describe_device(used)
+    save_atomic({**final_state(model), "device": described}, target)
+    summary = {
+        "format": TRAINING_FORMAT,
+        "version": 1,
+        "settings": settings,
+        "seed": seed,
+        "node": train_settings.node,
+        "data_sha256": data_sha256,
+        "epochs": len(log_rows),
+        "final": log_rows[-1] if log_rows else None,
+        "provenance": provenance(
+            time.perf_counter() - started, torch.get_num_threads(), used, wanted
+        ),
+    }
+    write_json(out / "training.json", summary)
+    print(f"{target}: trained on {described}")
     return target
 
 
@@ -334,12 +402,15 @@ def fit(
     out: Path,
     checkpoint_state: Any,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, float]]:
     """The training loop (FP32 training and QAT): epochs of rollout-loss steps, resumable.
 
     `checkpoint_state(model)` gives what the resume checkpoint stores besides the optimizer
     (format, weights, settings). Writes `resume.pt` every epoch and `training_log.csv` at the end;
-    returns the log rows.
+    returns the log rows. `device`: where the model (moved there, in place) and the batches
+    live; checkpoints hold CPU tensors whatever it is, so a resume may run on another device
+    (not bit-identical then: it says so, as for the thread count below).
 
     `resume.pt` also records torch's intra-op thread count. CPU kernels sum in an order that
     depends on it, so a resume is bit-identical to an uninterrupted run only with the same
@@ -354,6 +425,10 @@ def fit(
         raise SciquantError(
             f"train.rollout_steps={steps} is longer than samples {too_short[:3]} allow; lower it"
         )
+    device = torch.device(device)
+    model.to(device)  # before the optimizer sees its parameters (fused Adam runs where they are)
+    train_graphs = [g.to(device) for g in train_graphs]
+    valid_graphs = [g.to(device) for g in valid_graphs]
     # fused: one kernel for all parameters (≈ 4 ms less per step than the per-tensor loop here,
     # 5 % of a default-study step); still deterministic, so resumes stay bit-identical.
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -407,6 +482,12 @@ def fit(
             log_rows = list(state["log"])
             first_epoch = int(state["epoch"]) + 1
             print(f"resuming from {resume_path} after epoch {first_epoch}")
+            recorded_device = state.get("device_type")
+            if recorded_device is not None and recorded_device != device.type:
+                print(
+                    f"note: {resume_path} was written on {recorded_device}, this run uses "
+                    f"{device.type}; the result will not be bit-identical to an uninterrupted run"
+                )
             recorded, threads = state.get("torch_threads"), torch.get_num_threads()
             if recorded is not None and recorded != threads:
                 print(
@@ -421,7 +502,7 @@ def fit(
     print(
         f"training {sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters on "
         f"{len(train_graphs)} samples ({len(valid_graphs)} validation), epochs "
-        f"{first_epoch + 1}..{settings.epochs}"
+        f"{first_epoch + 1}..{settings.epochs}, on {describe_device(str(device))}"
     )
     for epoch in range(first_epoch, settings.epochs):
         started = time.perf_counter()
@@ -475,6 +556,7 @@ def fit(
                 "epoch": epoch,
                 "log": log_rows,
                 "torch_threads": torch.get_num_threads(),
+                "device_type": device.type,
             },
             resume_path,
         )
