@@ -250,6 +250,13 @@ def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
         loaded[method] = qmodel
     for name, layer in loaded["ptq-adaround"].quant_linears().items():
         assert torch.equal(layer.fake_quantize_weight(), layer.weight.detach()), name
+    # the FP32 layers the two PTQ methods moved are kept for the per-layer SQNR's reference
+    for method in ("ptq-adaround", "ptq-biascorr"):
+        kept = load_quantized(tmp_path / method / "quantized.pt")[1]["float_layers"]
+        assert list(kept) == loaded[method].quantized_layers()
+        for name, tensors in kept.items():
+            for key, value in tensors.items():
+                assert torch.equal(value, fp32[f"{name}.{key}"]), (method, name, key)
     corrected = loaded["ptq-biascorr"].state_dict()
     changed = [k for k in fp32 if not torch.equal(fp32[k], corrected[f"model.{k}"])]
     assert changed and all(k.endswith(".bias") for k in changed), changed
@@ -279,3 +286,4 @@ def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["runtime"] == "onnxruntime" and not metrics["simulated"]
     assert math.isfinite(metrics["metrics"]["pressure_error_pct"])
+    assert set(metrics["metrics"]["layer_sqnr_db"]) == set(kept)

@@ -392,7 +392,8 @@ def quant_debug(
     """Quantization debugging of a calibrated run (`sciquant.quant.debug`); {} for others.
 
     For a `quantized.pt` (a calibrated method; not ptq-dynamic, which has no simulation, nor a
-    float run): the per-layer output SQNR of its fake-quant model (``layer_sqnr_*``) on
+    float run): the per-layer output SQNR of its fake-quant model (``layer_sqnr_*``; against
+    the FP32 layers a weight-moving PTQ method kept in its quantized.pt) on
     `inputs` calibration inputs, the first calibration sample (training sample 0) at `inputs`
     evenly spaced true states; and where `deployed` is a runtime's step (ONNX Runtime,
     OpenVINO, TensorRT; `device` where it takes its tensors), the agreement of the simulation's
@@ -412,12 +413,14 @@ def quant_debug(
 
     if inputs <= 0 or not is_quantized(checkpoint):
         return {}
-    qmodel, _ = load_quantized(checkpoint)
+    qmodel, state = load_quantized(checkpoint)
     metrics: dict[str, Any] = {}
     train = load_index(prepared)["samples"]["train"][:1]
     if train:
         calibration = list(calibration_inputs(load_graphs(prepared, train, norm), inputs, norm))
-        metrics.update(sqnr_metrics(torch_layer_sqnr(qmodel, calibration), len(calibration)))
+        # AdaRound / bias correction moved the weights: measure against the FP32 layers kept
+        sqnr = torch_layer_sqnr(qmodel, calibration, float_layers=state.get("float_layers"))
+        metrics.update(sqnr_metrics(sqnr, len(calibration)))
     if deployed is not None and runtime != "torch" and not isinstance(deployed, Bf16Simulation):
         merged, _ = merge_graphs(graphs)
         test = teacher_forced_inputs(merged, inputs, norm)
