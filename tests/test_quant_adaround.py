@@ -287,3 +287,16 @@ def test_quantize_stage_runs_adaround_biascorr_and_tqt(ci_training, tmp_path):
     assert metrics["runtime"] == "onnxruntime" and not metrics["simulated"]
     assert math.isfinite(metrics["metrics"]["pressure_error_pct"])
     assert set(metrics["metrics"]["layer_sqnr_db"]) == set(kept)
+
+
+def test_a_settings_section_gets_the_schemas_defaults_and_its_errors_name_the_key():
+    from sciquant.study import section_with_defaults
+
+    filled = section_with_defaults({"qat": {"epochs": 2}}, "quantize", "quantize")
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    qat = schema["$defs"]["quantize"]["properties"]["qat"]["properties"]
+    assert filled["qat"]["epochs"] == 2  # given
+    assert filled["qat"]["learning_rate"] == qat["learning_rate"]["default"]
+    assert filled["adaround"]["iterations"] == 1000
+    with pytest.raises(SciquantError, match="config key quantize.adaround.iterations: 0 is less"):
+        section_with_defaults({"adaround": {"iterations": 0}}, "quantize", "quantize")

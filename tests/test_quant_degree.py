@@ -24,6 +24,7 @@ from sciquant.quant.degree import (
     node_groups,
     protection_probability,
     protection_settings,
+    quantize_degree_model,
 )
 from sciquant.quant.observers import check_method_limits, qparams_from_range
 from sciquant.quant.pytorch import QuantLinear, calibrate, quantize_model, set_mode
@@ -53,7 +54,7 @@ def _graphs(count: int = 3, nodes: int = 40) -> list[tuple[torch.Tensor, ...]]:
 
 
 def _calibrated(target: str = "reference", precision: str = "w4a4") -> DegreeQuantizedModel:
-    qmodel = quantize_model(_model(), target, precision, "qat-degree")
+    qmodel = quantize_degree_model(_model(), target, precision)
     return calibrate(qmodel, _graphs())
 
 
@@ -70,7 +71,7 @@ def test_protection_probability_is_linear_in_the_degree_between_p_min_and_p_max(
         [0.05] * 3
     )
     # the model's forward: in-degrees of the edge_index, protection only in training
-    qmodel = quantize_model(_model(), "reference", "w4a4", "qat-degree")
+    qmodel = quantize_degree_model(_model(), "reference", "w4a4")
     edge_index = _both_ways(STAR)
     assert in_degree(edge_index, 7).tolist() == [4, 1, 1, 1, 2, 2, 1]
     qmodel.set_protection(0.0, 0.3)
@@ -147,7 +148,7 @@ def test_junction_rows_get_their_own_calibrated_range():
     junction = in_degree(edge_index, 60) >= 3
     assert 0 < junction.sum() < 60
     x = torch.where(junction[:, None], 8.0 * x + 3.0, x)  # junction rows: a wider range
-    qmodel = quantize_model(_model(), "reference", "w4a4", "qat-degree")
+    qmodel = quantize_degree_model(_model(), "reference", "w4a4")
     calibrate(qmodel, [(x, e, edge_index)])
     layer = qmodel.model.node_encoder.layers[0]  # its input is the node features themselves
     assert isinstance(layer, NodeGroupQuantLinear)
@@ -224,7 +225,7 @@ def test_state_dict_round_trip(mode):
     set_mode(qmodel, mode)
     state = qmodel.state_dict()
     assert "model.node_mlps.0.layers.0.input_junction_scale" in state
-    fresh = quantize_model(_model(), "reference", "w4a4", "qat-degree")
+    fresh = quantize_degree_model(_model(), "reference", "w4a4")
     fresh.load_state_dict(state)
     for name, layer in qmodel.node_group_layers().items():
         other = fresh.model.get_submodule(name)
@@ -262,7 +263,7 @@ def test_qat_degree_is_refused_where_one_scale_per_tensor_is_deployed(tmp_path):
         with pytest.raises(SciquantError, match=f"not '{target}'.*use qat-lsq there"):
             check_method_limits("qat-degree", target, "torch")
     with pytest.raises(SciquantError, match="backend eager or simulated \\(npu-pow2, reference\\)"):
-        quantize_model(_model(), "cpu-x86", "w8a8", "qat-degree")
+        quantize_degree_model(_model(), "cpu-x86", "w8a8")
     with pytest.raises(SciquantError, match="takes torch models only"):
         check_method_limits("qat-degree", "reference", "keras")
     config = yaml.safe_load((ROOT / "workflow/config/default.yaml").read_text())
@@ -316,14 +317,19 @@ def test_quantize_stage_runs_qat_degree(ci_training, tmp_path):
     assert metrics["simulated"] and math.isfinite(metrics["metrics"]["pressure_error_pct"])
 
 
+def test_quantize_model_points_to_the_degree_builder():
+    with pytest.raises(SciquantError, match="use sciquant.quant.degree.quantize_degree_model"):
+        quantize_model(_model(), "reference", "w4a4", "qat-degree")
+
+
 def test_export_refuses_a_simulation_only_model(tmp_path):
     from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
     from sciquant.quant.export import export_qdq_onnx
-    from sciquant.quant.pytorch import calibrate, quantize_model
+    from sciquant.quant.pytorch import calibrate
 
     model = MeshGraphNet(MeshGraphNetConfig(hidden=8, processor_size=1)).eval()
     graph = random_tree_graph(40, 0)
-    qmodel = quantize_model(model, "reference", "w8a8", "qat-degree")
+    qmodel = quantize_degree_model(model, "reference", "w8a8")
     calibrate(qmodel, [graph])
     with pytest.raises(SciquantError, match="qat-degree model .* is a simulation"):
         export_qdq_onnx(qmodel, tmp_path / "model.onnx", graph)

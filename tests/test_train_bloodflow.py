@@ -21,7 +21,7 @@ from sciquant.data.bloodflow import PrepareSettings
 from sciquant.data.features import Normalizer, state_increment, to_tensors
 from sciquant.errors import SciquantError
 from sciquant.evaluate import bloodflow as evaluate_bloodflow
-from sciquant.evaluate.rollout import branch_fit, relative_error, rollout, rollout_all
+from sciquant.models.rollout import branch_fit, relative_error, rollout, rollout_all
 from sciquant.train import bloodflow as train_bloodflow
 from tests.test_bloodflow_prepare import write_dataset
 

@@ -393,14 +393,14 @@ def run(args: argparse.Namespace) -> None:
         )
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md
+        from sciquant.study import section_with_defaults
 
-        section = args.settings.get("quantize", {})
-        qat = section.get("qat", {})
+        section = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
+        qat = section["qat"]
         quantize_md.run(
             args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
-            precision=args.precision,
-            calibration_samples=section.get("calibration_frames", 256),
-            qat_epochs=qat.get("epochs", 2), qat_learning_rate=qat.get("learning_rate", 1e-4),
+            precision=args.precision, calibration_samples=section["calibration_frames"],
+            qat_epochs=qat["epochs"], qat_learning_rate=qat["learning_rate"],
             batch_size=args.settings.get("model", {}).get("train", {}).get("batch_size", 128),
             seed=args.seed, threads=args.threads,
         )  # fmt: skip
@@ -410,10 +410,12 @@ def run(args: argparse.Namespace) -> None:
         dynamic.run(args.checkpoint, args.out, args.target, args.precision, threads=args.threads)
     elif args.command == "quantize":
         from sciquant.quant import bloodflow as quantize_bloodflow
+        from sciquant.study import section_with_defaults
 
+        quantize = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
         quantize_bloodflow.run(
             args.checkpoint, args.prepared, args.out, args.target, args.method, args.precision,
-            settings=args.settings, seed=args.seed, threads=args.threads,
+            settings={**args.settings, "quantize": quantize}, seed=args.seed, threads=args.threads,
             recommendation=args.recommendation,
         )  # fmt: skip
     elif args.command == "sensitivity":
@@ -480,7 +482,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _train_node_device(settings: dict[str, Any]) -> str:
     """The device the node type of a model's `train.node` has (`cpu` or `cuda`)."""
-    from sciquant.study import node_device
+    from sciquant.vocabulary import node_device
 
     return node_device(settings.get("train", {}).get("node", "cpu"))
 

@@ -1,6 +1,6 @@
 """`sciquant submit`: run workflow stages as submitit job arrays (Slurm, or local processes).
 
-Every job runs the `sciquant` command of its stage (`run_stage`, in the job's process) with the
+Every job runs the `sciquant` command of its stage (`run_stage`, a child of the job) with the
 same arguments as the stage's rule (both take them from `sciquant.study`: settings, inputs,
 runtime flags, `--device`), in the working directory, so the same files appear under
 `resources/` and `results/`. Every stage of the rules is here: synthesize / fetch, prepare,
@@ -30,7 +30,6 @@ from typing import Any
 from sciquant.errors import SciquantError
 from sciquant.study import (
     CALIBRATED_METHODS,
-    CPU_NODE,
     Run,
     Study,
     Training,
@@ -49,12 +48,12 @@ from sciquant.study import (
     train_settings,
     training_of,
 )
+from sciquant.vocabulary import COORDINATES, CPU_NODE
 
 #: Stages in dependency order (`fetch` is the raw stage of datasets with a `files` source).
 STAGES = (
     "synthesize", "fetch", "prepare", "train", "sensitivity", "quantize", "export", "evaluate",
 )  # fmt: skip
-COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 #: First-attempt (mem_mb, runtime in minutes) of each stage, as in its rule, unless `nodes` says.
 STAGE_RESOURCES = {
     "synthesize": (2000, 30),
@@ -73,11 +72,17 @@ STAGE_RESOURCES = {
 
 def run_stage(argv: list[str]) -> None:
     """Run one stage exactly as its rule does: the `sciquant` command with these arguments
-    (which picks the workload's code), in this process; SciquantError if it fails."""
-    from sciquant.cli import main
+    (which picks the workload's code), as a child of the job's process with this Python, its
+    output in the job's log; SciquantError if it fails."""
+    import subprocess
+    import sys
 
-    if main(argv) != 0:
-        raise SciquantError(f"sciquant {' '.join(argv[:2])} failed; its message is above")
+    result = subprocess.run([sys.executable, "-m", "sciquant.cli", *argv], check=False)
+    if result.returncode != 0:
+        raise SciquantError(
+            f"sciquant {' '.join(argv[:2])} failed (exit status {result.returncode}); its "
+            "message is above"
+        )
 
 
 @dataclass

@@ -26,14 +26,11 @@ from sciquant.quant.observers import (
     check_method_limits,
 )
 from sciquant.quant.targets import Plan, get_target
-
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+from sciquant.vocabulary import MIXED, SCHEMA, node_device
 
 #: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",), "icnnmd": ("md",)}
 ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch", "icnnmd": "keras"}
-#: Precision label of the run that evaluates the sensitivity analysis' mixed assignment.
-MIXED = "mixed"
 #: Smallest pixel-map side the ICNNMD network takes (`sciquant.models.icnnmd.MIN_GRID`, not
 #: imported here: Keras takes seconds to import, and dry runs read this module).
 ICNNMD_MIN_GRID = 10
@@ -191,14 +188,6 @@ class Study:
 
 #: Runtimes that run a blood-flow model from its ONNX export (FP32, or the run's QDQ graph).
 ONNX_RUNTIMES = ("onnxruntime", "tensorrt", "openvino")
-#: The node type without a GPU; every other node type (`v100`, `rtx3090`) has one.
-CPU_NODE = "cpu"
-
-
-def node_device(node: str) -> str:
-    """The device a stage on node type `node` asks for: `cuda` on a GPU node type (any node
-    type but `cpu`), `cpu` on `cpu` (a CPU node never asks for a GPU)."""
-    return "cpu" if node == CPU_NODE else "cuda"
 
 
 def train_settings(study: Study, model: str) -> dict[str, Any]:
@@ -788,6 +777,28 @@ def validate_config(config: dict[str, Any], source: str = "config") -> None:
     errors = schema_errors(config)
     if errors:
         raise SciquantError(f"{source}: invalid study config:\n" + "\n".join(errors))
+
+
+def section_with_defaults(section: dict[str, Any], definition: str, key: str) -> dict[str, Any]:
+    """A copy of one config section (`key`, e.g. ``quantize``) with the schema's defaults filled
+    from ``$defs/<definition>``, validated: what a command given only that section (its
+    ``--settings``) reads, so the defaults live in the schema alone. SciquantError naming the
+    key for a section the schema refuses."""
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    root = {"$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
+    filled = json.loads(json.dumps(section))
+    validator = _with_defaults(jsonschema.Draft202012Validator)(root)
+    # $ref is followed lazily, so the defaults below it are filled while it validates
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.path))
+    if errors:
+        lines = [
+            f"  config key {key}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+            for e in errors[:10]
+        ]
+        raise SciquantError("invalid settings:\n" + "\n".join(lines))
+    return filled
 
 
 def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:

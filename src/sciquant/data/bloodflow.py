@@ -547,7 +547,7 @@ def branch_positions(tree: Tree, branch_id: np.ndarray, branch_fit: str = "linea
     """Each branch node's place along its branch, in [−1, 1] and centred: the fit's abscissa [N].
 
     The rollout replaces the flow of every branch by its least-squares fit a + b·x over the
-    branch's nodes (`sciquant.evaluate.rollout.branch_fit`); x is the path length from the
+    branch's nodes (`sciquant.models.rollout.branch_fit`); x is the path length from the
     inlet, minus its mean over the branch's nodes, over half the branch's extent. Centred, the
     fit's two terms are orthogonal: a is the branch mean, b = Σ x·q / Σ x². Junction nodes
     (branch id −1), single-node branches, and every node with `branch_fit="mean"` get 0: the

@@ -37,7 +37,7 @@ from sciquant.evaluate.physics import (  # noqa: E402
     mean_checks,
     physics_checks,
 )
-from sciquant.evaluate.rollout import (  # noqa: E402
+from sciquant.models.rollout import (  # noqa: E402
     StepFunction,
     rollout_all,
     rollout_errors,
@@ -50,6 +50,7 @@ from sciquant.provenance import (  # noqa: E402
 )
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
+from sciquant.vocabulary import COORDINATES  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
 
@@ -338,7 +339,7 @@ def load_step(
         merged, _ = merge_graphs(graphs or [])
         dims = graph_dims(merged.edge_index, merged.num_nodes)
         sizes["artifact_bytes"] = onnx.stat().st_size
-        # The rollout keeps its state on the GPU (evaluate.rollout's `device`): outputs stay there.
+        # The rollout keeps its state on the GPU (models.rollout's `device`): outputs stay there.
         step = TrtStep.from_onnx(
             onnx, precision=TENSORRT_PRECISIONS[precision], keep_on_device=True, **dims
         )
@@ -567,9 +568,8 @@ def run(
     metrics.update(debug)
     out.mkdir(parents=True, exist_ok=True)
     plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
-    keys = ("dataset", "model", "seed", "target", "method", "precision")
     payload = {
-        "coordinates": {k: coordinates[k] for k in keys},
+        "coordinates": {k: coordinates[k] for k in COORDINATES},
         "study": coordinates.get("study"),
         "config_hash": coordinates.get("config_hash"),
         "simulated": simulated,

@@ -23,6 +23,7 @@ from sciquant.provenance import package_versions, provenance, write_json  # noqa
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.runtime.paired import host_facts, paired_timing  # noqa: E402
 from sciquant.train.md import TF_PACKAGES, load_pixelmaps  # noqa: E402
+from sciquant.vocabulary import COORDINATES  # noqa: E402
 
 __all__ = [
     "COORDINATE_KEYS",
@@ -34,7 +35,7 @@ __all__ = [
     "run",
 ]
 
-COORDINATE_KEYS = ("dataset", "model", "seed", "target", "method", "precision")
+COORDINATE_KEYS = COORDINATES
 RUNNERS = {".keras": "keras", ".tflite": "litert"}
 
 
@@ -45,6 +46,7 @@ def make_runner(artifact: Path, threads: int | None = None) -> Any:
         raise SciquantError(f"{artifact}: model artifact not found; run the stage that writes it")
     suffix = artifact.suffix.lower()
     if suffix == ".keras":
+        import sciquant.quant.keras  # noqa: F401  (registers the fake-quant layers it may hold)
         from sciquant.runtime.keras import KerasRunner
 
         return KerasRunner(artifact, threads=threads)

@@ -24,17 +24,11 @@ from typing import Any
 import numpy as np
 
 from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET
+from sciquant.models.rollout import relative_error
 
 #: The no-network baselines: name in metrics.json → the sample's series prefix.
 BASELINES = {"lumped_model": "lumped", "calibrated_model": "calibrated"}
 _TREE_EDGE_TYPES = (0, 1, 2)  # branch-branch, branch-junction, junction-junction
-
-
-def relative_error(predicted: np.ndarray, exact: np.ndarray, mask: np.ndarray) -> float:
-    """sqrt(Σ((pred − exact)·mask)² / Σ(exact·mask)²) over all steps and nodes; [S, N] inputs."""
-    numerator = np.sum(((predicted - exact) * mask) ** 2)
-    denominator = np.sum((exact * mask) ** 2)
-    return float(np.sqrt(numerator / denominator))
 
 
 def series_errors(

@@ -108,6 +108,10 @@ def soft_weight(weight: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qm
     return scale * (torch.clamp(floor + h + zero_point, qmin, qmax) - zero_point)
 
 
+class _Captured(Exception):
+    """Raised by the capturing hook to end a forward pass once the layer's input is taken."""
+
+
 def layer_inputs(
     model: nn.Module,
     name: str,
@@ -116,7 +120,9 @@ def layer_inputs(
 ) -> Tensor:
     """What layer `name` of `model` receives for every batch, as rows [n, in], stacked.
 
-    select(batch index, row count) → the row indices to keep of that batch (default all).
+    select(batch index, row count) → the row indices to keep of that batch (default all). The
+    forward pass stops at the layer's first call (what follows it cannot change its input), so
+    a layer is captured at the cost of the model up to it.
     """
     module = model.get_submodule(name)
     captured: list[Tensor] = []
@@ -124,6 +130,7 @@ def layer_inputs(
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].detach()
         captured.append(x.reshape(-1, x.shape[-1]))
+        raise _Captured
 
     # Models that read a Linear's weight instead of calling it (MeshGraphNet's concat trick)
     # call every Linear as a module with the trick off.
@@ -136,11 +143,14 @@ def layer_inputs(
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 captured.clear()
-                model(*batch)
-                if len(captured) != 1:
+                try:
+                    model(*batch)
+                except _Captured:
+                    pass
+                if not captured:
                     raise SciquantError(
-                        f"layer {name!r} ran {len(captured)} times in one forward pass; "
-                        "layer-wise reconstruction needs every quantized layer to run once"
+                        f"layer {name!r} did not run in the model's forward pass; layer-wise "
+                        "reconstruction needs every quantized layer to run"
                     )
                 rows = captured[0]
                 taken.append(rows if select is None else rows[select(index, rows.shape[0])])
@@ -246,7 +256,9 @@ def _round_layer(
         x_in = layer.fake_quantize_input(x_quant)
         bias = layer.used_bias()
         bias = None if bias is None else bias.detach()
-    rest = weight / scale - torch.floor(weight / scale)
+    floor = torch.floor(weight / scale)
+    rest = weight / scale - floor
+    shifted = floor + zero_point  # the grid index of rounding down, before the clamp
     nearest = (rest >= 0.5).float()
     v = nn.Parameter(_initial_v(rest))
     optimizer = torch.optim.Adam([v], lr=settings.learning_rate)
@@ -256,7 +268,7 @@ def _round_layer(
     for step in range(settings.iterations):
         chosen = torch.randint(rows, (min(settings.batch_rows, rows),), generator=generator)
         h = rectified_sigmoid(v)
-        w_soft = soft_weight(weight, scale, zero_point, qmin, qmax, h)
+        w_soft = scale * (torch.clamp(shifted + h, qmin, qmax) - zero_point)  # `soft_weight`
         out = F.linear(x_in[chosen], w_soft, bias)
         loss = (out - target[chosen]).pow(2).sum(-1).mean()
         if step >= warm:

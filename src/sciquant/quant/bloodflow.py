@@ -31,6 +31,7 @@ from sciquant.data.features import (
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
+from sciquant.quant.degree import enable_degree_qat, protection_settings, quantize_degree_model
 from sciquant.quant.equalize import equalize
 from sciquant.quant.pytorch import (
     QuantizedModel,
@@ -41,7 +42,6 @@ from sciquant.quant.pytorch import (
     set_mode,
 )
 from sciquant.quant.spec import parse_precision
-from sciquant.study import MIXED
 from sciquant.train.bloodflow import (
     TrainSettings,
     fit,
@@ -50,6 +50,7 @@ from sciquant.train.bloodflow import (
     load_model,
     save_atomic,
 )
+from sciquant.vocabulary import MIXED
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
@@ -136,7 +137,7 @@ def run(
         precision = chosen["high"]
     if method == "ptq-cle":
         model = equalize(model)  # the same function, channel ranges shared across ReLUs
-    qmodel = quantize_model(model, target, precision, method, precisions=layer_precisions)
+    qmodel = _quantized_copy(model, target, precision, method, layer_precisions)
     steps = quantize_settings.get("calibration_steps", 16)
     batches = list(calibration_inputs(calibration, steps, norm))
     calibrate(qmodel, batches)
@@ -164,8 +165,6 @@ def run(
         elif method == "qat-tqt":
             enable_tqt(qmodel)  # before the optimizer: the thresholds are new parameters
         elif method == "qat-degree":  # LSQ (STE on pow2 targets) + Degree-Quant protection
-            from sciquant.quant.degree import enable_degree_qat, protection_settings
-
             p_min, p_max = protection_settings(quantize_settings.get("qat", {}))
             enable_degree_qat(qmodel, p_min, p_max, seed)
         train_graphs = load_graphs(prepared, train_names, norm)
@@ -195,6 +194,13 @@ def run(
         state["float_layers"] = float_layers
     save_atomic(state, path)
     return path
+
+
+def _quantized_copy(model, target, precision, method, precisions) -> QuantizedModel:  # noqa: ANN001
+    """The fake-quantized copy of `model` for `method` (its own kind of model where it has one)."""
+    if method == "qat-degree":
+        return quantize_degree_model(model, target, precision, precisions=precisions)
+    return quantize_model(model, target, precision, method, precisions=precisions)
 
 
 def _quantized_state(qmodel, fp32_state, target, method, precision, settings) -> dict[str, Any]:  # noqa: ANN001
@@ -239,12 +245,12 @@ def load_quantized(path: Path) -> tuple[QuantizedModel, dict[str, Any]]:
             ) from cause
         raise
     model = MeshGraphNet(MeshGraphNetConfig(**state["architecture"]))
-    qmodel = quantize_model(
+    qmodel = _quantized_copy(
         model,
         state["target"],
         parse_precision(state["precision"]),
         state["method"],
-        precisions=state["layer_precisions"],
+        state["layer_precisions"],
     )
     try:
         # The saved mode (quantize) and the frozen qparams come back with the state.
@@ -262,7 +268,6 @@ def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
 
     A quantized export is traced on the first test graph of `prepared`.
     """
-    from sciquant.evaluate.bloodflow import test_graphs
     from sciquant.quant.export import export_fp32_onnx, export_qdq_onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +278,8 @@ def export(checkpoint: Path, prepared: Path | None, out: Path) -> Path:
         raise SciquantError(f"{checkpoint}: exporting a quantized model needs --prepared")
     qmodel, state = load_quantized(checkpoint)
     norm = Normalizer.of_checkpoint(state)
-    example = next(calibration_inputs(test_graphs(prepared, norm)[:1], 1, norm))
+    first_test = load_index(prepared)["samples"]["test"][:1]
+    example = next(calibration_inputs(load_graphs(prepared, first_test, norm), 1, norm))
     return export_qdq_onnx(qmodel, out, example)
 
 

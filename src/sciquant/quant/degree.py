@@ -80,7 +80,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
 from sciquant.quant.observers import Observer, check_lsq_specs
@@ -89,10 +89,14 @@ from sciquant.quant.pytorch import (
     QuantizedModel,
     QuantLinear,
     _effective_qparams,
+    quantize_layers,
     set_mode,
 )
+from sciquant.quant.spec import Precision
+from sciquant.quant.targets import Target
 
 __all__ = [
+    "quantize_degree_model",
     "JUNCTION_DEGREE",
     "METHOD",
     "DegreeQuantizedModel",
@@ -181,7 +185,7 @@ def protection_probability(degree: Tensor, p_min: float, p_max: float) -> Tensor
 def _schema_defaults() -> dict[str, float]:
     import yaml
 
-    from sciquant.study import SCHEMA
+    from sciquant.vocabulary import SCHEMA
 
     schema = yaml.safe_load(SCHEMA.read_text())
     section = schema["$defs"]["quantize"]["properties"]["qat"]["properties"]["degree_protection"]
@@ -413,6 +417,18 @@ class DegreeQuantizedModel(QuantizedModel):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.p_min, self.p_max = float(state["p_min"]), float(state["p_max"])
         self.generator.set_state(state["generator"])
+
+
+def quantize_degree_model(
+    model: nn.Module,
+    target: Target | str,
+    precision: Precision | str,
+    precisions: Mapping[str, Precision | str] | None = None,
+) -> DegreeQuantizedModel:
+    """`sciquant.quant.pytorch.quantize_model` for method qat-degree: a fake-quantized copy of a
+    MeshGraphNet with two activation scales in its node-row layers; run `calibrate` next."""
+    qmodel = quantize_layers(model, target, precision, METHOD, precisions=precisions)
+    return make_degree_aware(qmodel)
 
 
 def make_degree_aware(qmodel: QuantizedModel) -> DegreeQuantizedModel:

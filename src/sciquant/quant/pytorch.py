@@ -57,11 +57,12 @@ exact powers of two, and drops the thresholds, so export runs unchanged; in tqt 
 `QuantLinear.input_qparams` / `QuantLinear.weight_qparams` give the scales in effect (the
 buffers keep the values from before tqt until then).
 
-Graph-aware QAT (method ``qat-degree``, `sciquant.quant.degree`): `quantize_model` returns a
-`sciquant.quant.degree.DegreeQuantizedModel`, whose node-row layers (node encoder, node MLPs,
-decoder) are `QuantLinear` subclasses with a second input scale for high in-degree (junction)
-rows and Degree-Quant's random protection of high-degree rows in training; the model's forward
-hands them the node degrees of its ``edge_index``. A simulation (eager / simulated targets).
+Graph-aware QAT (method ``qat-degree``, `sciquant.quant.degree`): its builder
+`sciquant.quant.degree.quantize_degree_model` returns a `DegreeQuantizedModel`, whose node-row
+layers (node encoder, node MLPs, decoder) are `QuantLinear` subclasses with a second input scale
+for high in-degree (junction) rows and Degree-Quant's random protection of high-degree rows in
+training; the model's forward hands them the node degrees of its ``edge_index``. A simulation
+(eager / simulated targets).
 
 State: the four qparam buffers (parameters in lsq mode, same names), the two log2 thresholds
 in tqt mode and the mode are in the ``state_dict`` (``_extra_state``), so a quantized model
@@ -107,6 +108,7 @@ __all__ = [
     "enable_tqt",
     "layer_names",
     "lsq_parameters",
+    "quantize_layers",
     "quantize_model",
     "set_mode",
     "tqt_fake_quantize",
@@ -541,6 +543,11 @@ def layer_names(model: nn.Module) -> list[str]:
     ]
 
 
+#: Methods whose quantized model another module builds (on `quantize_layers`): the function
+#: to call instead of `quantize_model`.
+BUILT_ELSEWHERE = {"qat-degree": "sciquant.quant.degree.quantize_degree_model"}
+
+
 def quantize_model(
     model: nn.Module,
     target: Target | str,
@@ -554,9 +561,28 @@ def quantize_model(
     layers: names (see `layer_names`) of the layers to quantize, default all; the others stay
     float. precisions: per-layer overrides of `precision` (integer precisions, e.g. a
     mixed-precision assignment), only for quantized layers. method: `METHOD_OBSERVERS` key (a
-    bare observer name such as ``minmax`` means ``ptq-minmax``); ``qat-degree`` gives a
-    `sciquant.quant.degree.DegreeQuantizedModel` (MeshGraphNet only). Run `calibrate` next.
+    bare observer name such as ``minmax`` means ``ptq-minmax``); the methods of
+    `BUILT_ELSEWHERE` are refused with the function that builds their models. Run `calibrate`
+    next.
     """
+    name = _method_name(method)
+    if name in BUILT_ELSEWHERE:
+        raise SciquantError(
+            f"method {name} builds its own kind of quantized model: use {BUILT_ELSEWHERE[name]}"
+        )
+    return quantize_layers(model, target, precision, name, layers, precisions)
+
+
+def quantize_layers(
+    model: nn.Module,
+    target: Target | str,
+    precision: Precision | str,
+    method: str = "ptq-minmax",
+    layers: Iterable[str] | None = None,
+    precisions: Mapping[str, Precision | str] | None = None,
+) -> QuantizedModel:
+    """`quantize_model` for every method: every Linear a plain `QuantLinear` (the base that
+    method-specific model builders, such as `BUILT_ELSEWHERE`'s, start from)."""
     if isinstance(model, QuantizedModel):
         raise SciquantError("the model is already quantized; quantize its float original")
     target = get_target(target) if isinstance(target, str) else target
@@ -589,12 +615,7 @@ def quantize_model(
         )
         parent_name, _, child = name.rpartition(".")
         setattr(quantized.get_submodule(parent_name), child, replacement)
-    qmodel = QuantizedModel(quantized, target, default, method, layer_precisions)
-    if method == "qat-degree":  # node-row layers with two scales (sciquant.quant.degree)
-        from sciquant.quant.degree import make_degree_aware
-
-        return make_degree_aware(qmodel)
-    return qmodel
+    return QuantizedModel(quantized, target, default, method, layer_precisions)
 
 
 def calibrate(

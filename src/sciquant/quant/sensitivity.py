@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from sciquant.data.bloodflow import load_index  # noqa: E402
 from sciquant.data.features import GraphTensors, Normalizer  # noqa: E402
-from sciquant.evaluate.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
+from sciquant.models.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
 from sciquant.provenance import write_json  # noqa: E402
 from sciquant.quant.bloodflow import calibration_inputs  # noqa: E402
 from sciquant.quant.pytorch import calibrate, layer_names, quantize_model  # noqa: E402

@@ -41,8 +41,7 @@ from sciquant.provenance import (
 )
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, run_gains
-
-COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
+from sciquant.vocabulary import COORDINATES
 
 #: Display and sort order of known labels; unknown labels follow, alphabetically.
 TARGET_ORDER = (

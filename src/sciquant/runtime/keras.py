@@ -15,6 +15,7 @@ The runner has the same interface as `sciquant.runtime.litert.LiteRTRunner`.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,12 @@ def configure_threads(threads: int | None) -> None:
 def load_keras_model(path: Path) -> Any:
     """Load a `.keras` file (FP32 or fake-quantized); errors name the file and the fix.
 
-    `sciquant.quant.keras` is imported first when it exists: it registers the custom
-    fake-quantization layers that quantized `.keras` files contain.
+    A fake-quantized file holds sciquant's own layers, which Keras finds once
+    `sciquant.quant.keras` is imported (it registers them): the callers that load such files
+    import it (this runtime layer does not reach up into the quantization code).
     """
     import keras
 
-    try:
-        import sciquant.quant.keras  # noqa: F401  (registers custom layers)
-    except ImportError:
-        pass
     path = Path(path)
     if not path.is_file():
         raise SciquantError(f"{path}: Keras model not found; run the stage that writes it first")
@@ -66,6 +64,11 @@ def load_keras_model(path: Path) -> Any:
         return keras.models.load_model(path, compile=False)
     except Exception as error:  # zipfile, h5py, json and Keras all raise their own types
         first = (str(error).splitlines() or [""])[0][:200]
+        if "sciquant" in str(error) and "sciquant.quant.keras" not in sys.modules:
+            raise SciquantError(
+                f"{path}: a fake-quantized Keras model; its layers are registered by "
+                "sciquant.quant.keras: import it before loading the file"
+            ) from error
         raise SciquantError(
             f"{path}: not a readable Keras model ({type(error).__name__}: {first}); delete it "
             "and rerun the stage that writes it"

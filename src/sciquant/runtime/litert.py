@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from sciquant.errors import SciquantError
-from sciquant.quant.spec import PerTensor, QuantSpec
 from sciquant.runtime.latency import batch1_latency
 
 __all__ = ["LiteRTRunner"]
@@ -54,8 +53,8 @@ class _Endpoint:
                     f"tensor {detail['name']!r} is {self.dtype.name} without a scale; not a "
                     "quantized TFLite model this runner understands"
                 )
-            bits, signed = _INTEGER_TYPES[self.dtype]
-            self.spec = QuantSpec(bits, symmetric=False, granularity=PerTensor(), signed=signed)
+            limits = np.iinfo(self.dtype)  # the full range of the tensor's integer type
+            self.qmin, self.qmax = int(limits.min), int(limits.max)
             self.scale = np.float32(scale)
             self.zero_point = np.int32(zero_point)
 
@@ -67,7 +66,7 @@ class _Endpoint:
         q = np.divide(x, self.scale, dtype=np.float32)
         np.rint(q, out=q)
         q += np.float32(self.zero_point)
-        np.clip(q, self.spec.qmin, self.spec.qmax, out=q)
+        np.clip(q, self.qmin, self.qmax, out=q)
         return q.astype(self.dtype)
 
     def from_tensor(self, y: np.ndarray) -> np.ndarray:

@@ -346,7 +346,7 @@ def run(
     `settings` has (`sciquant.study.node_device`). `cuda` without CUDA trains on the CPU with a
     warning (`sciquant.provenance.select_device`); training.json records the device used.
     """
-    from sciquant.study import node_device
+    from sciquant.vocabulary import node_device
 
     started = time.perf_counter()
     if threads:

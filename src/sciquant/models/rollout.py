@@ -36,10 +36,16 @@ from sciquant.data.features import (
     step_increments,
     step_inputs,
 )
-from sciquant.evaluate.physics import relative_error
 
 #: model(node_features [N, F], edge_features [E, 9], edge_index [2, E]) → correction [N, 2]
 StepFunction = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def relative_error(predicted: np.ndarray, exact: np.ndarray, mask: np.ndarray) -> float:
+    """sqrt(Σ((pred − exact)·mask)² / Σ(exact·mask)²) over all steps and nodes; [S, N] inputs."""
+    numerator = np.sum(((predicted - exact) * mask) ** 2)
+    denominator = np.sum((exact * mask) ** 2)
+    return float(np.sqrt(numerator / denominator))
 
 
 def branch_fit(flowrate: Tensor, branch_id: Tensor, position: Tensor, num_branches: int) -> Tensor:

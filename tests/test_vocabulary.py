@@ -1,0 +1,20 @@
+"""The shared words (sciquant.vocabulary) are the ones every layer uses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sciquant.vocabulary import COORDINATES
+
+
+def test_every_layer_uses_the_one_coordinates_tuple():
+    from sciquant import launch
+    from sciquant.evaluate import bloodflow, md
+    from sciquant.report import cube
+    from sciquant.study import Run
+
+    assert tuple(field.name for field in dataclasses.fields(Run)) == COORDINATES
+    assert cube.COORDINATES is COORDINATES and launch.COORDINATES is COORDINATES
+    assert md.COORDINATE_KEYS is COORDINATES and bloodflow.COORDINATES is COORDINATES
+    run = Run("d", "m", 3, "t", "x", "w8a8")
+    assert run.folder.split("/")[1:] == ["d", "m", "seed3", "t", "x", "w8a8"]
