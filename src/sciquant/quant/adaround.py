@@ -33,7 +33,8 @@ rows of (W x_fp + b) − (W_q q(x̂) + b), the systematic shift quantization put
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,24 @@ def _pairs(
     return x_float, x_quant
 
 
+@contextmanager
+def _layer_by_layer(
+    qmodel: QuantizedModel, float_model: nn.Module, batches: Sequence[tuple[Tensor, ...]],
+    what: str,
+) -> Iterator[dict[str, QuantLinear]]:  # fmt: skip
+    """The quantized layers, in order, with both models in eval mode (qmodel's mode restored)."""
+    layers = _check(qmodel, float_model, what)
+    if not batches:
+        raise SciquantError(f"{what} got no calibration batches")
+    was_training = qmodel.training
+    qmodel.eval()
+    float_model.eval()
+    try:
+        yield layers
+    finally:
+        qmodel.train(was_training)
+
+
 def _check(qmodel: QuantizedModel, float_model: nn.Module, what: str) -> dict[str, QuantLinear]:
     layers = qmodel.quant_linears()
     for name, layer in layers.items():
@@ -218,14 +237,8 @@ def adaround(
     rows, as an optimisation cut short can, and the layer keeps nearest rounding).
     """
     settings = settings or AdaRoundSettings()
-    layers = _check(qmodel, float_model, "adaround")
-    if not batches:
-        raise SciquantError("adaround got no calibration batches")
-    was_training = qmodel.training
-    qmodel.eval()
-    float_model.eval()
     summary: dict[str, dict[str, float]] = {}
-    try:
+    with _layer_by_layer(qmodel, float_model, batches, "adaround") as layers:
         for index, (name, layer) in enumerate(layers.items()):
             original = float_model.get_submodule(name)
             x_float, x_quant = _pairs(
@@ -240,8 +253,6 @@ def adaround(
                     f"{100 * s['flipped']:.1f} % of weights rounded the other way"
                     + (" (worse than nearest: kept nearest)" if s["kept_nearest"] else "")
                 )
-    finally:
-        qmodel.train(was_training)
     return summary
 
 
@@ -310,14 +321,8 @@ def correct_bias(
 
     Returns per layer the RMS of the correction added to its bias.
     """
-    layers = _check(qmodel, float_model, "bias correction")
-    if not batches:
-        raise SciquantError("bias correction got no calibration batches")
-    was_training = qmodel.training
-    qmodel.eval()
-    float_model.eval()
     summary: dict[str, float] = {}
-    try:
+    with _layer_by_layer(qmodel, float_model, batches, "bias correction") as layers:
         for index, (name, layer) in enumerate(layers.items()):
             if layer.bias is None:
                 continue
@@ -336,6 +341,4 @@ def correct_bias(
                     f"bias correction {index + 1}/{len(layers)} {name}: RMS shift "
                     f"{summary[name]:.3g}"
                 )
-    finally:
-        qmodel.train(was_training)
     return summary
