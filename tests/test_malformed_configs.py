@@ -120,7 +120,7 @@ CASES = [
      "config key models.meshgraphnet.train.learning_rate_min: must not exceed learning_rate"),
     # quantization sweeps: unknown or impossible combinations, missing nodes
     ("target-unknown", sweep(targets=["tpu-v5"]),
-     "config key quantize.sweeps.0.targets.0: 'tpu-v5' is not one of"),
+     "config key quantize.sweeps.0.targets: unknown target 'tpu-v5'; known targets are"),
     ("method-none", sweep(methods=["none"]), "config key quantize.sweeps.0.methods: `none`"),
     ("precision-int8", sweep(precisions=["int8"]), "quantize.sweeps.0.precisions.0: 'int8'"),
     ("fp16-on-cpu-x86", sweep(precisions=["fp16"]),

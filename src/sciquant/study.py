@@ -646,7 +646,10 @@ def _check_sweep(config: dict[str, Any]) -> None:
         chosen = entry.get("models", sorted(models))
         frameworks = {ARCHITECTURE_FRAMEWORK[models[m]["architecture"]]: m for m in chosen}
         for target_name in entry["targets"]:
-            target = get_target(target_name)
+            try:
+                target = get_target(target_name)
+            except SciquantError as error:
+                raise SciquantError(f"{key}.targets: {error}") from None
             node = target.node or "cpu"
             if node != "cpu" and node not in nodes:
                 raise SciquantError(
@@ -693,7 +696,15 @@ def _check_sweep(config: dict[str, Any]) -> None:
                         if m.get("architecture") == "meshgraphnet"
                     )
                 )
-        target = get_target(sensitivity.get("target", "reference"))
+        try:
+            target = get_target(sensitivity.get("target", "reference"))
+            if "torch" not in target.frameworks:
+                raise SciquantError(
+                    f"target {target.name!r} takes {', '.join(sorted(target.frameworks))} models "
+                    "only; the sensitivity analysis is of PyTorch models"
+                )
+        except SciquantError as error:
+            raise SciquantError(f"config key quantize.sensitivity.target: {error}") from None
         for key in ("precision", "fallback"):
             try:
                 target.plan(sensitivity.get(key, "w4a8"), "torch")

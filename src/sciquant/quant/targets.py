@@ -24,7 +24,7 @@ depends on the framework's layout, so `weight_spec` takes it (0 for torch Linear
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
@@ -265,8 +265,52 @@ _ROWS = (
     ),
 )
 
-#: Every hardware target by name; adding a target is adding a row to `_ROWS`.
-TARGETS: Mapping[str, Target] = MappingProxyType({target.name: target for target in _ROWS})
+#: The entry point group through which an installed package adds rows: each entry point names a
+#: `Target` or an iterable of them (e.g. ``[project.entry-points."sciquant.targets"]`` ``mynpu =
+#: "mypackage.targets:ROWS"``).
+TARGET_ENTRY_POINTS = "sciquant.targets"
+
+
+def _plugin_rows() -> list[Target]:
+    """The rows that installed packages add through `TARGET_ENTRY_POINTS`."""
+    from importlib.metadata import entry_points
+
+    rows: list[Target] = []
+    for point in entry_points(group=TARGET_ENTRY_POINTS):
+        try:
+            loaded = point.load()
+        except Exception as error:  # a broken plug-in: name it, and what it said
+            raise SciquantError(
+                f"target plug-in {point.name!r} ({point.value}, entry point group "
+                f"{TARGET_ENTRY_POINTS}) cannot be loaded: {type(error).__name__}: {error}"
+            ) from error
+        if isinstance(loaded, Target) or not isinstance(loaded, Iterable):
+            items = [loaded]
+        else:
+            items = list(loaded)
+        for item in items:
+            if not isinstance(item, Target):
+                raise SciquantError(
+                    f"target plug-in {point.name!r} ({point.value}) gives {type(item).__name__}, "
+                    "not sciquant.quant.targets.Target rows"
+                )
+        rows.extend(items)
+    return rows
+
+
+def _table(rows: list[Target]) -> Mapping[str, Target]:
+    table: dict[str, Target] = {}
+    for row in rows:
+        if row.name in table:
+            raise SciquantError(f"two target rows are called {row.name!r}; rename one")
+        table[row.name] = row
+    return MappingProxyType(table)
+
+
+#: Every hardware target by name, in display order: the rows above, then those of installed
+#: plug-ins. Adding a target is adding a row: the config's checks, the workflow's wildcards and
+#: the result cube's order all read this table.
+TARGETS: Mapping[str, Target] = _table([*_ROWS, *_plugin_rows()])
 
 
 def get_target(name: str) -> Target:

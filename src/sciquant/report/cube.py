@@ -39,14 +39,13 @@ from sciquant.provenance import (
     pointer_keys,
     write_json,
 )
+from sciquant.quant.targets import TARGETS
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, run_gains
 from sciquant.vocabulary import COORDINATES
 
 #: Display and sort order of known labels; unknown labels follow, alphabetically.
-TARGET_ORDER = (
-    "reference", "trt-v100", "trt-rtx3090", "cpu-x86", "openvino-cpu", "litert-cpu", "npu-pow2",
-)  # fmt: skip
+TARGET_ORDER = tuple(TARGETS)
 METHOD_ORDER = (
     "none", "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-adaround",
     "ptq-biascorr", "ptq-cle", "ptq-dynamic", "qat-ste", "qat-lsq", "qat-tqt", "qat-degree",
