@@ -169,8 +169,8 @@ def test_adaround_refuses_an_uncalibrated_model_and_bad_settings():
 @pytest.mark.parametrize(
     ("method", "target", "framework", "message"),
     [
-        ("ptq-adaround", "reference", "keras", "takes torch models only"),
-        ("ptq-biascorr", "litert-cpu", "keras", "takes torch models only"),
+        ("ptq-cle", "reference", "keras", "takes torch models only"),
+        ("ptq-cle", "litert-cpu", "keras", "takes torch models only"),
         ("qat-tqt", "reference", "torch", "targets with pow2 scales \\(npu-pow2\\)"),
         ("qat-tqt", "cpu-x86", "torch", "not 'cpu-x86'; use qat-lsq there"),
         ("qat-lsq", "npu-pow2", "torch", "not 'npu-pow2'; use qat-tqt \\(PyTorch models\\)"),
@@ -203,10 +203,10 @@ def test_method_limits_let_the_allowed_combinations_through():
             "pow2 scales (npu-pow2), not 'reference'",
         ),
         (
-            {"models": ["icnnmd"], "targets": ["reference"], "methods": ["ptq-adaround"],
+            {"models": ["icnnmd"], "targets": ["reference"], "methods": ["ptq-cle"],
              "precisions": ["w4a8"]},
-            "methods: method ptq-adaround (AdaRound, layer-wise learned rounding) takes torch "
-            "models only, not a keras model",
+            "methods: method ptq-cle (cross-layer equalization of MeshGraphNet's MLPs) takes "
+            "torch models only, not a keras model",
         ),
     ],
 )  # fmt: skip

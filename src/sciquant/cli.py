@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> None:
             precision=args.precision, calibration_samples=section["calibration_frames"],
             qat_epochs=qat["epochs"], qat_learning_rate=qat["learning_rate"],
             batch_size=args.settings.get("model", {}).get("train", {}).get("batch_size", 128),
-            seed=args.seed, threads=args.threads,
+            seed=args.seed, threads=args.threads, adaround=section.get("adaround", {}),
         )  # fmt: skip
     elif args.command == "quantize" and _is_dynamic_method(args.method):
         from sciquant.quant import dynamic

@@ -68,11 +68,13 @@ def run(
     batch_size: int = 128,
     seed: int = 0,
     threads: int | None = None,
+    adaround: dict[str, Any] | None = None,
 ) -> Path:
     """Quantize the FP32 Keras model `checkpoint` for (target, method, precision) into `out`.
 
-    Returns the artifact (`model.keras`, `model.tflite` or `model.onnx`); see the module
-    docstring for which one a plan gives.
+    adaround: the `quantize.adaround` settings (`AdaRoundSettings` fields but `seed`, which is
+    `seed`) for ptq-adaround. Returns the artifact (`model.keras`, `model.tflite` or
+    `model.onnx`); see the module docstring for which one a plan gives.
     """
     started = time.perf_counter()
     checkpoint, prepared, out = Path(checkpoint), Path(prepared), Path(out)
@@ -115,10 +117,15 @@ def run(
 
     qmodel = None
     history: list[dict[str, float]] = []
+    weights: dict[str, Any] | None = None
     if parsed.kind == "int":
         qmodel = quant_keras.quantize_model(model, plan.target, parsed, method)
         quant_keras.calibrate(qmodel, quant_keras.iterate_batches(calibration, batch_size))
         print(f"calibrated {len(quant_keras.quant_layers(qmodel))} layers on {len(chosen)} frames")
+        if method in ("ptq-adaround", "ptq-biascorr"):
+            weights = _change_weights(
+                qmodel, model, method, calibration, batch_size, seed, adaround
+            )
         if method in ("qat-ste", "qat-lsq") and qat_epochs > 0:
             fine_tune = quant_keras.qat_lsq if method == "qat-lsq" else quant_keras.qat_ste
             history = fine_tune(
@@ -182,12 +189,35 @@ def run(
             if method.startswith("qat-") and parsed.kind == "int"
             else None
         ),
+        "weights": weights,
         "layers": quant_keras.layer_summary(qmodel) if qmodel is not None else {},
         "tflite": tflite_info,
         "provenance": prov,
     }
     write_json(out / "quantization.json", summary)
     return artifact
+
+
+def _change_weights(
+    qmodel: Any, model: Any, method: str, calibration: np.ndarray, batch_size: int, seed: int,
+    adaround: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """AdaRound or bias correction of the calibrated `qmodel` on the calibration frames
+    (`sciquant.quant.keras_adaround`); what quantization.json records of it."""
+    from sciquant.quant import keras as quant_keras
+    from sciquant.quant import keras_adaround
+
+    batches = list(quant_keras.iterate_batches(calibration, batch_size))
+    if method == "ptq-adaround":
+        options = {key: value for key, value in (adaround or {}).items() if key != "seed"}
+        try:
+            settings = keras_adaround.AdaRoundSettings(**options, seed=seed)
+        except TypeError as error:
+            raise SciquantError(f"quantize.adaround: {error}") from None
+        per_layer = keras_adaround.adaround_keras(qmodel, model, batches, settings)
+        return {"method": method, "settings": dict(vars(settings)), "layers": per_layer}
+    per_layer = keras_adaround.correct_bias_keras(qmodel, model, batches, seed=seed)
+    return {"method": method, "layers": {name: {"rms_shift": v} for name, v in per_layer.items()}}
 
 
 def artifact_for(out: Path) -> Path:

@@ -104,10 +104,11 @@ class MethodLimits:
 #: Calibrated methods that do not run everywhere (all others take every framework and target).
 METHOD_LIMITS: dict[str, MethodLimits] = {
     "ptq-adaround": MethodLimits(
-        frameworks=frozenset({"torch"}), description="AdaRound, layer-wise learned rounding"
+        frameworks=frozenset({"torch", "keras"}),
+        description="AdaRound, layer-wise learned rounding",
     ),
     "ptq-biascorr": MethodLimits(
-        frameworks=frozenset({"torch"}), description="empirical bias correction"
+        frameworks=frozenset({"torch", "keras"}), description="empirical bias correction"
     ),
     "ptq-cle": MethodLimits(
         frameworks=frozenset({"torch"}),
