@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
 from sciquant.quant.pytorch import QuantizedModel, QuantLinear
+from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings
 
 __all__ = [
     "AdaRoundSettings",
@@ -52,34 +52,6 @@ __all__ = [
     "rectified_sigmoid",
     "soft_weight",
 ]
-
-#: The rectified sigmoid's stretch (AdaRound's ζ and γ).
-ZETA, GAMMA = 1.1, -0.1
-
-
-@dataclass(frozen=True)
-class AdaRoundSettings:
-    """AdaRound's optimisation per layer (the paper's defaults where it has them)."""
-
-    iterations: int = 1000
-    reg_lambda: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    learning_rate: float = 1e-3
-    batch_rows: int = 1024
-    max_rows: int = 32768
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1 or self.batch_rows < 1 or self.max_rows < 1:
-            raise SciquantError(
-                "quantize.adaround: iterations, batch_rows and max_rows must be positive"
-            )
-        if not 0 <= self.warmup < 1:
-            raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
-        if self.reg_lambda < 0 or self.learning_rate <= 0:
-            raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import keras
@@ -37,41 +37,10 @@ import tensorflow as tf
 
 from sciquant.errors import SciquantError
 from sciquant.quant.keras import QuantConv2D, QuantDense, quant_layers
+from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings
 from sciquant.quant.spec import PerChannel
 
 __all__ = ["AdaRoundSettings", "adaround_keras", "correct_bias_keras", "rectified_sigmoid"]
-
-#: The rectified sigmoid's stretch (AdaRound's ζ and γ); the values of
-#: `sciquant.quant.adaround.ZETA` / `GAMMA`, copied because that module imports torch.
-ZETA, GAMMA = 1.1, -0.1
-
-
-@dataclass(frozen=True)
-class AdaRoundSettings:
-    """AdaRound's optimisation per layer: the fields, defaults and checks of
-    `sciquant.quant.adaround.AdaRoundSettings` (a torch module, hence the copy; either works
-    here). ``batch_rows`` / ``max_rows`` count rows: input vectors (Dense), output pixels
-    (Conv2D)."""
-
-    iterations: int = 1000
-    reg_lambda: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    learning_rate: float = 1e-3
-    batch_rows: int = 1024
-    max_rows: int = 32768
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1 or self.batch_rows < 1 or self.max_rows < 1:
-            raise SciquantError(
-                "quantize.adaround: iterations, batch_rows and max_rows must be positive"
-            )
-        if not 0 <= self.warmup < 1:
-            raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
-        if self.reg_lambda < 0 or self.learning_rate <= 0:
-            raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
 
 
 def rectified_sigmoid(v: tf.Tensor) -> tf.Tensor:
@@ -223,7 +192,7 @@ def adaround_keras(
     """Round every integer Conv2D/Dense kernel of the calibrated `qmodel` adaptively, in place.
 
     batches: model inputs (N, ...) float32, e.g. the calibration batches. settings: an
-    `AdaRoundSettings` (this module's or `sciquant.quant.adaround`'s). Returns per layer, as the
+    `sciquant.quant.rounding.AdaRoundSettings`. Returns per layer, as the
     torch version: ``mse_nearest``, ``mse_adaround`` (reconstruction MSE on the rows it
     optimised), ``flipped`` (share of weights rounded the other way than nearest) and
     ``kept_nearest`` (1.0 where AdaRound ended worse and the layer keeps nearest rounding).
