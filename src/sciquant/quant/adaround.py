@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
 from sciquant.quant.pytorch import QuantizedModel, QuantLinear
-from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings
+from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings, layer_report
 
 __all__ = [
     "AdaRoundSettings",
@@ -218,13 +218,7 @@ def adaround(
             )
             summary[name] = _round_layer(layer, original, x_float, x_quant, settings)
             if progress is not None:
-                s = summary[name]
-                progress(
-                    f"adaround {index + 1}/{len(layers)} {name}: reconstruction MSE "
-                    f"{s['mse_nearest']:.3g} (nearest) -> {s['mse_adaround']:.3g}, "
-                    f"{100 * s['flipped']:.1f} % of weights rounded the other way"
-                    + (" (worse than nearest: kept nearest)" if s["kept_nearest"] else "")
-                )
+                progress(layer_report(index, len(layers), name, summary[name]))
     return summary
 
 

@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from sciquant.errors import SciquantError
 from sciquant.quant.keras import QuantConv2D, QuantDense, quant_layers
-from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings
+from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings, layer_report
 from sciquant.quant.spec import PerChannel
 
 __all__ = ["AdaRoundSettings", "adaround_keras", "correct_bias_keras", "rectified_sigmoid"]
@@ -210,13 +210,7 @@ def adaround_keras(
         )
         summary[name] = _round_layer(layer, originals[name], x_float, x_quant, settings)
         if progress is not None:
-            s = summary[name]
-            progress(
-                f"adaround {index + 1}/{len(layers)} {name}: reconstruction MSE "
-                f"{s['mse_nearest']:.3g} (nearest) -> {s['mse_adaround']:.3g}, "
-                f"{100 * s['flipped']:.1f} % of weights rounded the other way"
-                + (" (worse than nearest: kept nearest)" if s["kept_nearest"] else "")
-            )
+            progress(layer_report(index, len(layers), name, summary[name]))
     _reset_compiled(qmodel)
     return summary
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sciquant.errors import SciquantError
 
-__all__ = ["GAMMA", "ZETA", "AdaRoundSettings"]
+__all__ = ["GAMMA", "ZETA", "AdaRoundSettings", "layer_report"]
 
 #: The rectified sigmoid's stretch (AdaRound's ζ and γ): h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1).
 ZETA, GAMMA = 1.1, -0.1
@@ -40,3 +40,14 @@ class AdaRoundSettings:
             raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
         if self.reg_lambda < 0 or self.learning_rate <= 0:
             raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
+
+
+def layer_report(index: int, count: int, name: str, summary: dict[str, float]) -> str:
+    """The progress line of one rounded layer (`summary`: its reconstruction MSEs with nearest
+    rounding and AdaRound's, the share of flipped weights, whether it kept nearest)."""
+    return (
+        f"adaround {index + 1}/{count} {name}: reconstruction MSE "
+        f"{summary['mse_nearest']:.3g} (nearest) -> {summary['mse_adaround']:.3g}, "
+        f"{100 * summary['flipped']:.1f} % of weights rounded the other way"
+        + (" (worse than nearest: kept nearest)" if summary["kept_nearest"] else "")
+    )
