@@ -10,6 +10,7 @@ and each case is then its own test.
 from __future__ import annotations
 
 import copy
+import gc
 import multiprocessing
 import os
 import sys
@@ -222,8 +223,15 @@ def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
     root = tmp_path_factory.mktemp("malformed")
     names = [_case_id(case) for case in CASES]
     jobs = [(root / name, _change(case)) for name, case in zip(names, CASES, strict=True)]
-    with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
-        codes = pool.starmap_async(dry_run, jobs).get(timeout=300)
+    # Objects of this process (TensorFlow's, where an earlier test loaded it) must not be
+    # collected in a fork: their finalizers call into a runtime whose threads did not fork.
+    gc.collect()
+    gc.freeze()
+    try:
+        with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
+            codes = pool.starmap_async(dry_run, jobs).get(timeout=300)
+    finally:
+        gc.unfreeze()
     return {name: (root / name, code) for name, code in zip(names, codes, strict=True)}
 
 
