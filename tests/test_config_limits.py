@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +275,11 @@ DRY_RUNS = [
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
-    from tests.test_malformed_configs import dry_run
+    from tests.test_malformed_configs import forked_dry_runs
 
     root = tmp_path_factory.mktemp("limits")
     jobs = [(root / name, change) for name, change, _ in DRY_RUNS]
-    with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
-        codes = pool.starmap_async(dry_run, jobs).get(timeout=300)
+    codes = forked_dry_runs(jobs)
     return {name: (root / name, code) for (name, _, _), code in zip(DRY_RUNS, codes, strict=True)}
 
 

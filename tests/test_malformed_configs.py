@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import snakemake.cli
@@ -223,16 +224,21 @@ def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
     root = tmp_path_factory.mktemp("malformed")
     names = [_case_id(case) for case in CASES]
     jobs = [(root / name, _change(case)) for name, case in zip(names, CASES, strict=True)]
+    codes = forked_dry_runs(jobs)
+    return {name: (root / name, code) for name, code in zip(names, codes, strict=True)}
+
+
+def forked_dry_runs(jobs: list[tuple[Path, Any]]) -> list[int]:
+    """`dry_run` of every (workdir, change), two at a time, each in a fresh fork."""
     # Objects of this process (TensorFlow's, where an earlier test loaded it) must not be
     # collected in a fork: their finalizers call into a runtime whose threads did not fork.
     gc.collect()
     gc.freeze()
     try:
         with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
-            codes = pool.starmap_async(dry_run, jobs).get(timeout=300)
+            return pool.starmap_async(dry_run, jobs).get(timeout=300)
     finally:
         gc.unfreeze()
-    return {name: (root / name, code) for name, code in zip(names, codes, strict=True)}
 
 
 def test_cases_are_many_and_new() -> None:
