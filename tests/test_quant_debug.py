@@ -369,23 +369,13 @@ def test_md_litert_and_simulated_runs(tmp_path_factory: pytest.TempPathFactory) 
     pytest.importorskip("tensorflow")
     pytest.importorskip("ai_edge_litert")
     from sciquant.evaluate import md as evaluate_md
-    from sciquant.models.icnnmd import build_icnnmd
     from sciquant.quant import md as quant_md
     from sciquant.quant.debug import rebuild_keras_simulation
     from sciquant.runtime.keras import load_keras_model
+    from tests.test_quant_keras_adaround import _tiny_md
 
     root = tmp_path_factory.mktemp("debug-md")
-    prepared = root / "prepared"
-    prepared.mkdir()
-    x = np.random.default_rng(11).random((56, 10, 10, 3), dtype=np.float32)
-    y = (x[..., 0].mean(axis=(1, 2)) > 0.5).astype(np.int64)
-    split = np.array([0] * 40 + [1] * 8 + [2] * 8, dtype=np.int8)
-    np.savez(prepared / "pixelmaps.npz", x=x, y=y, trajectory=y, frame=np.arange(56), split=split)
-    index = {"format": "sciquant-md-pixelmaps", "version": 1, "grid": 10}
-    (prepared / "index.json").write_text(json.dumps(index))
-    checkpoint = root / "fp32" / "model.keras"
-    checkpoint.parent.mkdir()
-    build_icnnmd(10, seed=0).save(checkpoint)
+    prepared, checkpoint = _tiny_md(root)
 
     def run(target: str, method: str, simulated: bool) -> tuple[dict, Path]:
         out = root / target / method / "w8a8"

@@ -183,6 +183,7 @@ def test_adaround_lowers_each_layers_reconstruction_error_on_a_tiny_icnnmd():
 
 
 def _tiny_md(root):
+    """56 random 10×10 pixel maps (40 train, 8 valid, 8 test) and an untrained ICNNMD."""
     from sciquant.models.icnnmd import build_icnnmd
 
     prepared = root / "prepared"
