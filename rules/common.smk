@@ -1,8 +1,13 @@
 # Helpers shared by every stage: validation, wildcard constraints, input and param functions.
 import json
+import math
 
 from snakemake.utils import validate
 
+from sciquant.batch import SEED as BATCH_SEED
+from sciquant.batch import batch_files
+from sciquant.batch import plan as batch_plan
+from sciquant.batch import settings as batch_settings
 from sciquant.errors import SciquantError
 from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.quant.targets import TARGETS
@@ -33,8 +38,13 @@ except WorkflowError:
     ) from None
 try:
     study = Study(config)
+    BATCHES = batch_plan(study)
 except SciquantError as error:
     raise WorkflowError(str(error)) from None
+BATCH_SETTINGS = batch_settings(study)
+#: The seeds of the per-run quantize / export / evaluate rules: every seed, or none at all while
+#: the runs are batched (rules/batch.smk then writes every run's files).
+RUN_SEED = r"(?!x)x" if BATCHES else r"\d+"
 
 
 def dataset_names(source=None):

@@ -35,6 +35,7 @@ rule evaluate_fp32:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/reference/none/fp32/evaluate.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
@@ -68,6 +69,7 @@ rule evaluate_run:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
         # FP32 runs have their own rules: no second candidate job per FP32 metrics.json
         method=alternatives(QUANTIZATION_METHODS),
@@ -103,6 +105,7 @@ use rule evaluate_run as evaluate_target_float with:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/none/{precision}/evaluate.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
         target=alternatives(study.fp32_targets()),
         precision="fp32|fp16|bf16",
@@ -122,6 +125,7 @@ rule evaluate_md:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/evaluate.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("keras")),
     conda:
         "../envs/tensorflow.yaml"

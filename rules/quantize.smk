@@ -64,6 +64,7 @@ rule quantize:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
         method=alternatives(CALIBRATED_METHODS),
     conda:
@@ -94,6 +95,7 @@ rule export_onnx:
     log:
         "logs/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/export.log",
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
         method=alternatives(CALIBRATED_METHODS),
     conda:
@@ -120,6 +122,7 @@ rule quantize_dynamic:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
         method=alternatives(tuple(DYNAMIC_METHODS)),
     conda:
@@ -146,6 +149,7 @@ rule export_fp32_onnx:
     log:
         "logs/{dataset}/{model}/seed{seed}/{target}/none/fp32/export.log",
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("torch")),
     conda:
         "../envs/torch.yaml"
@@ -170,6 +174,7 @@ rule quantize_keras:
     benchmark:
         "benchmarks/{dataset}/{model}/seed{seed}/{target}/{method}/{precision}/quantize.tsv"
     wildcard_constraints:
+        seed=RUN_SEED,
         model=alternatives(models_of("keras")),
     conda:
         "../envs/tensorflow.yaml"

@@ -232,6 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity", type=Path, nargs="*", default=[], help="per-layer sensitivity CSVs"
     )
 
+    batch = commands.add_parser(
+        "run-batch",
+        help="quantize, export and evaluate several runs of one training, one after another "
+        "(the workflow's batch jobs; see the config's `batch`)",
+    )
+    batch.add_argument(
+        "--config",
+        type=_json_argument,
+        required=True,
+        help="the study config as JSON (the workflow passes its resolved config)",
+    )
+    batch.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        help="run folders (results/<dataset>/<model>/seed<s>/<target>/<method>/<precision>)",
+    )
+
     check = commands.add_parser("check-config", help="validate a study config file")
     check.add_argument("config", type=Path)
 
@@ -436,6 +454,8 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.report import html
 
         html.build_report(args.cube, args.out, args.budget, args.figures, args.sensitivity)
+    elif args.command == "run-batch":
+        _run_batch(args)
     elif args.command == "check-config":
         from sciquant.study import Study, load_config
 
@@ -495,6 +515,24 @@ def _keras_device_note(device: str) -> None:
             "note: a Keras model runs where TensorFlow places it (a GPU it sees, else the CPU); "
             f"--device {device} is applied to PyTorch models only",
             file=sys.stderr,
+        )
+
+
+def _run_batch(args: argparse.Namespace) -> None:
+    """Run the named runs of the study one after another (`sciquant.batch.run_batch`); an
+    error naming each run that failed and its log."""
+    from sciquant.batch import find_runs, run_batch
+    from sciquant.study import Study, validate_config
+
+    validate_config(args.config, source="--config")
+    study = Study(args.config)
+    runs = find_runs(study, args.runs)
+    failed = run_batch(study, runs, progress=lambda line: print(line, flush=True))
+    if failed:
+        lines = "\n".join(f"  {run.folder}" + (f" (log: {log})" if log else "") for run, log in failed)
+        raise SciquantError(
+            f"{len(failed)} of {len(runs)} runs failed; the others are done and kept, and a "
+            f"rerun computes only these:\n{lines}"
         )
 
 

@@ -176,8 +176,10 @@ class Study:
         return get_target(run.target).node or "cpu"
 
     def config_hash(self) -> str:
-        """SHA-256 of the resolved config (defaults filled), recorded as provenance."""
-        text = json.dumps(self.config, sort_keys=True, default=str)
+        """SHA-256 of the resolved config (defaults filled), recorded as provenance; without
+        `batch`, which changes how runs are grouped into jobs, never a number."""
+        science = {key: value for key, value in self.config.items() if key != "batch"}
+        text = json.dumps(science, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -1,0 +1,73 @@
+# Batched runs (config `batch`): when the study is too large for one job per stage and run, each
+# batch of runs of one training and node type is one job (`sciquant run-batch`), with every run's
+# metrics.json as its outputs. One rule per batch of a dataset and model, its jobs one per seed
+# (`{seed}`); none while the size is 1.
+
+
+def batch_threads(timed):
+    """Cores a batch job holds: like a timed evaluation, all local cores if it times a run."""
+
+    def threads(wildcards):
+        if timed and workflow.local_exec:
+            try:
+                return max(config["threads"], workflow.cores)
+            except WorkflowError:  # no --cores given (a dry run)
+                return config["threads"]
+        return config["threads"]
+
+    return threads
+
+
+def batch_runtime(node, runs):
+    """Minutes a batch asks for: `minutes_per_run` per run (its node's `runtime` if larger),
+    growing with the attempt."""
+    per_run = BATCH_SETTINGS["minutes_per_run"]
+
+    def runtime(wildcards, attempt):
+        base = max(config["nodes"].get(node, {}).get("runtime", 0), per_run * runs)
+        return math.ceil(base * attempt)
+
+    return runtime
+
+
+BATCH_CONFIG = json.dumps(config)
+BATCH_ENVS = {"torch": "../envs/torch.yaml", "keras": "../envs/tensorflow.yaml"}
+
+
+def batch_runs(batch):
+    """The run folders of a batch's job (its seed is the job's wildcard)."""
+    pattern = " ".join(run.folder for run in batch.runs(BATCH_SEED))
+
+    def runs(wildcards):
+        return pattern.replace(BATCH_SEED, wildcards.seed)
+
+    return runs
+
+
+for _batch, (_inputs, _outputs) in batch_files(study, BATCHES).items():
+    _timed = any(is_timed(study, run) for run in _batch.runs(min(config["seeds"])))
+
+    rule:
+        name:
+            _batch.rule
+        input:
+            _inputs,
+        output:
+            _outputs,
+        log:
+            _batch.log(BATCH_SEED),
+        wildcard_constraints:
+            seed=r"\d+",
+        conda:
+            BATCH_ENVS[study.framework(_batch.model)]
+        threads: batch_threads(_timed)
+        resources:
+            **node_resources(_batch.node),
+            mem_mb=scaled("mem_mb", 4000, node=_batch.node),
+            runtime=batch_runtime(_batch.node, len(_batch.combos)),
+        params:
+            config=BATCH_CONFIG,
+            runs=batch_runs(_batch),
+        shell:
+            "sciquant run-batch --config {params.config:q} --runs {params.runs}"
+            " > {log} 2>&1"
