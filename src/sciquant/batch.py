@@ -96,7 +96,9 @@ class Batch:
         return f"batch_{self.dataset}_{self.model}_{self.node}_{self.index:04d}"
 
     def log(self, seed: int | str) -> str:
-        return f"logs/batches/{self.dataset}/{self.model}/seed{seed}/{self.node}/{self.index:04d}.log"
+        return (
+            f"logs/batches/{self.dataset}/{self.model}/seed{seed}/{self.node}/{self.index:04d}.log"
+        )
 
 
 # ------------------------------------------------------------------ the study → batches
@@ -288,10 +290,7 @@ def batch_files(study: Study, batches: list[Batch]) -> dict[Batch, tuple[list[st
         runs = batch.runs(SEED)
         writes[batch] = {path for run in runs for path in run_outputs(study, run)}
         reads[batch] = [
-            path
-            for run in runs
-            for path in run_inputs(study, run)
-            if path not in writes[batch]
+            path for run in runs for path in run_inputs(study, run) if path not in writes[batch]
         ]
     wanted = {path for paths in reads.values() for path in paths}
     files = {}

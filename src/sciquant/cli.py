@@ -529,7 +529,9 @@ def _run_batch(args: argparse.Namespace) -> None:
     runs = find_runs(study, args.runs)
     failed = run_batch(study, runs, progress=lambda line: print(line, flush=True))
     if failed:
-        lines = "\n".join(f"  {run.folder}" + (f" (log: {log})" if log else "") for run, log in failed)
+        lines = "\n".join(
+            f"  {run.folder}" + (f" (log: {log})" if log else "") for run, log in failed
+        )
         raise SciquantError(
             f"{len(failed)} of {len(runs)} runs failed; the others are done and kept, and a "
             f"rerun computes only these:\n{lines}"

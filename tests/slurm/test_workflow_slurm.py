@@ -130,7 +130,7 @@ def slurm_jobs(cluster, sm: Snakemake) -> list[dict[str, str]]:
 
 def science(metrics_file: Path) -> dict[str, object]:
     """A metrics.json without provenance, the host and timings, flattened to dotted keys."""
-    from sciquant.report.cube import TIMING_DETAILS
+    from sciquant.report.cube import TIME_PATTERN, TIMING_DETAILS
 
     payload = json.loads(metrics_file.read_text())
     payload.pop("provenance")
@@ -138,7 +138,10 @@ def science(metrics_file: Path) -> dict[str, object]:
     payload["metrics"] = {
         k: v
         for k, v in payload["metrics"].items()
-        if "time" not in k and k not in TIMING_DETAILS and not k.startswith("paired_")
+        if "time" not in k
+        and not TIME_PATTERN.search(k)  # e.g. compute_median_ms
+        and k not in TIMING_DETAILS
+        and not k.startswith("paired_")
     }
     return _flat(payload)
 

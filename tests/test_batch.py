@@ -1,0 +1,275 @@
+"""Batched runs (config `batch`, `sciquant run-batch`): job counts, identical metrics, recovery.
+
+(a) The batch size picks itself from `batch.max_jobs`: Snakemake's job table of a generated study
+    has exactly the jobs `sciquant.batch.job_count` predicts, at most the cap, and only batch jobs
+    for the runs; a cap no batching can meet fails the dry run naming the key.
+(b) The ci study batched (3 runs a job) writes the same metrics as its per-run jobs.
+(c) A batch whose run fails keeps its finished runs; the rerun links them back and computes only
+    the failed one.
+(d) A killed batch leaves no run with a metrics.json that is not finished; its rerun links the
+    finished ones back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sciquant import batch
+from sciquant.study import Study, load_config
+
+from .slurm.test_workflow_slurm import science
+from .test_workflow import BIN, CI_CONFIG, ENV, snakemake
+
+FAULT = "SCIQUANT_FAIL_STAGE"
+RESIDUAL = "results/bloodflow/meshgraphnet/seed0"
+#: The upstream outputs a batched run starts from (copied with their mtimes).
+UPSTREAM = (
+    "resources",
+    "results/bloodflow/prepared",
+    "results/bloodflow/overview.png",
+    "results/bloodflow/meshgraphnet/seed0/fp32",
+    "results/bloodflow/meshgraphnet_reference/seed0/fp32",
+)
+
+
+def write_study(folder: Path, **changes) -> Path:
+    config = yaml.safe_load(CI_CONFIG.read_text())
+    config.update(changes)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def copy_upstream(source: Path, workdir: Path) -> None:
+    for path in UPSTREAM:
+        if (source / path).is_dir():
+            shutil.copytree(source / path, workdir / path)
+        else:
+            (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / path, workdir / path)
+
+
+def run_folders(workdir: Path) -> list[str]:
+    return sorted(
+        str(path.parent.relative_to(workdir))
+        for path in (workdir / "results").glob("*/*/seed*/*/*/*/metrics.json")
+    )
+
+
+# ------------------------------------------------------------------------------------ (a)
+
+
+def big_study(folder: Path, max_jobs: int) -> Path:
+    """Two seeds of the ci study's models under a sweep of 36 runs per training, capped."""
+    return write_study(
+        folder,
+        seeds=[0, 1],
+        quantize={
+            "sweeps": [
+                {
+                    "targets": ["reference"],
+                    "methods": ["ptq-minmax", "ptq-mse", "ptq-percentile"],
+                    "precisions": ["w8a8", "w6a8", "w4a8", "w8a6", "w4a4"],
+                },
+                {"targets": ["openvino-cpu"], "methods": ["ptq-minmax"], "precisions": ["w8a8"]},
+                {"targets": ["openvino-cpu"], "methods": ["none"], "precisions": ["bf16"]},
+            ]
+        },
+        batch={"max_jobs": max_jobs},
+    )
+
+
+def test_batch_size_keeps_the_job_table_under_the_cap(tmp_path: Path) -> None:
+    path = big_study(tmp_path, max_jobs=40)
+    study = Study(load_config(path))
+    runs = len(study.runs())
+    assert runs == 2 * 2 * (1 + 15 + 3)  # seeds × models × (reference, sweep, openvino)
+    per_run = batch.fixed_jobs(study) + batch.per_run_jobs(study)
+    assert per_run > 40  # one job per stage and run would not fit
+    size = batch.batch_size(study)
+    # the smallest size that fits: one less does not
+    assert batch.job_count(study) <= 40
+    smaller = load_config(path, overrides={"batch": {"size": size - 1}})
+    assert batch.job_count(Study(smaller)) > 40
+
+    dry = snakemake("-n", "--quiet", "rules", "--configfile", str(path),
+                    "--directory", str(tmp_path))  # fmt: skip
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    table = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.MULTILINE))
+    assert int(table.pop("total")) == batch.job_count(study)
+    per_run_rules = {"quantize", "export_onnx", "quantize_dynamic", "export_fp32_onnx",
+                     "evaluate_fp32", "evaluate_run", "evaluate_target_float"}  # fmt: skip
+    assert not per_run_rules & set(table), table
+    batches = {rule: int(n) for rule, n in table.items() if rule.startswith("batch_")}
+    assert sum(batches.values()) == 2 * len(batch.plan(study))  # one job per seed
+    assert all(n == 2 for n in batches.values())
+
+    # Without a cap problem the runs keep their per-run jobs.
+    small = Study(load_config(big_study(tmp_path, max_jobs=1000)))
+    assert batch.batch_size(small) == 1 and batch.plan(small) == []
+
+
+def test_cap_no_batching_meets_fails_the_dry_run_naming_the_key(tmp_path: Path) -> None:
+    path = big_study(tmp_path, max_jobs=10)
+    dry = snakemake("-n", "--configfile", str(path), "--directory", str(tmp_path))
+    assert dry.returncode != 0
+    message = dry.stdout + dry.stderr
+    assert "config key batch.max_jobs" in message and "raise batch.max_jobs" in message, message
+    assert "Traceback" not in message
+
+
+# ------------------------------------------------------------------------------------ (b)–(d)
+
+
+@pytest.fixture(scope="module")
+def per_run(tmp_path_factory) -> Path:
+    """The ci study with one job per stage and run."""
+    workdir = tmp_path_factory.mktemp("per-run")
+    result = snakemake("--cores", "2", "--configfile", str(CI_CONFIG),
+                       "--directory", str(workdir), timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def batched_study(workdir: Path, size: int = 3) -> Path:
+    return write_study(workdir, batch={"size": size})
+
+
+def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: Path) -> None:
+    copy_upstream(per_run, tmp_path)
+    path = batched_study(tmp_path)
+    result = snakemake("--cores", "2", "--configfile", str(path), "--directory", str(tmp_path),
+                       timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stdout + result.stderr
+    assert "rule evaluate_run:" not in log and "rule quantize:" not in log
+    # 5 runs of the residual model (2 batches), 3 of the reference formulation (1)
+    assert len(re.findall(r"^(?:local)?rule batch_\w+:$", log, flags=re.MULTILINE)) == 3
+    runs = run_folders(tmp_path)
+    assert runs == run_folders(per_run) and len(runs) == 8
+    for folder in runs:
+        ours = science(tmp_path / folder / "metrics.json")
+        theirs = science(per_run / folder / "metrics.json")
+        assert ours == theirs, folder
+    # every stage's own log, as the per-run rules write them
+    assert (tmp_path / f"logs/{RESIDUAL[8:]}/openvino-cpu/ptq-minmax/w8a8/export.log").is_file()
+    assert not any((tmp_path / batch.FINISHED).iterdir())  # dropped: every batch succeeded
+    table = (tmp_path / "results/summary/metrics.csv").read_text().splitlines()
+    assert len(table) == 1 + 8
+
+
+def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(
+    per_run, tmp_path: Path
+) -> None:
+    copy_upstream(per_run, tmp_path)
+    path = batched_study(tmp_path, size=3)
+    failing = f"{RESIDUAL}/openvino-cpu/ptq-minmax/w8a8"  # second run of the second batch
+    finished = f"{RESIDUAL}/openvino-cpu/none/bf16"  # first run of that batch
+    env = {**ENV, FAULT: "evaluate:openvino-cpu/ptq-minmax"}
+    first = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(CI_CONFIG.parents[2] / "Snakefile"), "--cores", "2",
+         "--configfile", str(path), "--directory", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert first.returncode != 0
+    assert not (tmp_path / failing / "metrics.json").exists()
+    # Snakemake removed the failed job's outputs; the finished run waits under results/.finished
+    assert not (tmp_path / finished / "metrics.json").exists()
+    kept = [entry for entry in (tmp_path / batch.FINISHED).iterdir() if entry.is_dir()]
+    assert len(kept) == 1 and (kept[0] / "complete").is_file()
+    log = next((tmp_path / "logs/batches").rglob("seed0/cpu/0001.log")).read_text()
+    assert f"{failing}: FAILED in evaluate" in log and "1 of 2 runs failed" in log
+    assert f"{finished}: done" in log
+
+    rerun = snakemake("--cores", "2", "--configfile", str(path), "--directory", str(tmp_path),
+                      timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    log = next((tmp_path / "logs/batches").rglob("seed0/cpu/0001.log")).read_text()
+    assert f"{finished}: finished before, linked back" in log
+    assert f"{failing}: done" in log
+    rules = re.findall(
+        r"^(?:local)?rule (batch_\w+):$", rerun.stdout + rerun.stderr, flags=re.MULTILINE
+    )
+    assert rules == ["batch_bloodflow_meshgraphnet_cpu_0001"]
+    for folder in (finished, failing):
+        assert science(tmp_path / folder / "metrics.json") == science(
+            per_run / folder / "metrics.json"
+        ), folder
+    assert not any((tmp_path / batch.FINISHED).iterdir())
+
+
+def test_recipe_changes_with_settings_and_inputs(per_run, tmp_path: Path) -> None:
+    copy_upstream(per_run, tmp_path)
+    config = load_config(batched_study(tmp_path))
+    study = Study(config)
+    run = next(r for r in study.runs() if r.method == "ptq-minmax" and r.target == "reference")
+    os.chdir(tmp_path)
+    try:
+        first = batch.recipe(study, run, {})
+        assert batch.recipe(study, run, {}) == first
+        config["quantize"]["calibration_samples"] = 4
+        assert batch.recipe(Study(config), run, {}) != first
+        config["quantize"]["calibration_samples"] = 8
+        assert batch.recipe(Study(config), run, {}) == first
+        checkpoint = Path(f"{RESIDUAL}/fp32/checkpoint.pt")
+        checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+        assert batch.recipe(study, run, {}) != first
+    finally:
+        os.chdir(CI_CONFIG.parents[2])
+    # batching is not science: another size keeps the config hash every metrics.json records
+    resized = json.loads(json.dumps(config))
+    resized["batch"]["size"] = 7
+    assert Study(resized).config_hash() == study.config_hash()
+
+
+def test_killed_batch_leaves_no_run_that_looks_finished(per_run, tmp_path: Path) -> None:
+    copy_upstream(per_run, tmp_path)
+    config = load_config(batched_study(tmp_path, size=8))
+    study = Study(config)
+    runs = [r.folder for r in study.runs() if r.model == "meshgraphnet"]
+    command = [str(BIN / "sciquant"), "run-batch", "--config", json.dumps(config), "--runs", *runs]
+    log = tmp_path / "batch.log"
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=stream, stderr=stream)
+    finished = tmp_path / batch.FINISHED
+    deadline = time.monotonic() + 300
+    while not (finished.is_dir() and len(list(finished.glob("*/complete"))) >= 2):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    kept = {
+        json.loads((entry / "complete").read_text())[-1]: entry
+        for entry in finished.glob("*")
+        if (entry / "complete").is_file()
+    }
+    done = [folder for folder in runs if (tmp_path / folder / "metrics.json").exists()]
+    assert 2 <= len(kept) <= len(done) < len(runs), log.read_text()
+    for folder in done:  # a run with its metrics.json has every file it writes
+        run = next(r for r in study.runs() if r.folder == folder)
+        for path in batch.run_outputs(study, run):
+            assert (tmp_path / path).is_file(), path
+    for entry in kept.values():  # a kept run: links to those very files
+        for i, path in enumerate(json.loads((entry / "complete").read_text())):
+            assert (entry / str(i)).samefile(tmp_path / path), path
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert rerun.stdout.count("linked back") == len(kept), rerun.stdout
+    assert rerun.stdout.count(": done in") == len(runs) - len(kept), rerun.stdout
+    for folder in runs:
+        assert science(tmp_path / folder / "metrics.json") == science(
+            per_run / folder / "metrics.json"
+        ), folder
