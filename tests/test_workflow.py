@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,28 @@ def test_md_study_end_to_end(tmp_path: Path) -> None:
     assert cube.count("\ngpcr,icnnmd,0,") == len(expected)
     report = (tmp_path / "results/report/index.html").read_text()
     assert "gpcr · icnnmd" in report and "accuracy" in report
+
+    # Batched (config `batch`, 4 runs a job: Keras conversions and LiteRT in one process),
+    # from the same data and training: the same metrics.
+    from .slurm.test_workflow_slurm import science
+
+    batched = tmp_path / "batched"
+    for part in ("resources", "results/gpcr/prepared", "results/gpcr/overview.png",
+                 "results/gpcr/icnnmd/seed0/fp32"):  # fmt: skip
+        source, target = tmp_path / part, batched / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+    config["batch"] = {"size": 4}
+    (batched / "md.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake("--cores", "2", "--configfile", str(batched / "md.yaml"),
+                       "--directory", str(batched), timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "rule evaluate_md:" not in result.stdout + result.stderr
+    for target, method, precision in expected:
+        folder = f"results/gpcr/icnnmd/seed0/{target}/{method}/{precision}"
+        assert science(batched / folder / "metrics.json") == science(
+            tmp_path / folder / "metrics.json"
+        ), folder
 
 
 def dry_run_jobs(*args: str) -> list[dict]:
