@@ -347,3 +347,41 @@ def test_paper_study_routes_gpu_targets_to_their_nodes_on_slurm() -> None:
     # per seed and GPU type: INT8 of 3 methods, FP16 and FP32 rollouts
     assert seen["v100"] == seen["rtx3090"] == 3 * (3 + 1 + 1), seen
     assert seen["cpu"] > 300, seen
+
+
+def test_paper_study_batched_routes_gpu_runs_to_their_nodes(tmp_path: Path) -> None:
+    """Batched (`batch.size: 8`), a batch holds the runs of one node type: TensorRT runs in
+    batches that ask for their GPU type, every other batch for no GPU."""
+    from sciquant import batch
+    from sciquant.study import Study, load_config
+
+    config = yaml.safe_load((ROOT / "workflow" / "config" / "paper.yaml").read_text())
+    config["batch"] = {"size": 8}
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(config))
+    study = Study(load_config(path))
+    for planned in batch.plan(study):
+        for run in planned.runs(0):
+            assert study.node(run) == planned.node, (planned.rule, run)
+    jobs = dry_run_jobs("--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(path))
+    seen = {"v100": 0, "rtx3090": 0, "cpu": 0}
+    for job in jobs:
+        if not job["rule"].startswith("batch_"):
+            assert not job["rule"].startswith(("evaluate", "quantize", "export")), job
+            continue
+        node = next(n for n in seen if f"_{n}_" in job["rule"])
+        resources, expected = job["resources"], config["nodes"][node]
+        assert resources["slurm_partition"] == expected["slurm_partition"], job
+        if node == "cpu":
+            assert resources.get("gpu", "0") == "0" and resources.get("constraint", "") == "", job
+        else:
+            assert resources["gpu"] == "1", job
+            assert resources["gpu_model"] == node and resources["constraint"] == node, job
+        size = len(next(b for b in batch.plan(study) if b.rule == job["rule"]).combos)
+        # minutes_per_run × its runs, or its node type's runtime where larger
+        assert int(resources["runtime"]) == max(15 * size, expected.get("runtime", 0)), job
+        seen[node] += 1
+    seeds = len(config["seeds"])
+    # per seed and GPU type one batch: its 5 runs (INT8 of 3 methods, FP16, FP32)
+    assert seen["v100"] == seen["rtx3090"] == seeds, seen
+    assert seen["cpu"] == seeds * sum(1 for b in batch.plan(study) if b.node == "cpu")
