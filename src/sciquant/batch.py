@@ -247,7 +247,7 @@ def _evaluate_outputs(study: Study, run: Run) -> tuple[str, ...]:
 
 
 def run_outputs(study: Study, run: Run) -> list[str]:
-    """Every file the run's stages write (the batch rule's outputs), metrics.json last."""
+    """Every file the run's stages write, metrics.json last (deleted first, kept last)."""
     quantize, export = _stages(study, run)
     outputs = list(_quantize_outputs(study, run)) if quantize else []
     if export:
@@ -426,11 +426,10 @@ def run_batch(study: Study, runs: list[Run], progress: Any = print) -> list[tupl
 
     A run whose kept files (`results/.finished/<recipe>`) are whole is linked back instead of
     computed; each computed run's files are kept as soon as it finishes. When every run is done,
-    the batch's kept entries are dropped.
+    the runs' kept entries are dropped (`drop_kept`).
     """
     digests: dict[str, str] = {}
     failed: list[tuple[Run, str]] = []
-    entries: list[Path] = []
     started = time.perf_counter()
     for i, run in enumerate(runs, start=1):
         outputs = run_outputs(study, run)
@@ -440,7 +439,6 @@ def run_batch(study: Study, runs: list[Run], progress: Any = print) -> list[tupl
             progress(f"[{i}/{len(runs)}] {run.folder}: FAILED: {error}")
             failed.append((run, ""))
             continue
-        entries.append(kept)
         if restore(outputs, kept):
             progress(f"[{i}/{len(runs)}] {run.folder}: finished before, linked back from {kept}")
             continue
@@ -472,6 +470,20 @@ def run_batch(study: Study, runs: list[Run], progress: Any = print) -> list[tupl
                 f" (batch {elapsed:.0f} s, about {elapsed / i * (len(runs) - i):.0f} s left)"
             )
     if not failed:
-        for kept in entries:
-            shutil.rmtree(kept, ignore_errors=True)
+        drop_kept(study, runs)
     return failed
+
+
+def drop_kept(study: Study, runs: list[Run]) -> None:
+    """Remove every kept entry of these runs (under any recipe: stale ones of an earlier
+    config too), once their batch has succeeded and Snakemake tracks their files."""
+    if not FINISHED.is_dir():
+        return
+    mine = {f"{run.folder}/metrics.json" for run in runs}
+    for entry in FINISHED.iterdir():
+        try:
+            listed = json.loads((entry / "complete").read_text())
+        except (OSError, ValueError):
+            continue  # a staging folder of a running batch, or a damaged entry
+        if mine.intersection(listed):
+            shutil.rmtree(entry, ignore_errors=True)
