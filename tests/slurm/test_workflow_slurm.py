@@ -55,8 +55,8 @@ def write_config(workdir: Path, **train) -> Path:
     """The ci study's residual model, FP32 only, trained on the `v100` node type (and `train`
     overrides)."""
     config = yaml.safe_load((REPO / "workflow" / "config" / "ci.yaml").read_text())
-    # The cluster's plumbing is tested on one model's FP32 runs: `sciquant submit` has no
-    # quantization stages yet, and every extra job is minutes of Slurm polling.
+    # The cluster's plumbing is tested on one model's FP32 runs: every extra job is minutes of
+    # Slurm polling (test_batches_slurm runs a quantization sweep, batched).
     config["models"] = {"meshgraphnet": config["models"]["meshgraphnet"]}
     config.pop("quantize", None)
     config["models"]["meshgraphnet"]["train"].update(node="v100", **train)
