@@ -28,7 +28,7 @@ from .test_workflow_slurm import (
     FAULT,
     REPO,
     copy_upstream,
-    interrupt,
+    run_to_end,
     science,
     slurm_jobs,
     start,
@@ -171,22 +171,15 @@ def fault_scenario(cluster, clean: Path, workdir: Path) -> dict:
     for path in (f"{FAILING}/metrics.json", "results/summary/metrics.nc",
                  "results/summary/metrics.csv", "results/report/index.html"):  # fmt: skip
         (workdir / path).unlink()
-    failed = start(cluster, workdir, "--retries", "0", name="fault",
-                   env={FAULT: f"evaluate:{FAILING.removeprefix('results/')}"})  # fmt: skip
-    try:
-        failed_rc = failed.wait(timeout=600)
-    finally:
-        interrupt(failed)
+    fault = {FAULT: f"evaluate:{FAILING.removeprefix('results/')}"}
+    failed, failed_rc = run_to_end(cluster, workdir, "--retries", "0", name="fault", timeout=600,
+                                   env=fault)  # fmt: skip
     finished = workdir / batch.FINISHED
     kept = len(list(finished.glob("*/complete"))) if finished.is_dir() else 0
     study = Study(load_config(workdir / "config.yaml"))
     (owner,) = [b for b in batch.plan(study) if FAILING in {run.folder for run in b.runs(1)}]
     failed_log = (workdir / owner.log(1)).read_text()
-    rerun = start(cluster, workdir, "--retries", "0", name="rerun")
-    try:
-        rerun_rc = rerun.wait(timeout=600)
-    finally:
-        interrupt(rerun)
+    rerun, rerun_rc = run_to_end(cluster, workdir, "--retries", "0", name="rerun", timeout=600)
     return {"workdir": workdir, "failed": failed, "failed_rc": failed_rc, "kept": kept,
             "owner": owner, "failed_log": failed_log, "rerun": rerun,
             "rerun_rc": rerun_rc}  # fmt: skip

@@ -94,6 +94,16 @@ def interrupt(sm: Snakemake) -> None:
             pass
 
 
+def run_to_end(cluster, workdir: Path, *extra: str, name: str, timeout: float,
+               env: dict | None = None) -> tuple[Snakemake, int]:  # fmt: skip
+    """start(...) and wait for it, bounded; a hung one is interrupted. (process, exit status)"""
+    sm = start(cluster, workdir, *extra, name=name, env=env)
+    try:
+        return sm, sm.wait(timeout=timeout)
+    finally:
+        interrupt(sm)
+
+
 def copy_upstream(source: Path, workdir: Path, *paths: str) -> None:
     """Copy finished outputs (mtimes kept, so Snakemake sees them as up to date)."""
     for path in paths:
@@ -209,22 +219,15 @@ def fault_scenario(cluster, clean: Path, workdir: Path) -> dict:
     copy_upstream(clean, workdir, "resources", "results/bloodflow/prepared",
                   "results/bloodflow/overview.png")  # fmt: skip
     write_config(workdir)
-    failed = start(cluster, workdir, "--retries", "0", name="fault", env={FAULT: "evaluate"})
-    try:
-        failed_rc = failed.wait(timeout=300)
-    finally:
-        interrupt(failed)
+    failed, failed_rc = run_to_end(cluster, workdir, "--retries", "0", name="fault",
+                                   timeout=300, env={FAULT: "evaluate"})  # fmt: skip
     after_failure = {
         "rc": failed_rc,
         "stage_log": (workdir / EVALUATE_LOG).read_text(),  # the rerun overwrites it
         "metrics_written": (workdir / FP32_RUN / "metrics.json").exists(),
         "checkpoint_mtime": (workdir / CHECKPOINT).stat().st_mtime_ns,
     }
-    rerun = start(cluster, workdir, "--retries", "0", name="rerun")
-    try:
-        rerun_rc = rerun.wait(timeout=300)
-    finally:
-        interrupt(rerun)
+    rerun, rerun_rc = run_to_end(cluster, workdir, "--retries", "0", name="rerun", timeout=300)
     return {"workdir": workdir, "failed": failed, "rerun": rerun, "rerun_rc": rerun_rc,
             **after_failure}  # fmt: skip
 
@@ -257,11 +260,8 @@ def kill_scenario(cluster, clean: Path, workdir: Path) -> dict:
         }
     finally:
         interrupt(killed)
-    rerun = start(cluster, workdir, CHECKPOINT, "--retries", "0", name="resume")
-    try:
-        rerun_rc = rerun.wait(timeout=300)
-    finally:
-        interrupt(rerun)
+    rerun, rerun_rc = run_to_end(cluster, workdir, CHECKPOINT, "--retries", "0", name="resume",
+                                 timeout=300)  # fmt: skip
     return {"workdir": workdir, "killed": killed, "rerun": rerun, "rerun_rc": rerun_rc,
             **after_cancel}  # fmt: skip
 
@@ -286,12 +286,8 @@ def retry_scenario(cluster, clean: Path, workdir: Path) -> dict:
     wrapper.write_text(RETRY_WRAPPER.format(sciquant=BIN / "sciquant"))
     wrapper.chmod(0o755)
     path = f"{wrapper.parent}{os.pathsep}{BIN}{os.pathsep}{cluster.env()['PATH']}"
-    sm = start(cluster, workdir, "results/bloodflow/overview.png", "--retries", "1",
-               name="retry", env={"PATH": path})  # fmt: skip
-    try:
-        rc = sm.wait(timeout=300)
-    finally:
-        interrupt(sm)
+    sm, rc = run_to_end(cluster, workdir, "results/bloodflow/overview.png", "--retries", "1",
+                        name="retry", timeout=300, env={"PATH": path})  # fmt: skip
     return {"workdir": workdir, "sm": sm, "rc": rc}
 
 
