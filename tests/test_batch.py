@@ -273,3 +273,18 @@ def test_killed_batch_leaves_no_run_that_looks_finished(per_run, tmp_path: Path)
         assert science(tmp_path / folder / "metrics.json") == science(
             per_run / folder / "metrics.json"
         ), folder
+
+
+def test_check_config_prints_the_job_layout_and_refuses_an_impossible_cap(tmp_path: Path) -> None:
+    sciquant = str(BIN / "sciquant")
+    path = big_study(tmp_path, max_jobs=40)
+    study = Study(load_config(path))
+    checked = subprocess.run([sciquant, "check-config", str(path)], capture_output=True, text=True,
+                             env=ENV, timeout=120)  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    size, jobs = batch.batch_size(study), batch.job_count(study)
+    assert f"76 runs, {jobs} jobs (batches of {size} runs)" in checked.stdout, checked.stdout
+    refused = subprocess.run([sciquant, "check-config", str(big_study(tmp_path, max_jobs=10))],
+                             capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "config key batch.max_jobs: the study needs at least 14 jobs" in refused.stderr

@@ -457,10 +457,16 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "run-batch":
         _run_batch(args)
     elif args.command == "check-config":
+        from sciquant.batch import batch_size, job_count
         from sciquant.study import Study, load_config
 
         study = Study(load_config(args.config))
-        print(f"{args.config}: valid; {len(study.runs())} runs")
+        try:
+            size, jobs = batch_size(study), job_count(study)
+        except SciquantError as error:
+            raise SciquantError(f"{args.config}: {error}") from None
+        layout = f"batches of {size} runs" if size > 1 else "one job per stage and run"
+        print(f"{args.config}: valid; {len(study.runs())} runs, {jobs} jobs ({layout})")
     elif args.command == "bench" and args.what == "mgn":
         from sciquant.benchmarks import mgn
 

@@ -1,7 +1,7 @@
 """A study of a few hundred runs on the real local Slurm cluster, batched (config `batch`).
 
-(a) 222 runs (3 seeds × 74) under `batch.max_jobs: 30` submit exactly the jobs the planner
-    predicts, at most 30, with one status query (`squeue`) per poll for all of them: the queries
+(a) 222 runs (3 seeds × 74) under `batch.max_jobs: 20` submit exactly the jobs the planner
+    predicts, at most 20, with one status query (`squeue`) per poll for all of them: the queries
     follow the wall time, not the runs;
 (b) the same study run locally (`snakemake --cores 2`, seed 0's 74 runs, from the Slurm run's
     trainings) writes the same metrics;
@@ -34,7 +34,7 @@ from .test_workflow_slurm import (
     start,
 )
 
-CAP = 30
+CAP = 20
 SEEDS = [0, 1, 2]
 RUNS_PER_TRAINING = 1 + 2 * 35 + 3
 #: A run of seed 1 whose evaluation fails in scenario (c), and its batch's log.
