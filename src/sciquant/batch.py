@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,13 +405,11 @@ def _redirected(log: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def _execute(step: Step) -> int:
+def _execute(step: Step, stage: Callable[[list[str]], int]) -> int:
     """Run one stage in this process, its output in its log; its exit status (0: done)."""
-    from sciquant import cli
-
     with _redirected(Path(step.log)):
         try:
-            return cli.main(list(step.argv))
+            return stage(list(step.argv))
         except SystemExit as error:  # argparse
             return int(error.code or 0) if isinstance(error.code, int) else 2
         except Exception:  # a bug in a stage: its traceback goes to its log
@@ -421,8 +419,16 @@ def _execute(step: Step) -> int:
             return 1
 
 
-def run_batch(study: Study, runs: list[Run], progress: Any = print) -> list[tuple[Run, str]]:
+def run_batch(
+    study: Study,
+    runs: list[Run],
+    stage: Callable[[list[str]], int],
+    progress: Callable[[str], None] = print,
+) -> list[tuple[Run, str]]:
     """Run the batch's runs one after another; the (run, log) of each that failed.
+
+    `stage` runs one `sciquant` command in this process and returns its exit status
+    (`sciquant.cli.main`, which passes itself in: this module sits below the command line).
 
     A run whose kept files (`results/.finished/<recipe>`) are whole is linked back instead of
     computed; each computed run's files are kept as soon as it finishes. When every run is done,
@@ -446,7 +452,7 @@ def run_batch(study: Study, runs: list[Run], progress: Any = print) -> list[tupl
             Path(path).unlink(missing_ok=True)
         run_started = time.perf_counter()
         for step in run_steps(study, run):
-            status = _execute(step)
+            status = _execute(step, stage)
             if status != 0:
                 progress(
                     f"[{i}/{len(runs)}] {run.folder}: FAILED in {step.stage} (exit status "

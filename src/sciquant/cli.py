@@ -533,7 +533,7 @@ def _run_batch(args: argparse.Namespace) -> None:
     validate_config(args.config, source="--config")
     study = Study(args.config)
     runs = find_runs(study, args.runs)
-    failed = run_batch(study, runs, progress=lambda line: print(line, flush=True))
+    failed = run_batch(study, runs, main, progress=lambda line: print(line, flush=True))
     if failed:
         lines = "\n".join(
             f"  {run.folder}" + (f" (log: {log})" if log else "") for run, log in failed
