@@ -42,7 +42,14 @@ from torch import Tensor, nn
 
 from sciquant.errors import SciquantError
 from sciquant.quant.pytorch import QuantizedModel, QuantLinear
-from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings, layer_report
+from sciquant.quant.rounding import (
+    GAMMA,
+    ZETA,
+    AdaRoundSettings,
+    keeps_nearest,
+    layer_report,
+    layer_summary,
+)
 
 __all__ = [
     "AdaRoundSettings",
@@ -263,16 +270,12 @@ def _round_layer(
         before = soft_weight(weight, scale, zero_point, qmin, qmax, nearest)
         mse_nearest = (F.linear(x_in, before, bias) - target).pow(2).mean().item()
         mse_adaround = (F.linear(x_in, rounded, bias) - target).pow(2).mean().item()
-        kept_nearest = mse_adaround > mse_nearest
-        if kept_nearest:  # an optimisation cut short can end worse: never be worse than nearest
+        kept_nearest = keeps_nearest(mse_nearest, mse_adaround)
+        if kept_nearest:
             hard, rounded, mse_adaround = nearest, before, mse_nearest
         layer.weight.copy_(rounded)
-    return {
-        "mse_nearest": mse_nearest,
-        "mse_adaround": mse_adaround,
-        "flipped": float((hard != nearest).float().mean()),
-        "kept_nearest": float(kept_nearest),
-    }
+    flipped = float((hard != nearest).float().mean())
+    return layer_summary(mse_nearest, mse_adaround, flipped, kept_nearest)
 
 
 def correct_bias(

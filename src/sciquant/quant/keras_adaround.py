@@ -37,7 +37,14 @@ import tensorflow as tf
 
 from sciquant.errors import SciquantError
 from sciquant.quant.keras import QuantConv2D, QuantDense, quant_layers
-from sciquant.quant.rounding import GAMMA, ZETA, AdaRoundSettings, layer_report
+from sciquant.quant.rounding import (
+    GAMMA,
+    ZETA,
+    AdaRoundSettings,
+    keeps_nearest,
+    layer_report,
+    layer_summary,
+)
 from sciquant.quant.spec import PerChannel
 
 __all__ = ["AdaRoundSettings", "adaround_keras", "correct_bias_keras", "rectified_sigmoid"]
@@ -280,16 +287,11 @@ def _round_layer(
         return float(tf.reduce_mean(tf.square(out - target)))
 
     mse_nearest, mse_adaround = mse(before), mse(rounded)
-    kept_nearest = mse_adaround > mse_nearest
-    if kept_nearest:  # an optimisation cut short can end worse: never be worse than nearest
+    kept_nearest = keeps_nearest(mse_nearest, mse_adaround)
+    if kept_nearest:
         hard, rounded, mse_adaround = nearest, before, mse_nearest
     layer.kernel.assign(rounded)
-    return {
-        "mse_nearest": mse_nearest,
-        "mse_adaround": mse_adaround,
-        "flipped": float(np.mean(hard != nearest)),
-        "kept_nearest": float(kept_nearest),
-    }
+    return layer_summary(mse_nearest, mse_adaround, float(np.mean(hard != nearest)), kept_nearest)
 
 
 # -- bias correction -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sciquant.errors import SciquantError
 
-__all__ = ["GAMMA", "ZETA", "AdaRoundSettings", "layer_report"]
+__all__ = ["GAMMA", "ZETA", "AdaRoundSettings", "keeps_nearest", "layer_report", "layer_summary"]
 
 #: The rectified sigmoid's stretch (AdaRound's ζ and γ): h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1).
 ZETA, GAMMA = 1.1, -0.1
@@ -40,6 +40,26 @@ class AdaRoundSettings:
             raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
         if self.reg_lambda < 0 or self.learning_rate <= 0:
             raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
+
+
+def keeps_nearest(mse_nearest: float, mse_adaround: float) -> bool:
+    """Whether a layer keeps nearest rounding: AdaRound's hard rounding came out worse on the
+    layer's rows (an optimisation cut short can end there; the result is never worse)."""
+    return mse_adaround > mse_nearest
+
+
+def layer_summary(
+    mse_nearest: float, mse_adaround: float, flipped: float, kept_nearest: bool
+) -> dict[str, float]:
+    """One rounded layer's record (`layer_report` prints it): its reconstruction MSEs with
+    nearest rounding and with the rounding it keeps, the share of weights rounded the other way
+    than nearest, and 1.0 where it kept nearest."""
+    return {
+        "mse_nearest": mse_nearest,
+        "mse_adaround": mse_adaround,
+        "flipped": flipped,
+        "kept_nearest": float(kept_nearest),
+    }
 
 
 def layer_report(index: int, count: int, name: str, summary: dict[str, float]) -> str:
