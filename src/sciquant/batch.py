@@ -321,11 +321,13 @@ def find_runs(study: Study, names: list[str]) -> list[Run]:
 # ------------------------------------------------------------------ running a batch
 
 
-def recipe(study: Study, run: Run, digests: dict[str, str]) -> str:
-    """SHA-256 of the run's stage commands and of the content of the files it reads."""
+def recipe(study: Study, run: Run, digests: dict[str, str], steps: list[Step] | None = None) -> str:
+    """SHA-256 of the run's stage commands (`steps`, default `run_steps`) and of the content
+    of the files it reads."""
+    steps = run_steps(study, run) if steps is None else steps
     text = json.dumps(
         {
-            "steps": [step.argv for step in run_steps(study, run)],
+            "steps": [step.argv for step in steps],
             "inputs": {path: _digest(path, digests) for path in run_inputs(study, run)},
         },
         sort_keys=True,
@@ -438,9 +440,9 @@ def run_batch(
     failed: list[tuple[Run, str]] = []
     started = time.perf_counter()
     for i, run in enumerate(runs, start=1):
-        outputs = run_outputs(study, run)
+        outputs, steps = run_outputs(study, run), run_steps(study, run)
         try:
-            kept = FINISHED / recipe(study, run, digests)
+            kept = FINISHED / recipe(study, run, digests, steps)
         except SciquantError as error:
             progress(f"[{i}/{len(runs)}] {run.folder}: FAILED: {error}")
             failed.append((run, ""))
@@ -451,7 +453,7 @@ def run_batch(
         for path in reversed(outputs):  # metrics.json first: no stale run looks finished
             Path(path).unlink(missing_ok=True)
         run_started = time.perf_counter()
-        for step in run_steps(study, run):
+        for step in steps:
             status = _execute(step, stage)
             if status != 0:
                 progress(
@@ -467,7 +469,7 @@ def run_batch(
             missing = [path for path in outputs if not Path(path).is_file()]
             if missing:
                 progress(f"[{i}/{len(runs)}] {run.folder}: FAILED: did not write {missing[0]}")
-                failed.append((run, run_steps(study, run)[-1].log))
+                failed.append((run, steps[-1].log))
                 continue
             keep(outputs, kept)
             elapsed = time.perf_counter() - started
