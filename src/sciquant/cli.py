@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
+from sciquant.vocabulary import node_device, section_with_defaults
 
 
 def _json_argument(text: str) -> Any:
@@ -296,24 +297,18 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.data import md_sim
         from sciquant.data.manifest import write_manifest
 
-        settings = dict(args.settings)
+        settings = section_with_defaults(args.settings, "md_simulation", "source.embedded")
         md_sim.synthesize(
-            args.out,
-            n_beads=settings.get("n_beads", 96),
-            frames=settings.get("frames", 600),
-            seed=settings.get("seed", 0),
+            args.out, n_beads=settings["n_beads"], frames=settings["frames"], seed=settings["seed"]
         )
         write_manifest(args.out, source={"embedded": settings})
     elif args.command == "synthesize":
         from sciquant.data import bloodflow_sim
 
-        settings = dict(args.settings)
-        params = bloodflow_sim.params_from_mapping(settings.get("parameters", {}))
+        settings = section_with_defaults(args.settings, "bloodflow_simulation", "source.embedded")
+        params = bloodflow_sim.params_from_mapping(settings["parameters"])
         bloodflow_sim.synthesize(
-            args.out,
-            n_simulations=settings.get("n_simulations", 24),
-            seed=settings.get("seed", 0),
-            params=params,
+            args.out, n_simulations=settings["n_simulations"], seed=settings["seed"], params=params
         )
         from sciquant.data.manifest import write_manifest
 
@@ -354,13 +349,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "train" and args.settings.get("architecture") == "icnnmd":
         from sciquant.train import md as train_md
 
-        _keras_device_note(args.device or _train_node_device(args.settings))
-        train = args.settings.get("train", {})
+        train = section_with_defaults(args.settings, "icnnmd_model", "model")["train"]
+        _keras_device_note(args.device or node_device(train["node"]))
         train_md.run(
-            args.prepared, args.out, epochs=train.get("epochs", 5),
-            batch_size=train.get("batch_size", 128),
-            learning_rate=train.get("learning_rate", 1e-4), seed=args.seed,
-            folds=train.get("folds", 0), threads=args.threads,
+            args.prepared, args.out, epochs=train["epochs"], batch_size=train["batch_size"],
+            learning_rate=train["learning_rate"], seed=args.seed, folds=train["folds"],
+            threads=args.threads,
         )  # fmt: skip
     elif args.command == "train":
         from sciquant.train import bloodflow as train_bloodflow
@@ -386,11 +380,12 @@ def run(args: argparse.Namespace) -> None:
         coordinates = dict(args.coordinates)
         study = coordinates.pop("study", None)
         config_hash = coordinates.pop("config_hash", None)
+        settings = section_with_defaults(args.settings, "evaluate", "evaluate")
         evaluate_md.run(
             args.prepared, artifact, args.out / "metrics.json", coordinates=coordinates,
-            simulated=args.simulated, repeats=args.settings.get("latency_repeats", 100),
+            simulated=args.simulated, repeats=settings["latency_repeats"],
             threads=args.threads, study=study, config_hash=config_hash, baseline=baseline,
-            debug_inputs=args.settings.get("debug_inputs", evaluate_md.DEBUG_INPUTS),
+            debug_inputs=settings["debug_inputs"],
         )  # fmt: skip
     elif args.command == "evaluate":
         from sciquant.evaluate import bloodflow as evaluate_bloodflow
@@ -411,16 +406,16 @@ def run(args: argparse.Namespace) -> None:
         )
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md
-        from sciquant.study import section_with_defaults
 
         section = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
+        model = section_with_defaults(args.settings.get("model", {}), "icnnmd_model", "model")
         qat = section["qat"]
         quantize_md.run(
             args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
             precision=args.precision, calibration_samples=section["calibration_frames"],
             qat_epochs=qat["epochs"], qat_learning_rate=qat["learning_rate"],
-            batch_size=args.settings.get("model", {}).get("train", {}).get("batch_size", 128),
-            seed=args.seed, threads=args.threads, adaround=section.get("adaround", {}),
+            batch_size=model["train"]["batch_size"], seed=args.seed, threads=args.threads,
+            adaround=section["adaround"],
         )  # fmt: skip
     elif args.command == "quantize" and _is_dynamic_method(args.method):
         from sciquant.quant import dynamic
@@ -428,12 +423,11 @@ def run(args: argparse.Namespace) -> None:
         dynamic.run(args.checkpoint, args.out, args.target, args.precision, threads=args.threads)
     elif args.command == "quantize":
         from sciquant.quant import bloodflow as quantize_bloodflow
-        from sciquant.study import section_with_defaults
 
-        quantize = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
+        # the stage fills the quantize section from the schema itself
         quantize_bloodflow.run(
             args.checkpoint, args.prepared, args.out, args.target, args.method, args.precision,
-            settings={**args.settings, "quantize": quantize}, seed=args.seed, threads=args.threads,
+            settings=args.settings, seed=args.seed, threads=args.threads,
             recommendation=args.recommendation,
         )  # fmt: skip
     elif args.command == "sensitivity":
@@ -506,13 +500,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
 
 
-def _train_node_device(settings: dict[str, Any]) -> str:
-    """The device the node type of a model's `train.node` has (`cpu` or `cuda`)."""
-    from sciquant.vocabulary import node_device
-
-    return node_device(settings.get("train", {}).get("node", "cpu"))
-
-
 def _keras_device_note(device: str) -> None:
     """Keras stages leave the device to TensorFlow (it uses a GPU it sees); say so on a GPU node
     type, where the log would otherwise not say what ran where."""
@@ -561,12 +548,12 @@ def _prepare_md(raw: Path, out: Path, settings: dict) -> None:
     labels; a download lists them in manifest.json (the config's `role` and `label`)."""
     from sciquant.data import md
 
-    split = settings.get("split", {})
+    filled = section_with_defaults(settings, "md_prepare", "prepare")
     options = {
-        "selection": settings.get("selection", "all"),
-        "frames_per_trajectory": settings.get("frames_per_trajectory", 100),
-        "split": tuple(split.get(k, d) for k, d in (("train", 0.7), ("valid", 0.1), ("test", 0.2))),
-        "gap": settings.get("gap", 5),
+        "selection": filled["selection"],
+        "frames_per_trajectory": filled["frames_per_trajectory"],
+        "split": tuple(filled["split"][k] for k in ("train", "valid", "test")),
+        "gap": filled["gap"],
     }
     if (raw / "dataset_info.json").is_file():
         md.prepare_from_info(raw, out, **options)

@@ -26,7 +26,9 @@ from sciquant.quant.observers import (
     check_method_limits,
 )
 from sciquant.quant.targets import Plan, get_target
-from sciquant.vocabulary import MIXED, SCHEMA, node_device
+from sciquant.vocabulary import MIXED, node_device, schema_document, with_defaults
+from sciquant.vocabulary import SCHEMA as SCHEMA  # re-exported
+from sciquant.vocabulary import section_with_defaults as section_with_defaults  # re-exported
 
 #: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",), "icnnmd": ("md",)}
@@ -792,35 +794,14 @@ def validate_config(config: dict[str, Any], source: str = "config") -> None:
         raise SciquantError(f"{source}: invalid study config:\n" + "\n".join(errors))
 
 
-def section_with_defaults(section: dict[str, Any], definition: str, key: str) -> dict[str, Any]:
-    """A copy of one config section (`key`, e.g. ``quantize``) with the schema's defaults filled
-    from ``$defs/<definition>``, validated: what a command given only that section (its
-    ``--settings``) reads, so the defaults live in the schema alone. SciquantError naming the
-    key for a section the schema refuses."""
-    import jsonschema
-
-    schema = yaml.safe_load(SCHEMA.read_text())
-    root = {"$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
-    filled = json.loads(json.dumps(section))
-    validator = _with_defaults(jsonschema.Draft202012Validator)(root)
-    # $ref is followed lazily, so the defaults below it are filled while it validates
-    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.path))
-    if errors:
-        lines = [
-            f"  config key {key}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
-            for e in errors[:10]
-        ]
-        raise SciquantError("invalid settings:\n" + "\n".join(lines))
-    return filled
-
-
 def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:
     """The config's schema violations, one line each naming the dotted key (defaults filled)."""
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator_class = _with_defaults(jsonschema.Draft202012Validator)
-    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.path))
+    validator_class = with_defaults(jsonschema.Draft202012Validator)
+    errors = sorted(
+        validator_class(schema_document()).iter_errors(config), key=lambda e: list(e.path)
+    )
     return [describe(error) for error in errors[:limit]]
 
 
@@ -828,18 +809,3 @@ def describe(error: Any) -> str:
     """One line per schema violation: the dotted key and what is wrong."""
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     return f"  config key {key}: {error.message}"
-
-
-def _with_defaults(validator_class: Any) -> Any:
-    import jsonschema
-
-    validate_properties = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
-        if isinstance(instance, dict):
-            for name, subschema in properties.items():
-                if "default" in subschema:
-                    instance.setdefault(name, json.loads(json.dumps(subschema["default"])))
-        yield from validate_properties(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})

@@ -4,15 +4,31 @@
 (``results/<dataset>/<model>/seed<seed>/<target>/<method>/<precision>``), of `metrics.json`'s
 ``coordinates`` and of the result cube's dimensions. `sciquant.study.Run` has them as fields
 (a test checks that they agree). `MIXED`: the precision label of the sensitivity analysis'
-mixed-precision run. `SCHEMA`: the config schema, where every setting's default lives.
-`CPU_NODE` and `node_device`: what a node type asks for.
+mixed-precision run. `SCHEMA`: the config schema, where every setting's default lives, and
+`section_with_defaults`: one config section with those defaults filled (every stage that reads a
+setting takes it from there, never from a literal of its own). `CPU_NODE` and `node_device`: what
+a node type asks for.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
+from typing import Any
 
-__all__ = ["COORDINATES", "CPU_NODE", "MIXED", "SCHEMA", "node_device"]
+from sciquant.errors import SciquantError
+
+__all__ = [
+    "COORDINATES",
+    "CPU_NODE",
+    "MIXED",
+    "SCHEMA",
+    "node_device",
+    "schema_document",
+    "section_with_defaults",
+    "with_defaults",
+]
 
 COORDINATES = ("dataset", "model", "seed", "target", "method", "precision")
 #: Precision label of the run that evaluates the sensitivity analysis' mixed assignment.
@@ -26,3 +42,49 @@ def node_device(node: str) -> str:
     """The device a stage on node type `node` asks for: `cuda` on a GPU node type (any node
     type but `cpu`), `cpu` on `cpu` (a CPU node never asks for a GPU)."""
     return "cpu" if node == CPU_NODE else "cuda"
+
+
+@functools.lru_cache(maxsize=1)
+def schema_document() -> dict[str, Any]:
+    """The parsed config schema (read once per process; callers must not change it)."""
+    import yaml
+
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def section_with_defaults(section: dict[str, Any], definition: str, key: str) -> dict[str, Any]:
+    """A copy of one config section (`key`, e.g. ``quantize``) with the schema's defaults filled
+    from ``$defs/<definition>``, validated: what a command given only that section (its
+    ``--settings``) reads, so the defaults live in the schema alone. SciquantError naming the
+    key for a section the schema refuses."""
+    import jsonschema
+
+    root = {"$defs": schema_document()["$defs"], "$ref": f"#/$defs/{definition}"}
+    filled = json.loads(json.dumps(section))
+    validator = with_defaults(jsonschema.Draft202012Validator)(root)
+    # $ref is followed lazily, so the defaults below it are filled while it validates
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.path))
+    if errors:
+        lines = [
+            f"  config key {key}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+            for e in errors[:10]
+        ]
+        raise SciquantError("invalid settings:\n" + "\n".join(lines))
+    return filled
+
+
+def with_defaults(validator_class: Any) -> Any:
+    """`validator_class` extended to fill every property's schema default into the instance it
+    validates (where the instance leaves the property out)."""
+    import jsonschema
+
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, json.loads(json.dumps(subschema["default"])))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})

@@ -50,7 +50,7 @@ from sciquant.provenance import (  # noqa: E402
 )
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.train.bloodflow import load_model  # noqa: E402
-from sciquant.vocabulary import COORDINATES  # noqa: E402
+from sciquant.vocabulary import COORDINATES, section_with_defaults  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
 
@@ -504,9 +504,11 @@ def run(
     target's FP32 artifact; a timed run is then timed interleaved with it in this process and
     its speed-up is the paired one (`time_rollouts`). Without them a timed run is its target's
     FP32 baseline itself (speed-up 1). `device`: what the run's node type asks for (`cpu`, or
-    `cuda` on a GPU node type); `rollout_device` says what runs where.
+    `cuda` on a GPU node type); `rollout_device` says what runs where. `settings`: the config's
+    `evaluate` section; what it leaves out takes the schema's defaults.
     """
     started = time.perf_counter()
+    settings = section_with_defaults(settings, "evaluate", "evaluate")
     if threads:
         torch.set_num_threads(threads)
     runtime = runtime or ("onnxruntime" if onnx is not None else "torch")
@@ -533,7 +535,7 @@ def run(
     norm = Normalizer.of_checkpoint(state)
     graphs = graphs if graphs is not None else test_graphs(prepared, norm, samples)
     # A simulation's rollout time is fake-quant overhead, not a low-precision kernel's: untimed.
-    repeats = 0 if simulated else settings.get("repeats", 5)
+    repeats = 0 if simulated else settings["repeats"]
     # On a GPU (TensorRT's CUDA tensors, a PyTorch model moved there) the rollout state stays
     # on the device; None: the CPU.
     on_device = None if used == "cpu" else used
@@ -561,13 +563,13 @@ def run(
     # After the timings: its runtime calls are not among the timed ones.
     debug = quant_debug(
         checkpoint, prepared, norm, None if simulated else step, graphs,
-        settings.get("debug_inputs", DEBUG_INPUTS), runtime, on_device,
+        settings["debug_inputs"], runtime, on_device,
     )  # fmt: skip
     if debug:
         print(describe(debug))
     metrics.update(debug)
     out.mkdir(parents=True, exist_ok=True)
-    plot_rollouts(graphs, predictions, norm, out, settings.get("figure_simulations", 3))
+    plot_rollouts(graphs, predictions, norm, out, settings["figure_simulations"])
     payload = {
         "coordinates": {k: coordinates[k] for k in COORDINATES},
         "study": coordinates.get("study"),

@@ -50,7 +50,7 @@ from sciquant.train.bloodflow import (
     load_model,
     save_atomic,
 )
-from sciquant.vocabulary import MIXED
+from sciquant.vocabulary import MIXED, section_with_defaults
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
@@ -88,16 +88,25 @@ def calibration_inputs(
 
 
 def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSettings:
-    """The FP32 training settings with the QAT section's epochs, steps and learning rate."""
+    """The FP32 training settings with the QAT section's epochs, steps and learning rate.
+
+    qat: the ``quantize.qat`` section with the schema's defaults filled (`quantize_section`)."""
     base = TrainSettings(**model_settings.get("train", {}))
     return dataclasses.replace(
         base,
-        epochs=qat.get("epochs", 4),
-        steps_per_epoch=qat.get("steps_per_epoch", 50),
-        learning_rate=qat.get("learning_rate", 1e-4),
-        learning_rate_min=min(base.learning_rate_min, qat.get("learning_rate", 1e-4)),
-        threshold_learning_rate=qat.get("threshold_learning_rate", 1e-2),
+        epochs=qat["epochs"],
+        steps_per_epoch=qat["steps_per_epoch"],
+        learning_rate=qat["learning_rate"],
+        learning_rate_min=min(base.learning_rate_min, qat["learning_rate"]),
+        threshold_learning_rate=qat["threshold_learning_rate"],
     )
+
+
+def quantize_section(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantize`` entry of a stage's settings with the schema's defaults filled (the
+    stage's values come from there, never from a literal here); SciquantError naming the key
+    for one the schema refuses."""
+    return section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
 
 
 def run(
@@ -115,18 +124,20 @@ def run(
 ) -> Path:
     """Quantize the FP32 model of `checkpoint`; write `quantized.pt` into `out`.
 
-    settings: {"quantize": the config's quantize section, "model": the model's settings}.
+    settings: {"quantize": the config's quantize section, "model": the model's settings}; what
+    the quantize section leaves out takes the schema's defaults.
     precision `mixed`: the per-layer precisions of `recommendation` (from `sensitivity`).
     """
+    quantize_settings = quantize_section(settings)
+    settings = {**settings, "quantize": quantize_settings}  # recorded in quantized.pt
     if threads:
         torch.set_num_threads(threads)
     model, fp32_state = load_model(checkpoint)
     norm = Normalizer.of_checkpoint(fp32_state)
     index = load_index(prepared)
-    quantize_settings = settings.get("quantize", {})
     train_names = index["samples"]["train"]
     calibration = load_graphs(
-        prepared, train_names[: quantize_settings.get("calibration_samples", 8)], norm
+        prepared, train_names[: quantize_settings["calibration_samples"]], norm
     )
     layer_precisions = None
     if precision == MIXED:
@@ -138,14 +149,14 @@ def run(
     if method == "ptq-cle":
         model = equalize(model)  # the same function, channel ranges shared across ReLUs
     qmodel = _quantized_copy(model, target, precision, method, layer_precisions)
-    steps = quantize_settings.get("calibration_steps", 16)
+    steps = quantize_settings["calibration_steps"]
     batches = list(calibration_inputs(calibration, steps, norm))
     calibrate(qmodel, batches)
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
     float_layers = None
     if method in ("ptq-adaround", "ptq-biascorr"):
         if method == "ptq-adaround":
-            options = quantize_settings.get("adaround", {})
+            options = quantize_settings["adaround"]
             adaround(qmodel, model, batches, AdaRoundSettings(**options, seed=seed))
         else:
             correct_bias(qmodel, model, batches)
@@ -165,11 +176,11 @@ def run(
         elif method == "qat-tqt":
             enable_tqt(qmodel)  # before the optimizer: the thresholds are new parameters
         elif method == "qat-degree":  # LSQ (STE on pow2 targets) + Degree-Quant protection
-            p_min, p_max = protection_settings(quantize_settings.get("qat", {}))
+            p_min, p_max = protection_settings(quantize_settings["qat"])
             enable_degree_qat(qmodel, p_min, p_max, seed)
         train_graphs = load_graphs(prepared, train_names, norm)
         valid_graphs = load_graphs(prepared, index["samples"]["valid"], norm)
-        fine_tune = qat_settings(settings.get("model", {}), quantize_settings.get("qat", {}))
+        fine_tune = qat_settings(settings.get("model", {}), quantize_settings["qat"])
         torch.manual_seed(seed)
 
         # What the fine-tuning resumes only with (train.bloodflow.RESUME_KEYS): the same FP32

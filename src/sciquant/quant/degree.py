@@ -71,7 +71,6 @@ model's ``_extra_state``. `quantize_model(..., method="qat-degree")` followed by
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -94,6 +93,7 @@ from sciquant.quant.pytorch import (
 )
 from sciquant.quant.spec import Precision
 from sciquant.quant.targets import Target
+from sciquant.vocabulary import section_with_defaults
 
 __all__ = [
     "quantize_degree_model",
@@ -181,17 +181,6 @@ def protection_probability(degree: Tensor, p_min: float, p_max: float) -> Tensor
     return (p_min + (p_max - p_min) * fraction).float()
 
 
-@functools.lru_cache(maxsize=1)
-def _schema_defaults() -> dict[str, float]:
-    import yaml
-
-    from sciquant.vocabulary import SCHEMA
-
-    schema = yaml.safe_load(SCHEMA.read_text())
-    section = schema["$defs"]["quantize"]["properties"]["qat"]["properties"]["degree_protection"]
-    return {name: float(prop["default"]) for name, prop in section["properties"].items()}
-
-
 def protection_settings(qat: Mapping[str, Any] | None) -> tuple[float, float]:
     """(p_min, p_max) of the config's ``quantize.qat`` section, the schema's defaults for what it
     leaves out; SciquantError naming the key unless 0 <= p_min <= p_max <= 1."""
@@ -202,9 +191,9 @@ def protection_settings(qat: Mapping[str, Any] | None) -> tuple[float, float]:
             f"config key {SETTINGS_KEY}: unknown setting(s) {', '.join(unknown)}; known: "
             "p_min, p_max"
         )
-    defaults = _schema_defaults()
-    p_min = float(section.get("p_min", defaults["p_min"]))
-    p_max = float(section.get("p_max", defaults["p_max"]))
+    filled = section_with_defaults({"qat": {"degree_protection": section}}, "quantize", "quantize")
+    protection = filled["qat"]["degree_protection"]
+    p_min, p_max = float(protection["p_min"]), float(protection["p_max"])
     if not 0.0 <= p_min <= p_max <= 1.0:
         raise SciquantError(
             f"config key {SETTINGS_KEY}: need 0 <= p_min <= p_max <= 1, got p_min={p_min}, "

@@ -28,6 +28,7 @@ from sciquant.provenance import write_json  # noqa: E402
 from sciquant.quant.bloodflow import calibration_inputs  # noqa: E402
 from sciquant.quant.pytorch import calibrate, layer_names, quantize_model  # noqa: E402
 from sciquant.train.bloodflow import load_graphs, load_model  # noqa: E402
+from sciquant.vocabulary import section_with_defaults  # noqa: E402
 
 FIELDS = ("pressure_error_pct", "flowrate_error_pct")
 
@@ -53,23 +54,27 @@ def run(
     """Write `sensitivity.csv`, `sensitivity.png` and `recommendation.json` into `out`.
 
     settings: the config's `quantize` section (its `sensitivity` entry chooses target, method,
-    low and high precision and the budget; calibration_* as for PTQ).
+    low and high precision and the budget; calibration_* as for PTQ); what it leaves out takes
+    the schema's defaults.
     """
+    # `sensitivity` has no default of its own (left out: no analysis); here it is asked for
+    settings = {**settings, "sensitivity": settings.get("sensitivity") or {}}
+    settings = section_with_defaults(settings, "quantize", "quantize")
     if threads:
         torch.set_num_threads(threads)
-    options = settings.get("sensitivity") or {}
-    target, method = options.get("target", "reference"), options.get("method", "ptq-mse")
-    low, high = options.get("precision", "w4a8"), options.get("fallback", "w8a8")
-    ratio = options.get("max_ratio_to_fp32", 1.3)
+    options = settings["sensitivity"]
+    target, method = options["target"], options["method"]
+    low, high = options["precision"], options["fallback"]
+    ratio = options["max_ratio_to_fp32"]
     model, state = load_model(checkpoint)
     norm = Normalizer.of_checkpoint(state)
     index = load_index(prepared)
     validation = index["samples"]["valid"] or index["samples"]["train"][:2]
-    judged = load_graphs(prepared, validation[: options.get("simulations", 4)], norm)
+    judged = load_graphs(prepared, validation[: options["simulations"]], norm)
     calibration = load_graphs(
-        prepared, index["samples"]["train"][: settings.get("calibration_samples", 8)], norm
+        prepared, index["samples"]["train"][: settings["calibration_samples"]], norm
     )
-    steps = settings.get("calibration_steps", 16)
+    steps = settings["calibration_steps"]
 
     # Observers see the float model's activations, so a layer's qparams at a precision do not
     # depend on the other layers: calibrate each precision once, then copy per layer.
