@@ -6,9 +6,12 @@ import pytest
 
 from sciquant.benchmarks.rollout import (
     DEFAULT_ROLLOUT_STEPS,
+    GOAL_INT8_LARGEST,
     format_table,
     operator_split,
+    rollout_block,
     run,
+    verdicts,
 )
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNetConfig, random_tree_graph
@@ -189,3 +192,57 @@ def test_non_fp32_base_variants_are_also_paired_with_their_own_fp32(bench):
             assert rows[name]["paired_vs_own_fp32"] > 0 and low <= high
     text = format_table(list(rows.values()))
     assert "paired" in text.splitlines()[3] or any("paired" in line for line in text.splitlines())
+
+
+def test_every_base_variant_is_paired_with_fp32_ort_in_blocks_of_steps(bench):
+    rows, _ = bench
+    assert "paired_vs_fp32_ort" not in rows["fp32-ort"]  # the baseline itself
+    for name, row in rows.items():
+        if row["lever"] is not None or name == "fp32-ort":
+            assert "paired_vs_fp32_ort" not in row
+            continue
+        low, high = row["paired_vs_fp32_ort_ci"]
+        assert row["paired_vs_fp32_ort"] > 0 and low <= row["paired_vs_fp32_ort"] <= high
+        # a tiny graph's step is far below 20 ms: the most consecutive steps per turn
+        assert row["paired_block_steps"] == 8
+    assert "deployment goals" in format_table(list(rows.values()))
+
+
+def test_rollout_block_fills_about_20_ms_with_consecutive_steps():
+    assert rollout_block(0.5) == 8  # capped
+    assert rollout_block(3.5) == 6  # ceil(20 / 3.5)
+    assert rollout_block(20.0) == 1
+    assert rollout_block(213.0) == 1
+
+
+def _row(case, nodes, variant, precision, paired, agrees=True):
+    return {
+        "case": case, "num_nodes": nodes, "variant": variant, "precision": precision,
+        "agrees": agrees, "paired_vs_fp32_ort": paired,
+        "paired_vs_fp32_ort_ci": (paired * 0.9, paired * 1.1),
+    }  # fmt: skip
+
+
+def test_verdicts_pick_the_fastest_agreeing_variant_and_the_best_int8_on_the_largest_case():
+    rows = [
+        _row("small", 502, "ov-bf16", "bf16", 1.9),
+        _row("small", 502, "trt-int8", "w8a8", 5.0, agrees=False),  # wrong outputs: never picked
+        _row("small", 502, "int8-ort", "w8a8", 1.1),
+        _row("big", 20000, "ov-bf16", "bf16", 2.6),
+        _row("big", 20000, "ov-int8", "w8a8", 1.5),
+        _row("big", 20000, "int8-ort", "w8a8", 0.9),
+        {
+            "case": "big",
+            "num_nodes": 20000,
+            "variant": "fp32-ort",
+            "precision": "fp32",
+            "agrees": True,
+        },  # fmt: skip
+    ]
+    found = {(v["case"], v["kind"]): v for v in verdicts(rows)}
+    assert set(found) == {("small", "fastest"), ("big", "fastest"), ("big", "int8")}
+    assert found["small", "fastest"]["variant"] == "ov-bf16"
+    assert not found["small", "fastest"]["met"]  # 1.9 < 2
+    assert found["big", "fastest"]["variant"] == "ov-bf16" and found["big", "fastest"]["met"]
+    assert found["big", "int8"]["variant"] == "ov-int8" and found["big", "int8"]["met"]
+    assert found["big", "int8"]["goal"] == GOAL_INT8_LARGEST

@@ -101,3 +101,22 @@ def test_unknown_precision_and_missing_file(fp32_onnx, tmp_path: Path) -> None: 
         OvStep(fp32_onnx, "fp16")
     with pytest.raises(SciquantError, match="not found"):
         OvStep(tmp_path / "missing.onnx")
+
+
+def test_graph_inputs_bound_once_and_rebound_when_they_change(model, fp32_onnx) -> None:  # noqa: ANN001
+    """The edge inputs are bound once per rollout; a modified or another graph is bound anew,
+    so every call's output is that of its own inputs."""
+    step = OvStep(fp32_onnx, "fp32")
+    x, e, edge_index = random_tree_graph(120, 3, CONFIG.node_features, CONFIG.edge_features)
+    with torch.inference_mode():
+        first = step(x, e, edge_index)
+        bound = step._bound[2][2]
+        again = step(x + 0.5, e, edge_index)  # new node features, same graph
+        assert step._bound[2][2] is bound  # the edge index was not bound again
+        assert torch.allclose(again, model(x + 0.5, e, edge_index), atol=1e-4)
+        e.mul_(2.0)  # modified in place: a new version, bound again
+        changed = step(x, e, edge_index)
+        assert torch.allclose(changed, model(x, e, edge_index), atol=1e-4)
+        assert not torch.allclose(changed, first, atol=1e-4)
+        other = random_tree_graph(90, 4, CONFIG.node_features, CONFIG.edge_features)
+        assert torch.allclose(step(*other), model(*other), atol=1e-4)  # another graph's size

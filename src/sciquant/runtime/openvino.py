@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +104,10 @@ class OvStep:
         self.request = self.compiled.create_infer_request()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self._types = [port.get_element_type().to_dtype() for port in self.compiled.inputs]
+        self._tensor = ov.Tensor
+        # input index -> (source tensor, a copy of its values, the bound array): the graph's
+        # inputs bound once per rollout (see __call__)
+        self._bound: dict[int, tuple[Any, Any, np.ndarray]] = {}
         self.timings: list[dict[str, float]] = []
 
     @property
@@ -126,19 +131,31 @@ class OvStep:
                 f"{self.path.name} takes {len(self.input_names)} inputs "
                 f"({', '.join(self.input_names)}), got {len(inputs)}"
             )
-        feeds = [
-            np.ascontiguousarray(
+        # Every input is shared (OpenVINO reads it in place: measured 0.3 ms less per call at
+        # 1.1 k nodes than copying it in). The graph's own inputs (every torch tensor but the
+        # node features: edge features, edge index) are bound once and kept while the same
+        # tensor comes back with the same values, as at every step of a rollout: 0.15 ms less
+        # per call at 502 nodes (BF16: 1.73 -> 1.58 ms; measured beside ONNX Runtime FP32).
+        # Values, not version counters, are compared: a rollout's tensors are often inference
+        # tensors, which have none.
+        for index, (value, dtype) in enumerate(zip(inputs, self._types, strict=True)):
+            static = isinstance(value, Tensor) and self.input_names[index] != "node_features"
+            if static:
+                bound = self._bound.get(index)
+                if bound is not None and bound[0] is value and torch.equal(bound[1], value):
+                    continue
+            array = np.ascontiguousarray(
                 (value.detach().cpu().numpy() if isinstance(value, Tensor) else value).astype(
                     dtype, copy=False
                 )
             )
-            for value, dtype in zip(inputs, self._types, strict=True)
-        ]
+            self.request.set_input_tensor(index, self._tensor(array, shared_memory=True))
+            # the array must outlive the binding; a static one's source too (ids stay unique)
+            snapshot = value.detach().clone() if static else None
+            self._bound[index] = (value if static else None, snapshot, array)
         start = time.perf_counter()
-        # Shared: OpenVINO reads the inputs in place and writes the output into its buffer
-        # (copied below, as the next call reuses it); measured 0.3 ms less per call at 1.1 k
-        # nodes than copying the inputs in.
-        self.request.infer(feeds, share_inputs=True, share_outputs=True)
+        self.request.infer()
+        # the output lives in OpenVINO's buffer, which the next call reuses: copied below
         output = self.request.get_output_tensor(0).data
         compute_ms = (time.perf_counter() - start) * 1e3
         self.timings.append({"h2d": 0.0, "compute": compute_ms, "d2h": 0.0})
