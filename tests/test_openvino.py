@@ -120,3 +120,23 @@ def test_graph_inputs_bound_once_and_rebound_when_they_change(model, fp32_onnx) 
         assert not torch.allclose(changed, first, atol=1e-4)
         other = random_tree_graph(90, 4, CONFIG.node_features, CONFIG.edge_features)
         assert torch.allclose(step(*other), model(*other), atol=1e-4)  # another graph's size
+
+
+def test_float_graphs_compile_without_snippets(fp32_onnx, inputs) -> None:  # noqa: ANN001
+    """FP32 (and BF16) run without the plugin's snippets, measured faster with equal outputs;
+    the QDQ graph keeps them (its FakeQuantize fusions need them)."""
+    import openvino as ov
+
+    shapes = shapes_of(inputs)
+    kernels = OvStep(fp32_onnx, "fp32", shapes=shapes).kernels()
+    assert not any(key.startswith("Subgraph/") for key in kernels), kernels
+    # the same graph compiled with the plugin's defaults fuses element-wise ops into snippets
+    core = ov.Core()
+    graph = core.read_model(str(fp32_onnx))
+    graph.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+    default = core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": 1})
+    layer_types = {
+        op.get_rt_info()["layerType"].astype(str)
+        for op in default.get_runtime_model().get_ordered_ops()
+    }
+    assert "Subgraph" in layer_types
