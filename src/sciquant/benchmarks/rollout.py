@@ -19,7 +19,7 @@ Per variant: median step time, the full-rollout equivalent (median x the rollout
 state update between steps, identical for all, is not included), speedups vs FP32 torch, vs
 FP32 ORT and vs its own runtime's FP32 (the paired speed-up a study's report shows for that
 target) side by side, each variant's speed-up paired with FP32 ORT (the two alone, interleaved,
-each turn a block of consecutive steps as a rollout runs them: `_pair_with_fp32_ort`) and the
+each turn a block of consecutive steps as a rollout runs them: `_pair_variants`) and the
 deployment goals it is judged by (`verdicts`), agreement with its reference (FP32 torch; for
 INT8 the fake-quant model it was exported from, in output quantization steps, see
 `_int8_agreement`), and for the ORT variants the time split by operator from ONNX Runtime's
@@ -722,87 +722,67 @@ def _run(
     return rows
 
 
-def _pair_with_own_fp32(
-    variants: Sequence[_Variant],
-    rows: list[dict[str, Any]],
-    inputs: Inputs,
-    repeats: int,
-    warmup: int,
-) -> None:
-    """`paired_vs_own_fp32` (+ its CI) of every base variant that is not an FP32 itself: the
-    variant and its runtime's FP32 timed alone together, interleaved (ABBA), as a study's
-    evaluation times a run beside its target's FP32 (`sciquant.runtime.paired`). The round
-    robin over every variant (`speedup_vs_own_fp32`) runs each step between many others, its
-    caches cold; this pair is what the study's report compares with."""
-    from sciquant.runtime.paired import paired_timing
-
-    by_name = {variant.name: variant for variant in variants}
-    medians = {row["variant"]: row["median_ms"] for row in rows}
-    for row, variant in zip(rows, variants, strict=True):
-        own = by_name.get(_own_fp32(variant, medians))
-        if variant.lever is not None or own is None or own is variant:
-            continue
-        with torch.inference_mode():
-            paired = paired_timing(
-                lambda v=variant: v.step(*inputs),
-                lambda o=own: o.step(*inputs),
-                repeats,
-                warmup=max(warmup, 1),
-                threads=variant.threads,
-            )
-        row["paired_vs_own_fp32"] = paired["paired_speedup"]
-        row["paired_vs_own_fp32_ci"] = (
-            paired["paired_speedup_ci_low"],
-            paired["paired_speedup_ci_high"],
-        )
-
-
 def rollout_block(fp32_ort_ms: float) -> int:
     """Consecutive steps per turn in the pairs against FP32 ORT (see `_BLOCK_MS`)."""
     return int(min(_MAX_BLOCK, max(1, np.ceil(_BLOCK_MS / max(fp32_ort_ms, 1e-6)))))
 
 
-def _pair_with_fp32_ort(
+def _pair_variants(
     variants: Sequence[_Variant],
     rows: list[dict[str, Any]],
     inputs: Inputs,
     repeats: int,
     warmup: int,
 ) -> None:
-    """`paired_vs_fp32_ort` (+ its CI and `paired_block_steps`) of every base variant but
-    fp32-ort: the variant and fp32-ort timed alone together, interleaved (ABBA), each turn a
-    block of consecutive steps (`rollout_block`), per-step times compared. This is the
-    deployment comparison: what a rollout on that variant gains over one on FP32 ORT."""
+    """The paired speed-ups of every base variant (not a lever), each pair timed alone,
+    interleaved (ABBA, `sciquant.runtime.paired`):
+
+    - `paired_vs_own_fp32` (+ `_ci`), for a variant that is not an FP32 itself: beside its
+      runtime's FP32, one step per turn, as a study's evaluation times a run beside its
+      target's FP32 (what the study's report compares with). The round robin over every
+      variant (`speedup_vs_own_fp32`) runs each step between many others, its caches cold.
+    - `paired_vs_fp32_ort` (+ `_ci`, `paired_block_steps`), for every variant but fp32-ort:
+      beside FP32 ONNX Runtime, each turn a block of consecutive steps (`rollout_block`), as a
+      rollout runs them: the deployment comparison the goals (`verdicts`) are judged by.
+    """
+    by_name = {variant.name: variant for variant in variants}
+    medians = {row["variant"]: row["median_ms"] for row in rows}
+    ort_fp32 = by_name.get("fp32-ort")
+    block = rollout_block(medians["fp32-ort"]) if ort_fp32 is not None else 1
+    for row, variant in zip(rows, variants, strict=True):
+        if variant.lever is not None:
+            continue
+        own = by_name.get(_own_fp32(variant, medians))
+        if own is not None and own is not variant:
+            speedup, ci = _paired(variant, own, inputs, repeats, warmup, steps=1)
+            row["paired_vs_own_fp32"], row["paired_vs_own_fp32_ci"] = speedup, ci
+        if ort_fp32 is not None and variant is not ort_fp32:
+            speedup, ci = _paired(variant, ort_fp32, inputs, repeats, warmup, steps=block)
+            row["paired_vs_fp32_ort"], row["paired_vs_fp32_ort_ci"] = speedup, ci
+            row["paired_block_steps"] = block
+
+
+def _paired(
+    variant: _Variant, baseline: _Variant, inputs: Inputs, repeats: int, warmup: int, steps: int
+) -> tuple[float, tuple[float, float]]:
+    """Paired speed-up of `variant` over `baseline` and its 95 % CI, `steps` steps a turn."""
     from sciquant.runtime.paired import paired_timing
 
-    by_name = {variant.name: variant for variant in variants}
-    baseline = by_name.get("fp32-ort")
-    if baseline is None:
-        return
-    medians = {row["variant"]: row["median_ms"] for row in rows}
-    block = rollout_block(medians["fp32-ort"])
-
-    def steps(variant: _Variant) -> Callable[[], None]:
+    def turn(chosen: _Variant) -> Callable[[], None]:
         def run() -> None:
-            for _ in range(block):
-                variant.step(*inputs)
+            for _ in range(steps):
+                chosen.step(*inputs)
 
         return run
 
-    for row, variant in zip(rows, variants, strict=True):
-        if variant.lever is not None or variant is baseline:
-            continue
-        with torch.inference_mode():
-            paired = paired_timing(
-                steps(variant), steps(baseline), repeats, warmup=max(warmup, 1),
-                threads=variant.threads,
-            )  # fmt: skip
-        row["paired_vs_fp32_ort"] = paired["paired_speedup"]
-        row["paired_vs_fp32_ort_ci"] = (
-            paired["paired_speedup_ci_low"],
-            paired["paired_speedup_ci_high"],
+    with torch.inference_mode():
+        paired = paired_timing(
+            turn(variant), turn(baseline), repeats, warmup=max(warmup, 1), threads=variant.threads
         )
-        row["paired_block_steps"] = block
+    return paired["paired_speedup"], (
+        paired["paired_speedup_ci_low"],
+        paired["paired_speedup_ci_high"],
+    )
 
 
 def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -937,8 +917,7 @@ def _measure_case(
                 variant.onnx, inputs, profile_runs, variant.threads, work_dir=folder
             )
         rows.append(row)
-    _pair_with_own_fp32(variants, rows, inputs, repeats, warmup)
-    _pair_with_fp32_ort(variants, rows, inputs, repeats, warmup)
+    _pair_variants(variants, rows, inputs, repeats, warmup)
     by_name = {row["variant"]: row for row in rows}
     for row in rows:  # INT8 vs FP32 under the same lever: does INT8 pay off there?
         if row["precision"] == "w8a8" and row["lever"] is not None:
