@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numba
 import numpy as np
@@ -51,7 +51,56 @@ from sciquant.errors import SciquantError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sciquant.data.bloodflow_sim import Network1D, Windkessel
+
+class _Vessel(Protocol):
+    @property
+    def radius(self) -> float: ...
+
+
+class _Tree(Protocol):
+    @property
+    def vessels(self) -> Sequence[_Vessel]: ...
+
+
+class Network1D(Protocol):
+    """What the solver reads of a discretised tree: points, segments (upstream id < downstream
+    id), outlets and junctions, each vessel's nodes along its arc, the vessels' radii. The
+    embedded data's `sciquant.data.bloodflow_sim.Network1D` is one (see its fields); the solver
+    asks for no more, so it imports nothing of the tree's generator."""
+
+    @property
+    def tree(self) -> _Tree: ...
+    @property
+    def segments(self) -> np.ndarray: ...
+    @property
+    def segment_vessel(self) -> np.ndarray: ...
+    @property
+    def outlets(self) -> np.ndarray: ...
+    @property
+    def point_junction(self) -> np.ndarray: ...
+    @property
+    def vessel_arc(self) -> tuple[np.ndarray, ...]: ...
+    @property
+    def vessel_flow_index(self) -> tuple[np.ndarray, ...]: ...
+    @property
+    def n_points(self) -> int: ...
+    @property
+    def n_segments(self) -> int: ...
+    @property
+    def junctions(self) -> np.ndarray: ...
+
+
+class Windkessel(Protocol):
+    """An outlet's RCR Windkessel as the solver reads it (dyn·s/cm⁵, cm⁵/dyn; distal pressure
+    0): `sciquant.data.bloodflow_sim.Windkessel` is one."""
+
+    @property
+    def proximal_resistance(self) -> float: ...
+    @property
+    def compliance(self) -> float: ...
+    @property
+    def distal_resistance(self) -> float: ...
+
 
 YOUNG_TSAI_KT = 1.52
 """Turbulent (expansion) loss coefficient K_t of the Young–Tsai stenosis model."""
