@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rollout: also write the table's rows to this JSON file (a list with, per case and "
         "variant: variant, num_nodes, median_ms, iqr_ms, speedup_vs_fp32_ort, "
-        "speedup_vs_own_fp32, max_abs_error, error_bound, agrees, the CPU and its flags)",
+        "speedup_vs_own_fp32, paired_vs_fp32_ort and its _ci, max_abs_error, error_bound, "
+        "agrees, the CPU and its flags)",
     )
     bench.add_argument(
         "--no-physicsnemo",
