@@ -66,7 +66,7 @@ def section_with_defaults(section: dict[str, Any], definition: str, key: str) ->
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.path))
     if errors:
         lines = [
-            f"  config key {key}.{'.'.join(str(p) for p in e.absolute_path)}: {e.message}"
+            f"  config key {'.'.join([key, *(str(p) for p in e.absolute_path)])}: {e.message}"
             for e in errors[:10]
         ]
         raise SciquantError("invalid settings:\n" + "\n".join(lines))
