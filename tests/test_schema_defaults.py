@@ -14,6 +14,7 @@ import json
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from sciquant import cli
+from sciquant.errors import SciquantError
 from sciquant.vocabulary import SCHEMA, section_with_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +173,38 @@ def test_qat_settings_take_the_schemas_qat_defaults():
     assert fine_tune.threshold_learning_rate == qat["threshold_learning_rate"]
 
 
+def test_meshgraphnet_training_takes_the_schemas_model_and_training_defaults():
+    from sciquant.train.bloodflow import TrainSettings, architecture_from_settings
+
+    assert asdict(TrainSettings.of({})) == {
+        **defaults("train"), "threshold_learning_rate": None
+    }  # fmt: skip
+    architecture = architecture_from_settings({}, node_features=7)
+    for key in ("hidden", "processor_size", "mlp_hidden_layers"):
+        assert getattr(architecture, key) == default("meshgraphnet_model", key)
+
+
+def test_the_config_checks_read_the_schemas_defaults(monkeypatch, tmp_path):
+    """`check_semantics` fills a copy of the config from the schema: with the schema's default
+    number of embedded simulations lowered to 3, a split that leaves no test simulation of 3 is
+    refused, though the config itself never names `n_simulations`."""
+    from sciquant import study, vocabulary
+
+    config = yaml.safe_load((ROOT / "workflow" / "config" / "ci.yaml").read_text())
+    dataset = config["datasets"]["bloodflow"]
+    dataset["source"]["embedded"].pop("n_simulations", None)
+    dataset.setdefault("prepare", {})["split"] = {"train": 0.8, "valid": 0.0, "test": 0.2}
+    untouched = json.loads(json.dumps(config))
+    study.check_semantics(config)  # 24 simulations by default: 4 test simulations
+    assert config == untouched  # the defaults went into a copy
+
+    document = json.loads(json.dumps(vocabulary.schema_document()))
+    document["$defs"]["bloodflow_simulation"]["properties"]["n_simulations"]["default"] = 3
+    monkeypatch.setattr(study, "schema_document", lambda: document)
+    with pytest.raises(SciquantError, match=r"embedded\.n_simulations: too few simulations"):
+        study.check_semantics(config)
+
+
 #: Modules whose settings come from the schema alone (their stages fill their sections with
 #: `section_with_defaults`).
 SETTINGS_READERS = (
@@ -179,6 +213,8 @@ SETTINGS_READERS = (
     "src/sciquant/quant/degree.py",
     "src/sciquant/quant/sensitivity.py",
     "src/sciquant/evaluate/bloodflow.py",
+    "src/sciquant/study.py",
+    "src/sciquant/train/bloodflow.py",
 )
 #: (file, what `.get` is called on, key): fallbacks that are not config defaults.
 NOT_CONFIG = {

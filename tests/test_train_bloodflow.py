@@ -360,7 +360,9 @@ def test_flow_loss_weighted_by_area(prepared: Path, exponent: float) -> None:
     norm = Normalizer.from_statistics(index["statistics"])
     graphs = train_bloodflow.load_graphs(prepared, index["samples"]["train"][:2], norm)
     batch = train_bloodflow.make_batch(graphs, [(0, 1), (1, 4)], steps=1, boundary_weight=3.0)
-    settings = train_bloodflow.TrainSettings(rollout_steps=1, flow_area_exponent=exponent)
+    settings = train_bloodflow.TrainSettings.of(
+        {"train": {"rollout_steps": 1, "flow_area_exponent": exponent}}
+    )
 
     def zero(x: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], 2)

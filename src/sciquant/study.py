@@ -7,6 +7,7 @@ in the result cube, nothing else does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -89,8 +90,10 @@ class Study:
     """A validated study config and the runs it expands to."""
 
     def __init__(self, config: dict[str, Any]):
-        check_semantics(config)
-        self.config = config
+        """`config`: a study config; the study keeps a copy with the schema's defaults filled
+        (the workflow's and `load_config`'s configs have them already)."""
+        self.config = with_schema_defaults(config)
+        check_semantics(self.config)
 
     @property
     def datasets(self) -> dict[str, dict[str, Any]]:
@@ -118,7 +121,7 @@ class Study:
         """(target, method, precision) of every sweep entry (for `model`: the entries that apply
         to it), in config order, without repeats."""
         combos: dict[tuple[str, str, str], None] = {}
-        for entry in self.config.get("quantize", {}).get("sweeps", []):
+        for entry in self.config["quantize"]["sweeps"]:
             if model is not None and model not in entry.get("models", self.models):
                 continue
             for target in entry["targets"]:
@@ -160,7 +163,7 @@ class Study:
 
     def sensitivity(self) -> dict[str, Any] | None:
         """The sensitivity analysis settings (defaults filled), or None when not asked for."""
-        return self.config.get("quantize", {}).get("sensitivity")
+        return self.config["quantize"].get("sensitivity")
 
     def plan(self, run: Run) -> Plan:
         """How the run executes (runtime, native or simulated); see `Target.plan`.
@@ -401,7 +404,9 @@ CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 def check_semantics(config: dict[str, Any]) -> None:
     """What JSON Schema cannot say: cross references, impossible values, text that would reach a
-    shell, and sizes beyond their `LIMITS`."""
+    shell, and sizes beyond their `LIMITS`. Reads a copy of `config` with the schema's defaults
+    filled (`with_schema_defaults`): no default is repeated here."""
+    config = with_schema_defaults(config)
     for node, spec in config.get("nodes", {}).items():
         check_node(node, spec)
     _check_limits(config)
@@ -414,14 +419,14 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key datasets.{name}.source: give exactly one of `embedded` or `files` "
                 f"(found {given or 'neither'})"
             )
-        split = dataset.get("prepare", {}).get("split", {})
-        fractions = [split.get(k, 0.0) for k in ("train", "valid", "test")]
+        split = dataset["prepare"]["split"]
+        fractions = [split[k] for k in ("train", "valid", "test")]
         if abs(sum(fractions) - 1.0) > 1e-6:
             raise SciquantError(
                 f"config key datasets.{name}.prepare.split: train + valid + test must add up to 1 "
                 f"(they add up to {sum(fractions):g})"
             )
-        if split.get("train", 0) <= 0 or split.get("test", 0) <= 0:
+        if split["train"] <= 0 or split["test"] <= 0:
             raise SciquantError(
                 f"config key datasets.{name}.prepare.split: train and test fractions must be > 0"
             )
@@ -438,11 +443,11 @@ def check_semantics(config: dict[str, Any]) -> None:
         embedded = source.get("embedded")
         if embedded is not None:
             _check_simulator(name, embedded.get("parameters", {}))
-            n_test = int(embedded.get("n_simulations", 24) * split.get("test", 0.2))
+            n_test = int(embedded["n_simulations"] * split["test"])
             if n_test < 1:
                 raise SciquantError(
                     f"config key datasets.{name}.source.embedded.n_simulations: too few "
-                    f"simulations for a test split of {split.get('test', 0.2):g}; raise it"
+                    f"simulations for a test split of {split['test']:g}; raise it"
                 )
 
     _check_sweep(config)
@@ -462,12 +467,12 @@ def check_semantics(config: dict[str, Any]) -> None:
                 )
             if model["architecture"] == "icnnmd":
                 _check_icnnmd_grid(name, dataset, datasets[dataset])
-        train = model.get("train", {})
-        if train.get("learning_rate_min", 0) > train.get("learning_rate", 1e-3):
+        train = model["train"]
+        if "learning_rate_min" in train and train["learning_rate_min"] > train["learning_rate"]:
             raise SciquantError(
                 f"config key models.{name}.train.learning_rate_min: must not exceed learning_rate"
             )
-        node = train.get("node", "cpu")
+        node = train["node"]
         if node != "cpu" and node not in config.get("nodes", {}):
             raise SciquantError(
                 f"config key models.{name}.train.node: node type '{node}' has no entry in `nodes`; "
@@ -525,7 +530,7 @@ def slurm_extra_options(node: str, text: str) -> list[tuple[str, str | None]]:
 def _check_limits(config: dict[str, Any]) -> None:
     """Sizes beyond `LIMITS` (or the config's own `limits:`) fail here, before any job runs."""
     limits = {**LIMITS, **config.get("limits", {})}
-    seeds = config.get("seeds", [0])
+    seeds = config["seeds"]
     _at_most("config key seeds", len(seeds), "max_seeds", limits,
              "seeds (every model is trained, quantized and evaluated once per seed)")  # fmt: skip
     for name, dataset in config.get("datasets", {}).items():
@@ -533,13 +538,13 @@ def _check_limits(config: dict[str, Any]) -> None:
         embedded = dataset.get("source", {}).get("embedded")
         if dataset.get("workload") == "md":
             if embedded is not None:
-                _at_most(f"{key}.source.embedded.frames", embedded.get("frames", 600),
+                _at_most(f"{key}.source.embedded.frames", embedded["frames"],
                          "max_md_frames", limits, "frames per state")  # fmt: skip
             continue
         if embedded is not None:
-            _at_most(f"{key}.source.embedded.n_simulations", embedded.get("n_simulations", 24),
+            _at_most(f"{key}.source.embedded.n_simulations", embedded["n_simulations"],
                      "max_simulations", limits, "simulations")  # fmt: skip
-        dt = dataset.get("prepare", {}).get("dt", 0.01)
+        dt = dataset["prepare"]["dt"]
         if dt < limits["min_prepare_dt"]:
             smallest = _number(limits["min_prepare_dt"])
             raise SciquantError(
@@ -585,22 +590,22 @@ def _check_md_dataset(name: str, dataset: dict[str, Any]) -> None:
                 f"{key}.source.files: trajectories of at least two labels are needed to classify "
                 f"states (found labels {sorted(labels)})"
             )
-    prepare = dataset.get("prepare", {})
-    frames = prepare.get("frames_per_trajectory", 100)
+    prepare = dataset["prepare"]
+    frames = prepare["frames_per_trajectory"]
     embedded = dataset["source"].get("embedded")
-    if embedded is not None and frames > embedded.get("frames", 600):
+    if embedded is not None and frames > embedded["frames"]:
         raise SciquantError(
             f"{key}.prepare.frames_per_trajectory: {frames} frames asked, but the embedded "
-            f"simulation writes {embedded.get('frames', 600)} per trajectory; lower it or raise "
+            f"simulation writes {embedded['frames']} per trajectory; lower it or raise "
             f"{key}.source.embedded.frames"
         )
     if frames:
-        split = prepare.get("split", {})
-        usable = frames - 2 * prepare.get("gap", 5)
-        if min(split.get("train", 0.7), split.get("test", 0.2)) * usable < 1:
+        split = prepare["split"]
+        usable = frames - 2 * prepare["gap"]
+        if min(split["train"], split["test"]) * usable < 1:
             raise SciquantError(
                 f"{key}.prepare.frames_per_trajectory: {frames} frames leave no frame for a split "
-                f"after the gaps of {prepare.get('gap', 5)} frames; raise it or lower `gap`"
+                f"after the gaps of {prepare['gap']} frames; raise it or lower `gap`"
             )
 
 
@@ -613,7 +618,7 @@ def _check_icnnmd_grid(model: str, name: str, dataset: dict[str, Any]) -> None:
     embedded = dataset.get("source", {}).get("embedded")
     if embedded is None:
         return
-    beads = embedded.get("n_beads", 96)
+    beads = embedded["n_beads"]
     if math.isqrt(beads - 1) + 1 < ICNNMD_MIN_GRID:
         raise SciquantError(
             f"config key datasets.{name}.source.embedded.n_beads: {beads} beads make "
@@ -639,7 +644,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
     and models must exist."""
     nodes = config.get("nodes", {})
     models = config.get("models", {})
-    for i, entry in enumerate(config.get("quantize", {}).get("sweeps", [])):
+    for i, entry in enumerate(config["quantize"]["sweeps"]):
         key = f"config key quantize.sweeps.{i}"
         for model in entry.get("models", []):
             if model not in models:
@@ -687,7 +692,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
                 f"{', '.join(methods)} would do nothing; give it its own entry with "
                 "`methods: [none]`"
             )
-    sensitivity = config.get("quantize", {}).get("sensitivity")
+    sensitivity = config["quantize"].get("sensitivity")
     if sensitivity:
         for model in sensitivity.get("models", []):
             if config.get("models", {}).get(model, {}).get("architecture") != "meshgraphnet":
@@ -701,7 +706,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
                     )
                 )
         try:
-            target = get_target(sensitivity.get("target", "reference"))
+            target = get_target(sensitivity["target"])
             if "torch" not in target.frameworks:
                 raise SciquantError(
                     f"target {target.name!r} takes {', '.join(sorted(target.frameworks))} models "
@@ -792,6 +797,17 @@ def validate_config(config: dict[str, Any], source: str = "config") -> None:
     errors = schema_errors(config)
     if errors:
         raise SciquantError(f"{source}: invalid study config:\n" + "\n".join(errors))
+
+
+def with_schema_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` with the schema's defaults filled where it leaves keys out (the config
+    itself is left as it is; schema violations are `validate_config`'s to report)."""
+    import jsonschema
+
+    filled = copy.deepcopy(config)
+    for _ in with_defaults(jsonschema.Draft202012Validator)(schema_document()).iter_errors(filled):
+        pass
+    return filled
 
 
 def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:

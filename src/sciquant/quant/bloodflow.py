@@ -91,7 +91,7 @@ def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSe
     """The FP32 training settings with the QAT section's epochs, steps and learning rate.
 
     qat: the ``quantize.qat`` section with the schema's defaults filled (`quantize_section`)."""
-    base = TrainSettings(**model_settings.get("train", {}))
+    base = TrainSettings.of(model_settings)
     return dataclasses.replace(
         base,
         epochs=qat["epochs"],

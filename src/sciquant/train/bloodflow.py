@@ -63,6 +63,7 @@ from sciquant.provenance import (
     write_csv,
     write_json,
 )
+from sciquant.vocabulary import section_with_defaults
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
@@ -78,35 +79,49 @@ TRAINING_FORMAT = "sciquant-training"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The config's `models.<name>.train` section (see the schema for each key)."""
+    """The config's `models.<name>.train` section, every key given (see the schema for each;
+    its defaults are filled by `model_settings`, the one place they live)."""
 
-    epochs: int = 30
-    batch_size: int = 16
-    steps_per_epoch: int = 100
-    learning_rate: float = 1e-3
-    learning_rate_min: float = 1e-6
-    weight_decay: float = 0.0
-    noise_std: float = 0.02
-    flow_area_exponent: float = 1.0
-    rollout_steps: int = 5
-    rollout_weight: float = 0.5
-    boundary_weight: float = 100.0
-    gradient_clip: float = 1.0
-    node: str = "cpu"
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    learning_rate: float
+    learning_rate_min: float
+    weight_decay: float
+    noise_std: float
+    flow_area_exponent: float
+    rollout_steps: int
+    rollout_weight: float
+    boundary_weight: float
+    gradient_clip: float
+    node: str
     # QAT only (quantize.qat.threshold_learning_rate, not a train key): the learning rate of
     # TQT's log2 thresholds, which no weight decay touches; None: no such parameters
     threshold_learning_rate: float | None = None
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> TrainSettings:
+        """The `train` section of a MeshGraphNet's settings (`model_settings` fills the rest)."""
+        return cls(**model_settings(settings)["train"])
+
+
+def model_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A MeshGraphNet's settings (`models.<name>` without `datasets`, as `sciquant train
+    --settings` takes them) with the schema's defaults filled, validated: SciquantError naming
+    the key for a value the schema refuses."""
+    return section_with_defaults(settings, "meshgraphnet_model", "model")
 
 
 def architecture_from_settings(
     settings: dict[str, Any], node_features: int = MeshGraphNetConfig.node_features
 ) -> MeshGraphNetConfig:
     """The model's hyper-parameters; `node_features`: the prepared index's feature count."""
+    settings = model_settings(settings)
     return MeshGraphNetConfig(
         node_features=node_features,
-        hidden=settings.get("hidden", 64),
-        processor_size=settings.get("processor_size", 5),
-        mlp_hidden_layers=settings.get("mlp_hidden_layers", 2),
+        hidden=settings["hidden"],
+        processor_size=settings["processor_size"],
+        mlp_hidden_layers=settings["mlp_hidden_layers"],
     )
 
 
@@ -351,11 +366,12 @@ def run(
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    train_settings = TrainSettings(**settings.get("train", {}))
+    settings = model_settings(settings)
+    train_settings = TrainSettings(**settings["train"])
     wanted = device or node_device(train_settings.node)
     used = select_device(wanted, f"train (node type {train_settings.node})")
     index = load_index(prepared)
-    formulation = settings.get("formulation", "residual")
+    formulation = settings["formulation"]
     architecture = architecture_from_settings(settings, feature_count(formulation, index))
     norm = Normalizer.from_statistics(index["statistics"], formulation)
     train_graphs = load_graphs(prepared, index["samples"]["train"], norm)
@@ -576,7 +592,7 @@ def _final_state(model, architecture, index, settings, seed, data_sha256) -> dic
         "architecture": asdict(architecture),
         "state_dict": model.state_dict(),
         "statistics": index["statistics"],
-        "formulation": settings.get("formulation", "residual"),
+        "formulation": settings["formulation"],
         "settings": settings,
         "seed": seed,
         "data_sha256": data_sha256,
