@@ -1,6 +1,7 @@
 # Helpers shared by every stage: validation, wildcard constraints, input and param functions.
 import json
 import math
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -21,6 +22,7 @@ from sciquant.study import (
     keras_artifacts,
     quantize_inputs,
     quantize_params,
+    read_config_file,
     run_artifacts,
     run_coordinates,
     runtime_arguments,
@@ -29,6 +31,12 @@ from sciquant.study import (
     train_settings,
 )
 
+# Snakemake's YAML reader keeps the last of a key given twice; the study's own reader refuses it.
+for _configfile in workflow.configfiles:
+    try:
+        read_config_file(Path(_configfile))
+    except SciquantError as error:
+        raise WorkflowError(str(error)) from None
 try:
     validate(config, schema="../workflow/schemas/config.schema.yaml")
 except WorkflowError:

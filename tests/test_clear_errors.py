@@ -24,7 +24,7 @@ from sciquant.provenance import write_json
 from sciquant.report.cube import aggregate, load_cube
 from sciquant.report.html import build_report
 
-SETTINGS = {"time_offsets": 1, "split": {"train": 0.34, "valid": 0.0, "test": 0.33}}
+SETTINGS = {"time_offsets": 1, "split": {"train": 0.67, "valid": 0.0, "test": 0.33}}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,12 @@ from sciquant.vocabulary import SCHEMA, section_with_defaults
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT = yaml.safe_load(SCHEMA.read_text())
 
+#: Complete run coordinates for commands whose run is beside the point.
+RUN_COORDINATES = json.dumps(
+    {"dataset": "d", "model": "m", "seed": 0, "target": "reference", "method": "none",
+     "precision": "fp32"}
+)  # fmt: skip
+
 
 def _resolved(node: dict[str, Any]) -> dict[str, Any]:
     """`node`, or the `$defs` entry its `$ref` names."""
@@ -120,7 +126,7 @@ def test_train_icnnmd_takes_the_schemas_training_defaults(monkeypatch, tmp_path)
 def test_evaluate_md_takes_the_schemas_evaluation_defaults(monkeypatch, tmp_path):
     stage = Recorder(monkeypatch, "sciquant.evaluate.md", "run")
     _sciquant("evaluate", "--checkpoint", str(tmp_path / "model.keras"), "--prepared",
-              str(tmp_path), "--settings", "{}", "--coordinates", "{}",
+              str(tmp_path), "--settings", "{}", "--coordinates", RUN_COORDINATES,
               "--out", str(tmp_path))  # fmt: skip
     call = stage.calls["run"]
     assert call["repeats"] == default("evaluate", "latency_repeats")

@@ -32,6 +32,12 @@ TINY = {
     "train": {"epochs": 3, "steps_per_epoch": 4, "batch_size": 2, "rollout_steps": 2},
 }
 
+#: Complete run coordinates for commands whose run is beside the point.
+RUN_COORDINATES = json.dumps(
+    {"dataset": "d", "model": "m", "seed": 0, "target": "reference", "method": "none",
+     "precision": "fp32"}
+)  # fmt: skip
+
 
 def tiny_prepared(root: Path) -> Path:
     """Six small Y-tree simulations prepared into `root`/prepared (3 train, 1 valid, 2 test)."""
@@ -307,7 +313,8 @@ def test_bad_checkpoint_cli_exits_2_without_traceback(prepared: Path, tmp_path: 
     garbage.write_text("nonsense")
     result = subprocess.run(
         [sys.executable, "-m", "sciquant.cli", "evaluate", "--checkpoint", str(garbage),
-         "--prepared", str(prepared), "--coordinates", "{}", "--out", str(tmp_path / "o")],
+         "--prepared", str(prepared), "--coordinates", RUN_COORDINATES,
+         "--out", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2

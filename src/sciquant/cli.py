@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
-from sciquant.vocabulary import node_device, section_with_defaults
+from sciquant.vocabulary import COORDINATES, node_device, section_with_defaults
 
 
 def _json_argument(text: str) -> Any:
@@ -26,10 +26,46 @@ def _json_argument(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]}") from error
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object argument ({...}); argparse names the option for anything else."""
+    value = _json_argument(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object {{...}}, got a {type(value).__name__}: {text[:80]}"
+        )
+    return value
+
+
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """A JSON list of objects ([{...}, ...])."""
+    value = _json_argument(text)
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON list of objects [{{...}}], got {text[:80]}"
+        )
+    return value
+
+
+def _threads(text: str) -> int:
+    """A positive thread count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a thread count is a whole number ≥ 1, got {text!r}")
+    return value
+
+
+def _missing_coordinates(coordinates: dict[str, Any]) -> list[str]:
+    """The run coordinates (`COORDINATES`) a `--coordinates` object leaves out."""
+    return [key for key in COORDINATES if key not in coordinates]
+
+
 def _add_settings(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--settings",
-        type=_json_argument,
+        type=_json_object,
         default={},
         help=f"{what} as JSON (the study config's section; defaults fill what is left out)",
     )
@@ -56,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="download raw files by URL, verify sha256, unpack")
     fetch.add_argument(
         "--files",
-        type=_json_argument,
+        type=_json_objects,
         required=True,
         help='JSON list of {"url", "sha256", "name"?, "extract"?} (md files also "role", "label")',
     )
     fetch.add_argument(
         "--limits",
-        type=_json_argument,
+        type=_json_object,
         default={},
         help="JSON object raising (or lowering) download and archive limits: "
         "max_download_bytes, max_archive_members, max_unpacked_bytes, max_compression_ratio "
@@ -98,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     _add_settings(train, "model architecture and training settings")
     train.add_argument("--seed", type=int, default=0, help="training seed")
-    train.add_argument("--threads", type=int, default=None, help="torch threads")
+    train.add_argument("--threads", type=_threads, default=None, help="torch threads")
     train.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -122,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     _add_settings(evaluate, "evaluation settings")
     evaluate.add_argument(
-        "--coordinates", type=_json_argument, required=True, help="the run's coordinates (JSON)"
+        "--coordinates", type=_json_object, required=True, help="the run's coordinates (JSON)"
     )
-    evaluate.add_argument("--threads", type=int, default=None, help="torch threads")
+    evaluate.add_argument("--threads", type=_threads, default=None, help="torch threads")
     evaluate.add_argument(
         "--onnx", type=Path, default=None, help="run this ONNX file with ONNX Runtime instead"
     )
@@ -184,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="recommendation.json of `sensitivity` (for --precision mixed)",
     )
-    quantize.add_argument("--threads", type=int, default=None, help="torch threads")
+    quantize.add_argument("--threads", type=_threads, default=None, help="torch threads")
     quantize.add_argument("--out", type=Path, required=True, help="run folder to write")
 
     sensitivity = commands.add_parser(
@@ -193,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--checkpoint", type=Path, required=True, help="FP32 checkpoint")
     sensitivity.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     _add_settings(sensitivity, "the config's quantize section")
-    sensitivity.add_argument("--threads", type=int, default=None, help="torch threads")
+    sensitivity.add_argument("--threads", type=_threads, default=None, help="torch threads")
     sensitivity.add_argument("--out", type=Path, required=True, help="folder to write")
 
     export = commands.add_parser(
@@ -219,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--out-nc", type=Path, required=True, help="NetCDF cube to write")
     aggregate.add_argument("--out-csv", type=Path, required=True, help="tidy CSV (one row per run)")
     aggregate.add_argument(
-        "--study-info", type=_json_argument, default={}, help="study attributes (JSON)"
+        "--study-info", type=_json_object, default={}, help="study attributes (JSON)"
     )
 
     report = commands.add_parser("report", help="result cube → self-contained HTML report")
@@ -240,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--config",
-        type=_json_argument,
+        type=_json_object,
         required=True,
         help="the study config as JSON (the workflow passes its resolved config)",
     )
@@ -258,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["mgn", "rollout", "cnn", "aggregate", "report", "dryrun"])
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up")
     bench.add_argument("--runs", type=int, default=1000, help="runs of the generated study")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads")
+    bench.add_argument("--threads", type=_threads, default=None, help="torch threads")
     bench.add_argument(
         "--prepared",
         type=Path,
@@ -319,6 +355,13 @@ def run(args: argparse.Namespace) -> None:
         from sciquant.data.manifest import write_manifest
 
         fields = ("url", "sha256", "name", "extract")
+        for i, spec in enumerate(args.files):
+            missing = [key for key in ("url", "sha256") if key not in spec]
+            if missing:
+                raise SciquantError(
+                    f"fetch --files: entry {i} has no {' or '.join(missing)}; every file needs "
+                    "its url and sha256"
+                )
         files = [
             RemoteFile(**{k: v for k, v in spec.items() if k in fields}) for spec in args.files
         ]
@@ -336,7 +379,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "prepare":
         from sciquant.data import bloodflow
 
-        bloodflow.prepare(args.raw, args.out, bloodflow.PrepareSettings(**args.settings))
+        filled = section_with_defaults(args.settings, "bloodflow_prepare", "prepare")
+        bloodflow.prepare(args.raw, args.out, bloodflow.PrepareSettings(**filled))
     elif args.command == "overview" and args.workload == "md":
         from sciquant.data import overview
 
@@ -364,6 +408,11 @@ def run(args: argparse.Namespace) -> None:
             args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads,
             device=args.device,
         )  # fmt: skip
+    elif args.command == "evaluate" and _missing_coordinates(args.coordinates):
+        raise SciquantError(
+            f"evaluate --coordinates: no {', '.join(_missing_coordinates(args.coordinates))}; a "
+            f"run's coordinates are {', '.join(COORDINATES)}"
+        )
     elif args.command == "evaluate" and _is_keras_artifact(args.checkpoint):
         from sciquant.evaluate import md as evaluate_md
 

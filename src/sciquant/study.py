@@ -26,6 +26,7 @@ from sciquant.quant.observers import (
     METHODS,
     check_method_limits,
 )
+from sciquant.quant.spec import protection_settings
 from sciquant.quant.targets import Plan, get_target
 from sciquant.vocabulary import MIXED, node_device, schema_document, with_defaults
 from sciquant.vocabulary import SCHEMA as SCHEMA  # re-exported
@@ -451,6 +452,7 @@ def check_semantics(config: dict[str, Any]) -> None:
                 )
 
     _check_sweep(config)
+    _check_report(config)
     for name, model in config.get("models", {}).items():
         allowed = ARCHITECTURE_WORKLOADS[model["architecture"]]
         for dataset in model["datasets"]:
@@ -639,6 +641,21 @@ def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:
         raise SciquantError(f"{key}: {error}") from None
 
 
+def _check_report(config: dict[str, Any]) -> None:
+    """The report's error budget: every constraint a metric and a bound (its metric names are
+    checked against the result cube by the report stage, the first to know them); the QAT
+    degree protection's probabilities (`quantize.qat.degree_protection`), before any job."""
+    protection_settings(config["quantize"]["qat"])
+    budget = config["report"].get("budget")
+    if budget is not None:
+        from sciquant.report.cube import parse_budget
+
+        try:
+            parse_budget(budget)
+        except SciquantError as error:
+            raise SciquantError(f"config key report.budget: {error}") from None
+
+
 def _check_sweep(config: dict[str, Any]) -> None:
     """Every (target, precision) must be runnable for each model the entry applies to; nodes
     and models must exist."""
@@ -716,7 +733,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
             raise SciquantError(f"config key quantize.sensitivity.target: {error}") from None
         for key in ("precision", "fallback"):
             try:
-                target.plan(sensitivity.get(key, "w4a8"), "torch")
+                target.plan(sensitivity[key], "torch")
             except SciquantError as error:
                 raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
 
@@ -775,17 +792,73 @@ def _check_keras_export(plan: Plan) -> None:
         )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    and drops the first without a word: a second `quantize:` block would replace the first)."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping, on (1-based) lines `first` and `second`."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool):
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A study config file's mapping (empty file: {}); SciquantError naming the file for a
+    missing or unreadable file, text that is not UTF-8 YAML, a key given twice in one mapping,
+    or a document that is not a mapping of keys."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise SciquantError(f"{path}: config file not found") from error
+    except IsADirectoryError as error:
+        raise SciquantError(f"{path}: is a folder; give the study's YAML file") from error
+    except UnicodeDecodeError as error:
+        raise SciquantError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from error
+    except OSError as error:
+        raise SciquantError(f"{path}: cannot read the config file ({error})") from error
+    try:
+        config = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as error:
+        raise SciquantError(
+            f"{path}: line {error.second}: key {error.key!r} is given a second time in the same "
+            f"mapping (first on line {error.first}); YAML would keep only the last, so a study "
+            "config refuses it: merge the two"
+        ) from None
+    except yaml.YAMLError as error:
+        raise SciquantError(f"{path}: not valid YAML: {error}") from error
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise SciquantError(
+            f"{path}: a study config is a mapping of keys (study:, datasets:, models:, ...), "
+            f"not a {type(config).__name__}"
+        )
+    return config
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a study YAML, validate it against the schema (filling defaults) and check semantics.
 
     The same validation the workflow applies, for use outside Snakemake (submitit, tests).
     """
-    try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as error:
-        raise SciquantError(f"{path}: config file not found") from error
-    except yaml.YAMLError as error:
-        raise SciquantError(f"{path}: not valid YAML: {error}") from error
+    config = read_config_file(Path(path))
     config.update(overrides or {})
     validate_config(config, source=str(path))
     check_semantics(config)

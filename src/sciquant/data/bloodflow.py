@@ -168,6 +168,14 @@ class Split:
     test: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6 or self.train <= 0 or self.test <= 0 or self.valid < 0:
+            raise SciquantError(
+                f"prepare.split: train, valid and test must add up to 1 with train and test > 0 "
+                f"and valid ≥ 0; got {self.train:g} + {self.valid:g} + {self.test:g} = {total:g}"
+            )
+
 
 @dataclass(frozen=True)
 class PrepareSettings:
@@ -960,12 +968,29 @@ def load_index(prepared: Path) -> dict[str, Any]:
             f"{path}: not an object (found a {type(index).__name__}), not written by prepare; "
             "rerun the prepare stage"
         )
+    # the md workload's index.json has a `format` and no `workload`
+    other = index.get("workload", index.get("format"))
+    if other not in (None, "bloodflow"):
+        raise SciquantError(
+            f"{path}: prepared data of another workload ({other!r}), not blood flow; give the "
+            "prepared folder of a bloodflow dataset"
+        )
     if index.get("format_version") != FORMAT_VERSION:
         raise SciquantError(
             f"{path}: format version {index.get('format_version')} is not {FORMAT_VERSION}; "
             "rerun the prepare stage with this sciquant"
         )
+    missing = [key for key in _INDEX_KEYS if key not in index]
+    if missing:
+        raise SciquantError(
+            f"{path}: no {', '.join(missing)}; not written by prepare (or edited): rerun the "
+            "prepare stage"
+        )
     return index
+
+
+#: What every prepared blood-flow `index.json` holds (`prepare` writes them all).
+_INDEX_KEYS = ("settings", "simulations", "samples", "node_features", "statistics")
 
 
 def load_sample(prepared: Path, name: str) -> dict[str, np.ndarray]:

@@ -311,8 +311,20 @@ def is_quantized(path: Path) -> bool:
 def load_recommendation(path: Path) -> dict[str, Any]:
     """The mixed-precision recommendation written by `sciquant sensitivity`."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        recommendation = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SciquantError(
             f"{path}: cannot read the recommendation ({error}); rerun sensitivity"
         ) from error
+    if not isinstance(recommendation, dict) or not isinstance(
+        recommendation.get("layer_precisions"), dict
+    ):
+        raise SciquantError(
+            f"{path}: not a mixed-precision recommendation (no `layer_precisions`); give the "
+            "recommendation.json written by `sciquant sensitivity`"
+        )
+    if "high" not in recommendation:
+        raise SciquantError(
+            f"{path}: the recommendation has no `high` precision; rerun sensitivity"
+        )
+    return recommendation

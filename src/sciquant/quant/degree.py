@@ -91,9 +91,8 @@ from sciquant.quant.pytorch import (
     quantize_layers,
     set_mode,
 )
-from sciquant.quant.spec import Precision
+from sciquant.quant.spec import Precision, protection_settings
 from sciquant.quant.targets import Target
-from sciquant.vocabulary import section_with_defaults
 
 __all__ = [
     "quantize_degree_model",
@@ -119,7 +118,6 @@ JUNCTION_DEGREE = 3
 #: Module prefixes of MeshGraphNet's node-row layers (inputs [N, *]).
 NODE_ROW_PREFIXES = ("node_encoder.", "node_mlps.", "decoder.")
 #: The config section of the protection settings (for error messages).
-SETTINGS_KEY = "quantize.qat.degree_protection"
 
 
 @dataclass(frozen=True)
@@ -179,27 +177,6 @@ def protection_probability(degree: Tensor, p_min: float, p_max: float) -> Tensor
         return torch.full(degree.shape, float(p_min))
     fraction = (degree - lo) / (hi - lo)
     return (p_min + (p_max - p_min) * fraction).float()
-
-
-def protection_settings(qat: Mapping[str, Any] | None) -> tuple[float, float]:
-    """(p_min, p_max) of the config's ``quantize.qat`` section, the schema's defaults for what it
-    leaves out; SciquantError naming the key unless 0 <= p_min <= p_max <= 1."""
-    section = dict((qat or {}).get("degree_protection") or {})
-    unknown = sorted(set(section) - {"p_min", "p_max"})
-    if unknown:
-        raise SciquantError(
-            f"config key {SETTINGS_KEY}: unknown setting(s) {', '.join(unknown)}; known: "
-            "p_min, p_max"
-        )
-    filled = section_with_defaults({"qat": {"degree_protection": section}}, "quantize", "quantize")
-    protection = filled["qat"]["degree_protection"]
-    p_min, p_max = float(protection["p_min"]), float(protection["p_max"])
-    if not 0.0 <= p_min <= p_max <= 1.0:
-        raise SciquantError(
-            f"config key {SETTINGS_KEY}: need 0 <= p_min <= p_max <= 1, got p_min={p_min}, "
-            f"p_max={p_max}"
-        )
-    return p_min, p_max
 
 
 def node_row_layers(names: list[str]) -> list[str]:

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sciquant.errors import SciquantError
+from sciquant.errors import SciquantError, first_line
 from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.runtime.onnxruntime import cpu_has_vnni
 
@@ -188,7 +188,17 @@ def _store_weights_unsigned(proto: onnx.ModelProto) -> None:
 
 def is_dynamic(path: str | Path) -> bool:
     """Whether an ONNX file is a `ptq-dynamic` model written by `quantize_dynamic_onnx`."""
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError as error:
+        raise SciquantError(
+            f"{path}: ONNX file not found; run the run's export (or quantize) stage first"
+        ) from error
+    except Exception as error:  # protobuf's DecodeError and others for a damaged file
+        raise SciquantError(
+            f"{path}: not a readable ONNX model ({first_line(error)}); delete it and rerun its "
+            "export or quantize stage"
+        ) from error
     return any(
         p.key == _METADATA_METHOD and p.value == DYNAMIC_METHOD for p in proto.metadata_props
     )

@@ -36,12 +36,14 @@ index along `axis` (shape `[C]`, `C = x.shape[axis]`), broadcast along that axis
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from sciquant.errors import SciquantError
+from sciquant.vocabulary import section_with_defaults
 
 __all__ = [
     "Granularity",
@@ -281,3 +283,28 @@ def parse_precision(text: str) -> Precision:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+#: The config key of Degree-Quant's protection probabilities (`sciquant.quant.degree`).
+DEGREE_PROTECTION_KEY = "quantize.qat.degree_protection"
+
+
+def protection_settings(qat: Mapping[str, Any] | None) -> tuple[float, float]:
+    """(p_min, p_max) of the config's ``quantize.qat`` section, the schema's defaults for what it
+    leaves out; SciquantError naming the key unless 0 <= p_min <= p_max <= 1."""
+    section = dict((qat or {}).get("degree_protection") or {})
+    unknown = sorted(set(section) - {"p_min", "p_max"})
+    if unknown:
+        raise SciquantError(
+            f"config key {DEGREE_PROTECTION_KEY}: unknown setting(s) {', '.join(unknown)}; known: "
+            "p_min, p_max"
+        )
+    filled = section_with_defaults({"qat": {"degree_protection": section}}, "quantize", "quantize")
+    protection = filled["qat"]["degree_protection"]
+    p_min, p_max = float(protection["p_min"]), float(protection["p_max"])
+    if not 0.0 <= p_min <= p_max <= 1.0:
+        raise SciquantError(
+            f"config key {DEGREE_PROTECTION_KEY}: need 0 <= p_min <= p_max <= 1, got "
+            f"p_min={p_min}, p_max={p_max}"
+        )
+    return p_min, p_max

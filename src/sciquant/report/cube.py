@@ -145,6 +145,11 @@ def read_metrics(path: Path) -> RunRecord:
             f"({type(error).__name__}: {error}); it was not written by `sciquant evaluate`; "
             "delete it and rerun that stage"
         ) from error
+    if not isinstance(payload.get("metrics"), dict):
+        raise SciquantError(
+            f"{path}: no `metrics` object; it was not written by `sciquant evaluate` (or was "
+            "cut short): delete it and rerun that stage"
+        )
     listed = payload.get(NON_FINITE)
     non_finite = {
         keys[1]
@@ -851,6 +856,11 @@ def parse_budget(budget: dict[str, Any] | Sequence[dict[str, Any]] | None) -> li
     `min_ratio_to_fp32` (relative to the FP32 mean on the same target, else the reference's),
     `max_value`, `min_value` (in the metric's units); several bounds may share one metric.
     """
+    if budget is not None and not isinstance(budget, dict | list | tuple):
+        raise SciquantError(
+            f"error budget {budget!r}: give one constraint {{metric: NAME, BOUND: NUMBER}} or a "
+            "list of them"
+        )
     items = DEFAULT_BUDGET if budget is None else [budget] if isinstance(budget, dict) else budget
     constraints = []
     for item in items:
@@ -891,6 +901,23 @@ class Deployment:
     speedup: Estimate | None
     checks: tuple[Check, ...]
     reason: str
+
+
+def check_budget_metrics(cube: xr.Dataset, constraints: Sequence[Constraint]) -> None:
+    """SciquantError for a constraint on a metric no run of the cube has (a misspelt name would
+    otherwise drop out of the budget without a word), naming the closest metrics it has."""
+    import difflib
+
+    metrics = sorted(name for name in cube.data_vars if name not in RESERVED_NAMES)
+    for constraint in constraints:
+        if constraint.metric in cube.data_vars:
+            continue
+        close = difflib.get_close_matches(constraint.metric, metrics, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else "check the name"
+        raise SciquantError(
+            f"error budget: no run has the metric {constraint.metric!r} ({hint}); budget "
+            f"metrics are the names in metrics.json, e.g. {', '.join(metrics[:6])}"
+        )
 
 
 def applicable_constraints(runs: xr.Dataset, constraints: Sequence[Constraint]) -> list[Constraint]:

@@ -38,6 +38,7 @@ from sciquant.report.cube import (
     Estimate,
     RunKey,
     applicable_constraints,
+    check_budget_metrics,
     choose_deployments,
     contended_runs,
     diverged_metric_seeds,
@@ -730,6 +731,8 @@ def build_report(
     """
     constraints = parse_budget(error_budget)
     cube = load_cube(cube_path)
+    if error_budget is not None:  # the default budget names every workload's metrics
+        check_budget_metrics(cube, constraints)
     extras = extra_figures_section(extra_figures, sensitivity_csvs, Path.cwd())
     page = render(cube, constraints, extras, display_path(Path(cube_path), Path.cwd()))
     out_html.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ from sciquant.data.features import (
     step_inputs,
     to_tensors,
 )
-from sciquant.errors import SciquantError
+from sciquant.errors import SciquantError, first_line
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.provenance import (
     atomic_path,
@@ -304,8 +304,8 @@ def load_checkpoint(
         raise SciquantError(f"{path}: checkpoint not found; run the train stage first") from error
     except Exception as error:  # torch raises many types for a corrupt or foreign file
         raise SciquantError(
-            f"{path}: not a readable sciquant checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); delete it and rerun the train stage"
+            f"{path}: not a readable sciquant checkpoint ({first_line(error)}); delete it and "
+            "rerun the train stage"
         ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != expected_format:
         raise SciquantError(f"{path}: not a {label} checkpoint; delete it and rerun its stage")
