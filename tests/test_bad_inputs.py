@@ -129,6 +129,26 @@ def test_degree_protection_out_of_order_fails_the_config_check():
             ],
             "must add up to 1",
         ),  # fmt: skip
+        (
+            [
+                "quantize",
+                "--checkpoint",
+                "c.pt",
+                "--prepared",
+                "p",
+                "--target",
+                "reference",
+                "--method",
+                "ptq-mse",
+                "--precision",
+                "w8a8",
+                "--out",
+                "o",
+                "--settings",
+                '{"calibration_samples": 2}',
+            ],
+            "unknown calibration_samples",
+        ),  # fmt: skip
     ],
 )
 def test_command_line_input_of_the_wrong_shape(capsys, tmp_path, monkeypatch, argv, expected):
@@ -231,3 +251,25 @@ def test_a_misspelt_budget_metric_fails_the_report_with_the_closest_name(tmp_pat
     assert not (tmp_path / "index.html").exists()
     build_report(tmp_path / "metrics.nc", tmp_path / "index.html", budget[:1])
     assert (tmp_path / "index.html").exists()
+
+
+def test_runs_of_two_configs_are_flagged_and_a_missing_figure_is_named(tmp_path, capsys):
+    from sciquant.report.cube import aggregate, write_fake_study
+    from sciquant.report.html import build_report
+
+    paths = write_fake_study(tmp_path, 8)
+    stale = json.loads(paths[-1].read_text())
+    stale["config_hash"] = "f" * 64  # a run left from an earlier config
+    paths[-1].write_text(json.dumps(stale))
+    aggregate(paths, tmp_path / "metrics.nc", tmp_path / "metrics.csv", {"study": "t"})
+    page = build_report(
+        tmp_path / "metrics.nc", tmp_path / "index.html", extra_figures=[tmp_path / "gone.png"]
+    ).read_text()
+    assert "These runs come from 2 study configs" in page
+    assert "<code>ffffffffffff</code>" in page
+    assert f"figure {tmp_path / 'gone.png'} left out (no such file)" in capsys.readouterr().err
+
+    paths[-1].unlink()
+    aggregate(paths[:-1], tmp_path / "one.nc", tmp_path / "one.csv", {"study": "t"})
+    page = build_report(tmp_path / "one.nc", tmp_path / "one.html").read_text()
+    assert "study configs" not in page

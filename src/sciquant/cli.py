@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
-from sciquant.vocabulary import COORDINATES, node_device, section_with_defaults
+from sciquant.vocabulary import (
+    COORDINATES,
+    check_stage_settings,
+    node_device,
+    section_with_defaults,
+)
 
 
 def _json_argument(text: str) -> Any:
@@ -457,6 +462,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
         from sciquant.quant import md as quantize_md
 
+        check_stage_settings(args.settings, "quantize")
         section = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
         model = section_with_defaults(args.settings.get("model", {}), "icnnmd_model", "model")
         qat = section["qat"]

@@ -88,3 +88,14 @@ def with_defaults(validator_class: Any) -> Any:
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def check_stage_settings(settings: dict[str, Any], command: str) -> None:
+    """A `quantize` command's `--settings` hold `quantize` and `model` only (a
+    key of the quantize section given at the top would be left out without a word)."""
+    unknown = sorted(set(settings) - {"quantize", "model"})
+    if unknown:
+        raise SciquantError(
+            f"{command} --settings: unknown {', '.join(unknown)}; the settings are "
+            '{"quantize": <the config\'s quantize section>, "model": <the model\'s settings>}'
+        )

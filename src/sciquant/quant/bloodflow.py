@@ -50,7 +50,7 @@ from sciquant.train.bloodflow import (
     load_model,
     save_atomic,
 )
-from sciquant.vocabulary import MIXED, section_with_defaults
+from sciquant.vocabulary import MIXED, check_stage_settings, section_with_defaults
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
@@ -105,7 +105,9 @@ def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSe
 def quantize_section(settings: dict[str, Any]) -> dict[str, Any]:
     """The ``quantize`` entry of a stage's settings with the schema's defaults filled (the
     stage's values come from there, never from a literal here); SciquantError naming the key
-    for one the schema refuses."""
+    for one the schema refuses, or for settings beside `quantize` and `model` (a quantize key
+    given at the top, say, which would be left out without a word)."""
+    check_stage_settings(settings, "quantize")
     return section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
 
 

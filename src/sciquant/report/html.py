@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -632,14 +633,37 @@ def extra_figures_section(
         mime = IMAGE_TYPES.get(path.suffix.lower())
         if mime and path.is_file():
             rendered.append(image_html(path.read_bytes(), display_path(path, relative_to), mime))
+        else:
+            kind = "not a PNG or JPEG file" if path.is_file() else "no such file"
+            print(f"report: figure {path} left out ({kind})", file=sys.stderr)
     for path in map(Path, sensitivity_csvs):
         png = figures.sensitivity_heatmap(path)
         if png:
             rendered.append(image_html(png, display_path(path, relative_to)))
+        else:
+            print(f"report: sensitivity table {path} left out (missing or empty)", file=sys.stderr)
     if not rendered:
         return ""
     return (
         '<section id="figures"><h2>Rollouts and sensitivity</h2>' + "".join(rendered) + "</section>"
+    )
+
+
+def mixed_configs_note(cube: xr.Dataset) -> str:
+    """A warning at the top where the runs come from more than one study config (a results
+    folder with runs of an earlier config, aggregated by hand): their numbers were made under
+    different settings and do not compare side by side."""
+    try:
+        hashes = json.loads(str(cube.attrs.get("run_config_hashes", "[]")))
+    except json.JSONDecodeError:
+        return ""
+    if not isinstance(hashes, list) or len(hashes) < 2:
+        return ""
+    shown = ", ".join(f"<code>{escape(str(h)[:12])}</code>" for h in hashes)
+    return (
+        f'<p class="note"><strong>These runs come from {len(hashes)} study configs</strong> '
+        f"(config hashes {shown}): numbers made under different settings do not compare side by "
+        "side. Rerun the study, or aggregate the runs of one config only.</p>"
     )
 
 
@@ -709,7 +733,7 @@ def render(
         f"<h1>Quantization study “{escape(study)}”</h1>"
         f'<p class="meta">{int(cube.attrs.get("runs", 0))} runs · seeds {escape(seeds)} · '
         f"from <code>{escape(source)}</code></p>"
-        f"<nav><ul>{contents}</ul></nav>"
+        f"<nav><ul>{contents}</ul></nav>" + mixed_configs_note(cube)
     )
     body = "".join(workload_section(d, m, runs, constraints) for d, m, runs in slices)
     return head + body + extras + provenance_section(cube) + "</main></body></html>\n"
