@@ -30,7 +30,6 @@ from sciquant.data.features import (  # noqa: E402
     step_inputs,
     to_tensors,
 )
-from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.evaluate.physics import (  # noqa: E402
     BASELINES,
     baseline_errors,
@@ -283,10 +282,6 @@ def _plot_nodes(graph: GraphTensors) -> list[tuple[str, int]]:
     return nodes
 
 
-#: TensorRT build precision of a run's precision label.
-TENSORRT_PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "w8a8": "int8"}
-
-
 def load_step(
     checkpoint: Path,
     onnx: Path | None,
@@ -329,20 +324,14 @@ def load_step(
         # Compiled for the batched test graph's size (static shapes), as a rollout deploys it.
         return OvStep(onnx, precision, threads or 1, shapes=shapes), state, sizes
     if onnx is not None and runtime == "tensorrt":
-        from sciquant.runtime.tensorrt import TrtStep, graph_dims
+        from sciquant.runtime.tensorrt import TrtStep, build_precision, graph_dims
 
-        if precision not in TENSORRT_PRECISIONS:
-            raise SciquantError(
-                f"precision {precision} does not run natively on TensorRT "
-                f"(native: {', '.join(TENSORRT_PRECISIONS)}); evaluate it as a simulation"
-            )
+        engine_precision = build_precision(precision)
         merged, _ = merge_graphs(graphs or [])
         dims = graph_dims(merged.edge_index, merged.num_nodes)
         sizes["artifact_bytes"] = onnx.stat().st_size
         # The rollout keeps its state on the GPU (models.rollout's `device`): outputs stay there.
-        step = TrtStep.from_onnx(
-            onnx, precision=TENSORRT_PRECISIONS[precision], keep_on_device=True, **dims
-        )
+        step = TrtStep.from_onnx(onnx, precision=engine_precision, keep_on_device=True, **dims)
         return step, state, sizes
     if onnx is not None:
         from sciquant.quant.dynamic import dynamic_size, is_dynamic

@@ -96,6 +96,22 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "fp16", "int8"]
+#: The engine precision of each run precision a TensorRT target runs natively: the keys are the
+#: TensorRT rows' `native_precisions` of the targets table (a test holds them equal).
+BUILD_PRECISIONS: Mapping[str, Precision] = {"fp32": "fp32", "fp16": "fp16", "w8a8": "int8"}
+
+
+def build_precision(precision: str) -> Precision:
+    """The engine precision of run precision `precision`; SciquantError for one TensorRT does
+    not run natively."""
+    if precision not in BUILD_PRECISIONS:
+        raise SciquantError(
+            f"precision {precision} does not run natively on TensorRT "
+            f"(native: {', '.join(BUILD_PRECISIONS)}); evaluate it as a simulation"
+        )
+    return BUILD_PRECISIONS[precision]
+
+
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: Optimization-profile shapes per input name: (min, opt, max), each a shape tuple.
 Profile = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]
