@@ -72,6 +72,23 @@ def test_a_folder_or_non_utf8_file_as_config(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("section", "name", "key"),
+    [("datasets", "bloodflow", "workload"), ("models", "meshgraphnet", "architecture")],
+)
+def test_a_missing_kind_is_the_one_error_reported(tmp_path, section, name, key):
+    """Without its kind a dataset or model was also checked against the other kind's keys,
+    and every key the user wrote was listed as unexpected."""
+    config = ci_config()
+    del config[section][name][key]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SciquantError) as error:
+        load_config(path)
+    lines = str(error.value).splitlines()[1:]
+    assert lines == [f"  config key {section}.{name}: '{key}' is a required property"]
+
+
 def test_a_budget_without_a_bound_fails_the_config_check():
     config = ci_config()
     config["report"] = {"budget": {"metric": "pressure_error_pct"}}

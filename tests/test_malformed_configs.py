@@ -140,8 +140,8 @@ CASES = [
     ("sensitivity-keras-model", {"quantize": {"sensitivity": {"models": ["nope"]}}},
      "config key quantize.sensitivity.models: 'nope' is not a PyTorch model"),
     ("formulation-unknown", model(formulation="graph"), "formulation"),
-    ("prior-unknown", {"datasets": {"bloodflow": {"prepare": {"prior": "exact"}}}},
-     "prior"),
+    ("prior-unknown", dataset(prepare={**CI["datasets"]["bloodflow"]["prepare"], "prior": "exact"}),
+     "config key datasets.bloodflow.prepare.prior: 'exact' is not one of"),
     # md datasets, Keras models and sweeps across frameworks
     ("md-keras-onnx-target", md(sweeps=[{"targets": ["cpu-x86"], "methods": ["ptq-minmax"],
                                          "precisions": ["w8a8"]}]),

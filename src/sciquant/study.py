@@ -891,7 +891,25 @@ def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:
     errors = sorted(
         validator_class(schema_document()).iter_errors(config), key=lambda e: list(e.path)
     )
+    # Without its `workload` / `architecture` a dataset or model is checked against another
+    # kind's keys: the missing key is the error, the other kind's complaints below it are not.
+    undecided = [
+        list(e.absolute_path)
+        for e in errors
+        if e.validator == "required" and set(e.validator_value) & set(DISCRIMINATORS)
+        and any(key not in e.instance for key in DISCRIMINATORS if key in e.validator_value)
+    ]  # fmt: skip
+    errors = [
+        e
+        for e in errors
+        if e.validator == "required"
+        or not any(list(e.absolute_path)[: len(path)] == path for path in undecided)
+    ]
     return [describe(error) for error in errors[:limit]]
+
+
+#: The keys that say which kind a dataset (`workload`) or a model (`architecture`) is.
+DISCRIMINATORS = ("workload", "architecture")
 
 
 def describe(error: Any) -> str:
