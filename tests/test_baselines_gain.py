@@ -142,3 +142,19 @@ def test_report_says_when_the_network_has_no_gain() -> None:
     # Better on average, but not beyond the test set's noise: flagged too.
     runs["network_gain_pressure_pct_ci_low"] = (tuple(coords), np.full((1, 1, 1, 1), -0.1))
     assert "pressure error" in no_gain_note({"pressure_error_pct": 4.0}, runs)
+
+
+def test_report_says_when_the_gains_baseline_is_the_weaker_one() -> None:
+    from sciquant.report.html import weaker_baseline_note
+
+    baselines = {
+        "lumped_model": {"pressure_error_pct": 3.94, "flowrate_error_pct": 8.83},
+        "calibrated_model": {"pressure_error_pct": 4.20, "flowrate_error_pct": 8.00},
+    }
+    note = weaker_baseline_note(baselines)
+    assert "errs more than another baseline" in note
+    assert "pressure error [%]: 4.200 against 3.940 for the lumped tree" in note
+    assert "8.830" not in note  # on flow the calibrated prior is the better one
+    baselines["lumped_model"]["pressure_error_pct"] = 4.5
+    assert weaker_baseline_note(baselines) == ""
+    assert weaker_baseline_note({"calibrated_model": {"pressure_error_pct": 1.0}}) == ""

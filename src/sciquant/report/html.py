@@ -420,7 +420,35 @@ def baselines_note(dataset: str, runs: xr.Dataset) -> str:
         '<p class="note baseline-note">Without a network, on the same test data: '
         + "; ".join(sentences)
         + ".</p>"
+        + weaker_baseline_note(baselines)
         + no_gain_note(baselines.get(GAIN_BASELINE, {}), runs)
+    )
+
+
+def weaker_baseline_note(baselines: dict[str, dict[str, float]]) -> str:
+    """A note for each error on which the retained gain's baseline (`GAIN_BASELINE`) errs more
+    than another no-network baseline: the gain is then measured against the weaker of the two,
+    and the network's margin over the stronger one is smaller than the gain suggests."""
+    chosen = baselines.get(GAIN_BASELINE, {})
+    fields = []
+    for metric, value in chosen.items():
+        if not metric.endswith("_error_pct") or not isinstance(value, int | float):
+            continue
+        for name, other in baselines.items():
+            better = other.get(metric) if name != GAIN_BASELINE else None
+            if isinstance(better, int | float) and better < value:
+                label = BASELINE_NAMES.get(name, name.replace("_", " ")).split(" (")[0]
+                fields.append(
+                    f"{figures.metric_label(metric)}: {format_value(value)} against "
+                    f"{format_value(better)} for {label}"
+                )
+    if not fields:
+        return ""
+    return (
+        '<p class="note weaker-baseline-note">! The retained gain\'s baseline, the calibrated '
+        f"prior, errs more than another baseline without a network ({escape('; '.join(fields))})"
+        ": the network's margin over the best no-network answer is smaller than its gain over "
+        "the calibrated prior.</p>"
     )
 
 
