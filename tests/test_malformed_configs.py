@@ -179,6 +179,9 @@ CASES = [
     # not a study at all
     ("yaml-syntax", "study: ci\nseeds: [0\n", "Config file is not valid JSON or YAML"),
     ("yaml-list", "- study\n- ci\n", "Config file must be given as JSON or YAML with keys"),
+    # YAML keeps the last of a key given twice: the second block would replace the first
+    ("key-twice", (ROOT / "workflow" / "config" / "ci.yaml").read_text() + "\nquantize: {}\n",
+     "key 'quantize' is given a second time in the same mapping"),
     ("simulator-values-impossible",
      dataset(source={"embedded": {"parameters": {"branch_count_range": [9, 3]}}}),
      "config key datasets.bloodflow.source.embedded.parameters"),
