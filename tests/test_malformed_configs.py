@@ -231,17 +231,51 @@ def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, int]]:
     return {name: (root / name, code) for name, code in zip(names, codes, strict=True)}
 
 
-def forked_dry_runs(jobs: list[tuple[Path, Any]]) -> list[int]:
-    """`dry_run` of every (workdir, change), two at a time, each in a fresh fork."""
+def forked_dry_runs(jobs: list[tuple[Path, Any]], timeout: float = 300.0) -> list[int]:
+    """`dry_run` of every (workdir, change), two at a time, each in a fresh fork.
+
+    The forks are made here, on the main thread, with no helper threads alive: a pool forks its
+    replacement workers from a thread of its own, and a fork taken while another thread holds a
+    lock can hang on that lock for good (seen once in CI). A fork that outlives `timeout`
+    seconds is killed and run once more alone; killed again, its case fails with code -9.
+    """
     # Objects of this process (TensorFlow's, where an earlier test loaded it) must not be
     # collected in a fork: their finalizers call into a runtime whose threads did not fork.
     gc.collect()
     gc.freeze()
+    context = multiprocessing.get_context("fork")
+    codes: list[int] = [0] * len(jobs)
     try:
-        with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
-            return pool.starmap_async(dry_run, jobs).get(timeout=300)
+        for start in range(0, len(jobs), 2):
+            running = []
+            for index in range(start, min(start + 2, len(jobs))):
+                process = context.Process(target=_exit_with_dry_run, args=jobs[index])
+                process.start()
+                running.append((index, process))
+            for index, process in running:
+                codes[index] = _joined(process, timeout)
+                if codes[index] == -9:  # hung: once more, alone
+                    retry = context.Process(target=_exit_with_dry_run, args=jobs[index])
+                    retry.start()
+                    codes[index] = _joined(retry, timeout)
     finally:
         gc.unfreeze()
+    return codes
+
+
+def _joined(process: Any, timeout: float) -> int:
+    """The exit status of a fork, killed (-9) where it runs past `timeout` seconds."""
+    process.join(timeout)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        return -9
+    return process.exitcode
+
+
+def _exit_with_dry_run(workdir: Path, change: Any) -> None:
+    """A fork's whole life: one dry run, its exit status the fork's."""
+    os._exit(dry_run(workdir, change))
 
 
 def test_cases_are_many_and_new() -> None:
