@@ -16,6 +16,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
+include: "rules/workload.smk"
 include: "rules/batch.smk"
 include: "rules/report.smk"
 

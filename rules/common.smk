@@ -3,8 +3,6 @@ import json
 import math
 from pathlib import Path
 
-from snakemake.utils import validate
-
 from sciquant.batch import SEED as BATCH_SEED
 from sciquant.batch import batch_files
 from sciquant.batch import plan as batch_plan
@@ -13,6 +11,7 @@ from sciquant.errors import SciquantError
 from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.quant.targets import TARGETS
 from sciquant.study import (
+    BUILT_IN_WORKLOADS,
     CALIBRATED_METHODS,
     FETCH_LIMITS,
     QUANTIZATION_METHODS,
@@ -37,13 +36,14 @@ for _configfile in workflow.configfiles:
         read_config_file(Path(_configfile))
     except SciquantError as error:
         raise WorkflowError(str(error)) from None
+# The schema file with the installed workload plug-ins' parts (`sciquant.workloads`); its
+# defaults are filled into `config` as it is checked, as snakemake's `validate` would.
 try:
-    validate(config, schema="../workflow/schemas/config.schema.yaml")
-except WorkflowError:
-    # snakemake's message dumps the schema; name the keys and what is wrong instead.
-    raise WorkflowError(
-        "invalid study config:\n" + "\n".join(schema_errors(config))
-    ) from None
+    _errors = schema_errors(config)
+except SciquantError as error:
+    raise WorkflowError(str(error)) from None
+if _errors:
+    raise WorkflowError("invalid study config:\n" + "\n".join(_errors))
 try:
     study = Study(config)
     BATCHES = batch_plan(study)
@@ -70,8 +70,26 @@ def datasets_of(workload):
 
 
 def models_of(framework):
-    """Names of the models of a framework (`torch` or `keras`)."""
-    return [name for name in sorted(study.models) if study.framework(name) == framework]
+    """Names of the built-in models of a framework (`torch` or `keras`)."""
+    return [
+        name
+        for name in sorted(study.models)
+        if study.framework(name) == framework and not study.is_plugin(name)
+    ]
+
+
+def plugin_models():
+    """Names of the models of plug-in workloads (their stages: rules/workload.smk)."""
+    return [name for name in sorted(study.models) if study.is_plugin(name)]
+
+
+def plugin_datasets():
+    """Names of the datasets of plug-in workloads."""
+    return [
+        name
+        for name in dataset_names()
+        if study.workload(name) not in BUILT_IN_WORKLOADS
+    ]
 
 
 def alternatives(names):
@@ -113,6 +131,11 @@ def get_fetch_limits(wildcards):
     """The config's download and archive limits (`limits:`), as JSON; {} keeps fetch's own."""
     limits = config.get("limits", {})
     return json.dumps({key: limits[key] for key in FETCH_LIMITS if key in limits})
+
+
+def get_dataset_workload(wildcards):
+    """The dataset's workload (`bloodflow`, `md` or a plug-in's)."""
+    return study.workload(wildcards.dataset)
 
 
 def get_prepare_params(wildcards):
@@ -282,7 +305,7 @@ def get_report_figures():
         for run in study.runs()
         if (run.seed, run.target, run.method, run.precision)
         == (first_seed, "reference", "none", "fp32")
-        for field in fields[study.workload(run.dataset)]
+        for field in fields.get(study.workload(run.dataset), ())
     ]
 
 

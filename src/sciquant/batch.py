@@ -43,10 +43,10 @@ from typing import Any
 
 from sciquant.errors import SciquantError
 from sciquant.study import (
-    ARCHITECTURE_WORKLOADS,
     CALIBRATED_METHODS,
     Run,
     Study,
+    architecture_workloads,
     evaluation_inputs,
     quantize_inputs,
     training_of,
@@ -237,12 +237,11 @@ def _quantize_outputs(study: Study, run: Run) -> tuple[str, ...]:
 
 def _workload(study: Study, run: Run) -> str:
     """The run's workload, from its model's architecture (a pattern's dataset is a wildcard)."""
-    architecture = study.models[run.model]["architecture"]
-    return ARCHITECTURE_WORKLOADS[architecture][0]
+    return architecture_workloads(study.models[run.model]["architecture"])[0]
 
 
 def _evaluate_outputs(study: Study, run: Run) -> tuple[str, ...]:
-    figures = FIGURES[_workload(study, run)]
+    figures = FIGURES.get(_workload(study, run), ())  # a plug-in's evaluation: metrics.json
     return (f"{run.folder}/metrics.json", *(f"{run.folder}/{name}" for name in figures))
 
 

@@ -76,6 +76,108 @@ def _add_settings(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+#: What a stage's `workload` argument takes.
+WORKLOAD_HELP = "bloodflow, md, or an installed plug-in's (entry point group sciquant.workloads)"
+
+
+def _add_workload_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workload",
+        default=None,
+        help="the dataset's workload where it is a plug-in's (entry point group "
+        "sciquant.workloads); default: the built-in workload the artifact is for",
+    )
+
+
+def _plugin(name: str | None) -> Any:
+    """The plug-in workload called `name` (None for none, or a built-in one's name)."""
+    from sciquant.workloads import BUILT_IN, get_workload
+
+    if name is None or name in BUILT_IN:
+        return None
+    return get_workload(name)
+
+
+def _architecture_plugin(settings: dict[str, Any]) -> Any:
+    """The plug-in workload of the architecture in a model's settings (None: a built-in one)."""
+    from sciquant.workloads import BUILT_IN_ARCHITECTURES, architecture_workload
+
+    architecture = settings.get("architecture")
+    if architecture is None or architecture in BUILT_IN_ARCHITECTURES:
+        return None
+    return architecture_workload(architecture)
+
+
+def _plugin_stage(args: argparse.Namespace) -> bool:
+    """Run a plug-in workload's stage; False where the command is not one of a plug-in's."""
+    from sciquant.vocabulary import section_with_defaults
+
+    command = args.command
+    if command in ("synthesize", "prepare", "overview"):
+        workload = _plugin(args.workload)
+    elif command == "train":
+        workload = _architecture_plugin(args.settings)
+    elif command == "quantize":
+        workload = _architecture_plugin(args.settings.get("model", {}))
+    elif command in ("evaluate", "export"):
+        workload = _plugin(args.workload)
+    else:
+        return False
+    if workload is None:
+        return False
+    if command == "synthesize":
+        from sciquant.data.manifest import write_manifest
+
+        schema = workload.simulation_schema or {"type": "object"}
+        settings = _filled(args.settings, schema, "source.embedded")
+        workload.synthesize(args.out, settings)
+        write_manifest(args.out, source={"embedded": settings})
+    elif command == "prepare":
+        settings = _filled(args.settings, workload.prepare_schema, "prepare")
+        workload.prepare(args.raw, args.out, settings)
+    elif command == "overview":
+        workload.overview(args.raw, args.prepared, args.out)
+    elif command == "train":
+        settings = {**args.settings}
+        settings["train"] = section_with_defaults(settings.get("train", {}), "plugin_train",
+                                                  "train")  # fmt: skip
+        workload.train(args.prepared, args.out, settings, seed=args.seed, threads=args.threads,
+                       device=args.device)  # fmt: skip
+    elif command == "quantize":
+        workload.quantize(
+            args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
+            precision=args.precision, settings=args.settings, seed=args.seed,
+            threads=args.threads, recommendation=args.recommendation,
+        )  # fmt: skip
+    elif command == "export":
+        workload.export(args.checkpoint, args.prepared, args.out)
+    else:
+        workload.evaluate(
+            args.checkpoint, args.prepared, args.out, settings=args.settings,
+            coordinates=args.coordinates, threads=args.threads, onnx=args.onnx,
+            runtime=args.runtime, simulated=args.simulated, baseline=args.baseline_checkpoint,
+            baseline_onnx=args.baseline_onnx, device=args.device,
+        )  # fmt: skip
+    return True
+
+
+def _filled(section: dict[str, Any], schema: dict[str, Any], key: str) -> dict[str, Any]:
+    """A plug-in's settings section with its schema's defaults filled, validated."""
+    import jsonschema
+
+    from sciquant.vocabulary import with_defaults
+
+    filled = json.loads(json.dumps(section))
+    errors = list(with_defaults(jsonschema.Draft202012Validator)(schema).iter_errors(filled))
+    if errors:
+        lines = [
+            f"  config key {'.'.join([key, *(str(p) for p in e.absolute_path)])}: {e.message}"
+            for e in errors[:10]
+        ]
+        raise SciquantError("invalid settings:\n" + "\n".join(lines))
+    return filled
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sciquant",
@@ -86,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize = commands.add_parser(
         "synthesize", help="write the embedded dataset (simulated, in the real raw format)"
     )
-    synthesize.add_argument("workload", choices=["bloodflow", "md"])
+    synthesize.add_argument("workload", help=WORKLOAD_HELP)
     _add_settings(
         synthesize,
         "simulator settings (bloodflow: n_simulations, seed, parameters; md: n_beads, frames,"
@@ -114,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser(
         "prepare", help="raw files → graph samples (bloodflow) or pixel maps (md), splits"
     )
-    prepare.add_argument("workload", choices=["bloodflow", "md"])
+    prepare.add_argument("workload", help=WORKLOAD_HELP)
     prepare.add_argument(
         "--raw",
         type=Path,
@@ -127,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     overview = commands.add_parser(
         "overview", help="figure of the data (bloodflow: inlet and outlets; md: pixel maps)"
     )
-    overview.add_argument("workload", choices=["bloodflow", "md"])
+    overview.add_argument("workload", help=WORKLOAD_HELP)
     overview.add_argument("--raw", type=Path, required=True, help="raw data folder")
     overview.add_argument(
         "--prepared", type=Path, default=None, help="prepared data folder (md: the pixel maps)"
@@ -203,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bloodflow: the target's FP32 model.onnx (ONNX Runtime / TensorRT targets), run "
         "as the paired timing's baseline",
     )
+    _add_workload_option(evaluate)
     evaluate.add_argument("--out", type=Path, required=True, help="run folder to write")
 
     quantize = commands.add_parser(
@@ -249,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prepared data (a quantized export traces a test graph)",
     )
+    _add_workload_option(export)
     export.add_argument("--out", type=Path, required=True, help="ONNX file to write")
 
     aggregate = commands.add_parser(
@@ -335,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Dispatch to the stage function (imported here so `--help` stays fast)."""
+    if _plugin_stage(args):
+        return
     if args.command == "synthesize" and args.workload == "md":
         from sciquant.data import md_sim
         from sciquant.data.manifest import write_manifest

@@ -199,6 +199,10 @@ def stage_commands(stage: str, study: Study, runs: list[Run]) -> list[tuple[str,
                     "export", "--checkpoint", f"{training}/checkpoint.pt",
                     "--out", f"{run.folder}/model.onnx",
                 ]  # fmt: skip
+            if study.is_plugin(run.model):  # its workload exports it, tracing a test sample
+                argv[-2:-2] = ["--workload", study.workload(run.dataset)]
+                if "--prepared" not in argv:
+                    argv[-2:-2] = ["--prepared", prepared(run.dataset)]
             commands.append((f"{_label(run)}/model.onnx", CPU_NODE, argv))
     elif stage == "evaluate":
         config_hash = study.config_hash()

@@ -34,7 +34,32 @@ from sciquant.vocabulary import section_with_defaults as section_with_defaults  
 
 #: Which model architectures can learn which workloads, and in which framework.
 ARCHITECTURE_WORKLOADS = {"meshgraphnet": ("bloodflow",), "icnnmd": ("md",)}
+#: The workloads sciquant brings (their settings checked below; a plug-in's by its schema).
+BUILT_IN_WORKLOADS = ("bloodflow", "md")
 ARCHITECTURE_FRAMEWORK = {"meshgraphnet": "torch", "icnnmd": "keras"}
+
+
+def architecture_framework(architecture: str) -> str:
+    """`torch` or `keras`: the framework of an architecture (a plug-in's from its workload)."""
+    if architecture in ARCHITECTURE_FRAMEWORK:
+        return ARCHITECTURE_FRAMEWORK[architecture]
+    from sciquant.workloads import architecture_workload
+
+    return architecture_workload(architecture).architectures[architecture]
+
+
+def architecture_workloads(architecture: str) -> tuple[str, ...]:
+    """The workloads whose datasets a model of this architecture learns."""
+    if architecture in ARCHITECTURE_WORKLOADS:
+        return ARCHITECTURE_WORKLOADS[architecture]
+    from sciquant.workloads import architecture_workload
+
+    return (architecture_workload(architecture).name,)
+
+
+def is_plugin_architecture(architecture: str) -> bool:
+    """Whether an architecture is a plug-in workload's (not a built-in one)."""
+    return architecture not in ARCHITECTURE_FRAMEWORK
 #: Smallest pixel-map side the ICNNMD network takes (`sciquant.models.icnnmd.MIN_GRID`, not
 #: imported here: Keras takes seconds to import, and dry runs read this module).
 ICNNMD_MIN_GRID = 10
@@ -112,7 +137,11 @@ class Study:
 
     def framework(self, model: str) -> str:
         """`torch` or `keras`: the framework of a model's architecture."""
-        return ARCHITECTURE_FRAMEWORK[self.models[model]["architecture"]]
+        return architecture_framework(self.models[model]["architecture"])
+
+    def is_plugin(self, model: str) -> bool:
+        """Whether a model is a plug-in workload's (its stages: `rules/workload.smk`)."""
+        return is_plugin_architecture(self.models[model]["architecture"])
 
     def workload(self, dataset: str) -> str:
         """`bloodflow` or `md`."""
@@ -324,6 +353,8 @@ def runtime_arguments(study: Study, run: Run, inputs: dict[str, str]) -> list[st
     label, and `--device cuda` where the run's node type has a GPU."""
     plan = study.plan(run)
     flags = ["--onnx", inputs["onnx"]] if "onnx" in inputs else []
+    if study.is_plugin(run.model):  # a plug-in's runs are evaluated by its workload
+        flags = ["--workload", study.workload(run.dataset), *flags]
     if flags and plan.runtime in ("tensorrt", "openvino"):
         flags += ["--runtime", plan.runtime]
     if "baseline_checkpoint" in inputs:
@@ -420,6 +451,8 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key datasets.{name}.source: give exactly one of `embedded` or `files` "
                 f"(found {given or 'neither'})"
             )
+        if dataset.get("workload") not in BUILT_IN_WORKLOADS:
+            continue  # a plug-in's settings: its schema's to check
         split = dataset["prepare"]["split"]
         fractions = [split[k] for k in ("train", "valid", "test")]
         if abs(sum(fractions) - 1.0) > 1e-6:
@@ -454,7 +487,7 @@ def check_semantics(config: dict[str, Any]) -> None:
     _check_sweep(config)
     _check_report(config)
     for name, model in config.get("models", {}).items():
-        allowed = ARCHITECTURE_WORKLOADS[model["architecture"]]
+        allowed = architecture_workloads(model["architecture"])
         for dataset in model["datasets"]:
             if dataset not in datasets:
                 raise SciquantError(
@@ -538,6 +571,8 @@ def _check_limits(config: dict[str, Any]) -> None:
     for name, dataset in config.get("datasets", {}).items():
         key = f"config key datasets.{name}"
         embedded = dataset.get("source", {}).get("embedded")
+        if dataset.get("workload") not in BUILT_IN_WORKLOADS:
+            continue
         if dataset.get("workload") == "md":
             if embedded is not None:
                 _at_most(f"{key}.source.embedded.frames", embedded["frames"],
@@ -670,7 +705,8 @@ def _check_sweep(config: dict[str, Any]) -> None:
                     f"{', '.join(sorted(models)) or 'none'}"
                 )
         chosen = entry.get("models", sorted(models))
-        frameworks = {ARCHITECTURE_FRAMEWORK[models[m]["architecture"]]: m for m in chosen}
+        frameworks = {architecture_framework(models[m]["architecture"]): m for m in chosen}
+        _check_plugin_methods(key, entry, {m: models[m] for m in chosen})
         for target_name in entry["targets"]:
             try:
                 target = get_target(target_name)
@@ -736,6 +772,30 @@ def _check_sweep(config: dict[str, Any]) -> None:
                 target.plan(sensitivity[key], "torch")
             except SciquantError as error:
                 raise SciquantError(f"config key quantize.sensitivity.{key}: {error}") from None
+
+
+def _check_plugin_methods(key: str, entry: dict[str, Any], models: dict[str, Any]) -> None:
+    """A plug-in workload's models take the methods its workload lists (`methods`), and no
+    mixed precision (that needs the MeshGraphNet sensitivity analysis)."""
+    from sciquant.workloads import architecture_workload
+
+    for name, model in sorted(models.items()):
+        if not is_plugin_architecture(model["architecture"]):
+            continue
+        workload = architecture_workload(model["architecture"])
+        known = getattr(workload, "methods", ())
+        methods = [m for m in entry["methods"] if m != "none" and m not in known]
+        if methods:
+            raise SciquantError(
+                f"{key}.methods: {', '.join(methods)} is not available for {name} (workload "
+                f"{workload.name}); its methods: {', '.join(known) or 'none'}"
+                f"{_models_hint(entry, name)}"
+            )
+        if MIXED in entry["precisions"]:
+            raise SciquantError(
+                f"{key}.precisions: `mixed` needs the sensitivity analysis of a MeshGraphNet; "
+                f"{name} (workload {workload.name}) has none{_models_hint(entry, name)}"
+            )
 
 
 def _check_dynamic(

@@ -49,7 +49,27 @@ def schema_document() -> dict[str, Any]:
     """The parsed config schema (read once per process; callers must not change it)."""
     import yaml
 
-    return yaml.safe_load(SCHEMA.read_text())
+    from sciquant.workloads import schema_fragments
+
+    document = yaml.safe_load(SCHEMA.read_text())
+    plugins = schema_fragments()
+    # An installed workload plug-in's datasets and models: its name in the enum, its keys
+    # checked like a built-in's (`sciquant.workloads.schema_fragments`).
+    for kind, key, fragments in (
+        ("dataset", "workload", plugins["workloads"]),
+        ("model", "architecture", plugins["architectures"]),
+    ):
+        definition = document["$defs"][kind]
+        for name, fragment in fragments.items():
+            document["$defs"][f"{name}_{kind}"] = fragment
+            definition["properties"][key]["enum"].append(name)
+            definition["allOf"].append(
+                {
+                    "if": {"properties": {key: {"const": name}}},
+                    "then": {"$ref": f"#/$defs/{name}_{kind}"},
+                }
+            )
+    return document
 
 
 def section_with_defaults(section: dict[str, Any], definition: str, key: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -328,6 +328,9 @@ def export_qdq_onnx(
     path: str | Path,
     example_inputs: Sequence[Tensor],
     weight_dtype: WeightDtype | None = None,
+    input_names: Sequence[str] = INPUT_NAMES,
+    output_name: str = OUTPUT_NAME,
+    dynamic_shapes: Sequence[dict[int, Any]] | None = None,
 ) -> Path:
     """Write the calibrated fake-quant `qmodel` as an ONNX QDQ graph (opset 18) and check it.
 
@@ -337,6 +340,10 @@ def export_qdq_onnx(
     tracing. weight_dtype: ``int8`` or ``uint8`` weight storage; None picks ``uint8`` for the
     onnxruntime target on a CPU without VNNI, else ``int8`` (module docstring). The model's
     metadata records target, precision, method and weight storage.
+
+    Another model (a plug-in workload's, `sciquant.workloads.pytorch`) names its own
+    `input_names`, `output_name` and `dynamic_shapes` (per input, ``{axis: torch.export.Dim}``;
+    None: the graph's node and edge counts above).
     """
     limits = METHOD_LIMITS.get(qmodel.method)
     if limits is not None and limits.backends is not None:
@@ -347,27 +354,29 @@ def export_qdq_onnx(
     weight_dtype = weight_dtype or _default_weight_dtype(qmodel)
     if weight_dtype not in _STORAGE:
         raise SciquantError(f"weight_dtype must be int8 or uint8, got {weight_dtype!r}")
-    if len(example_inputs) != len(INPUT_NAMES):
+    if len(example_inputs) != len(input_names):
         raise SciquantError(
-            f"example_inputs must be ({', '.join(INPUT_NAMES)}), got {len(example_inputs)} tensors"
+            f"example_inputs must be ({', '.join(input_names)}), got {len(example_inputs)} tensors"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fold_bias = qmodel.target.backend in INTEGER_BIAS_BACKENDS
     model = _qdq_copy(qmodel, weight_dtype, fold_bias, qmodel.target.backend in SPLIT_BACKENDS)
-    nodes = torch.export.Dim("num_nodes", min=2)
-    edges = torch.export.Dim("num_edges", min=2)
+    if dynamic_shapes is None:
+        nodes = torch.export.Dim("num_nodes", min=2)
+        edges = torch.export.Dim("num_edges", min=2)
+        dynamic_shapes = ({0: nodes}, {0: edges}, {1: edges})
     with torch.no_grad():
         torch.onnx.export(
             model,
             tuple(example_inputs),
             str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=[OUTPUT_NAME],
+            input_names=list(input_names),
+            output_names=[output_name],
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
-            dynamic_shapes=({0: nodes}, {0: edges}, {1: edges}),
+            dynamic_shapes=tuple(dynamic_shapes),
             custom_translation_table=_TRANSLATIONS,
             verbose=False,
         )

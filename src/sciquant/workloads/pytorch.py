@@ -1,0 +1,592 @@
+"""A PyTorch surrogate as a workload: the plug-in writes its data, its model and its metrics;
+sciquant trains, calibrates, quantizes (PTQ and QAT), exports, runs and times it.
+
+A subclass of `TorchWorkload` gives:
+
+- `name`, `architectures` (``{"my_arch": "torch"}``), the JSON Schemas of its settings
+  (`simulation_schema`, `prepare_schema`, `model_properties`, see `sciquant.workloads.Workload`);
+- `simulate(out, settings)`: the embedded raw data (any files) in `out`;
+- `make_splits(raw, settings)`: raw files → ``{"train", "valid", "test"}`` `Split`s, each the
+  model's inputs (a tuple of arrays, samples along axis 0), its targets and any `extra` arrays
+  its metrics need (saved together in ``data.npz``);
+- `build_model(settings)`: the float ``torch.nn.Module`` (settings: the model's config with the
+  schema's defaults; its forward takes the inputs in order, one tensor each);
+- `metrics(predict, test)`: what the surrogate is judged by, from ``predict(inputs) -> outputs``
+  (numpy in and out) — one-step errors, rollouts, anything; and `baselines(test)`: the same
+  metrics of the no-network baselines (DESIGN: every accuracy number stands beside them).
+
+Optionally `loss` (default mean squared error), `input_names` / `output_name` (the ONNX graph's)
+and `overview`. Every `torch.nn.Linear` is quantized; the other layers stay float.
+
+The stages: `train` (Adam, the best validation epoch kept; ``checkpoint.pt``), `quantize`
+(calibration on the first training samples, then PTQ refinements or QAT fine-tuning with the
+same loss; ``quantized.pt``), `export` (FP32 or QDQ ONNX with a dynamic batch axis), `evaluate`
+(the run's runtime: eager torch, the fake-quant simulation, ONNX Runtime or OpenVINO; a timed
+run beside its target's FP32, interleaved in one process; ``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sciquant.errors import SciquantError
+from sciquant.workloads import Workload
+
+__all__ = ["Split", "TorchWorkload"]
+
+#: Methods a plug-in's model takes: every calibrated method that needs no architecture of its
+#: own (`ptq-cle` needs MeshGraphNet's ReLU pairs, `qat-degree` its graph; `ptq-dynamic` is
+#: ONNX Runtime's rewrite of the MeshGraphNet graph).
+METHODS = (
+    "ptq-minmax", "ptq-percentile", "ptq-mse", "ptq-entropy", "ptq-adaround", "ptq-biascorr",
+    "qat-ste", "qat-lsq", "qat-tqt",
+)  # fmt: skip
+SPLITS = ("train", "valid", "test")
+MODEL_FORMAT = "sciquant-workload-model"
+QUANTIZED_FORMAT = "sciquant-workload-quantized"
+
+
+@dataclass
+class Split:
+    """One split of a prepared dataset: the model's inputs (arrays, samples along axis 0), its
+    targets, and any arrays the workload's metrics need besides (`extra`)."""
+
+    inputs: tuple[np.ndarray, ...]
+    targets: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class TorchWorkload(Workload):
+    """Base of a PyTorch plug-in workload (see the module docstring for what a subclass gives)."""
+
+    input_names: ClassVar[tuple[str, ...]] = ("x",)
+    output_name: ClassVar[str] = "y"
+    methods: ClassVar[tuple[str, ...]] = METHODS
+
+    # --- what a plug-in writes -------------------------------------------------------------
+
+    def simulate(self, out: Path, settings: dict[str, Any]) -> None:
+        """Write the embedded raw data into `out`."""
+        raise SciquantError(f"workload {self.name} has no embedded data; give `source.files`")
+
+    def make_splits(self, raw: Path, settings: dict[str, Any]) -> dict[str, Split]:
+        """Raw files → the train, valid and test splits."""
+        raise NotImplementedError
+
+    def build_model(self, settings: dict[str, Any]) -> Any:
+        """The float model (a torch.nn.Module) for a model's settings."""
+        raise NotImplementedError
+
+    def metrics(self, predict: Callable[..., np.ndarray], test: Split) -> dict[str, float]:
+        """The surrogate's metrics on the test split, from `predict(*inputs) -> outputs`."""
+        raise NotImplementedError
+
+    def baselines(self, test: Split) -> dict[str, dict[str, float]]:
+        """The no-network baselines' metrics on the test split, by baseline name."""
+        return {}
+
+    def loss(self, outputs: Any, targets: Any) -> Any:
+        """Training and QAT loss (a scalar tensor); mean squared error unless overridden."""
+        import torch
+
+        return torch.mean((outputs - targets) ** 2)
+
+    # --- the stages ------------------------------------------------------------------------
+
+    def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.simulate(out, settings)
+
+    def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
+        splits = self.make_splits(raw, settings)
+        missing = [name for name in SPLITS if name not in splits or len(splits[name]) == 0]
+        if missing:
+            raise SciquantError(
+                f"workload {self.name}: make_splits gave no {', '.join(missing)} samples from "
+                f"{raw}; check datasets.<name>.prepare"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for split_name, split in splits.items():
+            if len(split.inputs) != len(self.input_names):
+                raise SciquantError(
+                    f"workload {self.name}: split {split_name} has {len(split.inputs)} inputs, "
+                    f"the model takes {len(self.input_names)} ({', '.join(self.input_names)})"
+                )
+            for i, values in enumerate(split.inputs):
+                arrays[f"{split_name}/input{i}"] = np.asarray(values)
+            arrays[f"{split_name}/targets"] = np.asarray(split.targets)
+            for key, values in split.extra.items():
+                arrays[f"{split_name}/extra/{key}"] = np.asarray(values)
+        out.mkdir(parents=True, exist_ok=True)
+        from sciquant.provenance import atomic_path, write_json
+
+        with atomic_path(out / self.prepared_file) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        index = {
+            "workload": self.name,
+            "settings": settings,
+            "samples": {name: len(splits[name]) for name in SPLITS},
+            "file": self.prepared_file,
+        }
+        write_json(out / "index.json", index)
+        print(
+            f"prepared {self.name}: "
+            + ", ".join(f"{len(splits[name])} {name}" for name in SPLITS)
+            + f" samples in {out / self.prepared_file}"
+        )
+
+    def overview(self, raw: Path, prepared: Path, out: Path) -> None:
+        """Histograms of the targets of each split."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in SPLITS:
+            targets = self.load_split(prepared, name).targets.ravel()
+            ax.hist(targets, bins=40, alpha=0.5, label=f"{name} ({len(targets)} values)")
+        ax.set_xlabel("target")
+        ax.set_ylabel("count")
+        ax.set_title(f"{self.name}: targets by split")
+        ax.legend()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+    def load_split(self, prepared: Path, split: str) -> Split:
+        """One split of the prepared data (`prepare`'s file)."""
+        path = Path(prepared) / self.prepared_file
+        try:
+            data = np.load(path)
+        except (OSError, ValueError) as error:
+            raise SciquantError(
+                f"{path}: not readable prepared data ({error}); rerun the prepare stage"
+            ) from error
+        with data:
+            count = sum(1 for key in data.files if key.startswith(f"{split}/input"))
+            if f"{split}/targets" not in data.files or count == 0:
+                raise SciquantError(f"{path}: no {split} split; rerun the prepare stage")
+            inputs = tuple(data[f"{split}/input{i}"] for i in range(count))
+            prefix = f"{split}/extra/"
+            extra = {k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)}
+            return Split(inputs, data[f"{split}/targets"], extra)
+
+    def train(
+        self, prepared: Path, out: Path, settings: dict[str, Any], *, seed: int,
+        threads: int | None, device: str | None,
+    ) -> None:  # fmt: skip
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        train = settings["train"]
+        model = self.build_model(settings)
+        data = self.load_split(prepared, "train"), self.load_split(prepared, "valid")
+        log = _fit(self, model, *data, train["epochs"], train["batch_size"],
+                   train["learning_rate"], seed)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": MODEL_FORMAT,
+            "workload": self.name,
+            "settings": settings,
+            "seed": seed,
+            "state_dict": model.state_dict(),
+            "data_sha256": _sha256(Path(prepared) / "index.json"),
+        }
+        _save(state, out / "checkpoint.pt")
+        _write_log(out / "training_log.csv", log)
+
+    def quantize(
+        self, artifact: Path, prepared: Path, out: Path, *, target: str, method: str,
+        precision: str, settings: dict[str, Any], seed: int, threads: int | None,
+        recommendation: Path | None,
+    ) -> None:  # fmt: skip
+        import torch
+
+        from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
+        from sciquant.quant.pytorch import calibrate, enable_lsq, enable_tqt, set_mode
+        from sciquant.vocabulary import check_stage_settings, section_with_defaults
+
+        if method not in self.methods:
+            raise SciquantError(
+                f"method {method} is not available for workload {self.name}; its methods: "
+                f"{', '.join(self.methods)}"
+            )
+        if recommendation is not None:
+            raise SciquantError(f"workload {self.name} has no mixed-precision runs")
+        check_stage_settings(settings, "quantize")
+        section = section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
+        if threads:
+            torch.set_num_threads(threads)
+        model, state = self.load_model(artifact)
+        qmodel = self._quantized_copy(model, target, precision, method)
+        train = self.load_split(prepared, "train")
+        batches = self._calibration_batches(train, section["calibration_samples"])
+        calibrate(qmodel, batches)
+        print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(train)} samples")
+        float_layers = None
+        if method == "ptq-adaround":
+            adaround(qmodel, model, batches, AdaRoundSettings(**section["adaround"], seed=seed))
+        elif method == "ptq-biascorr":
+            correct_bias(qmodel, model, batches)
+        if method in ("ptq-adaround", "ptq-biascorr"):
+            float_layers = {
+                name: {
+                    key: getattr(model.get_submodule(name), key).detach().clone()
+                    for key in ("weight", "bias")
+                    if getattr(model.get_submodule(name), key) is not None
+                }
+                for name in qmodel.quantized_layers()
+            }
+        log: list[dict[str, float]] = []
+        if method.startswith("qat-"):
+            if method == "qat-lsq":
+                enable_lsq(qmodel)
+            elif method == "qat-tqt":
+                enable_tqt(qmodel)
+            qat = section["qat"]
+            torch.manual_seed(seed)
+            log = _fit(
+                self, qmodel, train, self.load_split(prepared, "valid"), qat["epochs"],
+                state["settings"]["train"]["batch_size"], qat["learning_rate"], seed,
+            )  # fmt: skip
+            set_mode(qmodel, "quantize")
+        out.mkdir(parents=True, exist_ok=True)
+        quantized = {
+            "format": QUANTIZED_FORMAT,
+            "workload": self.name,
+            "settings": state["settings"],
+            "seed": state["seed"],
+            "target": target,
+            "method": method,
+            "precision": precision,
+            "state_dict": qmodel.state_dict(),
+            "float_layers": float_layers,
+            "quantize": section,
+        }
+        _save(quantized, out / "quantized.pt")
+        if log:
+            _write_log(out / "qat_log.csv", log)
+
+    def export(self, artifact: Path, prepared: Path | None, out: Path) -> None:
+        import torch
+
+        from sciquant.quant.export import export_qdq_onnx
+
+        model, state = self.load_model(artifact)
+        if prepared is None:
+            raise SciquantError(f"{artifact}: the export traces a test sample: give --prepared")
+        example = tuple(torch.as_tensor(x[:2]) for x in self.load_split(prepared, "test").inputs)
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} for _ in self.input_names)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if state["format"] == QUANTIZED_FORMAT:
+            export_qdq_onnx(
+                model, out, example, input_names=self.input_names,
+                output_name=self.output_name, dynamic_shapes=shapes,
+            )  # fmt: skip
+            return
+        import onnx
+
+        model.eval()
+        with torch.no_grad():
+            torch.onnx.export(
+                model, example, str(out), input_names=list(self.input_names),
+                output_names=[self.output_name], opset_version=18, dynamo=True,
+                external_data=False, dynamic_shapes=shapes, verbose=False,
+            )  # fmt: skip
+        onnx.checker.check_model(str(out), full_check=True)
+
+    def evaluate(
+        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
+        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
+        device: str | None,
+    ) -> None:  # fmt: skip
+        import torch
+
+        from sciquant.provenance import provenance, write_json
+        from sciquant.runtime.paired import host_facts, paired_timing
+        from sciquant.vocabulary import COORDINATES, section_with_defaults
+
+        started = time.perf_counter()
+        settings = section_with_defaults(settings, "evaluate", "evaluate")
+        if threads:
+            torch.set_num_threads(threads)
+        test = self.load_split(prepared, "test")
+        step, label = self._step(artifact, onnx, runtime, coordinates, threads)
+
+        def predict(*inputs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                tensors = [torch.as_tensor(np.ascontiguousarray(x)) for x in inputs]
+                return np.asarray(step(*tensors), dtype=np.float32)
+
+        metrics = dict(self.metrics(predict, test))
+        if not simulated:
+            # batch-1 calls on the test samples, paired with the target's FP32 where it has one
+            sample = [tuple(torch.as_tensor(x[i : i + 1]) for x in test.inputs)
+                      for i in range(min(len(test), 64))]  # fmt: skip
+            position = {"run": 0, "baseline": 0}
+
+            def call(which: str, timed: Any) -> Callable[[], None]:
+                def one() -> None:
+                    with torch.no_grad():
+                        timed(*sample[position[which] % len(sample)])
+                    position[which] += 1
+
+                return one
+
+            repeats = settings["latency_repeats"]
+            if baseline is not None:
+                base, _ = self._step(baseline, baseline_onnx, runtime, None, threads)
+            else:
+                base = step
+            paired = paired_timing(call("run", step), call("baseline", base), repeats,
+                                   warmup=5, threads=threads or 1)  # fmt: skip
+            metrics.update(
+                latency_ms_median=paired["run_time_s_median"] * 1e3,
+                latency_ms_min=paired["run_time_s_min"] * 1e3,
+                latency_ms_max=paired["run_time_s_max"] * 1e3,
+                latency_repeats=repeats,
+                cpu_share=paired["cpu_share"],
+                contended=float(paired["contended"]),
+            )
+            if baseline is not None:
+                metrics.update(
+                    baseline_latency_ms_median=paired["baseline_time_s_median"] * 1e3,
+                    paired_speedup=paired["paired_speedup"],
+                    paired_speedup_ci_low=paired["paired_speedup_ci_low"],
+                    paired_speedup_ci_high=paired["paired_speedup_ci_high"],
+                    timing_pairs=repeats,
+                )
+            else:
+                metrics["paired_speedup"] = 1.0
+        metrics.update(self._quant_debug(artifact, onnx, test, predict, settings))
+        baselines = {name: dict(values) for name, values in self.baselines(test).items()}
+        payload: dict[str, Any] = {
+            "coordinates": {k: coordinates.get(k) for k in COORDINATES},
+            "study": coordinates.get("study"),
+            "config_hash": coordinates.get("config_hash"),
+            "workload": self.name,
+            "simulated": simulated,
+            "runtime": label,
+            "metrics": metrics,
+            "baselines": baselines,
+            "provenance": provenance(time.perf_counter() - started, threads),
+        }
+        if "latency_ms_median" in metrics:
+            payload["host"] = host_facts()
+        write_json(out / "metrics.json", payload)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, float) and "latency" not in k)  # fmt: skip
+        print(f"{artifact.name} ({label}): {shown}")
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def load_model(self, artifact: Path) -> tuple[Any, dict[str, Any]]:
+        """The float model of a checkpoint.pt, or the quantized one of a quantized.pt (eval)."""
+        import torch
+
+        try:
+            state = torch.load(artifact, map_location="cpu", weights_only=False)
+        except FileNotFoundError as error:
+            raise SciquantError(f"{artifact}: not found; run the stage that writes it") from error
+        except Exception as error:
+            raise SciquantError(
+                f"{artifact}: not readable ({type(error).__name__}); delete it and rerun the "
+                "stage that writes it"
+            ) from error
+        known = (MODEL_FORMAT, QUANTIZED_FORMAT)
+        if not isinstance(state, dict) or state.get("format") not in known:
+            raise SciquantError(f"{artifact}: not a {self.name} model; rerun its train stage")
+        if state.get("workload") != self.name:
+            raise SciquantError(
+                f"{artifact}: a model of workload {state.get('workload')!r}, not {self.name!r}"
+            )
+        model = self.build_model(state["settings"])
+        if state["format"] == QUANTIZED_FORMAT:
+            model = self._quantized_copy(model, state["target"], state["precision"],
+                                         state["method"])  # fmt: skip
+        try:
+            model.load_state_dict(state["state_dict"])
+        except RuntimeError as error:
+            raise SciquantError(
+                f"{artifact}: does not fit the model its settings build ({error}); rerun the "
+                "stage that writes it"
+            ) from error
+        return model.eval(), state
+
+    def _quant_debug(
+        self, artifact: Path, onnx: Path | None, test: Split,
+        predict: Callable[..., np.ndarray], settings: dict[str, Any],
+    ) -> dict[str, Any]:  # fmt: skip
+        """A quantized run's per-layer output SQNR against FP32 on the first test inputs, and
+        for a run on a runtime the agreement of its outputs with the simulation's."""
+        import torch
+
+        from sciquant.quant.debug import output_agreement, sqnr_metrics, torch_layer_sqnr
+
+        count = min(settings["debug_inputs"], len(test))
+        if count == 0:
+            return {}
+        model, state = self.load_model(artifact)
+        if state["format"] != QUANTIZED_FORMAT:
+            return {}
+        inputs = tuple(torch.as_tensor(x[:count]) for x in test.inputs)
+        layers = torch_layer_sqnr(model, [inputs], float_layers=state.get("float_layers"))
+        debug = sqnr_metrics(layers, count)
+        if onnx is not None:
+            with torch.no_grad():
+                simulated = model(*inputs).numpy()
+            deployed = predict(*(x[:count] for x in test.inputs))
+            debug.update(output_agreement(simulated, deployed, inputs=count))
+        return debug
+
+    def _quantized_copy(self, model: Any, target: str, precision: str, method: str) -> Any:
+        from sciquant.quant.pytorch import quantize_model
+
+        return quantize_model(model, target, precision, method)
+
+    def _calibration_batches(self, train: Split, samples: int) -> list[tuple[Any, ...]]:
+        import torch
+
+        count = min(samples, len(train))
+        size = max(1, min(256, count))
+        return [
+            tuple(torch.as_tensor(x[start : start + size]) for x in train.inputs)
+            for start in range(0, count, size)
+        ]
+
+    def _step(
+        self, artifact: Path, onnx: Path | None, runtime: str,
+        coordinates: Mapping[str, Any] | None, threads: int | None,
+    ) -> tuple[Callable[..., Any], str]:  # fmt: skip
+        if onnx is None:
+            model, state = self.load_model(artifact)
+            if state["format"] == MODEL_FORMAT and coordinates is not None:
+                precision = coordinates.get("precision")
+                if precision in ("fp16", "bf16"):
+                    return _cast(model, precision), f"torch-{precision}"
+            kind = "fake-quant" if state["format"] == QUANTIZED_FORMAT else "torch"
+            return model, kind
+        if runtime == "openvino":
+            from sciquant.runtime.openvino import OvStep
+
+            precision = (coordinates or {}).get("precision", "fp32")
+            ov_precision = precision if precision in ("fp32", "bf16") else "w8a8"
+            return OvStep(onnx, ov_precision, threads=threads or 1), "openvino"
+        if runtime != "onnxruntime":
+            raise SciquantError(
+                f"workload {self.name}: runtime {runtime} is not available for plug-in "
+                "workloads (onnxruntime, openvino, or a simulation)"
+            )
+        from sciquant.runtime.onnxruntime import OrtStep
+
+        return OrtStep(onnx, threads or 1), "onnxruntime"
+
+
+def _cast(model: Any, precision: str) -> Callable[..., Any]:
+    import torch
+
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    cast = model.to(dtype)
+
+    def step(*inputs: Any) -> Any:
+        return cast(*(x.to(dtype) if x.is_floating_point() else x for x in inputs)).float()
+
+    return step
+
+
+def _batches(split: Split, size: int, rng: np.random.Generator | None) -> Iterator[tuple]:
+    import torch
+
+    order = rng.permutation(len(split)) if rng is not None else np.arange(len(split))
+    for start in range(0, len(split), size):
+        chosen = order[start : start + size]
+        yield (
+            tuple(torch.as_tensor(x[chosen]) for x in split.inputs),
+            torch.as_tensor(split.targets[chosen]),
+        )
+
+
+def _fit(
+    workload: TorchWorkload, model: Any, train: Split, valid: Split, epochs: int,
+    batch_size: int, learning_rate: float, seed: int,
+) -> list[dict[str, float]]:  # fmt: skip
+    """Adam on the workload's loss, cosine learning rate; the best validation epoch's weights
+    are kept. Returns one row per epoch."""
+    import copy
+
+    import torch
+
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=learning_rate)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
+    best, best_state, log = float("inf"), None, []
+    for epoch in range(epochs):
+        model.train()
+        losses = []
+        for inputs, targets in _batches(train, batch_size, rng):
+            optimizer.zero_grad()
+            loss = workload.loss(model(*inputs), targets)
+            if not torch.isfinite(loss):
+                raise SciquantError(
+                    f"workload {workload.name}: the training loss is {loss.item()} at epoch "
+                    f"{epoch + 1}; lower train.learning_rate"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        schedule.step()
+        model.eval()
+        with torch.no_grad():
+            valid_losses = [
+                workload.loss(model(*inputs), targets).item() * len(targets)
+                for inputs, targets in _batches(valid, 1024, None)
+            ]
+        valid_loss = sum(valid_losses) / len(valid)
+        log.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                    "valid_loss": valid_loss})  # fmt: skip
+        print(f"epoch {epoch + 1}/{epochs}: train loss {np.mean(losses):.4g}, "
+              f"valid loss {valid_loss:.4g}", flush=True)  # fmt: skip
+        if valid_loss < best:
+            best, best_state = valid_loss, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return log
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    import torch
+
+    from sciquant.provenance import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
