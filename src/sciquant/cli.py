@@ -18,8 +18,6 @@ from typing import Any
 from sciquant.errors import SciquantError
 from sciquant.vocabulary import (
     COORDINATES,
-    check_stage_settings,
-    node_device,
     section_with_defaults,
 )
 
@@ -89,60 +87,55 @@ def _add_workload_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _plugin(name: str | None) -> Any:
-    """The plug-in workload called `name` (None for none, or a built-in one's name)."""
-    from sciquant.workloads import BUILT_IN, get_workload
-
-    if name is None or name in BUILT_IN:
-        return None
-    return get_workload(name)
+#: The commands that are a workload's stages (`sciquant.workloads.Workload`).
+WORKLOAD_STAGES = ("synthesize", "prepare", "overview", "train", "quantize", "export", "evaluate")
 
 
-def _architecture_plugin(settings: dict[str, Any]) -> Any:
-    """The plug-in workload of the architecture in a model's settings (None: a built-in one)."""
-    from sciquant.workloads import BUILT_IN_ARCHITECTURES, architecture_workload
-
-    architecture = settings.get("architecture")
-    if architecture is None or architecture in BUILT_IN_ARCHITECTURES:
-        return None
-    return architecture_workload(architecture)
-
-
-def _plugin_stage(args: argparse.Namespace) -> bool:
-    """Run a plug-in workload's stage; False where the command is not one of a plug-in's."""
-    from sciquant.vocabulary import section_with_defaults
+def _stage_workload(args: argparse.Namespace) -> Any:
+    """The workload whose stage a command runs: named (`workload`, `--workload`), or the one of
+    the model's architecture (train, quantize), or the built-in one of the artifact."""
+    from sciquant.plugins import architecture_workload, get_workload
+    from sciquant.workloads.md import is_keras_artifact
 
     command = args.command
     if command in ("synthesize", "prepare", "overview"):
-        workload = _plugin(args.workload)
-    elif command == "train":
-        workload = _architecture_plugin(args.settings)
-    elif command == "quantize":
-        workload = _architecture_plugin(args.settings.get("model", {}))
-    elif command in ("evaluate", "export"):
-        workload = _plugin(args.workload)
-    else:
-        return False
-    if workload is None:
-        return False
+        return get_workload(args.workload)
+    if command in ("evaluate", "export") and args.workload is not None:
+        return get_workload(args.workload)
+    if command in ("evaluate", "quantize", "export") and is_keras_artifact(args.checkpoint):
+        return get_workload("md")
+    if command in ("train", "quantize"):
+        settings = args.settings.get("model", {}) if command == "quantize" else args.settings
+        if "architecture" in settings:
+            return architecture_workload(settings["architecture"])
+    return get_workload("bloodflow")  # a MeshGraphNet's checkpoint.pt / quantized.pt
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    """Run a workload's stage with the command's arguments."""
+    from sciquant.vocabulary import schema_document
+
+    workload = _stage_workload(args)
+    command = args.command
     if command == "synthesize":
         from sciquant.data.manifest import write_manifest
 
-        schema = workload.simulation_schema or {"type": "object"}
-        settings = _filled(args.settings, schema, "source.embedded")
+        definition = f"{workload.name}_simulation"
+        if definition not in schema_document()["$defs"]:
+            raise SciquantError(
+                f"workload {workload.name} has no embedded data; give its datasets `source.files`"
+            )
+        settings = section_with_defaults(args.settings, definition, "source.embedded")
         workload.synthesize(args.out, settings)
         write_manifest(args.out, source={"embedded": settings})
     elif command == "prepare":
-        settings = _filled(args.settings, workload.prepare_schema, "prepare")
+        settings = section_with_defaults(args.settings, f"{workload.name}_prepare", "prepare")
         workload.prepare(args.raw, args.out, settings)
     elif command == "overview":
-        workload.overview(args.raw, args.prepared, args.out)
+        workload.overview(args.raw, args.prepared, args.out, count=args.simulations)
     elif command == "train":
-        settings = {**args.settings}
-        settings["train"] = section_with_defaults(settings.get("train", {}), "plugin_train",
-                                                  "train")  # fmt: skip
-        workload.train(args.prepared, args.out, settings, seed=args.seed, threads=args.threads,
-                       device=args.device)  # fmt: skip
+        workload.train(args.prepared, args.out, args.settings, seed=args.seed,
+                       threads=args.threads, device=args.device)  # fmt: skip
     elif command == "quantize":
         workload.quantize(
             args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
@@ -152,30 +145,18 @@ def _plugin_stage(args: argparse.Namespace) -> bool:
     elif command == "export":
         workload.export(args.checkpoint, args.prepared, args.out)
     else:
+        missing = _missing_coordinates(args.coordinates)
+        if missing:
+            raise SciquantError(
+                f"evaluate --coordinates: no {', '.join(missing)}; a run's coordinates are "
+                f"{', '.join(COORDINATES)}"
+            )
         workload.evaluate(
             args.checkpoint, args.prepared, args.out, settings=args.settings,
             coordinates=args.coordinates, threads=args.threads, onnx=args.onnx,
             runtime=args.runtime, simulated=args.simulated, baseline=args.baseline_checkpoint,
             baseline_onnx=args.baseline_onnx, device=args.device,
         )  # fmt: skip
-    return True
-
-
-def _filled(section: dict[str, Any], schema: dict[str, Any], key: str) -> dict[str, Any]:
-    """A plug-in's settings section with its schema's defaults filled, validated."""
-    import jsonschema
-
-    from sciquant.vocabulary import with_defaults
-
-    filled = json.loads(json.dumps(section))
-    errors = list(with_defaults(jsonschema.Draft202012Validator)(schema).iter_errors(filled))
-    if errors:
-        lines = [
-            f"  config key {'.'.join([key, *(str(p) for p in e.absolute_path)])}: {e.message}"
-            for e in errors[:10]
-        ]
-        raise SciquantError("invalid settings:\n" + "\n".join(lines))
-    return filled
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(
         synthesize,
         "simulator settings (bloodflow: n_simulations, seed, parameters; md: n_beads, frames,"
-        " seed)",
+        " seed; a plug-in: its schema's)",
     )
     synthesize.add_argument("--out", type=Path, required=True, help="raw data folder to write")
 
@@ -214,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", type=Path, required=True, help="raw data folder to write")
 
     prepare = commands.add_parser(
-        "prepare", help="raw files → graph samples (bloodflow) or pixel maps (md), splits"
+        "prepare",
+        help="raw files → graph samples (bloodflow), pixel maps (md) or a plug-in's samples; "
+        "splits",
     )
     prepare.add_argument("workload", help=WORKLOAD_HELP)
     prepare.add_argument(
@@ -254,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="roll out the test simulations (bloodflow) or classify the test frames (md); metrics",
+        help="roll out the test simulations (bloodflow), classify the test frames (md), or a "
+        "plug-in's own metrics; metrics.json",
     )
     evaluate.add_argument(
         "--checkpoint",
@@ -439,28 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Dispatch to the stage function (imported here so `--help` stays fast)."""
-    if _plugin_stage(args):
-        return
-    if args.command == "synthesize" and args.workload == "md":
-        from sciquant.data import md_sim
-        from sciquant.data.manifest import write_manifest
-
-        settings = section_with_defaults(args.settings, "md_simulation", "source.embedded")
-        md_sim.synthesize(
-            args.out, n_beads=settings["n_beads"], frames=settings["frames"], seed=settings["seed"]
-        )
-        write_manifest(args.out, source={"embedded": settings})
-    elif args.command == "synthesize":
-        from sciquant.data import bloodflow_sim
-
-        settings = section_with_defaults(args.settings, "bloodflow_simulation", "source.embedded")
-        params = bloodflow_sim.params_from_mapping(settings["parameters"])
-        bloodflow_sim.synthesize(
-            args.out, n_simulations=settings["n_simulations"], seed=settings["seed"], params=params
-        )
-        from sciquant.data.manifest import write_manifest
-
-        write_manifest(args.out, source={"embedded": settings})
+    if args.command in WORKLOAD_STAGES:
+        _run_stage(args)
     elif args.command == "fetch":
         from sciquant.data.download import RemoteFile, fetch
         from sciquant.data.manifest import write_manifest
@@ -485,123 +449,12 @@ def run(args: argparse.Namespace) -> None:
             )
         fetch(files, args.out, **args.limits)
         write_manifest(args.out, source={"files": args.files})
-    elif args.command == "prepare" and args.workload == "md":
-        _prepare_md(args.raw, args.out, dict(args.settings))
-    elif args.command == "prepare":
-        from sciquant.data import bloodflow
-
-        filled = section_with_defaults(args.settings, "bloodflow_prepare", "prepare")
-        bloodflow.prepare(args.raw, args.out, bloodflow.PrepareSettings(**filled))
-    elif args.command == "overview" and args.workload == "md":
-        from sciquant.data import overview
-
-        if args.prepared is None:
-            raise SciquantError("overview md: give --prepared (the folder with pixelmaps.npz)")
-        overview.plot_md(args.prepared, args.out)
-    elif args.command == "overview":
-        from sciquant.data import overview
-
-        overview.plot_bloodflow(args.raw, args.out, n_simulations=args.simulations)
-    elif args.command == "train" and args.settings.get("architecture") == "icnnmd":
-        from sciquant.train import md as train_md
-
-        train = section_with_defaults(args.settings, "icnnmd_model", "model")["train"]
-        _keras_device_note(args.device or node_device(train["node"]))
-        train_md.run(
-            args.prepared, args.out, epochs=train["epochs"], batch_size=train["batch_size"],
-            learning_rate=train["learning_rate"], seed=args.seed, folds=train["folds"],
-            threads=args.threads,
-        )  # fmt: skip
-    elif args.command == "train":
-        from sciquant.train import bloodflow as train_bloodflow
-
-        train_bloodflow.run(
-            args.prepared, args.out, settings=args.settings, seed=args.seed, threads=args.threads,
-            device=args.device,
-        )  # fmt: skip
-    elif args.command == "evaluate" and _missing_coordinates(args.coordinates):
-        raise SciquantError(
-            f"evaluate --coordinates: no {', '.join(_missing_coordinates(args.coordinates))}; a "
-            f"run's coordinates are {', '.join(COORDINATES)}"
-        )
-    elif args.command == "evaluate" and _is_keras_artifact(args.checkpoint):
-        from sciquant.evaluate import md as evaluate_md
-
-        _keras_device_note(args.device)
-        artifact = args.checkpoint
-        if artifact.suffix == ".json":
-            from sciquant.quant.md import artifact_for
-
-            artifact = artifact_for(artifact.parent)
-        baseline = args.baseline_checkpoint
-        if baseline is not None and baseline.suffix == ".json":
-            from sciquant.quant.md import artifact_for
-
-            baseline = artifact_for(baseline.parent)
-        coordinates = dict(args.coordinates)
-        study = coordinates.pop("study", None)
-        config_hash = coordinates.pop("config_hash", None)
-        settings = section_with_defaults(args.settings, "evaluate", "evaluate")
-        evaluate_md.run(
-            args.prepared, artifact, args.out / "metrics.json", coordinates=coordinates,
-            simulated=args.simulated, repeats=settings["latency_repeats"],
-            threads=args.threads, study=study, config_hash=config_hash, baseline=baseline,
-            debug_inputs=settings["debug_inputs"],
-        )  # fmt: skip
-    elif args.command == "evaluate":
-        from sciquant.evaluate import bloodflow as evaluate_bloodflow
-
-        evaluate_bloodflow.run(
-            args.checkpoint,
-            args.prepared,
-            args.out,
-            settings=args.settings,
-            coordinates=args.coordinates,
-            threads=args.threads,
-            onnx=args.onnx,
-            simulated=args.simulated,
-            runtime=args.runtime if args.onnx is not None else "torch",
-            baseline_checkpoint=args.baseline_checkpoint,
-            baseline_onnx=args.baseline_onnx,
-            device=args.device,
-        )
-    elif args.command == "quantize" and _is_keras_artifact(args.checkpoint):
-        from sciquant.quant import md as quantize_md
-
-        check_stage_settings(args.settings, "quantize")
-        section = section_with_defaults(args.settings.get("quantize", {}), "quantize", "quantize")
-        model = section_with_defaults(args.settings.get("model", {}), "icnnmd_model", "model")
-        qat = section["qat"]
-        quantize_md.run(
-            args.checkpoint, args.prepared, args.out, target=args.target, method=args.method,
-            precision=args.precision, calibration_samples=section["calibration_frames"],
-            qat_epochs=qat["epochs"], qat_learning_rate=qat["learning_rate"],
-            batch_size=model["train"]["batch_size"], seed=args.seed, threads=args.threads,
-            adaround=section["adaround"],
-        )  # fmt: skip
-    elif args.command == "quantize" and _is_dynamic_method(args.method):
-        from sciquant.quant import dynamic
-
-        dynamic.run(args.checkpoint, args.out, args.target, args.precision, threads=args.threads)
-    elif args.command == "quantize":
-        from sciquant.quant import bloodflow as quantize_bloodflow
-
-        # the stage fills the quantize section from the schema itself
-        quantize_bloodflow.run(
-            args.checkpoint, args.prepared, args.out, args.target, args.method, args.precision,
-            settings=args.settings, seed=args.seed, threads=args.threads,
-            recommendation=args.recommendation,
-        )  # fmt: skip
     elif args.command == "sensitivity":
         from sciquant.quant import sensitivity
 
         sensitivity.run(
             args.checkpoint, args.prepared, args.out, args.settings, threads=args.threads
         )
-    elif args.command == "export":
-        from sciquant.quant import bloodflow as quantize_bloodflow
-
-        quantize_bloodflow.export(args.checkpoint, args.prepared, args.out)
     elif args.command == "aggregate":
         from sciquant.report import cube
 
@@ -662,17 +515,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.what} of {args.runs} generated runs: {measure(args.runs):.2f} s")
 
 
-def _keras_device_note(device: str) -> None:
-    """Keras stages leave the device to TensorFlow (it uses a GPU it sees); say so on a GPU node
-    type, where the log would otherwise not say what ran where."""
-    if device != "cpu":
-        print(
-            "note: a Keras model runs where TensorFlow places it (a GPU it sees, else the CPU); "
-            f"--device {device} is applied to PyTorch models only",
-            file=sys.stderr,
-        )
-
-
 def _run_batch(args: argparse.Namespace) -> None:
     """Run the named runs of the study one after another (`sciquant.batch.run_batch`); an
     error naming each run that failed and its log."""
@@ -691,37 +533,6 @@ def _run_batch(args: argparse.Namespace) -> None:
             f"{len(failed)} of {len(runs)} runs failed; the others are done and kept, and a "
             f"rerun computes only these:\n{lines}"
         )
-
-
-def _is_dynamic_method(method: str) -> bool:
-    """Whether `method` quantizes activations at run time (no calibration, an ONNX model)."""
-    from sciquant.quant.observers import DYNAMIC_METHODS
-
-    return method in DYNAMIC_METHODS
-
-
-def _is_keras_artifact(path: Path) -> bool:
-    """A Keras model, a LiteRT flatbuffer, or a Keras run's quantization.json (md workload)."""
-    return path.suffix in (".keras", ".tflite") or path.name == "quantization.json"
-
-
-def _prepare_md(raw: Path, out: Path, settings: dict) -> None:
-    """Prepare an md dataset: the embedded simulation's dataset_info.json lists its files and
-    labels; a download lists them in manifest.json (the config's `role` and `label`)."""
-    from sciquant.data import md
-
-    filled = section_with_defaults(settings, "md_prepare", "prepare")
-    options = {
-        "selection": filled["selection"],
-        "frames_per_trajectory": filled["frames_per_trajectory"],
-        "split": tuple(filled["split"][k] for k in ("train", "valid", "test")),
-        "gap": filled["gap"],
-    }
-    if (raw / "dataset_info.json").is_file():
-        md.prepare_from_info(raw, out, **options)
-        return
-    # The files are looked up under the names fetch saved them as (download.local_name).
-    md.prepare_from_manifest(raw, out, **options)
 
 
 FAULT_VARIABLE = "SCIQUANT_FAIL_STAGE"

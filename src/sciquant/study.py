@@ -43,7 +43,7 @@ def architecture_framework(architecture: str) -> str:
     """`torch` or `keras`: the framework of an architecture (a plug-in's from its workload)."""
     if architecture in ARCHITECTURE_FRAMEWORK:
         return ARCHITECTURE_FRAMEWORK[architecture]
-    from sciquant.workloads import architecture_workload
+    from sciquant.plugins import architecture_workload
 
     return architecture_workload(architecture).architectures[architecture]
 
@@ -52,7 +52,7 @@ def architecture_workloads(architecture: str) -> tuple[str, ...]:
     """The workloads whose datasets a model of this architecture learns."""
     if architecture in ARCHITECTURE_WORKLOADS:
         return ARCHITECTURE_WORKLOADS[architecture]
-    from sciquant.workloads import architecture_workload
+    from sciquant.plugins import architecture_workload
 
     return (architecture_workload(architecture).name,)
 
@@ -60,6 +60,8 @@ def architecture_workloads(architecture: str) -> tuple[str, ...]:
 def is_plugin_architecture(architecture: str) -> bool:
     """Whether an architecture is a plug-in workload's (not a built-in one)."""
     return architecture not in ARCHITECTURE_FRAMEWORK
+
+
 #: Smallest pixel-map side the ICNNMD network takes (`sciquant.models.icnnmd.MIN_GRID`, not
 #: imported here: Keras takes seconds to import, and dry runs read this module).
 ICNNMD_MIN_GRID = 10
@@ -777,7 +779,7 @@ def _check_sweep(config: dict[str, Any]) -> None:
 def _check_plugin_methods(key: str, entry: dict[str, Any], models: dict[str, Any]) -> None:
     """A plug-in workload's models take the methods its workload lists (`methods`), and no
     mixed precision (that needs the MeshGraphNet sensitivity analysis)."""
-    from sciquant.workloads import architecture_workload
+    from sciquant.plugins import architecture_workload
 
     for name, model in sorted(models.items()):
         if not is_plugin_architecture(model["architecture"]):

@@ -49,12 +49,13 @@ def schema_document() -> dict[str, Any]:
     """The parsed config schema (read once per process; callers must not change it)."""
     import yaml
 
-    from sciquant.workloads import schema_fragments
+    from sciquant.plugins import schema_fragments
 
     document = yaml.safe_load(SCHEMA.read_text())
     plugins = schema_fragments()
+    document["$defs"].update(plugins["definitions"])
     # An installed workload plug-in's datasets and models: its name in the enum, its keys
-    # checked like a built-in's (`sciquant.workloads.schema_fragments`).
+    # checked like a built-in's (`sciquant.plugins.schema_fragments`).
     for kind, key, fragments in (
         ("dataset", "workload", plugins["workloads"]),
         ("model", "architecture", plugins["architectures"]),

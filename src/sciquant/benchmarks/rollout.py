@@ -370,7 +370,7 @@ def _prepared_setup(
 ) -> tuple[MeshGraphNet, dict[str, tuple[Inputs, int]], list[Inputs]]:
     """The trained model, the batched test graph at step 0 (+ its steps), calibration inputs."""
     from sciquant.data.bloodflow import load_index
-    from sciquant.data.features import Normalizer, merge_graphs, state_increment, step_inputs
+    from sciquant.data.features import Normalizer, merge_graphs, true_state_inputs
     from sciquant.evaluate.bloodflow import test_graphs
     from sciquant.quant.bloodflow import calibration_inputs, is_quantized
     from sciquant.train.bloodflow import load_graphs, load_model
@@ -383,17 +383,7 @@ def _prepared_setup(
     model, state = load_model(checkpoint)
     norm = Normalizer.of_checkpoint(state)
     merged, _ = merge_graphs(test_graphs(prepared, norm))
-    inlet = merged.inlet_of_nodes()
-    x, _ = step_inputs(
-        norm, merged.static, merged.pressure[0], merged.flowrate[0],
-        merged.loading[0] * torch.ones(merged.num_nodes), merged.flowrate[1][inlet],
-        merged.flowrate[0][inlet],
-        state_increment(
-            merged.pressure[0], merged.flowrate[0], merged.pressure[0], merged.flowrate[0], norm
-        ),
-        (merged.linear_pressure[0], merged.linear_flowrate[0]),
-        (merged.linear_pressure[1], merged.linear_flowrate[1]),
-    )  # fmt: skip
+    x, _, _ = true_state_inputs(merged, 0, norm)
     train = load_index(prepared)["samples"]["train"][:calibration_samples]
     calibration = list(calibration_inputs(load_graphs(prepared, train, norm), steps, norm))
     cases = {"test-set": ((x, merged.edge_features, merged.edge_index), merged.num_steps - 1)}

@@ -480,3 +480,26 @@ def boundary_mask(node_type: Tensor) -> Tensor:
 def branch_mask(node_type: Tensor) -> Tensor:
     """True on branch nodes: the nodes the rollout errors are measured on."""
     return node_type == BRANCH
+
+
+def true_state_inputs(
+    graph: GraphTensors, t: int, norm: Normalizer
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's inputs (node features, edge features, edge index) at step `t` of `graph`'s
+    true states, as a rollout at that state builds them (each node with its own sample's inlet,
+    so also for several samples merged into one graph; at t = 0 the previous increment is 0):
+    the one assembly of teacher-forced inputs that calibration, quantization debugging and the
+    benchmarks share."""
+    inlet = graph.inlet_of_nodes()
+    before = max(t - 1, 0)
+    previous = state_increment(
+        graph.pressure[t], graph.flowrate[t], graph.pressure[before], graph.flowrate[before], norm
+    )
+    x, _ = step_inputs(
+        norm, graph.static, graph.pressure[t], graph.flowrate[t],
+        graph.loading[t] * torch.ones(graph.num_nodes), graph.flowrate[t + 1][inlet],
+        graph.flowrate[t][inlet], previous,
+        (graph.linear_pressure[t], graph.linear_flowrate[t]),
+        (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
+    )  # fmt: skip
+    return x, graph.edge_features, graph.edge_index

@@ -26,9 +26,8 @@ from sciquant.data.features import (  # noqa: E402
     GraphTensors,
     Normalizer,
     merge_graphs,
-    state_increment,
-    step_inputs,
     to_tensors,
+    true_state_inputs,
 )
 from sciquant.evaluate.physics import (  # noqa: E402
     BASELINES,
@@ -348,25 +347,9 @@ def teacher_forced_inputs(
     graph: GraphTensors, steps: int, norm: Normalizer
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Model inputs (node features, edge features, edge index) at `steps` evenly spaced true
-    states of `graph`, as a rollout builds them (`sciquant.quant.bloodflow.calibration_inputs`
-    with each node's own inlet, so also for several samples merged into one graph)."""
-    inlet = graph.inlet_of_nodes()
-    ones = torch.ones(graph.num_nodes)
-    inputs = []
-    for t in np.linspace(0, graph.num_steps - 2, steps).astype(int):
-        before = max(t - 1, 0)
-        previous = state_increment(
-            graph.pressure[t], graph.flowrate[t], graph.pressure[before], graph.flowrate[before],
-            norm,
-        )  # fmt: skip
-        x, _ = step_inputs(
-            norm, graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-            graph.flowrate[t + 1][inlet], graph.flowrate[t][inlet], previous,
-            (graph.linear_pressure[t], graph.linear_flowrate[t]),
-            (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
-        )  # fmt: skip
-        inputs.append((x, graph.edge_features, graph.edge_index))
-    return inputs
+    states of `graph` (`sciquant.data.features.true_state_inputs`)."""
+    times = np.linspace(0, graph.num_steps - 2, steps).astype(int)
+    return [true_state_inputs(graph, int(t), norm) for t in times]
 
 
 def quant_debug(

@@ -22,12 +22,7 @@ from torch import Tensor
 
 from sciquant.data.bloodflow import load_index
 from sciquant.data.download import sha256_of
-from sciquant.data.features import (
-    GraphTensors,
-    Normalizer,
-    state_increment,
-    step_inputs,
-)
+from sciquant.data.features import GraphTensors, Normalizer, true_state_inputs
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
@@ -65,26 +60,8 @@ def calibration_inputs(
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Model inputs (node features, edge features, edge index) at evenly spaced true states."""
     for graph in graphs:
-        inlet = graph.inlet
-        ones = torch.ones(graph.num_nodes)
         for t in np.linspace(0, graph.num_steps - 2, steps_per_graph).astype(int):
-            next_inlet = graph.flowrate[t + 1][inlet][:1].expand(graph.num_nodes)
-            inlet_now = graph.flowrate[t][inlet][:1].expand(graph.num_nodes)
-            before = max(t - 1, 0)
-            previous = state_increment(
-                graph.pressure[t],
-                graph.flowrate[t],
-                graph.pressure[before],
-                graph.flowrate[before],
-                norm,
-            )
-            x, _ = step_inputs(
-                norm, graph.static, graph.pressure[t], graph.flowrate[t], graph.loading[t] * ones,
-                next_inlet, inlet_now, previous,
-                (graph.linear_pressure[t], graph.linear_flowrate[t]),
-                (graph.linear_pressure[t + 1], graph.linear_flowrate[t + 1]),
-            )  # fmt: skip
-            yield x, graph.edge_features, graph.edge_index
+            yield true_state_inputs(graph, int(t), norm)
 
 
 def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSettings:

@@ -145,8 +145,10 @@ class TorchWorkload(Workload):
             + f" samples in {out / self.prepared_file}"
         )
 
-    def overview(self, raw: Path, prepared: Path, out: Path) -> None:
+    def overview(self, raw: Path, prepared: Path | None, out: Path, *, count: int = 4) -> None:
         """Histograms of the targets of each split."""
+        if prepared is None:
+            raise SciquantError(f"overview {self.name}: give --prepared (its prepared data)")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -188,9 +190,13 @@ class TorchWorkload(Workload):
     ) -> None:  # fmt: skip
         import torch
 
+        from sciquant.vocabulary import section_with_defaults
+
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
+        definition = f"{settings.get('architecture')}_model"
+        settings = section_with_defaults(settings, definition, "model")
         train = settings["train"]
         model = self.build_model(settings)
         data = self.load_split(prepared, "train"), self.load_split(prepared, "valid")

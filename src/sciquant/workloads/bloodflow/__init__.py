@@ -1,0 +1,93 @@
+"""The built-in blood-flow workload: 1D hemodynamics of vascular trees (VMR / PhysicsNeMo
+bloodflow_1d_mgn layout), learned by MeshGraphNet in PyTorch.
+
+Its stages are those of the workload interface (`sciquant.workloads.Workload`); the code they
+run lives with the layers it shares with the other workloads: the embedded simulator and the
+preparation in `sciquant.data`, training in `sciquant.train.bloodflow`, PTQ / QAT and the ONNX
+export in `sciquant.quant.bloodflow` (ONNX Runtime's dynamic INT8 in `sciquant.quant.dynamic`),
+rollouts and their metrics in `sciquant.evaluate.bloodflow`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sciquant.workloads import Workload
+
+__all__ = ["BloodFlow"]
+
+
+class BloodFlow(Workload):
+    """Blood-flow simulations on vascular trees, learned by MeshGraphNet."""
+
+    name = "bloodflow"
+    architectures = {"meshgraphnet": "torch"}
+
+    def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
+        from sciquant.data import bloodflow_sim
+
+        params = bloodflow_sim.params_from_mapping(settings["parameters"])
+        bloodflow_sim.synthesize(
+            out, n_simulations=settings["n_simulations"], seed=settings["seed"], params=params
+        )
+
+    def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
+        from sciquant.data import bloodflow
+
+        bloodflow.prepare(raw, out, bloodflow.PrepareSettings(**settings))
+
+    def overview(self, raw: Path, prepared: Path | None, out: Path, *, count: int = 4) -> None:
+        from sciquant.data import overview
+
+        overview.plot_bloodflow(raw, out, n_simulations=count)
+
+    def train(
+        self, prepared: Path, out: Path, settings: dict[str, Any], *, seed: int,
+        threads: int | None, device: str | None,
+    ) -> None:  # fmt: skip
+        from sciquant.train import bloodflow as train_bloodflow
+
+        train_bloodflow.run(
+            prepared, out, settings=settings, seed=seed, threads=threads, device=device
+        )
+
+    def quantize(
+        self, artifact: Path, prepared: Path, out: Path, *, target: str, method: str,
+        precision: str, settings: dict[str, Any], seed: int, threads: int | None,
+        recommendation: Path | None,
+    ) -> None:  # fmt: skip
+        from sciquant.quant.observers import DYNAMIC_METHODS
+
+        if method in DYNAMIC_METHODS:  # ONNX Runtime's: the model.onnx, no calibration
+            from sciquant.quant import dynamic
+
+            dynamic.run(artifact, out, target, precision, threads=threads)
+            return
+        from sciquant.quant import bloodflow as quantize_bloodflow
+
+        # the stage fills the quantize section from the schema itself
+        quantize_bloodflow.run(
+            artifact, prepared, out, target, method, precision, settings=settings, seed=seed,
+            threads=threads, recommendation=recommendation,
+        )  # fmt: skip
+
+    def export(self, artifact: Path, prepared: Path | None, out: Path) -> None:
+        from sciquant.quant import bloodflow as quantize_bloodflow
+
+        quantize_bloodflow.export(artifact, prepared, out)
+
+    def evaluate(
+        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
+        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
+        device: str | None,
+    ) -> None:  # fmt: skip
+        from sciquant.evaluate import bloodflow as evaluate_bloodflow
+
+        evaluate_bloodflow.run(
+            artifact, prepared, out, settings=settings, coordinates=coordinates,
+            threads=threads, onnx=onnx, simulated=simulated,
+            runtime=runtime if onnx is not None else "torch", baseline_checkpoint=baseline,
+            baseline_onnx=baseline_onnx, device=device,
+        )  # fmt: skip

@@ -1,0 +1,134 @@
+"""The built-in molecular-dynamics workload: frames of one molecule's trajectories in two
+functional states (GPCRmd layout), classified by the ICNNMD CNN in Keras.
+
+Its stages are those of the workload interface (`sciquant.workloads.Workload`); the code they
+run lives with the layers it shares with the other workloads: the embedded simulator and the
+pixel maps in `sciquant.data`, training in `sciquant.train.md`, PTQ / QAT and the LiteRT
+conversion in `sciquant.quant.md`, classification metrics in `sciquant.evaluate.md`. Keras
+models run where TensorFlow places them; `--device` applies to PyTorch models only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from sciquant.workloads import Workload
+
+__all__ = ["MolecularDynamics", "is_keras_artifact"]
+
+
+def is_keras_artifact(path: Path) -> bool:
+    """A Keras model, a LiteRT flatbuffer, or a Keras run's quantization.json."""
+    return path.suffix in (".keras", ".tflite") or path.name == "quantization.json"
+
+
+def _device_note(device: str | None) -> None:
+    """Keras stages leave the device to TensorFlow (it uses a GPU it sees); say so on a GPU node
+    type, where the log would otherwise not say what ran where."""
+    if device not in (None, "cpu"):
+        print(
+            "note: a Keras model runs where TensorFlow places it (a GPU it sees, else the CPU); "
+            f"--device {device} is applied to PyTorch models only",
+            file=sys.stderr,
+        )
+
+
+class MolecularDynamics(Workload):
+    """Molecular-dynamics frames in two states, classified by ICNNMD."""
+
+    name = "md"
+    architectures = {"icnnmd": "keras"}
+
+    def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
+        from sciquant.data import md_sim
+
+        md_sim.synthesize(
+            out, n_beads=settings["n_beads"], frames=settings["frames"], seed=settings["seed"]
+        )
+
+    def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
+        """The embedded simulation's dataset_info.json lists its files and labels; a download
+        lists them in manifest.json (the config's `role` and `label`)."""
+        from sciquant.data import md
+
+        options = {
+            "selection": settings["selection"],
+            "frames_per_trajectory": settings["frames_per_trajectory"],
+            "split": tuple(settings["split"][k] for k in ("train", "valid", "test")),
+            "gap": settings["gap"],
+        }
+        if (raw / "dataset_info.json").is_file():
+            md.prepare_from_info(raw, out, **options)
+            return
+        # The files are looked up under the names fetch saved them as (download.local_name).
+        md.prepare_from_manifest(raw, out, **options)
+
+    def overview(self, raw: Path, prepared: Path | None, out: Path, *, count: int = 4) -> None:
+        from sciquant.data import overview
+        from sciquant.errors import SciquantError
+
+        if prepared is None:
+            raise SciquantError("overview md: give --prepared (the folder with pixelmaps.npz)")
+        overview.plot_md(prepared, out)
+
+    def train(
+        self, prepared: Path, out: Path, settings: dict[str, Any], *, seed: int,
+        threads: int | None, device: str | None,
+    ) -> None:  # fmt: skip
+        from sciquant.train import md as train_md
+        from sciquant.vocabulary import node_device, section_with_defaults
+
+        train = section_with_defaults(settings, "icnnmd_model", "model")["train"]
+        _device_note(device or node_device(train["node"]))
+        train_md.run(
+            prepared, out, epochs=train["epochs"], batch_size=train["batch_size"],
+            learning_rate=train["learning_rate"], seed=seed, folds=train["folds"],
+            threads=threads,
+        )  # fmt: skip
+
+    def quantize(
+        self, artifact: Path, prepared: Path, out: Path, *, target: str, method: str,
+        precision: str, settings: dict[str, Any], seed: int, threads: int | None,
+        recommendation: Path | None,
+    ) -> None:  # fmt: skip
+        from sciquant.quant import md as quantize_md
+        from sciquant.vocabulary import check_stage_settings, section_with_defaults
+
+        check_stage_settings(settings, "quantize")
+        section = section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
+        model = section_with_defaults(settings.get("model", {}), "icnnmd_model", "model")
+        qat = section["qat"]
+        quantize_md.run(
+            artifact, prepared, out, target=target, method=method, precision=precision,
+            calibration_samples=section["calibration_frames"], qat_epochs=qat["epochs"],
+            qat_learning_rate=qat["learning_rate"], batch_size=model["train"]["batch_size"],
+            seed=seed, threads=threads, adaround=section["adaround"],
+        )  # fmt: skip
+
+    def evaluate(
+        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
+        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
+        device: str | None,
+    ) -> None:  # fmt: skip
+        from sciquant.evaluate import md as evaluate_md
+        from sciquant.quant.md import artifact_for
+        from sciquant.vocabulary import section_with_defaults
+
+        _device_note(device)
+        if artifact.suffix == ".json":
+            artifact = artifact_for(artifact.parent)
+        if baseline is not None and baseline.suffix == ".json":
+            baseline = artifact_for(baseline.parent)
+        coordinates = dict(coordinates)
+        study = coordinates.pop("study", None)
+        config_hash = coordinates.pop("config_hash", None)
+        settings = section_with_defaults(settings, "evaluate", "evaluate")
+        evaluate_md.run(
+            prepared, artifact, out / "metrics.json", coordinates=coordinates,
+            simulated=simulated, repeats=settings["latency_repeats"], threads=threads,
+            study=study, config_hash=config_hash, baseline=baseline,
+            debug_inputs=settings["debug_inputs"],
+        )  # fmt: skip
