@@ -96,6 +96,14 @@ def test_entry_point_registers_the_workload(site: Path) -> None:
     assert missing.returncode != 0
     assert "unknown workload 'oscillator'" in missing.stderr
     assert "sciquant.workloads" in missing.stderr
+    check = (
+        "from pathlib import Path; from sciquant.study import load_config;"
+        f"load_config(Path({str(EXAMPLE / 'study.yaml')!r}))"
+    )
+    unknown = _python(check, None)  # a config naming it: the key, and what to install
+    assert unknown.returncode != 0
+    assert "config key datasets.oscillator.workload" in unknown.stderr
+    assert "entry point group sciquant.workloads" in unknown.stderr
 
 
 def test_config_checks_reach_the_plugin(site: Path, tmp_path: Path) -> None:
@@ -126,6 +134,11 @@ def test_config_checks_reach_the_plugin(site: Path, tmp_path: Path) -> None:
     sweeps = [{"targets": ["reference"], "methods": ["qat-degree"], "precisions": ["w8a8"]}]
     message = refused({"quantize": {"sweeps": sweeps}})
     assert "quantize.sweeps.0.methods" in message and "qat-degree" in message
+    # a target whose runtime the workload does not run (TensorRT), refused before any job
+    sweeps = [{"targets": ["trt-v100"], "methods": ["ptq-minmax"], "precisions": ["w8a8"]}]
+    nodes = {"cpu": {}, "v100": {"gpu": 1}}
+    message = refused({"quantize": {"sweeps": sweeps}, "nodes": nodes})
+    assert "quantize.sweeps.0.targets" in message and "tensorrt" in message
     # a model on another workload's dataset
     bloodflow = {"bloodflow": {"workload": "bloodflow"}}
     models = {"mlp": {**config["models"]["mlp"], "datasets": ["bloodflow"]}}
@@ -177,3 +190,20 @@ def test_study_end_to_end(study_run: Path) -> None:
     report = (study_run / "results/report/index.html").read_text()
     assert "oscillator" in report and "rollout error" in report.replace("_", " ")
     assert (study_run / "results/oscillator/overview.png").stat().st_size > 0
+
+
+def test_submit_runs_the_same_commands(site: Path, study_run: Path, tmp_path: Path) -> None:
+    """`sciquant submit` (local processes here, Slurm job arrays on a cluster) runs the plug-in's
+    stages with the rules' arguments: the same deterministic FP32 and INT8 results."""
+    result = subprocess.run(
+        [str(BIN / "sciquant"), "submit", "--config", str(EXAMPLE / "study.yaml"),
+         "--stage", "all", "--executor", "local", "--workdir", str(tmp_path),
+         "--runs", "target=reference,cpu-x86", "method=none,ptq-minmax"],
+        env=_env(site), capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for run in ("reference/none/fp32", "cpu-x86/none/fp32", "cpu-x86/ptq-minmax/w8a8"):
+        ours = _metrics(tmp_path, run)["metrics"]
+        theirs = _metrics(study_run, run)["metrics"]
+        for key in ("step_error_pct", "rollout_error_pct"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (run, key)

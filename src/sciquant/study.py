@@ -798,6 +798,17 @@ def _check_plugin_methods(key: str, entry: dict[str, Any], models: dict[str, Any
                 f"{key}.precisions: `mixed` needs the sensitivity analysis of a MeshGraphNet; "
                 f"{name} (workload {workload.name}) has none{_models_hint(entry, name)}"
             )
+        runtimes = getattr(workload, "runtimes", None)
+        for target in entry["targets"]:
+            for precision in entry["precisions"]:
+                plan = get_target(target).plan(precision, architecture_framework(
+                    model["architecture"]))  # fmt: skip
+                if runtimes is not None and not plan.simulated and plan.runtime not in runtimes:
+                    raise SciquantError(
+                        f"{key}.targets: {target} runs {precision} on {plan.runtime}, which "
+                        f"workload {workload.name} does not run ({', '.join(runtimes)}); "
+                        f"leave {name} out of this entry{_models_hint(entry, name)}"
+                    )
 
 
 def _check_dynamic(
@@ -977,4 +988,14 @@ DISCRIMINATORS = ("workload", "architecture")
 def describe(error: Any) -> str:
     """One line per schema violation: the dotted key and what is wrong."""
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    return f"  config key {key}: {error.message}"
+    message = error.message
+    if error.validator == "enum" and list(error.absolute_path)[-1:] in (
+        ["workload"],
+        ["architecture"],
+    ):
+        # a plug-in's workload or architecture is known once its package is installed
+        message += (
+            "; a plug-in workload's is known once its package (entry point group "
+            "sciquant.workloads) is installed in this environment"
+        )
+    return f"  config key {key}: {message}"

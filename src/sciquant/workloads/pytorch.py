@@ -72,6 +72,10 @@ class TorchWorkload(Workload):
     input_names: ClassVar[tuple[str, ...]] = ("x",)
     output_name: ClassVar[str] = "y"
     methods: ClassVar[tuple[str, ...]] = METHODS
+    #: Where its runs execute natively (the config check refuses targets of other runtimes):
+    #: eager torch (FP32 reference, FP16/BF16 casts), ONNX Runtime and OpenVINO from the ONNX
+    #: export. TensorRT would need the GPU engine build of `sciquant.runtime.tensorrt`.
+    runtimes: ClassVar[tuple[str, ...]] = ("torch", "onnxruntime", "openvino")
 
     # --- what a plug-in writes -------------------------------------------------------------
 
