@@ -154,9 +154,13 @@ def test_study_end_to_end(study_run: Path) -> None:
     assert fp32["metrics"]["step_error_pct"] < euler["step_error_pct"]
     assert fp32["workload"] == "oscillator" and fp32["runtime"] == "torch"
 
-    for method in ("ptq-minmax", "qat-lsq"):
-        run = _metrics(study_run, f"cpu-x86/{method}/w8a8")
-        assert run["runtime"] == "onnxruntime" and not run["simulated"]
+    for target, method, runtime in (
+        ("cpu-x86", "ptq-minmax", "onnxruntime"),
+        ("cpu-x86", "qat-lsq", "onnxruntime"),
+        ("openvino-cpu", "ptq-minmax", "openvino"),
+    ):
+        run = _metrics(study_run, f"{target}/{method}/w8a8")
+        assert run["runtime"] == runtime and not run["simulated"]
         metrics = run["metrics"]
         # timed beside its target's FP32 in one process: a paired speed-up with its interval
         assert metrics["paired_speedup_ci_low"] <= metrics["paired_speedup"]
@@ -207,3 +211,18 @@ def test_submit_runs_the_same_commands(site: Path, study_run: Path, tmp_path: Pa
         theirs = _metrics(study_run, run)["metrics"]
         for key in ("step_error_pct", "rollout_error_pct"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (run, key)
+
+
+def test_a_broken_plugin_is_named(tmp_path: Path) -> None:
+    """A plug-in whose module does not import: the error names its entry point and the cause."""
+    info = tmp_path / "broken_workload-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-workload\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[sciquant.workloads]\nbroken = no_such_module:Broken\n")
+    result = subprocess.run(
+        [str(BIN / "sciquant"), "check-config", str(ROOT / "workflow/config/ci.yaml")],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "workload 'broken' (no_such_module:Broken" in result.stderr
+    assert "ModuleNotFoundError" in result.stderr and "Traceback" not in result.stderr

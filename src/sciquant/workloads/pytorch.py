@@ -49,6 +49,8 @@ METHODS = (
     "qat-ste", "qat-lsq", "qat-tqt",
 )  # fmt: skip
 SPLITS = ("train", "valid", "test")
+#: Samples per batch of the quantization debugging (`debug_inputs` such batches).
+DEBUG_BATCH = 256
 MODEL_FORMAT = "sciquant-workload-model"
 QUANTIZED_FORMAT = "sciquant-workload-quantized"
 
@@ -127,6 +129,11 @@ class TorchWorkload(Workload):
                     f"the model takes {len(self.input_names)} ({', '.join(self.input_names)})"
                 )
             for i, values in enumerate(split.inputs):
+                if len(values) != len(split.targets):
+                    raise SciquantError(
+                        f"workload {self.name}: split {split_name} has {len(values)} samples of "
+                        f"input {self.input_names[i]} but {len(split.targets)} targets"
+                    )
                 arrays[f"{split_name}/input{i}"] = np.asarray(values)
             arrays[f"{split_name}/targets"] = np.asarray(split.targets)
             for key, values in split.extra.items():
@@ -442,24 +449,28 @@ class TorchWorkload(Workload):
         self, artifact: Path, onnx: Path | None, test: Split,
         predict: Callable[..., np.ndarray], settings: dict[str, Any],
     ) -> dict[str, Any]:  # fmt: skip
-        """A quantized run's per-layer output SQNR against FP32 on the first test inputs, and
-        for a run on a runtime the agreement of its outputs with the simulation's."""
+        """A quantized run's per-layer output SQNR against FP32 on the first test samples (the
+        evaluate section's `debug_inputs` batches of `DEBUG_BATCH`), and for a run on a runtime
+        the agreement of its outputs with the simulation's on the same samples."""
         import torch
 
         from sciquant.quant.debug import output_agreement, sqnr_metrics, torch_layer_sqnr
 
-        count = min(settings["debug_inputs"], len(test))
+        count = min(settings["debug_inputs"] * DEBUG_BATCH, len(test))
         if count == 0:
             return {}
         model, state = self.load_model(artifact)
         if state["format"] != QUANTIZED_FORMAT:
             return {}
-        inputs = tuple(torch.as_tensor(x[:count]) for x in test.inputs)
-        layers = torch_layer_sqnr(model, [inputs], float_layers=state.get("float_layers"))
+        batches = [
+            tuple(torch.as_tensor(x[start : start + DEBUG_BATCH]) for x in test.inputs)
+            for start in range(0, count, DEBUG_BATCH)
+        ]
+        layers = torch_layer_sqnr(model, batches, float_layers=state.get("float_layers"))
         debug = sqnr_metrics(layers, count)
         if onnx is not None:
             with torch.no_grad():
-                simulated = model(*inputs).numpy()
+                simulated = torch.cat([model(*batch) for batch in batches]).numpy()
             deployed = predict(*(x[:count] for x in test.inputs))
             debug.update(output_agreement(simulated, deployed, inputs=count))
         return debug
@@ -483,12 +494,8 @@ class TorchWorkload(Workload):
         self, artifact: Path, onnx: Path | None, runtime: str,
         coordinates: Mapping[str, Any] | None, threads: int | None,
     ) -> tuple[Callable[..., Any], str]:  # fmt: skip
-        if onnx is None:
+        if onnx is None:  # FP32 in eager torch, or the fake-quant simulation
             model, state = self.load_model(artifact)
-            if state["format"] == MODEL_FORMAT and coordinates is not None:
-                precision = coordinates.get("precision")
-                if precision in ("fp16", "bf16"):
-                    return _cast(model, precision), f"torch-{precision}"
             kind = "fake-quant" if state["format"] == QUANTIZED_FORMAT else "torch"
             return model, kind
         if runtime == "openvino":
@@ -505,18 +512,6 @@ class TorchWorkload(Workload):
         from sciquant.runtime.onnxruntime import OrtStep
 
         return OrtStep(onnx, threads or 1), "onnxruntime"
-
-
-def _cast(model: Any, precision: str) -> Callable[..., Any]:
-    import torch
-
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    cast = model.to(dtype)
-
-    def step(*inputs: Any) -> Any:
-        return cast(*(x.to(dtype) if x.is_floating_point() else x for x in inputs)).float()
-
-    return step
 
 
 def _batches(split: Split, size: int, rng: np.random.Generator | None) -> Iterator[tuple]:
