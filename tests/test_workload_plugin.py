@@ -181,6 +181,10 @@ def test_study_end_to_end(study_run: Path) -> None:
 
     simulated = _metrics(study_run, "reference/ptq-mse/w4a8")
     assert simulated["simulated"] and "latency_ms_median" not in simulated["metrics"]
+    corrected = _metrics(study_run, "reference/ptq-biascorr/w4a8")["metrics"]
+    # bias correction moved the biases; its SQNR is measured against the FP32 layers
+    assert corrected["layer_sqnr_db"].keys() == simulated["metrics"]["layer_sqnr_db"].keys()
+    assert corrected["step_error_pct"] != simulated["metrics"]["step_error_pct"]
 
     import xarray as xr
 

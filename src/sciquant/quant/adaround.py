@@ -311,3 +311,17 @@ def correct_bias(
                     f"{summary[name]:.3g}"
                 )
     return summary
+
+
+def float_layers(qmodel: QuantizedModel, float_model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """{layer: {"weight", "bias"}} of the FP32 model's quantized layers, copied: what AdaRound
+    and bias correction move, kept so that the per-layer SQNR is measured against the FP32
+    model (`sciquant.quant.debug.torch_layer_sqnr`'s `float_layers`)."""
+    return {
+        name: {
+            key: getattr(float_model.get_submodule(name), key).detach().clone()
+            for key in ("weight", "bias")
+            if getattr(float_model.get_submodule(name), key) is not None
+        }
+        for name in qmodel.quantized_layers()
+    }

@@ -25,7 +25,7 @@ from sciquant.data.download import sha256_of
 from sciquant.data.features import GraphTensors, Normalizer, true_state_inputs
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
-from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
+from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias, float_layers
 from sciquant.quant.degree import enable_degree_qat, protection_settings, quantize_degree_model
 from sciquant.quant.equalize import equalize
 from sciquant.quant.pytorch import (
@@ -132,7 +132,7 @@ def run(
     batches = list(calibration_inputs(calibration, steps, norm))
     calibrate(qmodel, batches)
     print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(calibration)} samples")
-    float_layers = None
+    moved = None
     if method in ("ptq-adaround", "ptq-biascorr"):
         if method == "ptq-adaround":
             options = quantize_settings["adaround"]
@@ -140,14 +140,7 @@ def run(
         else:
             correct_bias(qmodel, model, batches)
         # the FP32 layers these methods moved: the per-layer SQNR is measured against them
-        float_layers = {
-            name: {
-                key: getattr(model.get_submodule(name), key).detach().clone()
-                for key in ("weight", "bias")
-                if getattr(model.get_submodule(name), key) is not None
-            }
-            for name in qmodel.quantized_layers()
-        }
+        moved = float_layers(qmodel, model)
 
     if method.startswith("qat-"):
         if method == "qat-lsq":
@@ -180,8 +173,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "quantized.pt"
     state = _quantized_state(qmodel, fp32_state, target, method, precision, settings)
-    if float_layers is not None:
-        state["float_layers"] = float_layers
+    if moved is not None:
+        state["float_layers"] = moved
     save_atomic(state, path)
     return path
 

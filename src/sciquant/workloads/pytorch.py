@@ -232,7 +232,12 @@ class TorchWorkload(Workload):
     ) -> None:  # fmt: skip
         import torch
 
-        from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias
+        from sciquant.quant.adaround import (
+            AdaRoundSettings,
+            adaround,
+            correct_bias,
+            float_layers,
+        )
         from sciquant.quant.pytorch import calibrate, enable_lsq, enable_tqt, set_mode
         from sciquant.vocabulary import check_stage_settings, section_with_defaults
 
@@ -253,20 +258,13 @@ class TorchWorkload(Workload):
         batches = self._calibration_batches(train, section["calibration_samples"])
         calibrate(qmodel, batches)
         print(f"calibrated {len(qmodel.quantized_layers())} layers on {len(train)} samples")
-        float_layers = None
+        moved = None
         if method == "ptq-adaround":
             adaround(qmodel, model, batches, AdaRoundSettings(**section["adaround"], seed=seed))
         elif method == "ptq-biascorr":
             correct_bias(qmodel, model, batches)
         if method in ("ptq-adaround", "ptq-biascorr"):
-            float_layers = {
-                name: {
-                    key: getattr(model.get_submodule(name), key).detach().clone()
-                    for key in ("weight", "bias")
-                    if getattr(model.get_submodule(name), key) is not None
-                }
-                for name in qmodel.quantized_layers()
-            }
+            moved = float_layers(qmodel, model)  # the per-layer SQNR is against these
         log: list[dict[str, float]] = []
         if method.startswith("qat-"):
             if method == "qat-lsq":
@@ -290,7 +288,7 @@ class TorchWorkload(Workload):
             "method": method,
             "precision": precision,
             "state_dict": qmodel.state_dict(),
-            "float_layers": float_layers,
+            "float_layers": moved,
             "quantize": section,
         }
         _save(quantized, out / "quantized.pt")
