@@ -76,8 +76,10 @@ class Workload:
     #: Per architecture, JSON Schema properties of a model's keys besides `architecture`,
     #: `datasets` and `train` (e.g. ``{"hidden": {"type": "integer", "default": 32}}``).
     model_properties: ClassVar[Mapping[str, dict[str, Any]]] = {}
-    #: The file `prepare` writes beside ``index.json`` that training reads (rule input).
-    prepared_file: ClassVar[str] = "data.npz"
+    #: The quantization methods its `quantize` takes (the config check refuses the others).
+    methods: ClassVar[tuple[str, ...]] = ()
+    #: The runtimes its `evaluate` runs natively (None: every runtime of its targets).
+    runtimes: ClassVar[tuple[str, ...] | None] = None
 
     def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
         """Write the embedded simulator's raw files into `out` (settings: ``source.embedded``)."""

@@ -146,7 +146,7 @@ class Study:
         return is_plugin_architecture(self.models[model]["architecture"])
 
     def workload(self, dataset: str) -> str:
-        """`bloodflow` or `md`."""
+        """`bloodflow`, `md`, or an installed plug-in's workload (`sciquant.plugins`)."""
         return self.datasets[dataset]["workload"]
 
     def quantization_sweep(self, model: str | None = None) -> list[tuple[str, str, str]]:
@@ -785,7 +785,7 @@ def _check_plugin_methods(key: str, entry: dict[str, Any], models: dict[str, Any
         if not is_plugin_architecture(model["architecture"]):
             continue
         workload = architecture_workload(model["architecture"])
-        known = getattr(workload, "methods", ())
+        known = workload.methods
         methods = [m for m in entry["methods"] if m != "none" and m not in known]
         if methods:
             raise SciquantError(
@@ -798,11 +798,15 @@ def _check_plugin_methods(key: str, entry: dict[str, Any], models: dict[str, Any
                 f"{key}.precisions: `mixed` needs the sensitivity analysis of a MeshGraphNet; "
                 f"{name} (workload {workload.name}) has none{_models_hint(entry, name)}"
             )
-        runtimes = getattr(workload, "runtimes", None)
+        runtimes = workload.runtimes
         for target in entry["targets"]:
             for precision in entry["precisions"]:
-                plan = get_target(target).plan(precision, architecture_framework(
-                    model["architecture"]))  # fmt: skip
+                try:
+                    plan = get_target(target).plan(
+                        precision, architecture_framework(model["architecture"])
+                    )
+                except SciquantError:
+                    continue  # an impossible plan: the sweep's own check names it
                 if runtimes is not None and not plan.simulated and plan.runtime not in runtimes:
                     raise SciquantError(
                         f"{key}.targets: {target} runs {precision} on {plan.runtime}, which "

@@ -71,6 +71,8 @@ class Split:
 class TorchWorkload(Workload):
     """Base of a PyTorch plug-in workload (see the module docstring for what a subclass gives)."""
 
+    #: The file `prepare` writes the splits to, beside ``index.json`` (which the rules track).
+    prepared_file: ClassVar[str] = "data.npz"
     input_names: ClassVar[tuple[str, ...]] = ("x",)
     output_name: ClassVar[str] = "y"
     methods: ClassVar[tuple[str, ...]] = METHODS
@@ -201,7 +203,8 @@ class TorchWorkload(Workload):
     ) -> None:  # fmt: skip
         import torch
 
-        from sciquant.vocabulary import section_with_defaults
+        from sciquant.provenance import select_device
+        from sciquant.vocabulary import node_device, section_with_defaults
 
         if threads:
             torch.set_num_threads(threads)
@@ -209,17 +212,20 @@ class TorchWorkload(Workload):
         definition = f"{settings.get('architecture')}_model"
         settings = section_with_defaults(settings, definition, "model")
         train = settings["train"]
-        model = self.build_model(settings)
+        # the node type's device (a GPU node type without CUDA trains on the CPU, saying so)
+        chosen = select_device(device or node_device(train["node"]), "train")
+        model = self.build_model(settings).to(chosen)
         data = self.load_split(prepared, "train"), self.load_split(prepared, "valid")
         log = _fit(self, model, *data, train["epochs"], train["batch_size"],
-                   train["learning_rate"], seed)  # fmt: skip
+                   train["learning_rate"], seed, device=chosen)  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         state = {
             "format": MODEL_FORMAT,
             "workload": self.name,
             "settings": settings,
             "seed": seed,
-            "state_dict": model.state_dict(),
+            "device": chosen,
+            "state_dict": {key: value.cpu() for key, value in model.state_dict().items()},
             "data_sha256": _sha256(Path(prepared) / "index.json"),
         }
         _save(state, out / "checkpoint.pt")
@@ -512,21 +518,23 @@ class TorchWorkload(Workload):
         return OrtStep(onnx, threads or 1), "onnxruntime"
 
 
-def _batches(split: Split, size: int, rng: np.random.Generator | None) -> Iterator[tuple]:
+def _batches(
+    split: Split, size: int, rng: np.random.Generator | None, device: str = "cpu"
+) -> Iterator[tuple]:
     import torch
 
     order = rng.permutation(len(split)) if rng is not None else np.arange(len(split))
     for start in range(0, len(split), size):
         chosen = order[start : start + size]
         yield (
-            tuple(torch.as_tensor(x[chosen]) for x in split.inputs),
-            torch.as_tensor(split.targets[chosen]),
+            tuple(torch.as_tensor(x[chosen], device=device) for x in split.inputs),
+            torch.as_tensor(split.targets[chosen], device=device),
         )
 
 
 def _fit(
     workload: TorchWorkload, model: Any, train: Split, valid: Split, epochs: int,
-    batch_size: int, learning_rate: float, seed: int,
+    batch_size: int, learning_rate: float, seed: int, device: str = "cpu",
 ) -> list[dict[str, float]]:  # fmt: skip
     """Adam on the workload's loss, cosine learning rate; the best validation epoch's weights
     are kept. Returns one row per epoch."""
@@ -542,7 +550,7 @@ def _fit(
     for epoch in range(epochs):
         model.train()
         losses = []
-        for inputs, targets in _batches(train, batch_size, rng):
+        for inputs, targets in _batches(train, batch_size, rng, device):
             optimizer.zero_grad()
             loss = workload.loss(model(*inputs), targets)
             if not torch.isfinite(loss):
@@ -558,7 +566,7 @@ def _fit(
         with torch.no_grad():
             valid_losses = [
                 workload.loss(model(*inputs), targets).item() * len(targets)
-                for inputs, targets in _batches(valid, 1024, None)
+                for inputs, targets in _batches(valid, 1024, None, device)
             ]
         valid_loss = sum(valid_losses) / len(valid)
         log.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
