@@ -167,7 +167,8 @@ def test_the_md_simulator_definition_is_the_md_sources_embedded_one():
 
 
 def test_qat_settings_take_the_schemas_qat_defaults():
-    from sciquant.quant.bloodflow import qat_settings, quantize_section
+    from sciquant.quant.bloodflow import qat_settings
+    from sciquant.vocabulary import quantize_section
 
     quantize = quantize_section({})
     assert quantize == section_with_defaults({}, "quantize", "quantize")

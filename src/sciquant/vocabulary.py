@@ -120,3 +120,11 @@ def check_stage_settings(settings: dict[str, Any], command: str) -> None:
             f"{command} --settings: unknown {', '.join(unknown)}; the settings are "
             '{"quantize": <the config\'s quantize section>, "model": <the model\'s settings>}'
         )
+
+
+def quantize_section(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantize`` entry of a quantize command's `--settings` with the schema's defaults
+    filled (a stage's values come from there, never from a literal); SciquantError naming the
+    key for one the schema refuses, or for settings beside `quantize` and `model`."""
+    check_stage_settings(settings, "quantize")
+    return section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")

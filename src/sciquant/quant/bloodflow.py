@@ -45,7 +45,7 @@ from sciquant.train.bloodflow import (
     load_model,
     save_atomic,
 )
-from sciquant.vocabulary import MIXED, check_stage_settings, section_with_defaults
+from sciquant.vocabulary import MIXED, quantize_section
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation
@@ -67,7 +67,8 @@ def calibration_inputs(
 def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSettings:
     """The FP32 training settings with the QAT section's epochs, steps and learning rate.
 
-    qat: the ``quantize.qat`` section with the schema's defaults filled (`quantize_section`)."""
+    qat: the ``quantize.qat`` section with the schema's defaults filled
+    (`sciquant.vocabulary.quantize_section`)."""
     base = TrainSettings.of(model_settings)
     return dataclasses.replace(
         base,
@@ -77,15 +78,6 @@ def qat_settings(model_settings: dict[str, Any], qat: dict[str, Any]) -> TrainSe
         learning_rate_min=min(base.learning_rate_min, qat["learning_rate"]),
         threshold_learning_rate=qat["threshold_learning_rate"],
     )
-
-
-def quantize_section(settings: dict[str, Any]) -> dict[str, Any]:
-    """The ``quantize`` entry of a stage's settings with the schema's defaults filled (the
-    stage's values come from there, never from a literal here); SciquantError naming the key
-    for one the schema refuses, or for settings beside `quantize` and `model` (a quantize key
-    given at the top, say, which would be left out without a word)."""
-    check_stage_settings(settings, "quantize")
-    return section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
 
 
 def run(

@@ -27,7 +27,6 @@ run beside its target's FP32, interleaved in one process; ``metrics.json``).
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
+from sciquant.provenance import write_csv
 from sciquant.workloads import Workload
 
 __all__ = ["Split", "TorchWorkload"]
@@ -52,6 +53,8 @@ SPLITS = ("train", "valid", "test")
 #: Samples per batch of the quantization debugging (`debug_inputs` such batches).
 DEBUG_BATCH = 256
 MODEL_FORMAT = "sciquant-workload-model"
+#: The columns of training_log.csv / qat_log.csv (one row per epoch).
+LOG_COLUMNS = ("epoch", "train_loss", "valid_loss")
 QUANTIZED_FORMAT = "sciquant-workload-quantized"
 
 
@@ -226,10 +229,10 @@ class TorchWorkload(Workload):
             "seed": seed,
             "device": chosen,
             "state_dict": {key: value.cpu() for key, value in model.state_dict().items()},
-            "data_sha256": _sha256(Path(prepared) / "index.json"),
+            "data_sha256": sha256_of(Path(prepared) / "index.json"),
         }
         _save(state, out / "checkpoint.pt")
-        _write_log(out / "training_log.csv", log)
+        write_csv(out / "training_log.csv", log, LOG_COLUMNS)
 
     def quantize(
         self, artifact: Path, prepared: Path, out: Path, *, target: str, method: str,
@@ -245,7 +248,7 @@ class TorchWorkload(Workload):
             float_layers,
         )
         from sciquant.quant.pytorch import calibrate, enable_lsq, enable_tqt, set_mode
-        from sciquant.vocabulary import check_stage_settings, section_with_defaults
+        from sciquant.vocabulary import quantize_section
 
         if method not in self.methods:
             raise SciquantError(
@@ -254,8 +257,7 @@ class TorchWorkload(Workload):
             )
         if recommendation is not None:
             raise SciquantError(f"workload {self.name} has no mixed-precision runs")
-        check_stage_settings(settings, "quantize")
-        section = section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
+        section = quantize_section(settings)
         if threads:
             torch.set_num_threads(threads)
         model, state = self.load_model(artifact)
@@ -299,7 +301,7 @@ class TorchWorkload(Workload):
         }
         _save(quantized, out / "quantized.pt")
         if log:
-            _write_log(out / "qat_log.csv", log)
+            write_csv(out / "qat_log.csv", log, LOG_COLUMNS)
 
     def export(self, artifact: Path, prepared: Path | None, out: Path) -> None:
         import torch
@@ -347,7 +349,8 @@ class TorchWorkload(Workload):
         if threads:
             torch.set_num_threads(threads)
         test = self.load_split(prepared, "test")
-        step, label = self._step(artifact, onnx, runtime, coordinates, threads)
+        loaded = self.load_model(artifact)
+        step, label = self._step(artifact, onnx, runtime, coordinates, threads, loaded)
 
         def predict(*inputs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -372,10 +375,11 @@ class TorchWorkload(Workload):
             repeats = settings["latency_repeats"]
             if baseline is not None:
                 base, _ = self._step(baseline, baseline_onnx, runtime, None, threads)
-            else:
-                base = step
-            paired = paired_timing(call("run", step), call("baseline", base), repeats,
-                                   warmup=5, threads=threads or 1)  # fmt: skip
+                other = call("baseline", base)
+            else:  # the target's FP32 itself: its calls alone (no second side to time)
+                other = lambda: None  # noqa: E731
+            paired = paired_timing(call("run", step), other, repeats, warmup=5,
+                                   threads=threads or 1)  # fmt: skip
             metrics.update(
                 latency_ms_median=paired["run_time_s_median"] * 1e3,
                 latency_ms_min=paired["run_time_s_min"] * 1e3,
@@ -394,7 +398,7 @@ class TorchWorkload(Workload):
                 )
             else:
                 metrics["paired_speedup"] = 1.0
-        metrics.update(self._quant_debug(artifact, onnx, test, predict, settings))
+        metrics.update(self._quant_debug(loaded, onnx, test, predict, settings))
         baselines = {name: dict(values) for name, values in self.baselines(test).items()}
         payload: dict[str, Any] = {
             "coordinates": {k: coordinates.get(k) for k in COORDINATES},
@@ -450,7 +454,7 @@ class TorchWorkload(Workload):
         return model.eval(), state
 
     def _quant_debug(
-        self, artifact: Path, onnx: Path | None, test: Split,
+        self, loaded: tuple[Any, dict[str, Any]], onnx: Path | None, test: Split,
         predict: Callable[..., np.ndarray], settings: dict[str, Any],
     ) -> dict[str, Any]:  # fmt: skip
         """A quantized run's per-layer output SQNR against FP32 on the first test samples (the
@@ -463,7 +467,7 @@ class TorchWorkload(Workload):
         count = min(settings["debug_inputs"] * DEBUG_BATCH, len(test))
         if count == 0:
             return {}
-        model, state = self.load_model(artifact)
+        model, state = loaded
         if state["format"] != QUANTIZED_FORMAT:
             return {}
         batches = [
@@ -497,9 +501,11 @@ class TorchWorkload(Workload):
     def _step(
         self, artifact: Path, onnx: Path | None, runtime: str,
         coordinates: Mapping[str, Any] | None, threads: int | None,
+        loaded: tuple[Any, dict[str, Any]] | None = None,
     ) -> tuple[Callable[..., Any], str]:  # fmt: skip
+        """What runs the artifact (`loaded`: it, already loaded), and the runtime's label."""
         if onnx is None:  # FP32 in eager torch, or the fake-quant simulation
-            model, state = self.load_model(artifact)
+            model, state = loaded or self.load_model(artifact)
             kind = "fake-quant" if state["format"] == QUANTIZED_FORMAT else "torch"
             return model, kind
         if runtime == "openvino":
@@ -588,16 +594,3 @@ def _save(state: dict[str, Any], path: Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()

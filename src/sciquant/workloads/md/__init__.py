@@ -94,10 +94,9 @@ class MolecularDynamics(Workload):
         recommendation: Path | None,
     ) -> None:  # fmt: skip
         from sciquant.quant import md as quantize_md
-        from sciquant.vocabulary import check_stage_settings, section_with_defaults
+        from sciquant.vocabulary import quantize_section, section_with_defaults
 
-        check_stage_settings(settings, "quantize")
-        section = section_with_defaults(settings.get("quantize", {}), "quantize", "quantize")
+        section = quantize_section(settings)
         model = section_with_defaults(settings.get("model", {}), "icnnmd_model", "model")
         qat = section["qat"]
         quantize_md.run(
