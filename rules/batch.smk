@@ -18,16 +18,17 @@ def batch_threads(timed):
     return threads
 
 
-def batch_runtime(node, runs):
-    """Minutes a batch asks for: `minutes_per_run` per run (its node's `runtime` if larger),
-    growing with the attempt."""
+def batch_resources(node, runs):
+    """A batch job's resources: an evaluation's on its node type (`resources_of`), and as
+    minutes `minutes_per_run` per run (its node's `runtime` if larger), growing with the
+    attempt."""
     per_run = BATCH_SETTINGS["minutes_per_run"]
 
     def runtime(wildcards, attempt):
         base = max(config["nodes"].get(node, {}).get("runtime", 0), per_run * runs)
         return math.ceil(base * attempt)
 
-    return runtime
+    return {**resources_of("evaluate", node=node), "runtime": runtime}
 
 
 BATCH_CONFIG = json.dumps(config)
@@ -62,9 +63,7 @@ for _batch, (_inputs, _outputs) in batch_files(study, BATCHES).items():
             BATCH_ENVS[study.framework(_batch.model)]
         threads: batch_threads(_timed)
         resources:
-            **node_resources(_batch.node),
-            mem_mb=scaled("mem_mb", 4000, node=_batch.node),
-            runtime=batch_runtime(_batch.node, len(_batch.combos)),
+            **batch_resources(_batch.node, len(_batch.combos)),
         params:
             config=BATCH_CONFIG,
             runs=batch_runs(_batch),

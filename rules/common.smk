@@ -10,6 +10,7 @@ from sciquant.batch import settings as batch_settings
 from sciquant.errors import SciquantError
 from sciquant.quant.observers import DYNAMIC_METHODS
 from sciquant.quant.targets import TARGETS
+from sciquant.vocabulary import CPU_NODE
 from sciquant.study import (
     BUILT_IN_WORKLOADS,
     CALIBRATED_METHODS,
@@ -17,6 +18,7 @@ from sciquant.study import (
     QUANTIZATION_METHODS,
     Run,
     Study,
+    Training,
     is_timed,
     keras_artifacts,
     quantize_inputs,
@@ -26,7 +28,7 @@ from sciquant.study import (
     run_coordinates,
     runtime_arguments,
     schema_errors,
-    train_node,
+    stage_resources,
     train_settings,
 )
 
@@ -235,60 +237,36 @@ def get_runtime_arguments(wildcards, input):
     return " ".join(runtime_arguments(study, run_of(wildcards), inputs))
 
 
-def node_resources(node):
-    """Slurm resources of a node type from the config's `nodes` mapping (empty locally)."""
+def job_subject(stage, wildcards):
+    """What a stage's job is for, as `Study.resources` takes it: the training of a train job,
+    the run of an evaluation, nothing for the jobs that always run on `cpu`."""
+    if stage == "train":
+        return Training(wildcards.dataset, wildcards.model, int(wildcards.seed))
+    if stage == "evaluate":
+        return run_of(wildcards)
+    return None
+
+
+def resources_of(stage, node=None):
+    """A stage's resources, per job (`Study.resources`, the same `sciquant submit` asks for):
+    its node type's scheduler settings, and `mem_mb` / `runtime` that grow with the attempt, so
+    `--retries` asks for more each time. `node`: a fixed node type (a batch's)."""
+
+    def first(wildcards):
+        if node is not None:
+            return stage_resources(config, stage, node)
+        return study.resources(stage, job_subject(stage, wildcards))
+
+    def scaled(key):
+        return lambda wildcards, attempt: first(wildcards)[key] * attempt
+
+    def plain(key):
+        return lambda wildcards: first(wildcards)[key]
+
     return {
-        key: value
-        for key, value in config["nodes"].get(node, {}).items()
-        if key not in ("mem_mb", "runtime")
+        key: scaled(key) if key in ("mem_mb", "runtime") else plain(key)
+        for key in stage_resources(config, stage, CPU_NODE)
     }
-
-
-def get_train_node(wildcards):
-    return train_node(study, wildcards.model)
-
-
-def get_run_node(wildcards):
-    """The node type a run's evaluation needs: its target's (`cpu` for reference/CPU targets)."""
-    return study.node(run_of(wildcards))
-
-
-def get_node_resource(key, default=None, node_of=get_train_node):
-    """A resource function for rules whose node depends on the wildcards (the model's training
-    node by default; `node_of=get_run_node` for evaluations, which run on their target's node).
-    """
-
-    def resource(wildcards):
-        return node_resources(node_of(wildcards)).get(key, default)
-
-    return resource
-
-
-def run_node_resources():
-    """Slurm resources of an evaluation job: those of its target's node type, per run."""
-    defaults = {"slurm_partition": "", "constraint": "", "gpu": 0, "gpu_model": ""}
-    for spec in config["nodes"].values():
-        for key in spec:
-            if key not in defaults and key not in ("mem_mb", "runtime"):
-                defaults[key] = config["threads"] if key == "cpus_per_task" else ""
-    return {
-        key: get_node_resource(key, default, node_of=get_run_node)
-        for key, default in defaults.items()
-    }
-
-
-def scaled(key, base, node=None, node_of=get_train_node):
-    """`mem_mb` / `runtime` that grow with the attempt, so `--retries` asks for more each time.
-
-    The node type's value in `nodes` (or `base`) is the first attempt's; the node is `node`, or
-    the one `node_of(wildcards)` names.
-    """
-
-    def resource(wildcards, attempt):
-        chosen = node if node is not None else node_of(wildcards)
-        return config["nodes"].get(chosen, {}).get(key, base) * attempt
-
-    return resource
 
 
 def get_all_metrics():

@@ -13,9 +13,7 @@ rule synthesize:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 30, node="cpu"),
+        **resources_of("synthesize"),
     params:
         workload=lambda wildcards: study.workload(wildcards.dataset),
         settings=get_simulation_params,
@@ -34,9 +32,7 @@ rule fetch:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 1000, node="cpu"),
-        runtime=scaled("runtime", 120, node="cpu"),
+        **resources_of("fetch"),
     params:
         files=get_fetch_files,
         limits=get_fetch_limits,
@@ -60,9 +56,7 @@ rule prepare:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 30, node="cpu"),
+        **resources_of("prepare"),
     params:
         settings=get_prepare_params,
     shell:
@@ -82,9 +76,7 @@ rule overview:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("overview"),
     shell:
         "sciquant overview bloodflow --raw resources/{wildcards.dataset}/raw"
         " --out {output} > {log} 2>&1"
@@ -106,9 +98,7 @@ rule prepare_md:
     conda:
         "../envs/tensorflow.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 30, node="cpu"),
+        **resources_of("prepare"),
     params:
         settings=get_prepare_params,
     shell:
@@ -128,9 +118,7 @@ rule overview_md:
     conda:
         "../envs/tensorflow.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("overview"),
     shell:
         "sciquant overview md --raw resources/{wildcards.dataset}/raw"
         " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"

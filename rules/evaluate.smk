@@ -41,9 +41,7 @@ rule evaluate_fp32:
         "../envs/torch.yaml"
     threads: timed_threads
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 60, node="cpu"),
+        **resources_of("evaluate"),
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
@@ -77,9 +75,7 @@ rule evaluate_run:
         "../envs/torch.yaml"
     threads: timed_threads
     resources:
-        **run_node_resources(),
-        mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
-        runtime=scaled("runtime", 60, node_of=get_run_node),
+        **resources_of("evaluate"),
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
@@ -131,9 +127,7 @@ rule evaluate_md:
         "../envs/tensorflow.yaml"
     threads: timed_threads
     resources:
-        **run_node_resources(),
-        mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
-        runtime=scaled("runtime", 30, node_of=get_run_node),
+        **resources_of("evaluate"),
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,

@@ -41,9 +41,7 @@ rule sensitivity:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 60, node="cpu"),
+        **resources_of("sensitivity"),
     params:
         settings=get_quantize_section,
         folder=subpath(output.recommendation, parent=True),
@@ -71,9 +69,7 @@ rule quantize:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 60, node="cpu"),
+        **resources_of("quantize"),
     params:
         settings=get_quantize_params,
         recommendation=get_recommendation_argument,
@@ -101,9 +97,7 @@ rule export_onnx:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("export"),
     shell:
         "sciquant export --checkpoint {input.quantized}"
         " --prepared results/{wildcards.dataset}/prepared --out {output} > {log} 2>&1"
@@ -129,9 +123,7 @@ rule quantize_dynamic:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("quantize"),
     params:
         folder=subpath(output[0], parent=True),
     shell:
@@ -154,9 +146,7 @@ rule export_fp32_onnx:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("export"),
     shell:
         "sciquant export --checkpoint {input.checkpoint} --out {output} > {log} 2>&1"
 
@@ -180,9 +170,7 @@ rule quantize_keras:
         "../envs/tensorflow.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 30, node="cpu"),
+        **resources_of("quantize"),
     params:
         settings=get_quantize_params,
         folder=subpath(output[0], parent=True),

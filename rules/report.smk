@@ -14,9 +14,7 @@ rule aggregate:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("aggregate"),
     params:
         study_info=get_study_info(),
     shell:
@@ -42,9 +40,7 @@ rule report:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("report"),
     params:
         budget=get_report_budget(),
     shell:

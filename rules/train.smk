@@ -18,12 +18,7 @@ rule train:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=scaled("mem_mb", 4000),
-        runtime=scaled("runtime", 120),
-        slurm_partition=get_node_resource("slurm_partition", ""),
-        constraint=get_node_resource("constraint", ""),
-        gpu=get_node_resource("gpu", 0),
-        gpu_model=get_node_resource("gpu_model", ""),
+        **resources_of("train"),
     params:
         settings=get_train_params,
         folder=subpath(output.checkpoint, parent=True),
@@ -51,12 +46,7 @@ rule train_keras:
         "../envs/tensorflow.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=scaled("mem_mb", 4000),
-        runtime=scaled("runtime", 60),
-        slurm_partition=get_node_resource("slurm_partition", ""),
-        constraint=get_node_resource("constraint", ""),
-        gpu=get_node_resource("gpu", 0),
-        gpu_model=get_node_resource("gpu_model", ""),
+        **resources_of("train"),
     params:
         settings=get_train_params,
         folder=subpath(output.model, parent=True),

@@ -17,9 +17,7 @@ rule prepare_workload:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 30, node="cpu"),
+        **resources_of("prepare"),
     params:
         workload=get_dataset_workload,
         settings=get_prepare_params,
@@ -40,9 +38,7 @@ rule overview_workload:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("overview"),
     params:
         workload=get_dataset_workload,
     shell:
@@ -66,12 +62,7 @@ rule train_workload:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=scaled("mem_mb", 4000),
-        runtime=scaled("runtime", 120),
-        slurm_partition=get_node_resource("slurm_partition", ""),
-        constraint=get_node_resource("constraint", ""),
-        gpu=get_node_resource("gpu", 0),
-        gpu_model=get_node_resource("gpu_model", ""),
+        **resources_of("train"),
     params:
         settings=get_train_params,
         folder=subpath(output.checkpoint, parent=True),
@@ -99,9 +90,7 @@ rule quantize_workload:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 4000, node="cpu"),
-        runtime=scaled("runtime", 60, node="cpu"),
+        **resources_of("quantize"),
     params:
         settings=get_quantize_params,
         folder=subpath(output[0], parent=True),
@@ -128,9 +117,7 @@ rule export_workload:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("export"),
     params:
         workload=get_dataset_workload,
     shell:
@@ -152,9 +139,7 @@ rule export_workload_fp32:
     conda:
         "../envs/torch.yaml"
     resources:
-        **node_resources("cpu"),
-        mem_mb=scaled("mem_mb", 2000, node="cpu"),
-        runtime=scaled("runtime", 10, node="cpu"),
+        **resources_of("export"),
     params:
         workload=get_dataset_workload,
     shell:
@@ -181,9 +166,7 @@ rule evaluate_workload:
         "../envs/torch.yaml"
     threads: timed_threads
     resources:
-        **run_node_resources(),
-        mem_mb=scaled("mem_mb", 4000, node_of=get_run_node),
-        runtime=scaled("runtime", 60, node_of=get_run_node),
+        **resources_of("evaluate"),
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,

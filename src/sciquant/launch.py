@@ -44,6 +44,7 @@ from sciquant.study import (
     runtime_arguments,
     sensitivity_folder,
     slurm_extra_options,
+    stage_resources,
     train_node,
     train_settings,
     training_of,
@@ -54,19 +55,6 @@ from sciquant.vocabulary import COORDINATES, CPU_NODE
 STAGES = (
     "synthesize", "fetch", "prepare", "train", "sensitivity", "quantize", "export", "evaluate",
 )  # fmt: skip
-#: First-attempt (mem_mb, runtime in minutes) of each stage, as in its rule, unless `nodes` says.
-STAGE_RESOURCES = {
-    "synthesize": (2000, 30),
-    "fetch": (1000, 120),
-    "prepare": (4000, 30),
-    "train": (4000, 120),
-    "sensitivity": (4000, 60),
-    "quantize": (4000, 60),
-    "export": (2000, 10),
-    "evaluate": (4000, 60),
-}
-
-
 # ------------------------------------------------------------------ the stage function (in the job)
 
 
@@ -315,7 +303,7 @@ def executor_parameters(
     for option in ("partition", "constraint", "account"):
         if getattr(args, option):
             check_one_line(f"sciquant submit --{option}", getattr(args, option))
-    mem_mb, runtime = STAGE_RESOURCES[stage]
+    first = stage_resources(config, stage, node)  # as the stage's rules ask for
     extra = {}
     if args.constraint or spec.get("constraint"):
         extra["constraint"] = args.constraint or spec["constraint"]
@@ -328,9 +316,9 @@ def executor_parameters(
         extra[key] = value or True
     params = {
         "name": f"sciquant-{stage}",
-        "timeout_min": args.timeout_min or spec.get("runtime", runtime),
-        "mem_gb": args.mem_gb or spec.get("mem_mb", mem_mb) / 1000,
-        "cpus_per_task": args.cpus or spec.get("cpus_per_task", config["threads"]),
+        "timeout_min": args.timeout_min or first["runtime"],
+        "mem_gb": args.mem_gb or first["mem_mb"] / 1000,
+        "cpus_per_task": args.cpus or first.get("cpus_per_task", config["threads"]),
         "slurm_array_parallelism": args.array_parallelism,
         "slurm_additional_parameters": extra,
     }

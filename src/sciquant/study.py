@@ -28,7 +28,7 @@ from sciquant.quant.observers import (
 )
 from sciquant.quant.spec import protection_settings
 from sciquant.quant.targets import Plan, get_target
-from sciquant.vocabulary import MIXED, node_device, schema_document, with_defaults
+from sciquant.vocabulary import CPU_NODE, MIXED, node_device, schema_document, with_defaults
 from sciquant.vocabulary import SCHEMA as SCHEMA  # re-exported
 from sciquant.vocabulary import section_with_defaults as section_with_defaults  # re-exported
 
@@ -212,12 +212,77 @@ class Study:
         """The node type a run's evaluation needs: its target's, or `cpu` for `reference`."""
         return get_target(run.target).node or "cpu"
 
+    def node_of(self, stage: str, subject: Run | Training | None = None) -> str:
+        """The node type a stage's job for `subject` runs on: the model's `train.node` for a
+        training, the run's target's for an evaluation, `cpu` for every other job."""
+        if stage == "train" and subject is not None:
+            return train_node(self, subject.model)
+        if stage == "evaluate" and isinstance(subject, Run):
+            return self.node(subject)
+        return CPU_NODE
+
+    def resources(self, stage: str, subject: Run | Training | None = None) -> dict[str, Any]:
+        """What a stage's job for `subject` asks the scheduler for, first attempt: its node
+        type (`node_of`) and that node type's resources (`stage_resources`). The rules and
+        `sciquant submit` both ask for these."""
+        node = self.node_of(stage, subject)
+        return {"node": node, **stage_resources(self.config, stage, node)}
+
     def config_hash(self) -> str:
         """SHA-256 of the resolved config (defaults filled), recorded as provenance; without
         `batch`, which changes how runs are grouped into jobs, never a number."""
         science = {key: value for key, value in self.config.items() if key != "batch"}
         text = json.dumps(science, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ what a stage's job asks for
+
+#: First attempt's memory (MB) and time limit (minutes) of each stage's jobs, where the node
+#: type's `nodes` entry sets no `mem_mb` / `runtime`. The rules scale both with the attempt
+#: (`--retries`); `sciquant submit` asks for the first attempt's.
+STAGE_RESOURCES: dict[str, tuple[int, int]] = {
+    "synthesize": (2000, 30),
+    "fetch": (1000, 120),
+    "prepare": (4000, 30),
+    "overview": (2000, 10),
+    "train": (4000, 120),
+    "sensitivity": (4000, 60),
+    "quantize": (4000, 60),
+    "export": (2000, 10),
+    "evaluate": (4000, 60),
+    "aggregate": (2000, 10),
+    "report": (2000, 10),
+}
+#: Scheduler settings every job carries (empty or zero where its node type sets none), so a
+#: rule whose node type depends on the run has the same keys for every job.
+NODE_RESOURCE_DEFAULTS: dict[str, Any] = {
+    "slurm_partition": "",
+    "constraint": "",
+    "gpu": 0,
+    "gpu_model": "",
+}
+
+
+def stage_resources(config: dict[str, Any], stage: str, node: str) -> dict[str, Any]:
+    """A stage's first-attempt resources on a node type: `mem_mb` and `runtime` (the node type's
+    own, else `STAGE_RESOURCES`), and its scheduler settings from `nodes` (every key that some
+    node type sets, so that all jobs carry the same keys: empty, zero, or for `cpus_per_task`
+    the config's `threads`, where this node type sets none)."""
+    if stage not in STAGE_RESOURCES:
+        raise SciquantError(f"no stage {stage!r}; stages: {', '.join(STAGE_RESOURCES)}")
+    nodes = config.get("nodes", {})
+    spec = nodes.get(node, {})
+    mem_mb, runtime = STAGE_RESOURCES[stage]
+    resources: dict[str, Any] = dict(NODE_RESOURCE_DEFAULTS)
+    for other in nodes.values():
+        for key in other:
+            if key not in resources and key not in ("mem_mb", "runtime"):
+                resources[key] = config["threads"] if key == "cpus_per_task" else ""
+    resources.update({k: v for k, v in spec.items() if k not in ("mem_mb", "runtime")})
+    resources["mem_mb"] = spec.get("mem_mb", mem_mb)
+    resources["runtime"] = spec.get("runtime", runtime)
+    return resources
 
 
 # ------------------------------------------------------------------ stage arguments of a run

@@ -144,8 +144,11 @@ def _job_logs(workdir: Path) -> str:
 def test_submit_runs_the_commands_of_the_rules(study, tmp_path):
     """Every job of every stage `submit` runs for the whole study is a job of Snakemake's dry
     run with the same `sciquant` command (settings, inputs, runtime flags, `--device`), and the
-    other way round, on the same node type (the dry run's GPU model; none: `cpu`)."""
-    from sciquant.launch import STAGES, stage_commands
+    other way round, on the same node type (the dry run's GPU model; none: `cpu`), asking for
+    the same memory and time (`Study.resources`)."""
+    import argparse
+
+    from sciquant.launch import STAGES, executor_parameters, stage_commands
     from sciquant.study import Study, load_config
 
     config = REPO / "workflow" / "config" / f"{study}.yaml"
@@ -162,17 +165,23 @@ def test_submit_runs_the_commands_of_the_rules(study, tmp_path):
         command = re.search(rf"^(?:Shell command: )?(sciquant (?:{stages}) .*)$", block, re.M)
         if command:
             gpu_model = re.search(r"gpu_model=([^,\s]+)", block)
+            mem_mb = re.search(r"\bmem_mb=(\d+)", block)
+            runtime = re.search(r"\bruntime=(\d+)", block)
             argv = tuple(shlex.split(command[1].split(" > ")[0])[1:])
-            theirs[argv] = gpu_model[1] if gpu_model else "cpu"
+            theirs[argv] = (gpu_model[1] if gpu_model else "cpu", int(mem_mb[1]), int(runtime[1]))
     loaded = Study(load_config(config))
+    defaults = argparse.Namespace(partition=None, constraint=None, account=None, timeout_min=None,
+                                  mem_gb=None, cpus=None, array_parallelism=4)  # fmt: skip
     ours = {}
     for stage in STAGES:
         for _, node, argv in stage_commands(stage, loaded, loaded.runs()):
-            ours[tuple(argv)] = node
+            asked = executor_parameters(loaded.config, stage, node, defaults)
+            ours[tuple(argv)] = (node, round(asked["mem_gb"] * 1000), asked["timeout_min"])
     assert len(theirs) > 10 and set(ours) == set(theirs)
     assert ours == theirs
     if study == "paper":
         assert sum("cuda" in argv for argv in ours) == 3 * 2 * 5  # TensorRT runs' GPU nodes
+    assert {(mem, minutes) for _, mem, minutes in ours.values()} >= {(4000, 60), (2000, 10)}
 
 
 def test_failed_job_is_reported_with_its_stderr(tmp_path):
