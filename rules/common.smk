@@ -26,7 +26,6 @@ from sciquant.study import (
     read_config_file,
     run_artifacts,
     run_coordinates,
-    runtime_arguments,
     schema_errors,
     stage_resources,
     train_settings,
@@ -230,11 +229,10 @@ def get_keras_artifacts(wildcards):
     return keras_artifacts(study, run_of(wildcards))
 
 
-def get_runtime_arguments(wildcards, input):
-    """Command-line flags: the ONNX file for native ONNX Runtime runs; simulated label; the
-    paired baseline; `--device cuda` for runs on a GPU node type."""
-    inputs = {key: str(getattr(input, key)) for key in input.keys()}
-    return " ".join(runtime_arguments(study, run_of(wildcards), inputs))
+def get_evaluation_plan(wildcards):
+    """What the run's evaluation runs (`Study.evaluation`: artifacts, runtime, simulated,
+    paired baseline, device, workload), as JSON for `sciquant evaluate --plan`."""
+    return json.dumps(study.evaluation(run_of(wildcards)).to_json())
 
 
 def job_subject(stage, wildcards):

@@ -45,10 +45,11 @@ rule evaluate_fp32:
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
+        plan=get_evaluation_plan,
         folder=subpath(output.metrics, parent=True),
         threads=config["threads"],
     shell:
-        "sciquant evaluate --checkpoint {input.checkpoint}"
+        "sciquant evaluate --plan {params.plan:q}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {params.threads} --out {params.folder} > {log} 2>&1"
@@ -79,11 +80,11 @@ rule evaluate_run:
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
-        runtime=get_runtime_arguments,
+        plan=get_evaluation_plan,
         folder=subpath(output.metrics, parent=True),
         threads=config["threads"],
     shell:
-        "sciquant evaluate --checkpoint {input.checkpoint} {params.runtime}"
+        "sciquant evaluate --plan {params.plan:q}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {params.threads} --out {params.folder} > {log} 2>&1"
@@ -131,11 +132,11 @@ rule evaluate_md:
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
-        runtime=get_runtime_arguments,
+        plan=get_evaluation_plan,
         folder=subpath(output.metrics, parent=True),
         threads=config["threads"],
     shell:
-        "sciquant evaluate --checkpoint {input.artifact} {params.runtime}"
+        "sciquant evaluate --plan {params.plan:q}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {params.threads} --out {params.folder} > {log} 2>&1"

@@ -148,7 +148,8 @@ rule export_workload_fp32:
 
 
 # Every run of a plug-in's model, the FP32 reference included: the run's artifacts
-# (`sciquant.study.run_artifacts`) and its runtime's flags, as for the built-in PyTorch runs.
+# (`sciquant.study.run_artifacts`) and its plan (`Study.evaluation`), as for the built-in PyTorch
+# runs.
 rule evaluate_workload:
     input:
         unpack(get_run_artifacts),
@@ -170,11 +171,11 @@ rule evaluate_workload:
     params:
         settings=get_evaluate_params,
         coordinates=get_run_coordinates,
-        runtime=get_runtime_arguments,
+        plan=get_evaluation_plan,
         folder=subpath(output.metrics, parent=True),
         threads=config["threads"],
     shell:
-        "sciquant evaluate --checkpoint {input.checkpoint} {params.runtime}"
+        "sciquant evaluate --plan {params.plan:q}"
         " --prepared results/{wildcards.dataset}/prepared"
         " --settings {params.settings:q} --coordinates {params.coordinates:q}"
         " --threads {params.threads} --out {params.folder} > {log} 2>&1"

@@ -12,16 +12,10 @@ import pytest
 import torch
 
 from sciquant import cli, provenance
+from sciquant.errors import SciquantError
 from sciquant.evaluate import bloodflow as evaluate_bloodflow
-from sciquant.study import (
-    Run,
-    Study,
-    evaluation_inputs,
-    load_config,
-    node_device,
-    run_device,
-    runtime_arguments,
-)
+from sciquant.plugins import Evaluation
+from sciquant.study import Run, Study, load_config, node_device, run_device
 from sciquant.train import bloodflow as train_bloodflow
 from tests.test_train_bloodflow import TINY, tiny_prepared
 
@@ -112,23 +106,49 @@ def test_device_is_described_with_the_gpu_model(monkeypatch) -> None:
 
 
 def test_rules_and_submit_ask_for_the_gpu_exactly_on_gpu_node_types() -> None:
-    """`runtime_arguments` (the evaluate rules' and `submit`'s flags): `--device cuda` for every
+    """`Study.evaluation` (the evaluate rules' and `submit`'s `--plan`): device cuda for every
     run whose target's node type has a GPU (TensorRT targets and their simulated precisions),
-    never for a run on a CPU node type."""
+    cpu for every run on a CPU node type; the plan survives its JSON."""
     study = Study(load_config(ROOT / "workflow" / "config" / "paper.yaml"))
     on_gpu = 0
     for run in study.runs():
-        flags = runtime_arguments(study, run, evaluation_inputs(study, run))
+        plan = study.evaluation(run)
         gpu = study.node(run) != "cpu"
-        assert (flags[-2:] == ["--device", "cuda"]) == gpu, (run, flags)
-        assert ("--device" in flags) == gpu and run_device(study, run) == node_device(
-            study.node(run)
-        )
+        assert (plan.device == "cuda") == gpu and plan.device == run_device(study, run)
+        assert run_device(study, run) == node_device(study.node(run))
+        assert Evaluation.from_json(json.loads(json.dumps(plan.to_json()))) == plan
         on_gpu += gpu
     assert on_gpu == 3 * 2 * 5  # seeds × GPU targets × (3 INT8 methods, FP16, FP32)
-    simulated = Run("bloodflow", "meshgraphnet", 0, "trt-v100", "ptq-minmax", "w4a8")
-    flags = runtime_arguments(study, simulated, {"checkpoint": "quantized.pt"})
-    assert flags == ["--simulated", "--device", "cuda"]  # fake-quant on the GPU node's GPU
+    simulated = study.evaluation(
+        Run("bloodflow", "meshgraphnet", 0, "trt-v100", "ptq-minmax", "w4a8")
+    )  # fake-quant on the GPU node's GPU, from the run's own quantized model, untimed
+    assert simulated.to_json() == {
+        "artifact": "results/bloodflow/meshgraphnet/seed0/trt-v100/ptq-minmax/w4a8/quantized.pt",
+        "simulated": True, "device": "cuda", "workload": "bloodflow",
+    }  # fmt: skip
+    native = study.evaluation(Run("bloodflow", "meshgraphnet", 0, "trt-v100", "ptq-minmax", "w8a8"))
+    fp32 = "results/bloodflow/meshgraphnet/seed0/trt-v100/none/fp32/model.onnx"
+    assert (native.runtime, native.simulated) == ("tensorrt", False)
+    assert native.baseline_onnx == Path(fp32)
+
+
+def test_evaluate_takes_a_plan_or_flags_not_both(tmp_path: Path) -> None:
+    """A plan with an unknown key, without an artifact, or given beside a flag it holds is
+    refused, naming what is wrong."""
+    coordinates = json.dumps(dict.fromkeys(("dataset", "model", "target", "method", "precision"),
+                                           "x") | {"seed": 0})  # fmt: skip
+    common = ["evaluate", "--prepared", str(tmp_path), "--settings", "{}",
+              "--coordinates", coordinates, "--out", str(tmp_path / "run")]  # fmt: skip
+    cases = [
+        (["--plan", '{"artifact": "a.pt", "engine": "x"}'], "unknown key engine"),
+        (["--plan", '{"onnx": "a.onnx"}'], "no artifact"),
+        (["--plan", '{"artifact": "a.pt"}', "--checkpoint", "b.pt"], "--checkpoint"),
+        (["--plan", '{"artifact": "a.pt"}', "--simulated"], "--simulated"),
+        ([], "--checkpoint"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SciquantError, match=message):
+            cli._run_stage(cli.build_parser().parse_args([*common[:1], *extra, *common[1:]]))
 
 
 # ------------------------------------------------------------------ the stages

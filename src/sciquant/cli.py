@@ -91,18 +91,54 @@ def _add_workload_option(parser: argparse.ArgumentParser) -> None:
 WORKLOAD_STAGES = ("synthesize", "prepare", "overview", "train", "quantize", "export", "evaluate")
 
 
+#: `sciquant evaluate`'s flags that a `--plan` holds (and their defaults).
+PLAN_FLAGS = {
+    "checkpoint": None, "onnx": None, "runtime": None, "simulated": False,
+    "baseline_checkpoint": None, "baseline_onnx": None, "device": None, "workload": None,
+}  # fmt: skip
+
+
+def evaluation_plan(args: argparse.Namespace) -> Any:
+    """What `sciquant evaluate` runs (`sciquant.plugins.Evaluation`): its `--plan`, as the rules
+    and `sciquant submit` pass it, or the plan its flags give by hand."""
+    from sciquant.plugins import Evaluation
+
+    given = [name for name, default in PLAN_FLAGS.items() if getattr(args, name) != default]
+    if args.plan is not None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise SciquantError(
+                f"evaluate: --plan holds what {flags} would say; give either the plan or flags"
+            )
+        return Evaluation.from_json(args.plan)
+    if args.checkpoint is None:
+        raise SciquantError("evaluate: give the model to evaluate (--checkpoint) or a --plan")
+    return Evaluation(
+        artifact=args.checkpoint, onnx=args.onnx,
+        runtime=(args.runtime or "onnxruntime") if args.onnx is not None else None,
+        simulated=args.simulated, baseline=args.baseline_checkpoint,
+        baseline_onnx=args.baseline_onnx, device=args.device or "cpu", workload=args.workload,
+    )  # fmt: skip
+
+
 def _stage_workload(args: argparse.Namespace) -> Any:
-    """The workload whose stage a command runs: named (`workload`, `--workload`), or the one of
-    the model's architecture (train, quantize), or the built-in one of the artifact."""
+    """The workload whose stage a command runs: named (`workload`, `--workload`, the plan's),
+    or the one of the model's architecture (train, quantize), or the built-in one of the
+    artifact."""
     from sciquant.plugins import architecture_workload, get_workload
     from sciquant.workloads.md import is_keras_artifact
 
     command = args.command
     if command in ("synthesize", "prepare", "overview"):
         return get_workload(args.workload)
-    if command in ("evaluate", "export") and args.workload is not None:
+    if command == "evaluate":
+        plan = evaluation_plan(args)
+        if plan.workload is not None:
+            return get_workload(plan.workload)
+        return get_workload("md" if is_keras_artifact(plan.artifact) else "bloodflow")
+    if command == "export" and args.workload is not None:
         return get_workload(args.workload)
-    if command in ("evaluate", "quantize", "export") and is_keras_artifact(args.checkpoint):
+    if command in ("quantize", "export") and is_keras_artifact(args.checkpoint):
         return get_workload("md")
     if command in ("train", "quantize"):
         settings = args.settings.get("model", {}) if command == "quantize" else args.settings
@@ -152,10 +188,8 @@ def _run_stage(args: argparse.Namespace) -> None:
                 f"{', '.join(COORDINATES)}"
             )
         workload.evaluate(
-            args.checkpoint, args.prepared, args.out, settings=args.settings,
-            coordinates=args.coordinates, threads=args.threads, onnx=args.onnx,
-            runtime=args.runtime, simulated=args.simulated, baseline=args.baseline_checkpoint,
-            baseline_onnx=args.baseline_onnx, device=args.device,
+            evaluation_plan(args), args.prepared, args.out, settings=args.settings,
+            coordinates=args.coordinates, threads=args.threads,
         )  # fmt: skip
 
 
@@ -241,9 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
         "plug-in's own metrics; metrics.json",
     )
     evaluate.add_argument(
+        "--plan",
+        type=_json_object,
+        default=None,
+        help="the run's plan (JSON, as the rules and `sciquant submit` pass it: artifact, "
+        "onnx, runtime, simulated, baseline, baseline_onnx, device, workload); by hand, the "
+        "flags below say the same",
+    )
+    evaluate.add_argument(
         "--checkpoint",
         type=Path,
-        required=True,
+        default=None,
         help="checkpoint.pt / quantized.pt, or model.keras / a run's quantization.json (md)",
     )
     evaluate.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
@@ -258,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--runtime",
         choices=["onnxruntime", "tensorrt", "openvino"],
-        default="onnxruntime",
-        help="what runs --onnx: ONNX Runtime (CPU), TensorRT (GPU node; engine cached) or "
+        default=None,
+        help="what runs --onnx (default onnxruntime): ONNX Runtime (CPU), TensorRT (GPU node; "
+        "engine cached) or "
         "OpenVINO (CPU; fp32, bf16 under the bf16 hint, w8a8 from the QDQ graph)",
     )
     evaluate.add_argument(
@@ -276,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--device",
         choices=["cpu", "cuda"],
-        default="cpu",
-        help="the device the run's node type has (the rules and `sciquant submit` pass cuda for "
-        "runs on a GPU node type): PyTorch rollouts run there if CUDA is present, else on the "
+        default=None,
+        help="the device the run's node type has (default cpu; a plan says cuda for runs on a "
+        "GPU node type): PyTorch rollouts run there if CUDA is present, else on the "
         "CPU with a warning; TensorRT always runs on the GPU, ONNX Runtime and OpenVINO on the "
         "CPU; Keras models: TensorFlow places them itself",
     )

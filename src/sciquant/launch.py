@@ -35,13 +35,11 @@ from sciquant.study import (
     Training,
     check_node,
     check_one_line,
-    evaluation_inputs,
     fp32_of_target,
     load_config,
     quantize_inputs,
     quantize_params,
     run_coordinates,
-    runtime_arguments,
     sensitivity_folder,
     slurm_extra_options,
     stage_resources,
@@ -195,10 +193,8 @@ def stage_commands(stage: str, study: Study, runs: list[Run]) -> list[tuple[str,
     elif stage == "evaluate":
         config_hash = study.config_hash()
         for run in runs:
-            inputs = evaluation_inputs(study, run)
-            checkpoint = inputs.get("artifact", inputs.get("checkpoint"))
             argv = [
-                "evaluate", "--checkpoint", checkpoint, *runtime_arguments(study, run, inputs),
+                "evaluate", "--plan", _json(study.evaluation(run).to_json()),
                 "--prepared", prepared(run.dataset), "--settings", _json(config["evaluate"]),
                 "--coordinates", _json(run_coordinates(study, run, config_hash)),
                 "--threads", threads, "--out", run.folder,
@@ -262,7 +258,7 @@ def needed_jobs(study: Study, runs: list[Run]) -> dict[str, list[Any]]:
             export[owner] = None
 
     for run in runs:
-        for path in evaluation_inputs(study, run).values():
+        for path in study.artifacts(run).values():
             need(path)
     for run in quantize:
         if study.framework(run.model) == "torch" and "recommendation" in quantize_inputs(run):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ from sciquant.errors import SciquantError
 __all__ = [
     "BUILT_IN",
     "ENTRY_POINTS",
+    "Evaluation",
     "Workload",
     "architecture_workload",
     "get_workload",
@@ -53,6 +55,61 @@ BUILT_IN: Mapping[str, str] = {
     "bloodflow": "sciquant.workloads.bloodflow:BloodFlow",
     "md": "sciquant.workloads.md:MolecularDynamics",
 }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one run's evaluation runs, as data: the plan of `sciquant evaluate`.
+
+    The rules and `sciquant submit` build it from the run's coordinates and the study
+    (`sciquant.study.Study.evaluation`) and pass it whole (`sciquant evaluate --plan`); by hand,
+    the command's flags build it.
+
+    artifact: the model to judge (FP32 checkpoint, a calibrated run's quantized model, or a
+    Keras run's model / quantization.json). onnx: the ONNX file a runtime runs instead (FP32 or
+    the run's QDQ graph), and runtime: which one (`onnxruntime`, `tensorrt`, `openvino`; None
+    without `onnx`: the framework runs the artifact itself, eager or fake-quant, or LiteRT as a
+    Keras run's quantization.json says). simulated: the results are a fake-quant simulation of
+    the target (untimed). baseline (+ baseline_onnx): the target's FP32 artifacts, timed
+    interleaved with the run (a paired speed-up). device: the device of the run's node type.
+    workload: the dataset's workload (None: the built-in one the artifact is for).
+    """
+
+    artifact: Path
+    onnx: Path | None = None
+    runtime: str | None = None
+    simulated: bool = False
+    baseline: Path | None = None
+    baseline_onnx: Path | None = None
+    device: str = "cpu"
+    workload: str | None = None
+
+    PATHS: ClassVar[tuple[str, ...]] = ("artifact", "onnx", "baseline", "baseline_onnx")
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON values (paths as text; keys that hold nothing left out)."""
+        values = asdict(self)
+        return {
+            key: str(value) if key in self.PATHS else value
+            for key, value in values.items()
+            if value is not None
+        }
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any], where: str = "evaluate --plan") -> Evaluation:
+        """The plan from `to_json`'s values; an unknown or missing key is named."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SciquantError(
+                f"{where}: unknown key {', '.join(unknown)}; a plan has {', '.join(sorted(known))}"
+            )
+        if "artifact" not in values:
+            raise SciquantError(f"{where}: no artifact (the model file to evaluate)")
+        return cls(**{
+            key: Path(value) if key in cls.PATHS and value is not None else value
+            for key, value in values.items()
+        })  # fmt: skip
 
 
 class Workload:
@@ -116,13 +173,11 @@ class Workload:
         raise SciquantError(f"workload {self.name} has no ONNX export")
 
     def evaluate(
-        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
-        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
-        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
-        device: str | None,
+        self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
-        """Judge one run on the test split; writes `out`/metrics.json (settings: the config's
-        ``evaluate`` section)."""
+        """Judge one run, as its `plan` says, on the test split; writes `out`/metrics.json
+        (settings: the config's ``evaluate`` section)."""
         raise NotImplementedError
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from sciquant.errors import SciquantError
+from sciquant.plugins import Evaluation
 from sciquant.quant.observers import (
     DYNAMIC_METHODS,
     METHOD_LIMITS,
@@ -211,6 +212,29 @@ class Study:
     def node(self, run: Run) -> str:
         """The node type a run's evaluation needs: its target's, or `cpu` for `reference`."""
         return get_target(run.target).node or "cpu"
+
+    def artifacts(self, run: Run) -> dict[str, str]:
+        """What a run's evaluation reads besides the prepared data (`evaluation_inputs`)."""
+        return evaluation_inputs(self, run)
+
+    def evaluation(self, run: Run) -> Evaluation:
+        """What a run's evaluation runs, from its coordinates and the study: its artifacts,
+        the runtime of its ONNX file, simulated or not, the paired baseline, its node type's
+        device and its workload (`sciquant evaluate --plan`, for the rules and `submit`)."""
+        inputs = self.artifacts(run)
+        plan = self.plan(run)
+        optional = {key: Path(inputs[key]) if key in inputs else None
+                    for key in ("onnx", "baseline_checkpoint", "baseline_onnx")}  # fmt: skip
+        return Evaluation(
+            artifact=Path(inputs["artifact"] if "artifact" in inputs else inputs["checkpoint"]),
+            onnx=optional["onnx"],
+            runtime=plan.runtime if optional["onnx"] is not None else None,
+            simulated=plan.simulated,
+            baseline=optional["baseline_checkpoint"],
+            baseline_onnx=optional["baseline_onnx"],
+            device=run_device(self, run),
+            workload=self.workload(run.dataset),
+        )
 
     def node_of(self, stage: str, subject: Run | Training | None = None) -> str:
         """The node type a stage's job for `subject` runs on: the model's `train.node` for a
@@ -412,27 +436,6 @@ def evaluation_inputs(study: Study, run: Run) -> dict[str, str]:
 def run_device(study: Study, run: Run) -> str:
     """The device a run's evaluation asks for: that of its target's node type."""
     return node_device(study.node(run))
-
-
-def runtime_arguments(study: Study, run: Run, inputs: dict[str, str]) -> list[str]:
-    """`sciquant evaluate` flags of a run beyond the common ones, given its `inputs`
-    (`evaluation_inputs`): the ONNX file and its runtime, the paired baseline, the simulated
-    label, and `--device cuda` where the run's node type has a GPU."""
-    plan = study.plan(run)
-    flags = ["--onnx", inputs["onnx"]] if "onnx" in inputs else []
-    if study.is_plugin(run.model):  # a plug-in's runs are evaluated by its workload
-        flags = ["--workload", study.workload(run.dataset), *flags]
-    if flags and plan.runtime in ("tensorrt", "openvino"):
-        flags += ["--runtime", plan.runtime]
-    if "baseline_checkpoint" in inputs:
-        flags += ["--baseline-checkpoint", inputs["baseline_checkpoint"]]
-    if "baseline_onnx" in inputs:
-        flags += ["--baseline-onnx", inputs["baseline_onnx"]]
-    if plan.simulated:
-        flags.append("--simulated")
-    if run_device(study, run) != "cpu":
-        flags += ["--device", run_device(study, run)]
-    return flags
 
 
 #: Float precisions below FP32: a cast of the FP32 weights, no ranges (method `none`).

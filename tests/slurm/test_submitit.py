@@ -180,7 +180,9 @@ def test_submit_runs_the_commands_of_the_rules(study, tmp_path):
     assert len(theirs) > 10 and set(ours) == set(theirs)
     assert ours == theirs
     if study == "paper":
-        assert sum("cuda" in argv for argv in ours) == 3 * 2 * 5  # TensorRT runs' GPU nodes
+        on_gpu = [argv for argv in ours if any('"device": "cuda"' in arg for arg in argv)]
+        assert len(on_gpu) == 3 * 2 * 5  # TensorRT runs' GPU nodes
+        assert {ours[argv][0] for argv in on_gpu} == {"v100", "rtx3090"}
     assert {(mem, minutes) for _, mem, minutes in ours.values()} >= {(4000, 60), (2000, 10)}
 
 

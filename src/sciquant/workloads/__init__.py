@@ -2,6 +2,6 @@
 (`sciquant.workloads.bloodflow`, `sciquant.workloads.md`) and the PyTorch plug-in base
 (`sciquant.workloads.pytorch`) as its subpackages."""
 
-from sciquant.plugins import ENTRY_POINTS, Workload, get_workload, workload_names
+from sciquant.plugins import ENTRY_POINTS, Evaluation, Workload, get_workload, workload_names
 
-__all__ = ["ENTRY_POINTS", "Workload", "get_workload", "workload_names"]
+__all__ = ["ENTRY_POINTS", "Evaluation", "Workload", "get_workload", "workload_names"]

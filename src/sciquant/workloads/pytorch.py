@@ -38,7 +38,7 @@ import numpy as np
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_csv
-from sciquant.workloads import Workload
+from sciquant.workloads import Evaluation, Workload
 
 __all__ = ["Split", "TorchWorkload"]
 
@@ -333,10 +333,8 @@ class TorchWorkload(Workload):
         onnx.checker.check_model(str(out), full_check=True)
 
     def evaluate(
-        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
-        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
-        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
-        device: str | None,
+        self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
         import torch
 
@@ -345,6 +343,8 @@ class TorchWorkload(Workload):
         from sciquant.vocabulary import COORDINATES, section_with_defaults
 
         started = time.perf_counter()
+        artifact, onnx, runtime, simulated = plan.artifact, plan.onnx, plan.runtime, plan.simulated
+        baseline, baseline_onnx = plan.baseline, plan.baseline_onnx
         settings = section_with_defaults(settings, "evaluate", "evaluate")
         if threads:
             torch.set_num_threads(threads)

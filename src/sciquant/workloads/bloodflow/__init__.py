@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sciquant.workloads import Workload
+from sciquant.workloads import Evaluation, Workload
 
 __all__ = ["BloodFlow"]
 
@@ -78,16 +78,15 @@ class BloodFlow(Workload):
         quantize_bloodflow.export(artifact, prepared, out)
 
     def evaluate(
-        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
-        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
-        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
-        device: str | None,
+        self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
         from sciquant.evaluate import bloodflow as evaluate_bloodflow
 
         evaluate_bloodflow.run(
-            artifact, prepared, out, settings=settings, coordinates=coordinates,
-            threads=threads, onnx=onnx, simulated=simulated,
-            runtime=runtime if onnx is not None else "torch", baseline_checkpoint=baseline,
-            baseline_onnx=baseline_onnx, device=device,
+            plan.artifact, prepared, out, settings=settings, coordinates=coordinates,
+            threads=threads, onnx=plan.onnx, simulated=plan.simulated,
+            runtime=plan.runtime if plan.onnx is not None else "torch",
+            baseline_checkpoint=plan.baseline, baseline_onnx=plan.baseline_onnx,
+            device=plan.device,
         )  # fmt: skip

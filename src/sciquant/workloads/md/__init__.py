@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sciquant.workloads import Workload
+from sciquant.workloads import Evaluation, Workload
 
 __all__ = ["MolecularDynamics", "is_keras_artifact"]
 
@@ -107,16 +107,15 @@ class MolecularDynamics(Workload):
         )  # fmt: skip
 
     def evaluate(
-        self, artifact: Path, prepared: Path, out: Path, *, settings: dict[str, Any],
-        coordinates: dict[str, Any], threads: int | None, onnx: Path | None, runtime: str,
-        simulated: bool, baseline: Path | None, baseline_onnx: Path | None,
-        device: str | None,
+        self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
+        coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
         from sciquant.evaluate import md as evaluate_md
         from sciquant.quant.md import artifact_for
         from sciquant.vocabulary import section_with_defaults
 
-        _device_note(device)
+        artifact, baseline = plan.artifact, plan.baseline
+        _device_note(plan.device)
         if artifact.suffix == ".json":
             artifact = artifact_for(artifact.parent)
         if baseline is not None and baseline.suffix == ".json":
@@ -127,7 +126,7 @@ class MolecularDynamics(Workload):
         settings = section_with_defaults(settings, "evaluate", "evaluate")
         evaluate_md.run(
             prepared, artifact, out / "metrics.json", coordinates=coordinates,
-            simulated=simulated, repeats=settings["latency_repeats"], threads=threads,
+            simulated=plan.simulated, repeats=settings["latency_repeats"], threads=threads,
             study=study, config_hash=config_hash, baseline=baseline,
             debug_inputs=settings["debug_inputs"],
         )  # fmt: skip
