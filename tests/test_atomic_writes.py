@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sciquant import provenance
-from sciquant.data.bloodflow import _save_npz
 from sciquant.provenance import atomic_path, write_csv, write_json
+from sciquant.workloads.bloodflow.data import _save_npz
 
 
 def test_a_leftover_of_the_old_fixed_temporary_name_does_not_block_a_write(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def test_command_line_input_of_the_wrong_shape(capsys, tmp_path, monkeypatch, ar
 
 
 def test_an_empty_checkpoint_names_the_file(tmp_path):
-    from sciquant.train.bloodflow import load_model
+    from sciquant.workloads.bloodflow.train import load_model
 
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"")
@@ -190,7 +190,7 @@ def test_an_empty_checkpoint_names_the_file(tmp_path):
 
 
 def test_an_empty_resume_checkpoint_restarts_training(tmp_path, capsys):
-    from sciquant.train import bloodflow as train_bloodflow
+    from sciquant.workloads.bloodflow import train as train_bloodflow
     from tests.test_train_bloodflow import TINY, tiny_prepared
 
     prepared = tiny_prepared(tmp_path)
@@ -203,7 +203,7 @@ def test_an_empty_resume_checkpoint_restarts_training(tmp_path, capsys):
 
 
 def test_a_file_that_is_no_recommendation(tmp_path):
-    from sciquant.quant.bloodflow import load_recommendation
+    from sciquant.workloads.bloodflow.quantize import load_recommendation
 
     path = tmp_path / "recommendation.json"
     path.write_text(json.dumps({"format_version": 6}))
@@ -212,7 +212,7 @@ def test_a_file_that_is_no_recommendation(tmp_path):
 
 
 def test_a_missing_or_damaged_onnx_file(tmp_path):
-    from sciquant.quant.dynamic import is_dynamic
+    from sciquant.workloads.bloodflow.dynamic import is_dynamic
 
     with pytest.raises(SciquantError, match="missing.onnx: ONNX file not found"):
         is_dynamic(tmp_path / "missing.onnx")
@@ -223,7 +223,7 @@ def test_a_missing_or_damaged_onnx_file(tmp_path):
 
 
 def test_prepared_data_of_the_other_workload(tmp_path):
-    from sciquant.data.bloodflow import load_index
+    from sciquant.workloads.bloodflow.data import load_index
 
     (tmp_path / "index.json").write_text(json.dumps({"format": "sciquant-md-pixelmaps"}))
     with pytest.raises(SciquantError, match="another workload \\('sciquant-md-pixelmaps'\\)"):
@@ -231,7 +231,7 @@ def test_prepared_data_of_the_other_workload(tmp_path):
 
 
 def test_an_index_missing_its_keys(tmp_path):
-    from sciquant.data.bloodflow import FORMAT_VERSION, load_index
+    from sciquant.workloads.bloodflow.data import FORMAT_VERSION, load_index
 
     index = {"format_version": FORMAT_VERSION, "workload": "bloodflow", "settings": {}}
     (tmp_path / "index.json").write_text(json.dumps(index))

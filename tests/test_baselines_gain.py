@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET
-from sciquant.evaluate.physics import baseline_errors, physics_checks
 from sciquant.report.gain import retained_gain, run_gains, significant_gain
+from sciquant.workloads.bloodflow.data import BRANCH, INLET, JUNCTION, OUTLET
+from sciquant.workloads.bloodflow.physics import baseline_errors, physics_checks
 
 
 def y_sample() -> dict[str, np.ndarray]:

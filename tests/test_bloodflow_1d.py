@@ -1,4 +1,5 @@
-"""Tests of the nonlinear 1D blood-flow solver (sciquant.data.bloodflow_1d) on hand-made trees."""
+"""Tests of the nonlinear 1D blood-flow solver (sciquant.workloads.bloodflow.sim_1d) on hand-made
+trees."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sciquant.data import bloodflow_1d as b1
-from sciquant.data import bloodflow_sim as bs
-from sciquant.data.vtp import read_centerline
+from sciquant.workloads.bloodflow import sim as bs
+from sciquant.workloads.bloodflow import sim_1d as b1
+from sciquant.workloads.bloodflow.vtp import read_centerline
 
 POISEUILLE = b1.Physics1D(
     bs.BLOOD_VISCOSITY, bs.BLOOD_DENSITY, 4.0 / 3.0, 0.0, bs.OLUFSEN_STIFFNESS

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sciquant.data import bloodflow
-from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET, PrepareSettings
-from sciquant.data.vtp import Centerline, read_centerline, write_centerline
 from sciquant.errors import SciquantError
+from sciquant.workloads.bloodflow import data as bloodflow
+from sciquant.workloads.bloodflow.data import BRANCH, INLET, JUNCTION, OUTLET, PrepareSettings
+from sciquant.workloads.bloodflow.vtp import Centerline, read_centerline, write_centerline
 
 STEPS = 40
 DT = 0.025  # stored step, s; one cycle of T = 1 s
@@ -146,7 +146,7 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
 @pytest.mark.parametrize("harmonics", [0, 1])
 def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonics: int) -> None:
     """46 features with the default 3 harmonics; 6 fewer per harmonic left out."""
-    from sciquant.data.features import Normalizer, node_features, to_tensors
+    from sciquant.workloads.bloodflow.features import Normalizer, node_features, to_tensors
 
     out = tmp_path / "prepared"
     settings = PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4, harmonics=harmonics)
@@ -176,7 +176,7 @@ def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> N
     """p̃ = (p − p_dia)/(p_sys − p_dia), q̃ = q/(s·Q̄_in) by hand; physical() undoes them exactly."""
     import torch
 
-    from sciquant.data.features import Normalizer, merge_graphs, to_tensors
+    from sciquant.workloads.bloodflow.features import Normalizer, merge_graphs, to_tensors
 
     out = tmp_path / "prepared"
     bloodflow.prepare(raw, out, PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4))

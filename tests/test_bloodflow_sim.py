@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sciquant.data import bloodflow_sim as bs
-from sciquant.data.vtp import read_centerline
 from sciquant.errors import SciquantError
+from sciquant.workloads.bloodflow import sim as bs
+from sciquant.workloads.bloodflow.vtp import read_centerline
 
 SEED = 7
 N_SIMULATIONS = 3
@@ -333,7 +333,7 @@ def test_raw_files_do_not_depend_on_the_blas_thread_count(tmp_path: Path) -> Non
     for threads in ("1", "2"):
         out = tmp_path / threads
         code = (
-            "from pathlib import Path; from sciquant.data.bloodflow_sim import synthesize; "
+            "from pathlib import Path; from sciquant.workloads.bloodflow.sim import synthesize; "
             f"synthesize(Path({str(out)!r}), 3, 1, progress=False)"
         )
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sciquant.data import bloodflow
-from sciquant.data.bloodflow_sim import SimulationParams, synthesize
-from sciquant.evaluate.physics import baseline_errors
+from sciquant.workloads.bloodflow import data as bloodflow
+from sciquant.workloads.bloodflow.physics import baseline_errors
+from sciquant.workloads.bloodflow.sim import SimulationParams, synthesize
 
 
 @pytest.fixture(scope="module")

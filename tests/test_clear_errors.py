@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from sciquant import cli
-from sciquant.data import bloodflow
-from sciquant.data.bloodflow_sim import SimulationParams, synthesize
-from sciquant.data.vtp import read_centerline, write_centerline
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 from sciquant.report.cube import aggregate, load_cube
 from sciquant.report.html import build_report
+from sciquant.workloads.bloodflow import data as bloodflow
+from sciquant.workloads.bloodflow.sim import SimulationParams, synthesize
+from sciquant.workloads.bloodflow.vtp import read_centerline, write_centerline
 
 SETTINGS = {"time_offsets": 1, "split": {"train": 0.67, "valid": 0.0, "test": 0.33}}
 

@@ -13,10 +13,10 @@ import torch
 
 from sciquant import cli, provenance
 from sciquant.errors import SciquantError
-from sciquant.evaluate import bloodflow as evaluate_bloodflow
 from sciquant.plugins import Evaluation
 from sciquant.study import Run, Study, load_config, node_device, run_device
-from sciquant.train import bloodflow as train_bloodflow
+from sciquant.workloads.bloodflow import evaluate as evaluate_bloodflow
+from sciquant.workloads.bloodflow import train as train_bloodflow
 from tests.test_train_bloodflow import TINY, tiny_prepared
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from sciquant.data import download, md
+from sciquant.data import download
 from sciquant.data.download import RemoteFile, fetch
 from sciquant.data.manifest import MANIFEST, write_manifest
 from sciquant.errors import SciquantError
+from sciquant.workloads.md import data as md
 from tests.fileserver import Served, serving
 
 FAST = {"retries": 1, "backoff_s": 0.01, "timeout_s": 2.0, "progress": False}

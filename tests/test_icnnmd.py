@@ -20,7 +20,6 @@ from sciquant.runtime.keras import configure_threads  # noqa: E402
 
 configure_threads(1)
 
-from sciquant.evaluate import md as evaluate_md  # noqa: E402
 from sciquant.models.icnnmd import (  # noqa: E402
     MIN_GRID,
     build_icnnmd,
@@ -29,7 +28,8 @@ from sciquant.models.icnnmd import (  # noqa: E402
     model_bytes,
 )
 from sciquant.runtime.keras import KerasRunner  # noqa: E402
-from sciquant.train import md as train_md  # noqa: E402
+from sciquant.workloads.md import evaluate as evaluate_md  # noqa: E402
+from sciquant.workloads.md import train as train_md  # noqa: E402
 
 # Keras's own saving code converts tensors with a NumPy-1 idiom; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

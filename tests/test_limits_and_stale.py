@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sciquant.data import bloodflow_sim, md_sim
 from sciquant.data.download import RemoteFile, fetch
 from sciquant.data.manifest import MANIFEST, write_manifest
 from sciquant.errors import SciquantError
+from sciquant.workloads.bloodflow import sim as bloodflow_sim
+from sciquant.workloads.md import sim as md_sim
 from tests.fileserver import FileHandler, Served, serving, sha
 from tests.test_train_bloodflow import tiny_prepared
 
@@ -334,8 +335,8 @@ def test_md_synthesis_refuses_a_foreign_dataset_info(tmp_path: Path) -> None:
 
 
 def test_corrupt_quantized_checkpoint_points_to_the_quantize_stage(tmp_path: Path) -> None:
-    from sciquant.evaluate.bloodflow import load_step
-    from sciquant.quant.bloodflow import load_quantized
+    from sciquant.workloads.bloodflow.evaluate import load_step
+    from sciquant.workloads.bloodflow.quantize import load_quantized
 
     corrupt = tmp_path / "quantized.pt"
     corrupt.write_bytes(b"\x00not a checkpoint")
@@ -375,7 +376,7 @@ TINY = {
 def test_resume_with_another_thread_count_says_it_is_not_bit_identical(
     prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], torch_threads: None
 ) -> None:
-    from sciquant.train import bloodflow as train_bloodflow
+    from sciquant.workloads.bloodflow import train as train_bloodflow
 
     out = tmp_path / "fp32"
     train_bloodflow.run(prepared, out, TINY, seed=0, threads=1, progress=False)

@@ -9,9 +9,10 @@ import mdtraj
 import numpy as np
 import pytest
 
-from sciquant.data import md, md_sim
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
+from sciquant.workloads.md import data as md
+from sciquant.workloads.md import sim as md_sim
 
 N_BEADS = 60
 FRAMES = 520

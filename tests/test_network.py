@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sciquant.data import bloodflow
-from sciquant.data import bloodflow_sim as bs
-from sciquant.data.bloodflow import INLET, PrepareSettings
-from sciquant.data.network import (
+from sciquant.errors import SciquantError
+from sciquant.workloads.bloodflow import data as bloodflow
+from sciquant.workloads.bloodflow import sim as bs
+from sciquant.workloads.bloodflow.data import INLET, PrepareSettings
+from sciquant.workloads.bloodflow.network import (
     BLOOD_DENSITY,
     BLOOD_VISCOSITY,
     FOURIER_POINTS,
@@ -28,7 +29,6 @@ from sciquant.data.network import (
     steady_share,
     transfer_functions,
 )
-from sciquant.errors import SciquantError
 
 MU, RHO = BLOOD_VISCOSITY, BLOOD_DENSITY
 

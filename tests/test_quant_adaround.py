@@ -21,11 +21,11 @@ from sciquant.quant.adaround import (
     rectified_sigmoid,
     soft_weight,
 )
-from sciquant.quant.bloodflow import load_quantized
 from sciquant.quant.observers import check_method_limits
 from sciquant.quant.pytorch import calibrate, quantize_model, set_mode
 from sciquant.study import load_config
-from sciquant.train.bloodflow import load_model
+from sciquant.workloads.bloodflow.quantize import load_quantized
+from sciquant.workloads.bloodflow.train import load_model
 from tests.test_quant_dynamic import ROOT, _sciquant
 from tests.test_quant_dynamic import ci_training as ci_training  # the fixture, shared
 

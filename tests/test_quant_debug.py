@@ -17,9 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sciquant.evaluate import bloodflow as evaluate_bloodflow  # noqa: E402
 from sciquant.provenance import write_json  # noqa: E402
-from sciquant.quant import bloodflow as quant_bloodflow  # noqa: E402
 from sciquant.quant.debug import (  # noqa: E402
     describe,
     output_agreement,
@@ -30,6 +28,8 @@ from sciquant.quant.debug import (  # noqa: E402
 )
 from sciquant.quant.pytorch import calibrate, quantize_model  # noqa: E402
 from sciquant.report.cube import read_metrics  # noqa: E402
+from sciquant.workloads.bloodflow import evaluate as evaluate_bloodflow  # noqa: E402
+from sciquant.workloads.bloodflow import quantize as quant_bloodflow  # noqa: E402
 
 #: Inputs whose quantization error on the grid of step 0.5 is known by hand (no ties).
 X = np.array([0.3, 1.1, -0.7, 2.0], dtype=np.float32)
@@ -247,7 +247,7 @@ def test_keras_dense_sqnr_is_the_hand_computed_one() -> None:
 def flow_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny FP32 MeshGraphNet, a simulated run (reference w8a8) and an ONNX Runtime INT8 run
     (cpu-x86 w8a8), each quantized and evaluated with 3 debugging inputs."""
-    from sciquant.train import bloodflow as train_bloodflow
+    from sciquant.workloads.bloodflow import train as train_bloodflow
     from tests.test_train_bloodflow import TINY, tiny_prepared
 
     root = tmp_path_factory.mktemp("debug-flow")
@@ -310,8 +310,8 @@ def test_agreement_catches_a_deployed_scale_that_is_not_the_simulations(
     import onnx
     from onnx import numpy_helper
 
-    from sciquant.data.features import Normalizer, merge_graphs
     from sciquant.runtime.onnxruntime import OrtStep
+    from sciquant.workloads.bloodflow.features import Normalizer, merge_graphs
 
     run = flow_runs["cpu-x86"]
     qmodel, state = quant_bloodflow.load_quantized(run["quantized"])
@@ -337,7 +337,7 @@ def test_agreement_catches_a_deployed_scale_that_is_not_the_simulations(
 
 
 def test_teacher_forced_inputs_of_one_sample_are_its_calibration_inputs(flow_runs: dict) -> None:
-    from sciquant.data.features import Normalizer
+    from sciquant.workloads.bloodflow.features import Normalizer
 
     _, state = quant_bloodflow.load_quantized(flow_runs["reference"]["quantized"])
     norm = Normalizer.of_checkpoint(state)
@@ -350,7 +350,7 @@ def test_teacher_forced_inputs_of_one_sample_are_its_calibration_inputs(flow_run
 
 
 def test_debug_is_off_at_zero_inputs_and_for_fp32(flow_runs: dict) -> None:
-    from sciquant.data.features import Normalizer
+    from sciquant.workloads.bloodflow.features import Normalizer
 
     quantized = flow_runs["reference"]["quantized"]
     _, state = quant_bloodflow.load_quantized(quantized)
@@ -368,10 +368,10 @@ def test_debug_is_off_at_zero_inputs_and_for_fp32(flow_runs: dict) -> None:
 def test_md_litert_and_simulated_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
     pytest.importorskip("tensorflow")
     pytest.importorskip("ai_edge_litert")
-    from sciquant.evaluate import md as evaluate_md
-    from sciquant.quant import md as quant_md
     from sciquant.quant.debug import rebuild_keras_simulation
     from sciquant.runtime.keras import load_keras_model
+    from sciquant.workloads.md import evaluate as evaluate_md
+    from sciquant.workloads.md import quantize as quant_md
     from tests.test_quant_keras_adaround import _tiny_md
 
     root = tmp_path_factory.mktemp("debug-md")

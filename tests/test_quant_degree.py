@@ -14,7 +14,6 @@ import yaml
 
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
-from sciquant.quant.bloodflow import load_quantized
 from sciquant.quant.degree import (
     DegreeQuantizedModel,
     NodeGroupQuantLinear,
@@ -29,6 +28,7 @@ from sciquant.quant.degree import (
 from sciquant.quant.observers import check_method_limits, qparams_from_range
 from sciquant.quant.pytorch import QuantLinear, calibrate, quantize_model, set_mode
 from sciquant.study import load_config
+from sciquant.workloads.bloodflow.quantize import load_quantized
 from tests.test_quant_dynamic import ROOT, _sciquant
 from tests.test_quant_dynamic import ci_training as ci_training  # the fixture, shared
 

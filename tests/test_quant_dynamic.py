@@ -1,6 +1,6 @@
-"""`ptq-dynamic` (sciquant.quant.dynamic): ONNX Runtime dynamic INT8 against a float64 reference,
-the config checks that confine it to ONNX Runtime W8A8, the method lists that must agree, and a
-quantize + evaluate run on the ci study's tiny data."""
+"""`ptq-dynamic` (sciquant.workloads.bloodflow.dynamic): ONNX Runtime dynamic INT8 against a float64
+reference, the config checks that confine it to ONNX Runtime W8A8, the method lists that must agree,
+and a quantize + evaluate run on the ci study's tiny data."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from torch import nn
 
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
-from sciquant.quant.dynamic import WEIGHT_SUFFIX, is_dynamic, quantize_dynamic_onnx
 from sciquant.quant.export import export_fp32_onnx
 from sciquant.quant.observers import DYNAMIC_METHODS, METHOD_OBSERVERS, METHODS
 from sciquant.runtime.onnxruntime import OrtStep, integer_kernels, kernel_summary
 from sciquant.study import QUANTIZATION_METHODS, Study, load_config
+from sciquant.workloads.bloodflow.dynamic import WEIGHT_SUFFIX, is_dynamic, quantize_dynamic_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "workflow" / "config" / "ci.yaml"

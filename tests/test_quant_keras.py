@@ -22,11 +22,11 @@ pytest.importorskip("ai_edge_litert")
 
 from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.quant import keras as qk  # noqa: E402
-from sciquant.quant import md as quant_md  # noqa: E402
 from sciquant.quant import tflite  # noqa: E402
 from sciquant.quant.observers import make_observer  # noqa: E402
 from sciquant.quant.spec import PerChannel, PerTensor, QuantSpec, fake_quantize  # noqa: E402
 from sciquant.runtime.litert import LiteRTRunner  # noqa: E402
+from sciquant.workloads.md import quantize as quant_md  # noqa: E402
 
 try:  # limit TensorFlow to one thread; impossible once another test has started it
     tf.config.threading.set_intra_op_parallelism_threads(1)

@@ -75,7 +75,7 @@ def test_rectified_sigmoid_and_settings_match_the_torch_version():
 
 def test_the_module_does_not_import_torch():
     code = (
-        "import sys; import sciquant.quant.keras_adaround, sciquant.quant.md; "
+        "import sys; import sciquant.quant.keras_adaround, sciquant.workloads.md.quantize; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -202,9 +202,9 @@ def _tiny_md(root):
 
 def test_md_quantize_stage_runs_adaround_for_reference_and_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
-    from sciquant.evaluate import md as evaluate_md
-    from sciquant.quant import md as quant_md
     from sciquant.runtime.keras import load_keras_model
+    from sciquant.workloads.md import evaluate as evaluate_md
+    from sciquant.workloads.md import quantize as quant_md
 
     prepared, checkpoint = _tiny_md(tmp_path)
 

@@ -88,7 +88,7 @@ def _sciquant(*words: str) -> None:
 
 
 def test_synthesize_md_takes_the_schemas_simulator_defaults(monkeypatch, tmp_path):
-    simulator = Recorder(monkeypatch, "sciquant.data.md_sim", "synthesize")
+    simulator = Recorder(monkeypatch, "sciquant.workloads.md.sim", "synthesize")
     manifest = Recorder(monkeypatch, "sciquant.data.manifest", "write_manifest")
     _sciquant("synthesize", "md", "--settings", "{}", "--out", str(tmp_path))
     call = simulator.calls["synthesize"]
@@ -101,7 +101,7 @@ def test_synthesize_md_takes_the_schemas_simulator_defaults(monkeypatch, tmp_pat
 
 def test_synthesize_bloodflow_takes_the_schemas_simulator_defaults(monkeypatch, tmp_path):
     simulator = Recorder(
-        monkeypatch, "sciquant.data.bloodflow_sim", "synthesize", "params_from_mapping"
+        monkeypatch, "sciquant.workloads.bloodflow.sim", "synthesize", "params_from_mapping"
     )
     Recorder(monkeypatch, "sciquant.data.manifest", "write_manifest")
     _sciquant("synthesize", "bloodflow", "--settings", "{}", "--out", str(tmp_path))
@@ -114,7 +114,7 @@ def test_synthesize_bloodflow_takes_the_schemas_simulator_defaults(monkeypatch, 
 
 
 def test_train_icnnmd_takes_the_schemas_training_defaults(monkeypatch, tmp_path):
-    stage = Recorder(monkeypatch, "sciquant.train.md", "run")
+    stage = Recorder(monkeypatch, "sciquant.workloads.md.train", "run")
     settings = json.dumps({"architecture": "icnnmd"})
     _sciquant("train", "--prepared", str(tmp_path), "--settings", settings, "--out", str(tmp_path))
     call = stage.calls["run"]
@@ -124,7 +124,7 @@ def test_train_icnnmd_takes_the_schemas_training_defaults(monkeypatch, tmp_path)
 
 
 def test_evaluate_md_takes_the_schemas_evaluation_defaults(monkeypatch, tmp_path):
-    stage = Recorder(monkeypatch, "sciquant.evaluate.md", "run")
+    stage = Recorder(monkeypatch, "sciquant.workloads.md.evaluate", "run")
     _sciquant("evaluate", "--checkpoint", str(tmp_path / "model.keras"), "--prepared",
               str(tmp_path), "--settings", "{}", "--coordinates", RUN_COORDINATES,
               "--out", str(tmp_path))  # fmt: skip
@@ -134,7 +134,7 @@ def test_evaluate_md_takes_the_schemas_evaluation_defaults(monkeypatch, tmp_path
 
 
 def test_quantize_md_takes_the_schemas_quantize_and_training_defaults(monkeypatch, tmp_path):
-    stage = Recorder(monkeypatch, "sciquant.quant.md", "run")
+    stage = Recorder(monkeypatch, "sciquant.workloads.md.quantize", "run")
     _sciquant("quantize", "--checkpoint", str(tmp_path / "model.keras"), "--prepared",
               str(tmp_path), "--target", "reference", "--method", "qat-lsq", "--precision",
               "w8a8", "--settings", "{}", "--out", str(tmp_path))  # fmt: skip
@@ -147,7 +147,9 @@ def test_quantize_md_takes_the_schemas_quantize_and_training_defaults(monkeypatc
 
 
 def test_prepare_md_takes_the_schemas_preparation_defaults(monkeypatch, tmp_path):
-    stage = Recorder(monkeypatch, "sciquant.data.md", "prepare_from_info", "prepare_from_manifest")
+    stage = Recorder(
+        monkeypatch, "sciquant.workloads.md.data", "prepare_from_info", "prepare_from_manifest"
+    )
     _sciquant("prepare", "md", "--raw", str(tmp_path), "--settings", "{}", "--out", str(tmp_path))
     call = stage.calls["prepare_from_manifest"]
     assert call["selection"] == default("md_prepare", "selection")
@@ -167,8 +169,8 @@ def test_the_md_simulator_definition_is_the_md_sources_embedded_one():
 
 
 def test_qat_settings_take_the_schemas_qat_defaults():
-    from sciquant.quant.bloodflow import qat_settings
     from sciquant.vocabulary import quantize_section
+    from sciquant.workloads.bloodflow.quantize import qat_settings
 
     quantize = quantize_section({})
     assert quantize == section_with_defaults({}, "quantize", "quantize")
@@ -181,7 +183,7 @@ def test_qat_settings_take_the_schemas_qat_defaults():
 
 
 def test_meshgraphnet_training_takes_the_schemas_model_and_training_defaults():
-    from sciquant.train.bloodflow import TrainSettings, architecture_from_settings
+    from sciquant.workloads.bloodflow.train import TrainSettings, architecture_from_settings
 
     assert asdict(TrainSettings.of({})) == {
         **defaults("train"), "threshold_learning_rate": None
@@ -216,19 +218,19 @@ def test_the_config_checks_read_the_schemas_defaults(monkeypatch, tmp_path):
 #: `section_with_defaults`).
 SETTINGS_READERS = (
     "src/sciquant/cli.py",
-    "src/sciquant/quant/bloodflow.py",
+    "src/sciquant/workloads/bloodflow/quantize.py",
     "src/sciquant/quant/degree.py",
-    "src/sciquant/quant/sensitivity.py",
-    "src/sciquant/evaluate/bloodflow.py",
+    "src/sciquant/workloads/bloodflow/sensitivity.py",
+    "src/sciquant/workloads/bloodflow/evaluate.py",
     "src/sciquant/study.py",
-    "src/sciquant/train/bloodflow.py",
+    "src/sciquant/workloads/bloodflow/train.py",
 )
 #: (file, what `.get` is called on, key): fallbacks that are not config defaults.
 NOT_CONFIG = {
     # checkpoints written before `formulation` existed were residual networks
-    ("src/sciquant/quant/bloodflow.py", "fp32_state", "formulation"),
+    ("src/sciquant/workloads/bloodflow/quantize.py", "fp32_state", "formulation"),
     # a run's coordinates, not the evaluate settings
-    ("src/sciquant/evaluate/bloodflow.py", "coordinates", "precision"),
+    ("src/sciquant/workloads/bloodflow/evaluate.py", "coordinates", "precision"),
 }
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from sciquant.data import bloodflow
-from sciquant.data.bloodflow import PrepareSettings
-from sciquant.data.features import Normalizer, state_increment, to_tensors
 from sciquant.errors import SciquantError
-from sciquant.evaluate import bloodflow as evaluate_bloodflow
-from sciquant.models.rollout import branch_fit, relative_error, rollout, rollout_all
-from sciquant.train import bloodflow as train_bloodflow
+from sciquant.workloads.bloodflow import data as bloodflow
+from sciquant.workloads.bloodflow import evaluate as evaluate_bloodflow
+from sciquant.workloads.bloodflow import train as train_bloodflow
+from sciquant.workloads.bloodflow.data import PrepareSettings
+from sciquant.workloads.bloodflow.features import Normalizer, state_increment, to_tensors
+from sciquant.workloads.bloodflow.rollout import branch_fit, relative_error, rollout, rollout_all
 from tests.test_bloodflow_prepare import write_dataset
 
 TINY = {
@@ -404,7 +404,7 @@ def test_qat_resumes_only_from_the_same_fp32_model(
     prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """QAT keeps a resume.pt too: a rerun resumes it, a rerun from other FP32 weights does not."""
-    from sciquant.quant import bloodflow as quant_bloodflow
+    from sciquant.workloads.bloodflow import quantize as quant_bloodflow
 
     settings = {"quantize": {"qat": {"epochs": 2, "steps_per_epoch": 2}}, "model": TINY}
     fp32 = train_bloodflow.run(prepared, tmp_path / "a", TINY, seed=0, progress=False)
@@ -427,7 +427,7 @@ def test_reference_formulation_trains_and_evaluates_on_18_features(
     prepared: Path, tmp_path: Path
 ) -> None:
     """The reference MeshGraphNet: 18 node features, physical z-scores, branch-mean flow."""
-    from sciquant.data.features import Normalizer, step_inputs
+    from sciquant.workloads.bloodflow.features import Normalizer, step_inputs
 
     settings = {**TINY, "formulation": "reference"}
     checkpoint = train_bloodflow.run(prepared, tmp_path / "fp32", settings, seed=0, progress=False)

@@ -9,9 +9,10 @@ from sciquant.vocabulary import COORDINATES
 
 def test_every_layer_uses_the_one_coordinates_tuple():
     from sciquant import launch
-    from sciquant.evaluate import bloodflow, md
     from sciquant.report import cube
     from sciquant.study import Run
+    from sciquant.workloads.bloodflow import evaluate as bloodflow
+    from sciquant.workloads.md import evaluate as md
 
     assert tuple(field.name for field in dataclasses.fields(Run)) == COORDINATES
     assert cube.COORDINATES is COORDINATES and launch.COORDINATES is COORDINATES

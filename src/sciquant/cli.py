@@ -493,7 +493,7 @@ def run(args: argparse.Namespace) -> None:
         fetch(files, args.out, **args.limits)
         write_manifest(args.out, source={"files": args.files})
     elif args.command == "sensitivity":
-        from sciquant.quant import sensitivity
+        from sciquant.workloads.bloodflow import sensitivity
 
         sensitivity.run(
             args.checkpoint, args.prepared, args.out, args.settings, threads=args.threads

@@ -369,11 +369,11 @@ def _prepared_setup(
     prepared: Path, checkpoint: Path, calibration_samples: int = 8, steps: int = 16
 ) -> tuple[MeshGraphNet, dict[str, tuple[Inputs, int]], list[Inputs]]:
     """The trained model, the batched test graph at step 0 (+ its steps), calibration inputs."""
-    from sciquant.data.bloodflow import load_index
-    from sciquant.data.features import Normalizer, merge_graphs, true_state_inputs
-    from sciquant.evaluate.bloodflow import test_graphs
-    from sciquant.quant.bloodflow import calibration_inputs, is_quantized
-    from sciquant.train.bloodflow import load_graphs, load_model
+    from sciquant.workloads.bloodflow.data import load_index
+    from sciquant.workloads.bloodflow.evaluate import test_graphs
+    from sciquant.workloads.bloodflow.features import Normalizer, merge_graphs, true_state_inputs
+    from sciquant.workloads.bloodflow.quantize import calibration_inputs, is_quantized
+    from sciquant.workloads.bloodflow.train import load_graphs, load_model
 
     if is_quantized(checkpoint):
         raise SciquantError(

@@ -212,7 +212,7 @@ def torch_layer_sqnr(
 ) -> dict[str, float]:
     """Per-layer output SQNR [dB] of a `sciquant.quant.pytorch.QuantizedModel` on `inputs`.
 
-    inputs: tuples of the model's positional arguments (e.g. `sciquant.quant.bloodflow.
+    inputs: tuples of the model's positional arguments (e.g. `sciquant.workloads.bloodflow.quantize.
     calibration_inputs`). Every input runs twice, all quantizers off and then in the layers' own
     modes; forward hooks on every `QuantLinear` take its output (each call, where a layer runs
     more than once per forward). The layers' modes and the model's train/eval state are

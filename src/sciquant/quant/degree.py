@@ -66,7 +66,8 @@ defaults (`protection_settings` reads them from it).
 State: the junction qparams are buffers (parameters in lsq mode) of the layer, so they are in
 the ``state_dict`` like the others; p_min, p_max and the mask generator's state are the
 model's ``_extra_state``. `quantize_model(..., method="qat-degree")` followed by
-``load_state_dict`` restores the model (what `sciquant.quant.bloodflow.load_quantized` does).
+``load_state_dict`` restores the model (what `sciquant.workloads.bloodflow.quantize.load_quantized`
+does).
 """
 
 from __future__ import annotations

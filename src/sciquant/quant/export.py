@@ -407,7 +407,8 @@ def export_fp32_onnx(
     """The float model as ONNX (same inputs and output as `export_qdq_onnx`).
 
     concat_trick: False gives one Gemm per Linear on its concatenated input, the graph that
-    ONNX-side quantizers (`sciquant.quant.dynamic`) see layer by layer; None keeps the model's.
+    ONNX-side quantizers (`sciquant.workloads.bloodflow.dynamic`) see layer by layer; None keeps the
+    model's.
     """
     return export_onnx(model, path, num_nodes_example=num_nodes_example, concat_trick=concat_trick)
 

@@ -202,8 +202,9 @@ class DynamicMethod:
 
 
 #: Methods whose activation ranges come from each batch at run time (no observers, no
-#: calibration data): `ptq-dynamic` is ONNX Runtime's dynamic INT8 (`sciquant.quant.dynamic`),
-#: the seed study's PyTorch `quantize_dynamic` on a maintained engine.
+#: calibration data): `ptq-dynamic` is ONNX Runtime's dynamic INT8
+#: (`sciquant.workloads.bloodflow.dynamic`), the seed study's PyTorch `quantize_dynamic` on a
+#: maintained engine.
 DYNAMIC_METHODS: dict[str, DynamicMethod] = {
     "ptq-dynamic": DynamicMethod(
         description="ONNX Runtime dynamic INT8",

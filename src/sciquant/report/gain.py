@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-#: The baseline of the retained gain: the calibrated prior (`sciquant.evaluate.physics`).
+#: The baseline of the retained gain: the calibrated prior (`sciquant.workloads.bloodflow.physics`).
 BASELINE = "calibrated_model"
 FIELDS = ("pressure", "flowrate")
 RESAMPLES = 2000

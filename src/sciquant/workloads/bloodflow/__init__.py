@@ -1,11 +1,16 @@
 """The built-in blood-flow workload: 1D hemodynamics of vascular trees (VMR / PhysicsNeMo
 bloodflow_1d_mgn layout), learned by MeshGraphNet in PyTorch.
 
-Its stages are those of the workload interface (`sciquant.workloads.Workload`); the code they
-run lives with the layers it shares with the other workloads: the embedded simulator and the
-preparation in `sciquant.data`, training in `sciquant.train.bloodflow`, PTQ / QAT and the ONNX
-export in `sciquant.quant.bloodflow` (ONNX Runtime's dynamic INT8 in `sciquant.quant.dynamic`),
-rollouts and their metrics in `sciquant.evaluate.bloodflow`.
+Its stages are those of the workload interface (`sciquant.workloads.Workload`), and the code they
+run is this package's: the embedded simulator (`sim`: the linear circuit, `sim_1d`: the nonlinear
+1D equations; `network`: the tree's lumped hemodynamics, `vtp`: the centerline files), the
+preparation into graph samples (`data`) and their features (`features`), training (`train`),
+PTQ / QAT and the ONNX export (`quantize`; ONNX Runtime's dynamic INT8 in `dynamic`), the
+per-layer sensitivity analysis (`sensitivity`), rollouts (`rollout`), their metrics (`evaluate`)
+and physics checks and no-network baselines (`physics`), the data's figure (`overview`). What it
+shares with other workloads lives in the layers below: the MeshGraphNet architecture
+(`sciquant.models`), the quantization core and its methods (`sciquant.quant`), the runtimes
+(`sciquant.runtime`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class BloodFlow(Workload):
     architectures = {"meshgraphnet": "torch"}
 
     def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
-        from sciquant.data import bloodflow_sim
+        from sciquant.workloads.bloodflow import sim as bloodflow_sim
 
         params = bloodflow_sim.params_from_mapping(settings["parameters"])
         bloodflow_sim.synthesize(
@@ -33,12 +38,12 @@ class BloodFlow(Workload):
         )
 
     def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
-        from sciquant.data import bloodflow
+        from sciquant.workloads.bloodflow import data as bloodflow
 
         bloodflow.prepare(raw, out, bloodflow.PrepareSettings(**settings))
 
     def overview(self, raw: Path, prepared: Path | None, out: Path, *, count: int = 4) -> None:
-        from sciquant.data import overview
+        from sciquant.workloads.bloodflow import overview
 
         overview.plot_bloodflow(raw, out, n_simulations=count)
 
@@ -46,7 +51,7 @@ class BloodFlow(Workload):
         self, prepared: Path, out: Path, settings: dict[str, Any], *, seed: int,
         threads: int | None, device: str | None,
     ) -> None:  # fmt: skip
-        from sciquant.train import bloodflow as train_bloodflow
+        from sciquant.workloads.bloodflow import train as train_bloodflow
 
         train_bloodflow.run(
             prepared, out, settings=settings, seed=seed, threads=threads, device=device
@@ -60,11 +65,11 @@ class BloodFlow(Workload):
         from sciquant.quant.observers import DYNAMIC_METHODS
 
         if method in DYNAMIC_METHODS:  # ONNX Runtime's: the model.onnx, no calibration
-            from sciquant.quant import dynamic
+            from sciquant.workloads.bloodflow import dynamic
 
             dynamic.run(artifact, out, target, precision, threads=threads)
             return
-        from sciquant.quant import bloodflow as quantize_bloodflow
+        from sciquant.workloads.bloodflow import quantize as quantize_bloodflow
 
         # the stage fills the quantize section from the schema itself
         quantize_bloodflow.run(
@@ -73,7 +78,7 @@ class BloodFlow(Workload):
         )  # fmt: skip
 
     def export(self, artifact: Path, prepared: Path | None, out: Path) -> None:
-        from sciquant.quant import bloodflow as quantize_bloodflow
+        from sciquant.workloads.bloodflow import quantize as quantize_bloodflow
 
         quantize_bloodflow.export(artifact, prepared, out)
 
@@ -81,7 +86,7 @@ class BloodFlow(Workload):
         self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
         coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
-        from sciquant.evaluate import bloodflow as evaluate_bloodflow
+        from sciquant.workloads.bloodflow import evaluate as evaluate_bloodflow
 
         evaluate_bloodflow.run(
             plan.artifact, prepared, out, settings=settings, coordinates=coordinates,

@@ -1,11 +1,12 @@
 """The built-in molecular-dynamics workload: frames of one molecule's trajectories in two
 functional states (GPCRmd layout), classified by the ICNNMD CNN in Keras.
 
-Its stages are those of the workload interface (`sciquant.workloads.Workload`); the code they
-run lives with the layers it shares with the other workloads: the embedded simulator and the
-pixel maps in `sciquant.data`, training in `sciquant.train.md`, PTQ / QAT and the LiteRT
-conversion in `sciquant.quant.md`, classification metrics in `sciquant.evaluate.md`. Keras
-models run where TensorFlow places them; `--device` applies to PyTorch models only.
+Its stages are those of the workload interface (`sciquant.workloads.Workload`), and the code they
+run is this package's: the embedded simulator (`sim`), the pixel maps (`data`), training
+(`train`), PTQ / QAT and the LiteRT conversion (`quantize`), classification metrics (`evaluate`).
+What it shares lives in the layers below: the ICNNMD architecture (`sciquant.models`), the Keras
+quantization core (`sciquant.quant.keras`), the runtimes (`sciquant.runtime`). Keras models run
+where TensorFlow places them; `--device` applies to PyTorch models only.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class MolecularDynamics(Workload):
     architectures = {"icnnmd": "keras"}
 
     def synthesize(self, out: Path, settings: dict[str, Any]) -> None:
-        from sciquant.data import md_sim
+        from sciquant.workloads.md import sim as md_sim
 
         md_sim.synthesize(
             out, n_beads=settings["n_beads"], frames=settings["frames"], seed=settings["seed"]
@@ -51,7 +52,7 @@ class MolecularDynamics(Workload):
     def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
         """The embedded simulation's dataset_info.json lists its files and labels; a download
         lists them in manifest.json (the config's `role` and `label`)."""
-        from sciquant.data import md
+        from sciquant.workloads.md import data as md
 
         options = {
             "selection": settings["selection"],
@@ -66,8 +67,8 @@ class MolecularDynamics(Workload):
         md.prepare_from_manifest(raw, out, **options)
 
     def overview(self, raw: Path, prepared: Path | None, out: Path, *, count: int = 4) -> None:
-        from sciquant.data import overview
         from sciquant.errors import SciquantError
+        from sciquant.workloads.bloodflow import overview
 
         if prepared is None:
             raise SciquantError("overview md: give --prepared (the folder with pixelmaps.npz)")
@@ -77,8 +78,8 @@ class MolecularDynamics(Workload):
         self, prepared: Path, out: Path, settings: dict[str, Any], *, seed: int,
         threads: int | None, device: str | None,
     ) -> None:  # fmt: skip
-        from sciquant.train import md as train_md
         from sciquant.vocabulary import node_device, section_with_defaults
+        from sciquant.workloads.md import train as train_md
 
         train = section_with_defaults(settings, "icnnmd_model", "model")["train"]
         _device_note(device or node_device(train["node"]))
@@ -93,8 +94,8 @@ class MolecularDynamics(Workload):
         precision: str, settings: dict[str, Any], seed: int, threads: int | None,
         recommendation: Path | None,
     ) -> None:  # fmt: skip
-        from sciquant.quant import md as quantize_md
         from sciquant.vocabulary import quantize_section, section_with_defaults
+        from sciquant.workloads.md import quantize as quantize_md
 
         section = quantize_section(settings)
         model = section_with_defaults(settings.get("model", {}), "icnnmd_model", "model")
@@ -110,9 +111,9 @@ class MolecularDynamics(Workload):
         self, plan: Evaluation, prepared: Path, out: Path, *, settings: dict[str, Any],
         coordinates: dict[str, Any], threads: int | None,
     ) -> None:  # fmt: skip
-        from sciquant.evaluate import md as evaluate_md
-        from sciquant.quant.md import artifact_for
         from sciquant.vocabulary import section_with_defaults
+        from sciquant.workloads.md import evaluate as evaluate_md
+        from sciquant.workloads.md.quantize import artifact_for
 
         artifact, baseline = plan.artifact, plan.baseline
         _device_note(plan.device)

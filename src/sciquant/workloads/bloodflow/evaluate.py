@@ -21,25 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sciquant.data.bloodflow import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
-from sciquant.data.features import (  # noqa: E402
-    GraphTensors,
-    Normalizer,
-    merge_graphs,
-    to_tensors,
-    true_state_inputs,
-)
-from sciquant.evaluate.physics import (  # noqa: E402
-    BASELINES,
-    baseline_errors,
-    mean_checks,
-    physics_checks,
-)
-from sciquant.models.rollout import (  # noqa: E402
-    StepFunction,
-    rollout_all,
-    rollout_errors,
-)
 from sciquant.provenance import (  # noqa: E402
     describe_device,
     provenance,
@@ -47,8 +28,27 @@ from sciquant.provenance import (  # noqa: E402
     write_json,
 )
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
-from sciquant.train.bloodflow import load_model  # noqa: E402
 from sciquant.vocabulary import COORDINATES, section_with_defaults  # noqa: E402
+from sciquant.workloads.bloodflow.data import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
+from sciquant.workloads.bloodflow.features import (  # noqa: E402
+    GraphTensors,
+    Normalizer,
+    merge_graphs,
+    to_tensors,
+    true_state_inputs,
+)
+from sciquant.workloads.bloodflow.physics import (  # noqa: E402
+    BASELINES,
+    baseline_errors,
+    mean_checks,
+    physics_checks,
+)
+from sciquant.workloads.bloodflow.rollout import (  # noqa: E402
+    StepFunction,
+    rollout_all,
+    rollout_errors,
+)
+from sciquant.workloads.bloodflow.train import load_model  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
 
@@ -220,8 +220,8 @@ def no_network_baselines(samples: list[dict[str, Any]], names: list[str]) -> dic
     simulation's.
 
     Not runs of the study (they have no weights to quantize): what a user gets with no network
-    (`sciquant.evaluate.physics.BASELINES`), kept beside every run's metrics so a surrogate is
-    judged against them; the calibrated one is the baseline of the retained gain.
+    (`sciquant.workloads.bloodflow.physics.BASELINES`), kept beside every run's metrics so a
+    surrogate is judged against them; the calibrated one is the baseline of the retained gain.
     """
     baselines: dict[str, Any] = {}
     for baseline in BASELINES:
@@ -242,7 +242,8 @@ def no_network_baselines(samples: list[dict[str, Any]], names: list[str]) -> dic
 def rollout_physics(
     samples: list[dict[str, Any]], predictions: list[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """The rollouts' physics checks and the data's own (`sciquant.evaluate.physics`), means."""
+    """The rollouts' physics checks and the data's own (`sciquant.workloads.bloodflow.physics`),
+    means."""
     predicted = [physics_checks(s, p, q) for s, (p, q) in zip(samples, predictions, strict=True)]
     data = [physics_checks(s, s["pressure"], s["flowrate"]) for s in samples]
     return mean_checks(predicted), mean_checks(data)
@@ -296,7 +297,7 @@ def load_step(
     the run's `precision` for the batched size of `graphs`); the checkpoint then only gives the
     statistics.
     """
-    from sciquant.quant.bloodflow import is_quantized, load_quantized
+    from sciquant.workloads.bloodflow.quantize import is_quantized, load_quantized
 
     if is_quantized(checkpoint):
         model, state = load_quantized(checkpoint)
@@ -333,8 +334,8 @@ def load_step(
         step = TrtStep.from_onnx(onnx, precision=engine_precision, keep_on_device=True, **dims)
         return step, state, sizes
     if onnx is not None:
-        from sciquant.quant.dynamic import dynamic_size, is_dynamic
         from sciquant.runtime.onnxruntime import OrtStep
+        from sciquant.workloads.bloodflow.dynamic import dynamic_size, is_dynamic
 
         if is_dynamic(onnx):  # ptq-dynamic: the FP32 checkpoint's Linear weights run in int8
             sizes = dynamic_size(model)
@@ -347,7 +348,7 @@ def teacher_forced_inputs(
     graph: GraphTensors, steps: int, norm: Normalizer
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Model inputs (node features, edge features, edge index) at `steps` evenly spaced true
-    states of `graph` (`sciquant.data.features.true_state_inputs`)."""
+    states of `graph` (`sciquant.workloads.bloodflow.features.true_state_inputs`)."""
     times = np.linspace(0, graph.num_steps - 2, steps).astype(int)
     return [true_state_inputs(graph, int(t), norm) for t in times]
 
@@ -374,15 +375,19 @@ def quant_debug(
     output is float) on the test simulations merged into one graph (the shape the runtime was
     built for) at `inputs` evenly spaced true states. `inputs` 0 turns both off.
     """
-    from sciquant.data.bloodflow import load_index
-    from sciquant.quant.bloodflow import calibration_inputs, is_quantized, load_quantized
     from sciquant.quant.debug import (
         output_agreement,
         sqnr_metrics,
         torch_layer_sqnr,
         torch_outputs,
     )
-    from sciquant.train.bloodflow import load_graphs
+    from sciquant.workloads.bloodflow.data import load_index
+    from sciquant.workloads.bloodflow.quantize import (
+        calibration_inputs,
+        is_quantized,
+        load_quantized,
+    )
+    from sciquant.workloads.bloodflow.train import load_graphs
 
     if inputs <= 0 or not is_quantized(checkpoint):
         return {}
@@ -493,7 +498,7 @@ def run(
     graphs = None
     if runtime in ("tensorrt", "openvino"):
         # TensorRT's engine and OpenVINO's model are sized for the batched test graph.
-        from sciquant.quant.bloodflow import is_quantized, load_quantized
+        from sciquant.workloads.bloodflow.quantize import is_quantized, load_quantized
 
         loader = load_quantized if is_quantized(checkpoint) else load_model
         norm = Normalizer.of_checkpoint(loader(checkpoint)[1])

@@ -21,14 +21,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sciquant.data.bloodflow import load_index  # noqa: E402
-from sciquant.data.features import GraphTensors, Normalizer  # noqa: E402
-from sciquant.models.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
 from sciquant.provenance import write_json  # noqa: E402
-from sciquant.quant.bloodflow import calibration_inputs  # noqa: E402
 from sciquant.quant.pytorch import calibrate, layer_names, quantize_model  # noqa: E402
-from sciquant.train.bloodflow import load_graphs, load_model  # noqa: E402
 from sciquant.vocabulary import section_with_defaults  # noqa: E402
+from sciquant.workloads.bloodflow.data import load_index  # noqa: E402
+from sciquant.workloads.bloodflow.features import GraphTensors, Normalizer  # noqa: E402
+from sciquant.workloads.bloodflow.quantize import calibration_inputs  # noqa: E402
+from sciquant.workloads.bloodflow.rollout import StepFunction, rollout_all, rollout_errors  # noqa: E402
+from sciquant.workloads.bloodflow.train import load_graphs, load_model  # noqa: E402
 
 FIELDS = ("pressure_error_pct", "flowrate_error_pct")
 

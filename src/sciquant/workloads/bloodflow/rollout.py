@@ -1,11 +1,11 @@
 """Autoregressive rollout of a blood-flow surrogate and its relative errors.
 
 From the true state at step 0, every step builds the node features, asks the model for its
-correction to the lumped tree's step (`sciquant.data.features.step_increments`), adds the
-normalized increments (in the per-simulation scaled units of
-`sciquant.data.features`), replaces the flow of every branch by its least-squares fit along the
-branch (`branch_fit`) and imposes the next inlet flow exactly. Errors per field, in physical
-units, over branch nodes and all steps after the loading ramp:
+correction to the lumped tree's step (`sciquant.workloads.bloodflow.features.step_increments`), adds
+the normalized increments (in the per-simulation scaled units of
+`sciquant.workloads.bloodflow.features`), replaces the flow of every branch by its least-squares fit
+along the branch (`branch_fit`) and imposes the next inlet flow exactly. Errors per field, in
+physical units, over branch nodes and all steps after the loading ramp:
 
     err = sqrt( Σ_t Σ_i ((pred - exact) · mask)² / Σ_t Σ_i (exact · mask)² )     (reported in %)
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sciquant.data.features import (
+from sciquant.workloads.bloodflow.features import (
     GraphTensors,
     Normalizer,
     branch_mask,
@@ -52,8 +52,8 @@ def branch_fit(flowrate: Tensor, branch_id: Tensor, position: Tensor, num_branch
     """Replace the flow on each branch by its least-squares fit a + b·x; junctions (-1) keep theirs.
 
     `position` x [N]: each node's abscissa, centred over its branch's nodes
-    (`sciquant.data.bloodflow.branch_positions`), so a is the branch mean and b = Σx·q / Σx²;
-    x ≡ 0 on a branch gives its mean (the reference's branch averaging).
+    (`sciquant.workloads.bloodflow.data.branch_positions`), so a is the branch mean and b = Σx·q /
+    Σx²; x ≡ 0 on a branch gives its mean (the reference's branch averaging).
     """
     on_branch = branch_id >= 0
     ids = branch_id.clamp(min=0)[on_branch]

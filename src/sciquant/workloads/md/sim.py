@@ -2,7 +2,7 @@
 
 The embedded data source of the GPCR study: it writes what a GPCRmd download holds (a `.pdb`
 topology and one trajectory per functional state, in `.xtc` and `.dcd`), so the real-data ingestion
-(`sciquant.data.md`) reads it unchanged.
+(`sciquant.workloads.md.data`) reads it unchanged.
 
 Molecule: a Cα chain of `n_beads` residues (one bead each, 50–150) folded as a four-helix bundle:
 four ideal right-handed α-helices (radius 0.23 nm, rise 0.15 nm, 100° per residue) on the corners
@@ -48,7 +48,8 @@ Written files (all coordinates in nm as mdtraj writes them):
   "trajectories": [{"file": "state0.xtc", "label": 0, "state": "inactive", "alternates":
   {"dcd": "state0.dcd"}}, {... "state1.xtc", "label": 1, "state": "active" ...}], "simulator":
   {...every parameter, with units...}, "seed": seed}`. `topology` and `trajectories[*].file` are
-  the listing `sciquant.data.md.prepare_from_info` reads; a GPCRmd fetch writes the same keys.
+  the listing `sciquant.workloads.md.data.prepare_from_info` reads; a GPCRmd fetch writes the same
+  keys.
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def active_structure(
     if values[0] <= 0:
         raise SciquantError(
             f"md synthesize: the {n}-bead bundle has a floppy mode (eigenvalue {values[0]:.3g});"
-            " this is a bug in sciquant.data.md_sim, please report it"
+            " this is a bug in sciquant.workloads.md.sim, please report it"
         )
     held = len(values) // 2
     sigma = np.sqrt(BOLTZMANN * temperature / values[:held])

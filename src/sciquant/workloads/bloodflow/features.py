@@ -2,18 +2,18 @@
 
 Normalization is z-score with the training split's statistics (`index.json`):
 `x_n = (x - mean) / std`. Pressure and flow are first made dimensionless
-(`sciquant.data.bloodflow.sample_scales`: p̃ = (p − p_dia) / (p_sys − p_dia), q̃ = q / (s·Q̄_in)
-with s the node's steady flow share), so `p_n = (p̃ − mean) / std`; `GraphTensors.physical` maps
-a normalized series back to dyn/cm² and cm³/s. The model predicts normalized increments
-`Δp_n, Δq_n` of p̃, q̃ with `Δp̃ = Δp_n · std(Δp̃) + mean(Δp̃)`; the state is advanced in those
-units then re-normalized.
+(`sciquant.workloads.bloodflow.data.sample_scales`: p̃ = (p − p_dia) / (p_sys − p_dia), q̃ = q /
+(s·Q̄_in) with s the node's steady flow share), so `p_n = (p̃ − mean) / std`;
+`GraphTensors.physical` maps a normalized series back to dyn/cm² and cm³/s. The model predicts
+normalized increments `Δp_n, Δq_n` of p̃, q̃ with `Δp̃ = Δp_n · std(Δp̃) + mean(Δp̃)`; the state is
+advanced in those units then re-normalized.
 
-Node features, in order (`sciquant.data.bloodflow.node_feature_names`; 46 with the default 3
-harmonics): p, q, area, tangent (3), node type one-hot (4), period, diastolic, systolic, R1, C,
+Node features, in order (`sciquant.workloads.bloodflow.data.node_feature_names`; 46 with the default
+3 harmonics): p, q, area, tangent (3), node type one-hot (4), period, diastolic, systolic, R1, C,
 R2 (outlets only, else 0) — as in the reference — then the tree's linear hemodynamics
-(`sciquant.data.network`): the steady flow share s, the steady pressure drop from the inlet in
-pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), per harmonic of the cycle the
-flow's and the pressure's amplitude − 1 and phase (relative to s·inflow and to the inlet's
+(`sciquant.workloads.bloodflow.network`): the steady flow share s, the steady pressure drop from the
+inlet in pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), per harmonic of the cycle
+the flow's and the pressure's amplitude − 1 and phase (relative to s·inflow and to the inlet's
 pressure), and, the same on every node, the tree's input impedance (`inlet_response`: the
 lumped model's mean inlet pressure, then per harmonic |Z_in|·Q̄_in / (p_sys − p_dia) and
 arg Z_in; z-scored); then the reference's loading flag and next-step inlet flow, the inlet
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sciquant.data.bloodflow import (
+from sciquant.errors import SciquantError
+from sciquant.workloads.bloodflow.data import (
     BRANCH,
     INLET,
     OUTLET,
@@ -56,7 +57,6 @@ from sciquant.data.bloodflow import (
     sample_scales,
     scaled_series,
 )
-from sciquant.errors import SciquantError
 
 #: How a MeshGraphNet sees and advances the state (`models.<name>.formulation`):
 #: `residual` — the 46 features above, per-simulation dimensionless p and q, the output a
@@ -128,7 +128,7 @@ class GraphTensors:
     Shapes: `static` [N, F − 11] (all features but p, q and the last nine), `edge_features`
     [E, 9], `edge_index` [2, E], `pressure` and `flowrate` [S, N] (normalized), `loading` [S],
     `node_type`, `branch_id` and `branch_position` [N] (the abscissa of the rollout's per-branch
-    flow fit, `sciquant.data.bloodflow.branch_positions`), `linear_pressure` and
+    flow fit, `sciquant.workloads.bloodflow.data.branch_positions`), `linear_pressure` and
     `linear_flowrate` [S, N] (the lumped tree's response to the imposed inflow, normalized as
     `pressure` and `flowrate`; `linear_features`).
     """
@@ -200,7 +200,7 @@ class GraphTensors:
 
 
 def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> GraphTensors:
-    """Normalize one prepared sample (see `sciquant.data.bloodflow` for its arrays)."""
+    """Normalize one prepared sample (see `sciquant.workloads.bloodflow.data` for its arrays)."""
     n = len(sample["area"])
     node_type = sample["node_type"].astype(np.int64)
     outlet = (node_type == OUTLET).astype(np.float32)
@@ -368,11 +368,11 @@ def linear_features(
     itself: W4A8 min-max flow error ×1.93 of FP32 that way, ×1.13 z-scored).
 
     The inflow is imposed for the whole cycle, so the tree's linear response to it is known in
-    advance at every node (`sciquant.data.network.periodic_response`). The last features of the
-    reference carry the inflow only at the inlet node and its next value to every node; this is
-    that inflow carried through the tree's lumped hemodynamics to each node, every step: the
-    network is left to learn how the data depart from the lumped model (the coarse tree, and
-    for real data the nonlinear 1D flow), and the departure tells it how far its own rollout
+    advance at every node (`sciquant.workloads.bloodflow.network.periodic_response`). The last
+    features of the reference carry the inflow only at the inlet node and its next value to every
+    node; this is that inflow carried through the tree's lumped hemodynamics to each node, every
+    step: the network is left to learn how the data depart from the lumped model (the coarse tree,
+    and for real data the nonlinear 1D flow), and the departure tells it how far its own rollout
     has drifted from that trajectory.
     """
     (p_now, q_now), (p_next, q_next) = linear_now, linear_next

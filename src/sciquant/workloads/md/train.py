@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from sciquant.data import md as md_data
 from sciquant.data.download import sha256_of
 from sciquant.errors import SciquantError
 from sciquant.provenance import atomic_path, package_versions, provenance, write_csv, write_json
 from sciquant.runtime.keras import configure_threads, load_keras_model
+from sciquant.workloads.md import data as md_data
 
 __all__ = [
     "LOG_COLUMNS",

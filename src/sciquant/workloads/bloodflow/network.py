@@ -15,10 +15,10 @@ flow entering it from upstream, the raw data's convention) and its pressure, per
 ω = 0 the flows are the steady flow split: the cycle-mean flow of every node of any periodic
 solution of a linear network is exactly share × mean inflow (the inductance and compliance terms
 average to zero over a cycle), and nearly so for the nonlinear 1D equations. The surrogate scales
-each node's flow by its steady share (`sciquant.data.bloodflow.sample_scales`) and sees, as node
-features, the harmonics' amplitude and phase relative to it, the steady pressure drop from the
-inlet and the pressure harmonics relative to the inlet's (`harmonic_response`), and, the same for
-every node, the tree's input impedance at the inlet (`inlet_impedance`): the pressure level the
+each node's flow by its steady share (`sciquant.workloads.bloodflow.data.sample_scales`) and sees,
+as node features, the harmonics' amplitude and phase relative to it, the steady pressure drop from
+the inlet and the pressure harmonics relative to the inlet's (`harmonic_response`), and, the same
+for every node, the tree's input impedance at the inlet (`inlet_impedance`): the pressure level the
 inflow meets, which no node's neighbourhood shows (its resistance and compliance sit at outlets
 many message-passing hops away).
 

@@ -1,6 +1,6 @@
 """MD ingestion: a topology and labelled trajectories → ICNNMD pixel maps with time-block splits.
 
-The same code reads the embedded simulation (`sciquant.data.md_sim`) and real GPCRmd downloads:
+The same code reads the embedded simulation (`sciquant.workloads.md.sim`) and real GPCRmd downloads:
 a topology (`.pdb` or `.psf`; mdtraj also reads `.gro` and `.prmtop`) and one or more
 trajectories (`.xtc`, `.dcd`, `.trr`, `.nc`), each with the label of the functional state it
 samples. Steps, following ICNNMD (Li et al., J. Chem. Inf. Model. 2022, and its code):

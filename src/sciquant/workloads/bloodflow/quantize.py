@@ -3,8 +3,8 @@
 PTQ calibrates the ranges on the calibration split: the true states of the first
 `calibration_samples` training samples at `calibration_steps` evenly spaced time steps (the inputs
 the model sees in a rollout). QAT starts from that calibration and fine-tunes with the FP32
-training loss (`sciquant.train.bloodflow.fit`): STE moves the weights through the fake-quant
-kernels' straight-through gradient, LSQ also learns the scales. The result is saved as
+training loss (`sciquant.workloads.bloodflow.train.fit`): STE moves the weights through the
+fake-quant kernels' straight-through gradient, LSQ also learns the scales. The result is saved as
 `quantized.pt` (weights, qparams, how it was made), loadable with `load_quantized`.
 """
 
@@ -20,9 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sciquant.data.bloodflow import load_index
 from sciquant.data.download import sha256_of
-from sciquant.data.features import GraphTensors, Normalizer, true_state_inputs
 from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.quant.adaround import AdaRoundSettings, adaround, correct_bias, float_layers
@@ -37,7 +35,10 @@ from sciquant.quant.pytorch import (
     set_mode,
 )
 from sciquant.quant.spec import parse_precision
-from sciquant.train.bloodflow import (
+from sciquant.vocabulary import MIXED, quantize_section
+from sciquant.workloads.bloodflow.data import load_index
+from sciquant.workloads.bloodflow.features import GraphTensors, Normalizer, true_state_inputs
+from sciquant.workloads.bloodflow.train import (
     TrainSettings,
     fit,
     load_checkpoint,
@@ -45,7 +46,6 @@ from sciquant.train.bloodflow import (
     load_model,
     save_atomic,
 )
-from sciquant.vocabulary import MIXED, quantize_section
 
 QUANTIZED_FORMAT = "sciquant-quantized-meshgraphnet"
 # 6: from version-6 FP32 checkpoints (the output corrects the lumped step); 7: the formulation

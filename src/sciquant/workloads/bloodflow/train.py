@@ -6,8 +6,8 @@ windows, batches them as one disjoint graph, adds Gaussian noise to the input pr
 predictions with the inlet flow imposed; each step's input carries the increment of the step
 before (the data's at the window's start, then the model's own), as the evaluation rollout's
 do. The network predicts each step's correction to the lumped tree's own step
-(`sciquant.data.features.step_increments`). The loss of step k is the weighted mean squared
-error of the predicted normalized increment (lumped step + correction) against the one that
+(`sciquant.workloads.bloodflow.features.step_increments`). The loss of step k is the weighted mean
+squared error of the predicted normalized increment (lumped step + correction) against the one that
 reaches the true next state, with weight 1 for k = 0 and `rollout_weight`
 after; inlet/outlet nodes weigh `boundary_weight` times more, and a node's flow term is weighted
 by its cross-section area to the power `flow_area_exponent` (normalized to mean 1 over the
@@ -41,18 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sciquant.data.bloodflow import load_index, load_sample
 from sciquant.data.download import sha256_of
-from sciquant.data.features import (
-    GraphTensors,
-    Normalizer,
-    boundary_mask,
-    feature_count,
-    state_increment,
-    step_increments,
-    step_inputs,
-    to_tensors,
-)
 from sciquant.errors import SciquantError, first_line
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig
 from sciquant.provenance import (
@@ -64,6 +53,17 @@ from sciquant.provenance import (
     write_json,
 )
 from sciquant.vocabulary import section_with_defaults
+from sciquant.workloads.bloodflow.data import load_index, load_sample
+from sciquant.workloads.bloodflow.features import (
+    GraphTensors,
+    Normalizer,
+    boundary_mask,
+    feature_count,
+    state_increment,
+    step_increments,
+    step_inputs,
+    to_tensors,
+)
 
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the

@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from sciquant.data import md as md_data
 from sciquant.errors import SciquantError
 from sciquant.provenance import package_versions, provenance, write_json
 from sciquant.quant.spec import parse_precision
 from sciquant.quant.targets import Plan, get_target
+from sciquant.workloads.md import data as md_data
 
 __all__ = ["ARTIFACTS", "QUANTIZATION_FORMAT", "artifact_for", "run"]
 

@@ -22,8 +22,8 @@ from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.provenance import package_versions, provenance, write_json  # noqa: E402
 from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
 from sciquant.runtime.paired import host_facts, paired_timing  # noqa: E402
-from sciquant.train.md import TF_PACKAGES, load_pixelmaps  # noqa: E402
 from sciquant.vocabulary import COORDINATES  # noqa: E402
+from sciquant.workloads.md.train import TF_PACKAGES, load_pixelmaps  # noqa: E402
 
 __all__ = [
     "COORDINATE_KEYS",
@@ -113,8 +113,8 @@ AGREEMENT_FRAMES = 1024
 
 def calibration_frames(data: Any, summary: dict[str, Any], count: int) -> np.ndarray:
     """The first `count` calibration frames of a run, drawn from the train split as the md
-    quantize stage draws them (`sciquant.quant.md.run`: ``calibration.frames`` frames without
-    replacement, a generator seeded by the run's ``seed``, in index order)."""
+    quantize stage draws them (`sciquant.workloads.md.quantize.run`: ``calibration.frames`` frames
+    without replacement, a generator seeded by the run's ``seed``, in index order)."""
     train = np.flatnonzero(data.split == 0)
     frames = min(int(summary["calibration"]["frames"]), len(train))
     rng = np.random.default_rng(summary.get("seed", 0))

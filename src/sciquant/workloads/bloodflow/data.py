@@ -17,9 +17,9 @@ Output format (`results/<dataset>/prepared/`):
   `flowrate` [S, N] cm³/s, `loading` [S] (1 on ramp-up steps), `R1`, `C`, `R2` [N] (outlet
   Windkessel values, 0 elsewhere), scalars `period` s, `dt` s, `diastolic`, `systolic` dyn/cm²
   (inlet pressure extremes), `source_points` [N] (ids of the kept points in the `.vtp`), and
-  the tree's linear hemodynamics (`sciquant.data.network`): `flow_share` [N] (steady share of the
-  inflow), `pressure_drop` [N] dyn·s/cm⁵ (steady pressure drop from the inlet per unit inflow),
-  `flow_response` and `pressure_response` [N, 2·harmonics] (amplitude − 1 and phase per
+  the tree's linear hemodynamics (`sciquant.workloads.bloodflow.network`): `flow_share` [N] (steady
+  share of the inflow), `pressure_drop` [N] dyn·s/cm⁵ (steady pressure drop from the inlet per unit
+  inflow), `flow_response` and `pressure_response` [N, 2·harmonics] (amplitude − 1 and phase per
   harmonic of the cycle, relative to the steady share / to the inlet's pressure), and
   `branch_position` [N] (`branch_positions`: each branch node's place along its branch in
   [−1, 1], centred over the branch's nodes; 0 on junctions, and everywhere with
@@ -69,7 +69,9 @@ from scipy.optimize import least_squares
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from sciquant.data.network import (
+from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path, write_json
+from sciquant.workloads.bloodflow.network import (
     FOURIER_POINTS,
     Physics,
     Tree,
@@ -80,9 +82,7 @@ from sciquant.data.network import (
     steady_share,
     transfer_functions,
 )
-from sciquant.data.vtp import Centerline, read_centerline
-from sciquant.errors import SciquantError
-from sciquant.provenance import atomic_path, write_json
+from sciquant.workloads.bloodflow.vtp import Centerline, read_centerline
 
 # 2: statistics of the per-simulation scaled pressure and flow; 3: the tree's linear hemodynamics
 # (flow_share, pressure_drop, flow_response, pressure_response), flow scaled per node;
@@ -119,7 +119,7 @@ def inlet_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
 
 
 def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
-    """The model's node features in order (see `sciquant.data.features`)."""
+    """The model's node features in order (see `sciquant.workloads.bloodflow.features`)."""
     response = [
         f"{field}_h{k}_{part}"
         for field in ("flow", "pressure")
@@ -152,7 +152,8 @@ STATISTICS = (
 )  # fmt: skip
 #: The reference MeshGraphNet's node features (Pegolotti et al.; PhysicsNeMo bloodflow_1d_mgn):
 #: the first 16 of `node_feature_names` after p and q, then the loading flag and the next
-#: inlet flow. No physics prior: the `reference` formulation (`sciquant.data.features`).
+#: inlet flow. No physics prior: the `reference` formulation
+#: (`sciquant.workloads.bloodflow.features`).
 REFERENCE_NODE_FEATURES = (
     "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
     "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
@@ -555,8 +556,8 @@ def branch_positions(tree: Tree, branch_id: np.ndarray, branch_fit: str = "linea
     """Each branch node's place along its branch, in [−1, 1] and centred: the fit's abscissa [N].
 
     The rollout replaces the flow of every branch by its least-squares fit a + b·x over the
-    branch's nodes (`sciquant.models.rollout.branch_fit`); x is the path length from the
-    inlet, minus its mean over the branch's nodes, over half the branch's extent. Centred, the
+    branch's nodes (`sciquant.workloads.bloodflow.rollout.branch_fit`); x is the path length from
+    the inlet, minus its mean over the branch's nodes, over half the branch's extent. Centred, the
     fit's two terms are orthogonal: a is the branch mean, b = Σ x·q / Σ x². Junction nodes
     (branch id −1), single-node branches, and every node with `branch_fit="mean"` get 0: the
     fit is then the reference's branch mean. Float32.

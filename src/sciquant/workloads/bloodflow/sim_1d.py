@@ -65,7 +65,7 @@ class _Tree(Protocol):
 class Network1D(Protocol):
     """What the solver reads of a discretised tree: points, segments (upstream id < downstream
     id), outlets and junctions, each vessel's nodes along its arc, the vessels' radii. The
-    embedded data's `sciquant.data.bloodflow_sim.Network1D` is one (see its fields); the solver
+    embedded data's `sciquant.workloads.bloodflow.sim.Network1D` is one (see its fields); the solver
     asks for no more, so it imports nothing of the tree's generator."""
 
     @property
@@ -92,7 +92,7 @@ class Network1D(Protocol):
 
 class Windkessel(Protocol):
     """An outlet's RCR Windkessel as the solver reads it (dyn·s/cm⁵, cm⁵/dyn; distal pressure
-    0): `sciquant.data.bloodflow_sim.Windkessel` is one."""
+    0): `sciquant.workloads.bloodflow.sim.Windkessel` is one."""
 
     @property
     def proximal_resistance(self) -> float: ...
@@ -220,7 +220,7 @@ class _Grid:
 
 def _grid(network: Network1D, physics: Physics1D, stenosis: Stenosis | None) -> _Grid:
     """The scheme's arrays for `network` (geometry from the lumped circuit's discretisation)."""
-    from sciquant.data.network import wall_stiffness
+    from sciquant.workloads.bloodflow.network import wall_stiffness
 
     n_p, n_e = network.n_points, network.n_segments
     seg_length = np.empty(n_e)

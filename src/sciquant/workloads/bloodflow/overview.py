@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sciquant.data.bloodflow import (  # noqa: E402
+from sciquant.errors import SciquantError  # noqa: E402
+from sciquant.workloads.bloodflow.data import (  # noqa: E402
     INLET,
     OUTLET,
     find_vtps,
@@ -18,7 +19,6 @@ from sciquant.data.bloodflow import (  # noqa: E402
     point_types,
     read_dataset_info,
 )
-from sciquant.errors import SciquantError  # noqa: E402
 
 MMHG = 1333.2  # dyn/cm² per mmHg
 

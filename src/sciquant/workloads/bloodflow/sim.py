@@ -5,10 +5,10 @@ raw layout (`vtps/<name>.vtp` + `vtps/dataset_info.json`), so the real-data inge
 unchanged.
 
 Physics: by default (`SimulationParams.model = "nonlinear"`) the nonlinear 1D equations of
-`sciquant.data.bloodflow_1d` (tube law, total-pressure junctions, Young–Tsai stenoses, hidden
-per-simulation μ, α, p0 and stiffness), started on and calibrated with the linear circuit below;
-with `model = "linear"` the linear circuit itself. Linear model, in CGS units (cm, s, g; pressure
-dyn/cm², flowrate cm³/s):
+`sciquant.workloads.bloodflow.sim_1d` (tube law, total-pressure junctions, Young–Tsai stenoses,
+hidden per-simulation μ, α, p0 and stiffness), started on and calibrated with the linear circuit
+below; with `model = "linear"` the linear circuit itself. Linear model, in CGS units (cm, s, g;
+pressure dyn/cm², flowrate cm³/s):
 
 - A tree of straight-ish vessels (branches) of constant radius; every vessel is a chain of 1D
   segments with resistance R = 8μh/(πr⁴), inductance L = ρh/(πr²) and compliance
@@ -64,22 +64,22 @@ from scipy.optimize import brentq
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from sciquant.data.bloodflow_1d import (
+from sciquant.errors import SciquantError
+from sciquant.provenance import atomic_path
+from sciquant.workloads.bloodflow.network import (
+    BLOOD_DENSITY,
+    BLOOD_VISCOSITY,
+    OLUFSEN_STIFFNESS,
+    wall_stiffness,
+)
+from sciquant.workloads.bloodflow.sim_1d import (
     Physics1D,
     Solution1D,
     Stenosis,
     simulate_nonlinear,
     stable_time_step,
 )
-from sciquant.data.network import (
-    BLOOD_DENSITY,
-    BLOOD_VISCOSITY,
-    OLUFSEN_STIFFNESS,
-    wall_stiffness,
-)
-from sciquant.data.vtp import Centerline, write_centerline
-from sciquant.errors import SciquantError
-from sciquant.provenance import atomic_path
+from sciquant.workloads.bloodflow.vtp import Centerline, write_centerline
 
 MMHG = 1333.2
 """dyn/cm² per mmHg."""
@@ -251,8 +251,9 @@ class SimulationParams:
         "nonlinear",
         "-",
         "Physics of the simulations: 'nonlinear' (1D equations in area and flowrate, Olufsen tube "
-        "law, total-pressure junctions, Young–Tsai stenoses; sciquant.data.bloodflow_1d) or "
-        "'linear' (the lumped RLC circuit, BDF2; no stenoses).",
+        "law, total-pressure junctions, Young–Tsai stenoses; "
+        "sciquant.workloads.bloodflow.sim_1d) or 'linear' (the lumped RLC circuit, BDF2; no "
+        "stenoses).",
     )
     velocity_profile_range: tuple[float, float] = _param(
         (1.05, 4.0 / 3.0),

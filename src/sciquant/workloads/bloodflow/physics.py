@@ -14,7 +14,7 @@ for every rollout:
   outlets): in a periodic state the capacitor's mean current is zero, so p̄ = q̄·(R1 + R2).
 
 Baselines (`baseline_errors`): the errors of the stored physics priors alone
-(`sciquant.data.bloodflow`: `lumped_*`, `calibrated_*`), measured like a rollout's.
+(`sciquant.workloads.bloodflow.data`: `lumped_*`, `calibrated_*`), measured like a rollout's.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from sciquant.data.bloodflow import BRANCH, INLET, JUNCTION, OUTLET
-from sciquant.models.rollout import relative_error
+from sciquant.workloads.bloodflow.data import BRANCH, INLET, JUNCTION, OUTLET
+from sciquant.workloads.bloodflow.rollout import relative_error
 
 #: The no-network baselines: name in metrics.json → the sample's series prefix.
 BASELINES = {"lumped_model": "lumped", "calibrated_model": "calibrated"}

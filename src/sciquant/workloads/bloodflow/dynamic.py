@@ -226,7 +226,7 @@ def run(
     import torch
 
     from sciquant.quant.export import export_fp32_onnx
-    from sciquant.train.bloodflow import load_model
+    from sciquant.workloads.bloodflow.train import load_model
 
     DYNAMIC_METHODS[DYNAMIC_METHOD].check(DYNAMIC_METHOD, target, precision, "torch")
     if threads:

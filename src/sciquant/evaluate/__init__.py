@@ -1,1 +1,0 @@
-"""sciquant.evaluate."""
