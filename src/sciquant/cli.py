@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--threads", type=_threads, default=None, help="torch threads")
     evaluate.add_argument(
-        "--onnx", type=Path, default=None, help="run this ONNX file with ONNX Runtime instead"
+        "--onnx", type=Path, default=None, help="run this ONNX file instead, on --runtime"
     )
     evaluate.add_argument(
         "--runtime",
