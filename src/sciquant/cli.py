@@ -121,10 +121,10 @@ def evaluation_plan(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def _stage_workload(args: argparse.Namespace) -> Any:
-    """The workload whose stage a command runs: named (`workload`, `--workload`, the plan's),
-    or the one of the model's architecture (train, quantize), or the built-in one of the
-    artifact."""
+def _stage_workload(args: argparse.Namespace, plan: Any = None) -> Any:
+    """The workload whose stage a command runs: named (`workload`, `--workload`, the evaluation
+    `plan`'s), or the one of the model's architecture (train, quantize), or the built-in one of
+    the artifact."""
     from sciquant.plugins import architecture_workload, get_workload
     from sciquant.workloads.md import is_keras_artifact
 
@@ -132,7 +132,6 @@ def _stage_workload(args: argparse.Namespace) -> Any:
     if command in ("synthesize", "prepare", "overview"):
         return get_workload(args.workload)
     if command == "evaluate":
-        plan = evaluation_plan(args)
         if plan.workload is not None:
             return get_workload(plan.workload)
         return get_workload("md" if is_keras_artifact(plan.artifact) else "bloodflow")
@@ -151,8 +150,9 @@ def _run_stage(args: argparse.Namespace) -> None:
     """Run a workload's stage with the command's arguments."""
     from sciquant.vocabulary import schema_document
 
-    workload = _stage_workload(args)
     command = args.command
+    plan = evaluation_plan(args) if command == "evaluate" else None
+    workload = _stage_workload(args, plan)
     if command == "synthesize":
         from sciquant.data.manifest import write_manifest
 
@@ -188,7 +188,7 @@ def _run_stage(args: argparse.Namespace) -> None:
                 f"{', '.join(COORDINATES)}"
             )
         workload.evaluate(
-            evaluation_plan(args), args.prepared, args.out, settings=args.settings,
+            plan, args.prepared, args.out, settings=args.settings,
             coordinates=args.coordinates, threads=args.threads,
         )  # fmt: skip
 
