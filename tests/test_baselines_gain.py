@@ -158,3 +158,48 @@ def test_report_says_when_the_gains_baseline_is_the_weaker_one() -> None:
     baselines["lumped_model"]["pressure_error_pct"] = 4.5
     assert weaker_baseline_note(baselines) == ""
     assert weaker_baseline_note({"calibrated_model": {"pressure_error_pct": 1.0}}) == ""
+
+
+def test_retained_gain_of_any_error_a_workload_gives() -> None:
+    from sciquant.report.gain import field_name, network_gains
+
+    assert field_name("pressure_error_pct") == "pressure" and field_name("rmse") == "rmse"
+    assert field_name("rollout_error_pct") == "rollout"
+    # a plug-in's per-trajectory errors, named as its metrics: 10 trajectories
+    baseline = {f"sample_{i}": {"rollout_error_pct": 10.0 + i % 3, "rmse": 2.0} for i in range(10)}
+    fp32 = {name: {"rollout_error_pct": 2.0 + i % 2, "rmse": 1.0}
+            for i, name in enumerate(baseline)}  # fmt: skip
+    quantized = {name: {"rollout_error_pct": 4.0 + i % 2, "rmse": 1.5}
+                 for i, name in enumerate(baseline)}  # fmt: skip
+    b = np.array([v["rollout_error_pct"] for v in baseline.values()])
+    f = np.array([v["rollout_error_pct"] for v in fp32.values()])
+    q = np.array([v["rollout_error_pct"] for v in quantized.values()])
+    gains = run_gains(baseline, fp32, quantized)
+    assert gains["retained_gain_rollout_pct"] == pytest.approx(
+        100 * (b - q).mean() / (b - f).mean()
+    )
+    assert gains["retained_gain_rmse_pct"] == pytest.approx(50.0)  # (2 − 1.5) / (2 − 1)
+    assert network_gains(baseline, fp32)["network_gain_rollout_pct"] == pytest.approx(
+        (b - f).mean()
+    )
+    # a key not every table has is not a field
+    fp32["sample_3"] = {"rollout_error_pct": 2.0}
+    assert "retained_gain_rmse_pct" not in run_gains(baseline, fp32, quantized)
+
+
+def test_report_names_a_plugins_gain_baseline() -> None:
+    import xarray as xr
+
+    from sciquant.report.html import no_gain_note
+
+    coords = {"seed": [0], "target": ["reference"], "method": ["none"], "precision": ["fp32"]}
+    runs = xr.Dataset(
+        {
+            "rollout_error_pct": (tuple(coords), np.full((1, 1, 1, 1), 3.0)),
+            "network_gain_rollout_pct_ci_low": (tuple(coords), np.full((1, 1, 1, 1), -0.2)),
+        },
+        coords=coords,
+    )
+    note = no_gain_note({"rollout_error_pct": 3.5}, runs, "euler")
+    assert "does not beat the euler baseline" in note and "rollout error" in note
+    assert "calibrated prior" not in note

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -195,8 +196,27 @@ def test_study_end_to_end(study_run: Path) -> None:
                     "target": "reference", "method": "none", "precision": "fp32"}  # fmt: skip
         value = cube["rollout_error_pct"].sel(fp32_run)
         assert float(value) == pytest.approx(fp32["metrics"]["rollout_error_pct"])
+        # the retained gain over the plug-in's own baseline (the Euler step), per trajectory
+        assert fp32["gain_baseline"] == "euler"
+        network = fp32["metrics"]["per_simulation"]
+        assert network.keys() == euler["per_simulation"].keys() and len(network) >= 20
+        assert float(cube["network_gain_rollout_pct_ci_low"].sel(fp32_run)) > 0
+        b = np.array([euler["per_simulation"][k]["rollout_error_pct"] for k in sorted(network)])
+        f = np.array([network[k]["rollout_error_pct"] for k in sorted(network)])
+        for target, method, precision in (("cpu-x86", "ptq-minmax", "w8a8"),
+                                          ("reference", "ptq-mse", "w4a8")):  # fmt: skip
+            run = _metrics(study_run, f"{target}/{method}/{precision}")["metrics"]
+            q = np.array([run["per_simulation"][k]["rollout_error_pct"] for k in sorted(network)])
+            at = {**fp32_run, "target": target, "method": method, "precision": precision}
+            kept = float(cube["retained_gain_rollout_pct"].sel(at))
+            assert kept == pytest.approx(100 * np.mean(b - q) / np.mean(b - f), rel=1e-9)
+            low = float(cube["retained_gain_rollout_pct_ci_low"].sel(at))
+            high = float(cube["retained_gain_rollout_pct_ci_high"].sel(at))
+            assert low <= kept <= high
     report = (study_run / "results/report/index.html").read_text()
     assert "oscillator" in report and "rollout error" in report.replace("_", " ")
+    assert "euler: the baseline of the retained gain" in report
+    assert "retained gain rollout" in report.replace("_", " ").lower()
     assert (study_run / "results/oscillator/overview.png").stat().st_size > 0
 
 

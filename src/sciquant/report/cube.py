@@ -84,6 +84,9 @@ class RunRecord:
     # the baselines' ({name: ...}); what the retained gain's paired bootstrap needs.
     per_simulation: dict[str, dict[str, float]] = field(default_factory=dict)
     baseline_per_simulation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # The baseline (a key of `baselines`) the retained gain is measured against: metrics.json's
+    # `gain_baseline`, the calibrated prior (`GAIN_BASELINE`) where it names none.
+    gain_baseline: str = GAIN_BASELINE
     # The scalar errors and scores (`diverging_metric`) that came out NaN or infinite; their
     # values in `metrics` are NaN.
     diverged: list[str] = field(default_factory=list)
@@ -192,6 +195,7 @@ def read_metrics(path: Path) -> RunRecord:
             for name, values in (payload.get("baselines") or {}).items()
             if isinstance(values, dict) and values.get("per_simulation")
         },
+        gain_baseline=str(payload.get("gain_baseline") or GAIN_BASELINE),
         diverged=diverged,
         layer_sqnr_db=_layer_sqnr(payload.get("metrics", {}).get(LAYER_SQNR), listed),
     )
@@ -339,7 +343,7 @@ def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
     updated = []
     for record in records:
         network = fp32.get(record.coordinates[:3])
-        baseline = record.baseline_per_simulation.get(GAIN_BASELINE)
+        baseline = record.baseline_per_simulation.get(record.gain_baseline)
         if network and baseline:
             gains = (
                 network_gains(baseline, network)
@@ -449,10 +453,13 @@ def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -
         attrs[name] = json.dumps(distinct(r.provenance.get(key) for r in records))
     attrs["wall_time_s_total"] = float(sum(r.provenance.get("wall_time_s") or 0.0 for r in records))
     baselines: dict[str, dict[str, dict[str, float]]] = {}
+    gain_baselines: dict[str, str] = {}  # the retained gain's baseline of each dataset
     for record in records:  # per dataset, the first run that has them
         if record.baselines:
             baselines.setdefault(str(record.coordinates[0]), record.baselines)
+            gain_baselines.setdefault(str(record.coordinates[0]), record.gain_baseline)
     attrs["baselines"] = json.dumps(baselines)
+    attrs["gain_baselines"] = json.dumps(gain_baselines)
     return attrs
 
 

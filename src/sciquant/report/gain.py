@@ -1,8 +1,9 @@
 """Retained gain: how much of what the network adds over no network a quantized run keeps.
 
-For one field (pressure or flow), with e_b, e_f and e_q the mean errors over the test
-simulations of the no-network baseline (the calibrated physics prior, `BASELINE`), of the FP32
-network and of the quantized run:
+For one field (blood flow: pressure or flow; a plug-in workload: each error its
+`sample_errors` gives), with e_b, e_f and e_q the mean errors over the test simulations (or
+samples) of the no-network baseline (blood flow: the calibrated physics prior, `BASELINE`; a
+plug-in: its `gain_baseline`), of the FP32 network and of the quantized run:
 
     gain = e_b − e_f,        retained gain = (e_b − e_q) / (e_b − e_f)          (reported in %)
 
@@ -21,9 +22,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-#: The baseline of the retained gain: the calibrated prior (`sciquant.workloads.bloodflow.physics`).
+#: The baseline of the retained gain of blood flow, and of a metrics.json that names none
+#: (`gain_baseline`): the calibrated prior (`sciquant.workloads.bloodflow.physics`).
 BASELINE = "calibrated_model"
-FIELDS = ("pressure", "flowrate")
 RESAMPLES = 2000
 FP32_RUN = ("reference", "none", "fp32")  # (target, method, precision) of the FP32 network
 
@@ -80,14 +81,27 @@ def significant_gain(
     return gain_lower_bound(baseline, fp32, resamples, seed)[1] > 0
 
 
+def field_name(error: str) -> str:
+    """The field of a per-simulation error metric, as the gain metrics name it:
+    `pressure_error_pct` → `pressure` (`retained_gain_pressure_pct`), `rmse` → `rmse`."""
+    return error.removesuffix("_pct").removesuffix("_error")
+
+
+def error_fields(*sources: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The error metrics every simulation of every source has, in the first one's order."""
+    tables = [table for source in sources for table in source.values()]
+    if not tables:
+        return []
+    return [key for key in tables[0] if all(key in table for table in tables)]
+
+
 def _paired_errors(
-    field: str, names: list[str], *sources: Mapping[str, Mapping[str, float]]
+    key: str, names: list[str], *sources: Mapping[str, Mapping[str, float]]
 ) -> list[list[float]] | None:
-    """Each source's `<field>_error_pct` over `names`, in that order (None if one lacks it)."""
-    key = f"{field}_error_pct"
+    """Each source's error `key` over `names`, in that order (None if one lacks it)."""
     try:
-        return [[source[n][key] for n in names] for source in sources]
-    except (KeyError, TypeError):
+        return [[float(source[n][key]) for n in names] for source in sources]
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -98,11 +112,12 @@ def network_gains(
     one-sided 95 % lower bound `network_gain_<field>_pct_ci_low`."""
     names = sorted(set(baseline) & set(fp32))
     metrics: dict[str, float] = {}
-    for field in FIELDS if names else ():
-        errors = _paired_errors(field, names, baseline, fp32)
+    for key in error_fields(baseline, fp32) if names else ():
+        errors = _paired_errors(key, names, baseline, fp32)
         if errors is None:
             continue
         gain, low = gain_lower_bound(*errors)
+        field = field_name(key)
         metrics[f"network_gain_{field}_pct"] = gain
         metrics[f"network_gain_{field}_pct_ci_low"] = low
     return metrics
@@ -120,11 +135,12 @@ def run_gains(
     """
     names = sorted(set(baseline) & set(fp32) & set(quantized))
     metrics: dict[str, float] = {}
-    for field in FIELDS if names else ():
-        errors = _paired_errors(field, names, baseline, fp32, quantized)
+    for key in error_fields(baseline, fp32, quantized) if names else ():
+        errors = _paired_errors(key, names, baseline, fp32, quantized)
         if errors is None:
             continue
         value, low, high = retained_gain(*errors)
+        field = field_name(key)
         metrics[f"retained_gain_{field}_pct"] = value
         metrics[f"retained_gain_{field}_pct_ci_low"] = low
         metrics[f"retained_gain_{field}_pct_ci_high"] = high

@@ -55,6 +55,7 @@ from sciquant.report.cube import (
     workload_slices,
 )
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
+from sciquant.report.gain import field_name
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
@@ -403,8 +404,10 @@ def baselines_note(dataset: str, runs: xr.Dataset) -> str:
     """What the dataset's baselines (not runs) score on the same test data, or nothing."""
     try:
         baselines = json.loads(str(runs.attrs.get("baselines", "{}"))).get(dataset, {})
+        gain_baseline = json.loads(str(runs.attrs.get("gain_baselines", "{}"))).get(dataset)
     except json.JSONDecodeError:
         return ""
+    gain_baseline = gain_baseline or GAIN_BASELINE
     sentences = []
     for name, values in baselines.items():
         scores = ", ".join(
@@ -413,6 +416,8 @@ def baselines_note(dataset: str, runs: xr.Dataset) -> str:
         )
         if scores:
             label = BASELINE_NAMES.get(name, name.replace("_", " "))
+            if name == gain_baseline and name not in BASELINE_NAMES:
+                label += ": the baseline of the retained gain"
             sentences.append(f"{escape(label)}: {escape(scores)}")
     if not sentences:
         return ""
@@ -420,22 +425,31 @@ def baselines_note(dataset: str, runs: xr.Dataset) -> str:
         '<p class="note baseline-note">Without a network, on the same test data: '
         + "; ".join(sentences)
         + ".</p>"
-        + weaker_baseline_note(baselines)
-        + no_gain_note(baselines.get(GAIN_BASELINE, {}), runs)
+        + weaker_baseline_note(baselines, gain_baseline)
+        + no_gain_note(baselines.get(gain_baseline, {}), runs, gain_baseline)
     )
 
 
-def weaker_baseline_note(baselines: dict[str, dict[str, float]]) -> str:
-    """A note for each error on which the retained gain's baseline (`GAIN_BASELINE`) errs more
+def gain_baseline_label(name: str) -> str:
+    """How the notes name the retained gain's baseline `name`."""
+    if name == GAIN_BASELINE:
+        return "the calibrated prior"
+    return f"the {name.replace('_', ' ')} baseline"
+
+
+def weaker_baseline_note(
+    baselines: dict[str, dict[str, float]], gain_baseline: str = GAIN_BASELINE
+) -> str:
+    """A note for each error on which the retained gain's baseline (`gain_baseline`) errs more
     than another no-network baseline: the gain is then measured against the weaker of the two,
     and the network's margin over the stronger one is smaller than the gain suggests."""
-    chosen = baselines.get(GAIN_BASELINE, {})
+    chosen = baselines.get(gain_baseline, {})
     fields = []
     for metric, value in chosen.items():
         if not metric.endswith("_error_pct") or not isinstance(value, int | float):
             continue
         for name, other in baselines.items():
-            better = other.get(metric) if name != GAIN_BASELINE else None
+            better = other.get(metric) if name != gain_baseline else None
             if isinstance(better, int | float) and better < value:
                 label = BASELINE_NAMES.get(name, name.replace("_", " ")).split(" (")[0]
                 fields.append(
@@ -444,26 +458,30 @@ def weaker_baseline_note(baselines: dict[str, dict[str, float]]) -> str:
                 )
     if not fields:
         return ""
+    label = gain_baseline_label(gain_baseline)
     return (
-        '<p class="note weaker-baseline-note">! The retained gain\'s baseline, the calibrated '
-        f"prior, errs more than another baseline without a network ({escape('; '.join(fields))})"
-        ": the network's margin over the best no-network answer is smaller than its gain over "
-        "the calibrated prior.</p>"
+        '<p class="note weaker-baseline-note">! The retained gain\'s baseline, '
+        f"{escape(label.removeprefix('the '))}, errs more than another baseline without a "
+        f"network ({escape('; '.join(fields))}): the network's margin over the best no-network "
+        f"answer is smaller than its gain over {escape(label)}.</p>"
     )
 
 
-def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
-    """A warning for each field on which the FP32 network does not beat the gain's baseline."""
+def no_gain_note(
+    baseline: dict[str, float], runs: xr.Dataset, gain_baseline: str = GAIN_BASELINE
+) -> str:
+    """A warning for each field on which the FP32 network does not beat the gain's baseline
+    (`gain_baseline`, named `baseline` here)."""
     fields = []
     for metric, value in baseline.items():
-        if metric not in runs or not metric.endswith("_error_pct"):
+        bound = runs.get(f"network_gain_{field_name(metric)}_pct_ci_low")
+        if metric not in runs or not (metric.endswith("_error_pct") or bound is not None):
             continue
         try:
             fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
             fp32 = float(runs[metric].sel(fp32_run).mean())
         except (KeyError, ValueError):
             continue
-        bound = runs.get(metric.replace("_error_pct", "").join(("network_gain_", "_pct_ci_low")))
         untold = bound is not None and not bool((bound.sel(fp32_run) > 0).any())
         if not math.isnan(fp32) and (fp32 >= value or untold):
             fields.append(
@@ -473,10 +491,10 @@ def no_gain_note(baseline: dict[str, float], runs: xr.Dataset) -> str:
     if not fields:
         return ""
     return (
-        '<p class="note no-gain-note">✗ The FP32 network does not beat the calibrated prior '
-        f"without a network by more than the test set's noise ({escape('; '.join(fields))}; "
-        "one-sided 95 % paired bootstrap): it has no gain for quantization to keep, and its "
-        "runs' retained gain is not reported.</p>"
+        '<p class="note no-gain-note">✗ The FP32 network does not beat '
+        f"{escape(gain_baseline_label(gain_baseline))} without a network by more than the test "
+        f"set's noise ({escape('; '.join(fields))}; one-sided 95 % paired bootstrap): it has "
+        "no gain for quantization to keep, and its runs' retained gain is not reported.</p>"
     )
 
 

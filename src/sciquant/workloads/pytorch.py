@@ -15,6 +15,12 @@ A subclass of `TorchWorkload` gives:
   (numpy in and out) — one-step errors, rollouts, anything; and `baselines(test)`: the same
   metrics of the no-network baselines (DESIGN: every accuracy number stands beside them).
 
+For the retained gain (`sciquant.report.gain`), optionally: `sample_errors(predict, test)` and
+`baseline_sample_errors(test)`, errors (lower is better) per test sample ``{metric: [n]}``, named
+as the metrics they stand beside (``rollout_error_pct`` → ``retained_gain_rollout_pct``), and
+`gain_baseline`, the baseline (a key of `baselines`) the gain is measured against. With them,
+every quantized run's retained gain and its paired bootstrap CI enter the cube and the report.
+
 Optionally `loss` (default mean squared error), `input_names` / `output_name` (the ONNX graph's)
 and `overview`. Every `torch.nn.Linear` is quantized; the other layers stay float.
 
@@ -104,6 +110,20 @@ class TorchWorkload(Workload):
 
     def baselines(self, test: Split) -> dict[str, dict[str, float]]:
         """The no-network baselines' metrics on the test split, by baseline name."""
+        return {}
+
+    #: The no-network baseline (a key of `baselines`) the retained gain is measured against;
+    #: None: no retained gain.
+    gain_baseline: ClassVar[str | None] = None
+
+    def sample_errors(
+        self, predict: Callable[..., np.ndarray], test: Split
+    ) -> dict[str, np.ndarray]:
+        """Errors per test sample {metric: [n]} (lower is better) for the retained gain."""
+        return {}
+
+    def baseline_sample_errors(self, test: Split) -> dict[str, dict[str, np.ndarray]]:
+        """The same errors of the no-network baselines, by baseline name."""
         return {}
 
     def loss(self, outputs: Any, targets: Any) -> Any:
@@ -400,6 +420,21 @@ class TorchWorkload(Workload):
                 metrics["paired_speedup"] = 1.0
         metrics.update(self._quant_debug(loaded, onnx, test, predict, settings))
         baselines = {name: dict(values) for name, values in self.baselines(test).items()}
+        gain: dict[str, Any] = {}
+        if self.gain_baseline is not None:
+            per_sample = self._per_sample("sample_errors", self.sample_errors(predict, test))
+            if per_sample:
+                metrics["per_simulation"] = per_sample
+                gain["gain_baseline"] = self.gain_baseline
+            for name, errors in self.baseline_sample_errors(test).items():
+                if name not in baselines:
+                    raise SciquantError(
+                        f"workload {self.name}: baseline_sample_errors gives {name!r}, which "
+                        f"baselines() does not ({', '.join(baselines) or 'none'})"
+                    )
+                baselines[name]["per_simulation"] = self._per_sample(
+                    f"baseline_sample_errors[{name!r}]", errors, len(per_sample) or None
+                )
         payload: dict[str, Any] = {
             "coordinates": {k: coordinates.get(k) for k in COORDINATES},
             "study": coordinates.get("study"),
@@ -409,6 +444,7 @@ class TorchWorkload(Workload):
             "runtime": label,
             "metrics": metrics,
             "baselines": baselines,
+            **gain,
             "provenance": provenance(time.perf_counter() - started, threads),
         }
         if "latency_ms_median" in metrics:
@@ -452,6 +488,25 @@ class TorchWorkload(Workload):
                 "stage that writes it"
             ) from error
         return model.eval(), state
+
+    def _per_sample(
+        self, source: str, errors: Mapping[str, Any], count: int | None = None
+    ) -> dict[str, dict[str, float]]:
+        """{sample: {metric: error}} of per-sample error arrays, all of one length (`count`
+        where given: the network's, so that the baselines pair with it sample by sample)."""
+        table: dict[str, dict[str, float]] = {}
+        for metric, values in errors.items():
+            values = np.asarray(values, dtype=np.float64).ravel()
+            count = len(values) if count is None else count
+            if len(values) != count or count == 0:
+                raise SciquantError(
+                    f"workload {self.name}: {source} gives {len(values)} values of {metric} "
+                    f"where the network's errors have {count}; give one per test sample (or "
+                    "case), in the same order"
+                )
+            for i, value in enumerate(values):
+                table.setdefault(f"sample_{i:05d}", {})[metric] = float(value)
+        return table
 
     def _quant_debug(
         self, loaded: tuple[Any, dict[str, Any]], onnx: Path | None, test: Split,
