@@ -273,6 +273,7 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     assert metrics["junction_mass_residual_pct"] >= 0
     assert metrics["outlet_resistance_residual_pct"] >= 0
     assert set(payload["data_physics_checks"]) >= {"junction_mass_residual_pct"}
+    assert payload["gain_baseline"] == "calibrated_model"  # the retained gain's baseline
 
 
 def test_rerun_on_other_data_starts_from_scratch(

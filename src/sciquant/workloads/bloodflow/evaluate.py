@@ -39,6 +39,7 @@ from sciquant.workloads.bloodflow.features import (  # noqa: E402
 )
 from sciquant.workloads.bloodflow.physics import (  # noqa: E402
     BASELINES,
+    GAIN_BASELINE,
     baseline_errors,
     mean_checks,
     physics_checks,
@@ -555,6 +556,7 @@ def run(
         "runtime": runtime,
         "metrics": metrics,
         "baselines": no_network_baselines(list(samples.values()), list(samples)),
+        "gain_baseline": GAIN_BASELINE,
         "data_physics_checks": data_checks,
         "provenance": provenance(time.perf_counter() - started, threads, used, device),
     }

@@ -28,6 +28,8 @@ from sciquant.workloads.bloodflow.rollout import relative_error
 
 #: The no-network baselines: name in metrics.json → the sample's series prefix.
 BASELINES = {"lumped_model": "lumped", "calibrated_model": "calibrated"}
+#: The baseline the retained gain is measured against (metrics.json's `gain_baseline`).
+GAIN_BASELINE = "calibrated_model"
 _TREE_EDGE_TYPES = (0, 1, 2)  # branch-branch, branch-junction, junction-junction
 
 
