@@ -203,3 +203,36 @@ def test_report_names_a_plugins_gain_baseline() -> None:
     note = no_gain_note({"rollout_error_pct": 3.5}, runs, "euler")
     assert "does not beat the euler baseline" in note and "rollout error" in note
     assert "calibrated prior" not in note
+
+
+def test_report_sets_training_errors_beside_test_errors() -> None:
+    import json
+
+    import xarray as xr
+
+    from sciquant.report.html import training_note
+
+    coords = {"seed": [0], "target": ["reference"], "method": ["none"], "precision": ["fp32"]}
+
+    def runs(**values: float) -> xr.Dataset:
+        data = {k: (tuple(coords), np.full((1, 1, 1, 1), v)) for k, v in values.items()}
+        cube = xr.Dataset(data, coords=coords)
+        prior = {"calibrated_model": {"pressure_error_pct": 2.0, "flowrate_error_pct": 6.0}}
+        cube.attrs["baselines"] = json.dumps({"flow": prior})
+        return cube
+
+    measured = dict(
+        training_simulations=45, training_pressure_error_pct=0.8,
+        training_flowrate_error_pct=2.8, training_calibrated_pressure_error_pct=2.6,
+        training_calibrated_flowrate_error_pct=6.2, pressure_error_pct=1.9,
+        flowrate_error_pct=6.6,
+    )  # fmt: skip
+    note = training_note("flow", runs(**measured))
+    assert "on 45 of its training simulations" in note
+    # pressure: ×0.31 on training trees, ×0.95 on test trees; flow: ×0.45 and ×1.10
+    assert "(×0.31)" in note and "(×0.95)" in note and "(×0.45)" in note and "(×1.10)" in note
+    assert "✗ On flow the network beats" in note  # fitted on flow only (test ratio ≥ 1)
+    assert "✗" not in training_note("flow", runs(**{**measured, "flowrate_error_pct": 5.0}))
+    # not measured (a study that turned it off, an older cube): no note
+    del measured["training_simulations"]
+    assert training_note("flow", runs(**measured)) == ""

@@ -275,6 +275,29 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     assert set(payload["data_physics_checks"]) >= {"junction_mass_residual_pct"}
     assert payload["gain_baseline"] == "calibrated_model"  # the retained gain's baseline
 
+    # The FP32 network on its training simulations (first time offset), beside the calibrated
+    # prior there: the same errors as an evaluation whose test split is those simulations.
+    index = bloodflow.load_index(prepared)
+    train = [name for name in index["samples"]["train"] if name.endswith("_o0")]
+    assert len(train) >= 2 and metrics["training_simulations"] == len(train)
+    as_test = tmp_path / "train_as_test"
+    shutil.copytree(prepared, as_test)
+    index["samples"]["test"] = train
+    (as_test / "index.json").write_text(json.dumps(index))
+    settings = {"repeats": 1, "figure_simulations": 0, "training_simulations": 0}
+    other = {**coordinates, "target": "cpu-x86"}  # not the FP32 reference run: no training errors
+    seen = json.loads(
+        evaluate_bloodflow.run(checkpoint, as_test, tmp_path / "seen", settings, other).read_text()
+    )
+    assert not any(name.startswith("training_") for name in seen["metrics"])
+    for field in ("pressure", "flowrate"):
+        assert metrics[f"training_{field}_error_pct"] == pytest.approx(
+            seen["metrics"][f"{field}_error_pct"], rel=1e-5
+        )
+        assert metrics[f"training_calibrated_{field}_error_pct"] == pytest.approx(
+            seen["baselines"]["calibrated_model"][f"{field}_error_pct"], rel=1e-9
+        )
+
 
 def test_rerun_on_other_data_starts_from_scratch(
     prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -64,6 +64,9 @@ RESERVED_NAMES = ("simulated", "diverged", LAYER_SQNR, LAYER_DIM)
 #: Quantization-debugging metrics (`sciquant.quant.debug`): the report shows them in a table of
 #: their own, not as columns of the results table.
 DEBUG_PREFIXES = ("layer_sqnr_", "sim_vs_deployed_")
+#: The FP32 network's errors on training simulations (`evaluate.training_simulations`): kept in
+#: the cube, shown in the report's note beside the test errors, not a table column.
+TRAINING_PREFIX = "training_"
 
 
 @dataclass(frozen=True)
@@ -662,7 +665,7 @@ def headline_metrics(cube: xr.Dataset) -> list[str]:
         if name not in COUNT_METRICS
         and name not in TIMING_DETAILS
         and not str(name).endswith(SPREAD_SUFFIXES)
-        and not str(name).startswith(DEBUG_PREFIXES)
+        and not str(name).startswith((*DEBUG_PREFIXES, TRAINING_PREFIX))
         and LAYER_DIM not in cube[name].dims
         and bool(cube[name].notnull().any())
     ]

@@ -467,6 +467,55 @@ def weaker_baseline_note(
     )
 
 
+def training_note(dataset: str, runs: xr.Dataset) -> str:
+    """The FP32 network's errors on some of its training simulations beside its test errors,
+    each against the calibrated prior on the same simulations: whether its gain holds on trees
+    it has not seen (`evaluate.training_simulations`), or nothing where they were not measured."""
+    fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
+    try:
+        baseline = json.loads(str(runs.attrs.get("baselines", "{}"))).get(dataset, {})
+        prior = baseline.get(GAIN_BASELINE, {})
+        values = {
+            name: float(runs[name].sel(fp32_run).mean())
+            for name in ("training_simulations", "training_pressure_error_pct",
+                         "training_flowrate_error_pct", "training_calibrated_pressure_error_pct",
+                         "training_calibrated_flowrate_error_pct", "pressure_error_pct",
+                         "flowrate_error_pct")
+        }  # fmt: skip
+    except (KeyError, ValueError, json.JSONDecodeError):
+        return ""
+    if any(math.isnan(v) for v in values.values()) or not prior:
+        return ""
+    parts, fitted = [], []
+    for field, label in (("pressure", "pressure"), ("flowrate", "flow")):
+        train = values[f"training_{field}_error_pct"]
+        train_prior = values[f"training_calibrated_{field}_error_pct"]
+        test, test_prior = values[f"{field}_error_pct"], prior.get(f"{field}_error_pct")
+        if not isinstance(test_prior, int | float) or train_prior <= 0 or test_prior <= 0:
+            return ""
+        train_ratio, test_ratio = train / train_prior, test / test_prior
+        parts.append(
+            f"{label}: {format_value(train)} % against {format_value(train_prior)} % on training "
+            f"trees (×{train_ratio:.2f}), {format_value(test)} % against "
+            f"{format_value(test_prior)} % on test trees (×{test_ratio:.2f})"
+        )
+        if train_ratio < 1 <= test_ratio:
+            fitted.append(label)
+    note = (
+        f'<p class="note training-note">The FP32 network on {int(values["training_simulations"])}'
+        " of its training simulations and on the test simulations, each against the calibrated "
+        f"prior on the same trees: {escape('; '.join(parts))}.</p>"
+    )
+    if fitted:
+        note += (
+            '<p class="note training-note">✗ On '
+            f"{escape(' and '.join(fitted))} the network beats the calibrated prior on the trees "
+            "it was trained on but not on the test trees: what it learned is fitted to those "
+            "trees, not physics that carries over to unseen ones.</p>"
+        )
+    return note
+
+
 def no_gain_note(
     baseline: dict[str, float], runs: xr.Dataset, gain_baseline: str = GAIN_BASELINE
 ) -> str:
@@ -663,6 +712,7 @@ def workload_section(
     parts.append("<h3>Results over seeds</h3>")
     parts.append(results_table(dataset, model, runs))
     parts.append(baselines_note(dataset, runs))
+    parts.append(training_note(dataset, runs))
     parts.append(debug_section(runs))
     parts.append("<h3>Figures</h3>")
     parts += workload_figures(runs)

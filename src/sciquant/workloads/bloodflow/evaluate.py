@@ -60,6 +60,36 @@ def test_samples(prepared: Path) -> dict[str, dict[str, np.ndarray]]:
     return {name: load_sample(prepared, name) for name in index["samples"]["test"]}
 
 
+def training_errors(
+    step: StepFunction,
+    prepared: Path,
+    norm: Normalizer,
+    count: int,
+    device: str | None = None,
+) -> dict[str, float]:
+    """The network's and the calibrated prior's mean errors on up to `count` training
+    simulations (their first time offset, evenly spread over the split): beside the test
+    simulations' errors, how much of the network's gain is learned physics and how much is
+    fitted to the trees it was trained on."""
+    names = [n for n in load_index(prepared)["samples"]["train"] if n.endswith("_o0")]
+    if count <= 0 or not names:
+        return {}
+    names = [names[i] for i in np.linspace(0, len(names) - 1, min(count, len(names))).astype(int)]
+    samples = {name: load_sample(prepared, name) for name in names}
+    graphs = [to_tensors(name, sample, norm) for name, sample in samples.items()]
+    predictions = rollout_all(step, graphs, norm, device)
+    metrics: dict[str, float] = {"training_simulations": len(graphs)}
+    for field in ("pressure_error_pct", "flowrate_error_pct"):
+        network = [
+            rollout_errors(p, q, graph, norm)[field]
+            for graph, (p, q) in zip(graphs, predictions, strict=True)
+        ]
+        prior = [baseline_errors(sample, GAIN_BASELINE)[field] for sample in samples.values()]
+        metrics[f"training_{field}"] = float(np.mean(network))
+        metrics[f"training_calibrated_{field}"] = float(np.mean(prior))
+    return metrics
+
+
 def test_graphs(
     prepared: Path,
     norm: Normalizer,
@@ -528,6 +558,13 @@ def run(
             base_step = step_on(base_step, on_device)
         baseline = (base_step, Normalizer.of_checkpoint(base_state))
     metrics, predictions = evaluate_step(step, graphs, norm, repeats, on_device, baseline, threads)
+    if (coordinates.get("target"), coordinates.get("method")) == ("reference", "none") and (
+        coordinates.get("precision") == "fp32"
+    ):
+        # After the timings: these rollouts are not among the timed ones.
+        metrics.update(
+            training_errors(step, prepared, norm, settings["training_simulations"], on_device)
+        )
     checks, data_checks = rollout_physics(list(samples.values()), predictions)
     metrics.update(checks)
     metrics.update(sizes)
