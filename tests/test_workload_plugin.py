@@ -250,3 +250,21 @@ def test_a_broken_plugin_is_named(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "workload 'broken' (no_such_module:Broken" in result.stderr
     assert "ModuleNotFoundError" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_per_sample_errors_must_pair_with_the_networks() -> None:
+    from sciquant.errors import SciquantError
+    from sciquant.workloads.pytorch import TorchWorkload
+
+    class Tiny(TorchWorkload):
+        name = "tiny"
+
+    workload = Tiny()
+    table = workload._per_sample("sample_errors", {"rollout_error_pct": np.array([1.0, 2.5])})
+    assert table == {"sample_00000": {"rollout_error_pct": 1.0},
+                     "sample_00001": {"rollout_error_pct": 2.5}}  # fmt: skip
+    # a baseline with another number of errors than the network's cannot be paired
+    with pytest.raises(SciquantError, match="3 values of rollout_error_pct where the network"):
+        workload._per_sample("baseline_sample_errors['euler']", {"rollout_error_pct": [1, 2, 3]}, 2)
+    with pytest.raises(SciquantError, match="tiny: sample_errors gives 0 values"):
+        workload._per_sample("sample_errors", {"rollout_error_pct": []})
