@@ -78,15 +78,12 @@ def training_errors(
     samples = {name: load_sample(prepared, name) for name in names}
     graphs = [to_tensors(name, sample, norm) for name, sample in samples.items()]
     predictions = rollout_all(step, graphs, norm, device)
+    network = [rollout_errors(p, q, g, norm) for g, (p, q) in zip(graphs, predictions, strict=True)]
+    prior = [baseline_errors(sample, GAIN_BASELINE) for sample in samples.values()]
     metrics: dict[str, float] = {"training_simulations": len(graphs)}
     for field in ("pressure_error_pct", "flowrate_error_pct"):
-        network = [
-            rollout_errors(p, q, graph, norm)[field]
-            for graph, (p, q) in zip(graphs, predictions, strict=True)
-        ]
-        prior = [baseline_errors(sample, GAIN_BASELINE)[field] for sample in samples.values()]
-        metrics[f"training_{field}"] = float(np.mean(network))
-        metrics[f"training_calibrated_{field}"] = float(np.mean(prior))
+        metrics[f"training_{field}"] = float(np.mean([errors[field] for errors in network]))
+        metrics[f"training_calibrated_{field}"] = float(np.mean([e[field] for e in prior]))
     return metrics
 
 
