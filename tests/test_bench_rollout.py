@@ -127,7 +127,7 @@ def test_table_names_the_cpu_and_every_variant(bench):
 def test_operator_split_of_an_export(bench):
     _, folder = bench
     path = next(folder.glob("fp32-trick-*.onnx"))
-    split = operator_split(path, random_tree_graph(80, 1, 46, 9), runs=1, top=3)
+    split = operator_split(path, random_tree_graph(80, 1, SMALL.node_features, 9), runs=1, top=3)
     assert len(split) == 4 and split[-1]["op"] == "other"
     assert sum(entry["pct"] for entry in split) == pytest.approx(100.0, abs=0.01)
 

@@ -136,7 +136,7 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
     stats = index["statistics"]
     assert set(stats) >= {"pressure", "flowrate", "delta_pressure", "R1", "C", "R2"}
     assert stats["flowrate"]["std"] > 0
-    assert len(index["node_features"]) == 46 and len(index["edge_features"]) == 9
+    assert len(index["node_features"]) == 53 and len(index["edge_features"]) == 9
     # The lumped tree's flow at the inlet is the imposed inflow itself (a sine: two harmonics
     # of the Fourier series, exact), ramp included.
     np.testing.assert_allclose(sample["linear_flowrate"][:, 0], sample["flowrate"][:, 0], atol=1e-3)
@@ -145,31 +145,39 @@ def test_prepare_writes_samples_splits_and_statistics(raw: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("harmonics", [0, 1])
 def test_feature_count_follows_the_harmonics(raw: Path, tmp_path: Path, harmonics: int) -> None:
-    """46 features with the default 3 harmonics; 6 fewer per harmonic left out."""
-    from sciquant.workloads.bloodflow.features import Normalizer, node_features, to_tensors
+    """53 features with the default 3 harmonics; 6 fewer per harmonic left out."""
+    from sciquant.workloads.bloodflow.features import Normalizer, step_inputs, to_tensors
 
     out = tmp_path / "prepared"
     settings = PrepareSettings(keep_fraction=0.25, dt=0.05, loading_steps=4, harmonics=harmonics)
     bloodflow.prepare(raw, out, settings)
     index = bloodflow.load_index(out)
     names = index["node_features"]
-    assert len(names) == 46 - 6 * (3 - harmonics) == len(set(names))
+    assert len(names) == 53 - 6 * (3 - harmonics) == len(set(names))
     name = index["samples"]["test"][0]
     graph = to_tensors(name, bloodflow.load_sample(out, name), Normalizer.from_statistics(
         index["statistics"]))  # fmt: skip
     n = graph.num_nodes
-    x = node_features(
-        graph.static,
-        graph.pressure[0],
-        graph.flowrate[0],
-        *[graph.pressure[0]] * 3,
-        torch.zeros(n, 2),
-        torch.zeros(n, 4),
-    )
+    norm = Normalizer.from_statistics(index["statistics"])
+    p, q = graph.pressure[0], graph.flowrate[0]
+    x, _ = step_inputs(norm, graph.static, p, q, p, p, p, torch.zeros(n, 2), (p, q), (p, q))
     assert x.shape == (n, len(names))
     # The steady share sits where its name says.
     share = x[:, names.index("flow_share")].numpy()
-    np.testing.assert_allclose(share, bloodflow.load_sample(out, name)["flow_share"], rtol=1e-6)
+    sample = bloodflow.load_sample(out, name)
+    np.testing.assert_allclose(share, sample["flow_share"], rtol=1e-6)
+    # The expansion losses in pulse pressures at the mean inflow, and under the prior's flow
+    # q̃ (here the state's): −D·q̃|q̃| in the pressure's z-score scale.
+    _, pulse, flow_scale = bloodflow.sample_scales(sample, name)
+    inflow = float(flow_scale[sample["node_type"] == bloodflow.INLET][0])
+    drop = x[:, names.index("expansion_drop")].numpy()
+    np.testing.assert_allclose(drop, sample["expansion_drop"] * inflow**2 / pulse, rtol=1e-5)
+    flow = q.numpy() * norm.std["flowrate"] + norm.mean["flowrate"]
+    level = x[:, names.index("expansion_pressure")].numpy()
+    expected = -drop * flow * np.abs(flow) / norm.std["pressure"]
+    np.testing.assert_allclose(level, expected, rtol=1e-4, atol=1e-7)
+    assert np.all(x[:, names.index("expansion_delta_pressure")].numpy() == pytest.approx(
+        norm.normalize("delta_pressure", 0.0)))  # fmt: skip  # the prior's flow did not move
 
 
 def test_per_simulation_scales_and_their_inverse(raw: Path, tmp_path: Path) -> None:

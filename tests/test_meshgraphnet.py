@@ -61,23 +61,23 @@ def _forward_naive(model: MeshGraphNet, x, e, edge_index) -> torch.Tensor:
 
 def test_parameter_count_of_defaults():
     # Linear(i, o) has i*o + o parameters, LayerNorm(64) has 128.
-    # 46 node features: the reference's 18 (9_664 for this encoder, 214_722 in all) + 28.
-    node_encoder = (46 * 64 + 64) + 2 * (64 * 64 + 64) + 128  # 11_456
+    # 53 node features: the reference's 18 (9_664 for this encoder, 214_722 in all) + 35.
+    node_encoder = (53 * 64 + 64) + 2 * (64 * 64 + 64) + 128  # 11_904
     edge_encoder = (9 * 64 + 64) + 2 * (64 * 64 + 64) + 128  # 9_088
     edge_mlp = (192 * 64 + 64) + 2 * (64 * 64 + 64) + 128  # 20_800, input [e, h_src, h_dst]
     node_mlp = (128 * 64 + 64) + 2 * (64 * 64 + 64) + 128  # 16_704, input [h, agg]
     decoder = 2 * (64 * 64 + 64) + (64 * 2 + 2)  # 8_450, no LayerNorm
     expected = node_encoder + edge_encoder + 5 * (edge_mlp + node_mlp) + decoder
-    assert expected == 216_514
+    assert expected == 216_962
     model = MeshGraphNet()
-    assert sum(p.numel() for p in model.parameters()) == 216_514
+    assert sum(p.numel() for p in model.parameters()) == 216_962
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 3 * 13
     assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 12
 
 
 def test_output_shape():
     x, e, edge_index = random_tree_graph(37, seed=1)
-    assert x.shape == (37, 46) and e.shape == (72, 9) and edge_index.shape == (2, 72)
+    assert x.shape == (37, 53) and e.shape == (72, 9) and edge_index.shape == (2, 72)
     assert _model()(x, e, edge_index).shape == (37, 2)
     config = MeshGraphNetConfig(
         node_features=5,
@@ -151,7 +151,7 @@ def test_concat_trick_gradients_equal_naive():
 def test_sum_aggregation_on_hand_made_graph():
     # 3 nodes, edges (source -> destination): 0 -> 2, 1 -> 2, 2 -> 0. Node 1 receives nothing.
     edge_index = torch.tensor([[0, 1, 2], [2, 2, 0]])
-    x = torch.randn(3, 46, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 53, generator=torch.Generator().manual_seed(0))
     e = torch.randn(3, 9, generator=torch.Generator().manual_seed(1))
     model = _model(config=MeshGraphNetConfig(processor_size=1), concat_trick=False)
     seen = {}

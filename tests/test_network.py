@@ -20,6 +20,7 @@ from sciquant.workloads.bloodflow.network import (
     OLUFSEN_STIFFNESS,
     Physics,
     Tree,
+    expansion_drop,
     harmonic_response,
     inlet_impedance,
     periodic_response,
@@ -70,6 +71,32 @@ def test_steady_split_and_pressure_drop_by_hand() -> None:
     flow, pressure = solve(tree, 0.0)
     assert pressure[1].real == pytest.approx(junction_pressure, rel=1e-12)
     assert np.all(flow.imag == 0)
+
+
+def test_expansion_losses_by_hand() -> None:
+    """A narrowing's recovery loses ρ/2·Q²(1/A_throat − 1/A)² (Borda–Carnot) on the widening edge,
+    and every node downstream carries it; contractions and even vessels lose nothing."""
+    positions = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0], [3, 1, 0], [3, 0, 1]], float)
+    # Inlet 0 (1.0) → throat 1 (0.25) → 2 (0.8) → junction 3 (0.8) → 4 (1.0) and 5 (0.3)
+    area = np.array([1.0, 0.25, 0.8, 0.8, 1.0, 0.3])
+    edges = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [3, 5]])
+    zeros = np.zeros(6)
+    r1 = zeros.copy()
+    r1[[4, 5]] = 1000.0, 3000.0
+    tree = Tree.build(edges, positions, area, 0, [r1, zeros.copy(), zeros.copy()])
+    share = np.array([1.0, 1.0, 1.0, 1.0, 0.7, 0.3])
+    local, total = expansion_drop(tree, area, share)
+    recovery = 0.5 * RHO * (1 / 0.25 - 1 / 0.8) ** 2  # node 2, all of the inflow
+    branch = 0.5 * RHO * 0.7**2 * (1 / 0.8 - 1 / 1.0) ** 2  # node 4 widens, 70 % of it
+    np.testing.assert_allclose(local, [0, 0, recovery, 0, branch, 0], rtol=1e-12)
+    np.testing.assert_allclose(
+        total, [0, 0, recovery, recovery, recovery + branch, recovery], rtol=1e-12
+    )
+    # The loss scales with the density and is 0 on a tree that never widens.
+    denser = expansion_drop(tree, area, share, Physics(density=2 * RHO))[1]
+    np.testing.assert_allclose(denser, 2 * total, rtol=1e-12)
+    flat = expansion_drop(tree, np.full(6, 0.5), share)
+    assert not np.any(flat[0]) and not np.any(flat[1])
 
 
 def test_single_vessel_with_windkessel_by_hand() -> None:

@@ -97,7 +97,7 @@ def test_cache_key_rejects_bad_arguments(onnx_bytes, tmp_path):
 
 def test_graph_profile_covers_the_batched_test_graph():
     profile = graph_profile(1200, 3100, 6)
-    assert profile["node_features"] == ((2, 46), (1200, 46), (1200, 46))
+    assert profile["node_features"] == ((2, 53), (1200, 53), (1200, 53))
     assert profile["edge_index"] == ((2, 2), (2, 3100), (2, 3100))
     assert profile[INCOMING_EDGES] == ((2, 1), (1200, 6), (1200, 6))
 

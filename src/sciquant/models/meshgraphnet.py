@@ -71,7 +71,7 @@ __all__ = [
 class MeshGraphNetConfig:
     """Hyper-parameters; the defaults are the bloodflow example's (≈215 k parameters)."""
 
-    node_features: int = 46  # the reference's 18 + 28 (data.features; the prepared index says)
+    node_features: int = 53  # the reference's 18 + 35 (data.features; the prepared index says)
     edge_features: int = 9
     outputs: int = 2
     processor_size: int = 5
@@ -207,7 +207,7 @@ class MeshGraphNet(nn.Module):
 
 
 def random_tree_graph(
-    num_nodes: int, seed: int, node_features: int = 46, edge_features: int = 9
+    num_nodes: int, seed: int, node_features: int = 53, edge_features: int = 9
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A random tree: node i >= 1 hangs off a uniformly random earlier node; edges both ways.
 

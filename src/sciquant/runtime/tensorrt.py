@@ -246,7 +246,7 @@ def graph_profile(
     num_nodes: int,
     num_edges: int,
     max_in_degree: int,
-    node_features: int = 46,
+    node_features: int = 53,
     edge_features: int = 9,
     min_nodes: int = 2,
 ) -> dict[str, tuple[tuple[int, ...], ...]]:

@@ -75,6 +75,7 @@ from sciquant.workloads.bloodflow.network import (
     FOURIER_POINTS,
     Physics,
     Tree,
+    expansion_drop,
     harmonic_response,
     inlet_impedance,
     periodic_response,
@@ -89,8 +90,9 @@ from sciquant.workloads.bloodflow.vtp import Centerline, read_centerline
 # 4: branch_position (the rollout's per-branch linear flow fit), inlet_impedance, the previous
 # step's increments as node features; 5: linear_pressure, linear_flowrate (the lumped tree's
 # response to the inflow); 6: the calibrated prior (`calibrated_*`, `lumped_*`, `prepare.prior`)
-# and the physical statistics of the reference formulation (`physical_*`)
-FORMAT_VERSION = 6
+# and the physical statistics of the reference formulation (`physical_*`); 7: `expansion_loss`,
+# `expansion_drop` (the Borda–Carnot losses of the graph's widenings), throats kept by default
+FORMAT_VERSION = 7
 #: `PrepareSettings.branch_fit` values: the rollout's fit of the flow along each branch.
 BRANCH_FITS = ("linear", "mean")
 #: `PrepareSettings.prior` values: which physics prior feeds the residual model (`linear_*`).
@@ -129,12 +131,14 @@ def node_feature_names(harmonics: int = HARMONICS) -> tuple[str, ...]:
     return (
         "pressure", "flowrate", "area", "tangent_x", "tangent_y", "tangent_z",
         "is_branch", "is_junction", "is_inlet", "is_outlet", "period", "diastolic", "systolic",
-        "R1", "C", "R2", "flow_share", "pressure_drop", *response,
+        "R1", "C", "R2", "flow_share", "pressure_drop", "expansion_loss", "expansion_drop",
+        "calibrated_stiffness", "calibrated_viscosity", "calibrated_shift", *response,
         *inlet_feature_names(harmonics),
         "loading", "next_inlet_flowrate", "inlet_flowrate_increment",
         "previous_delta_pressure", "previous_delta_flowrate",
         "linear_delta_pressure", "linear_delta_flowrate",
         "linear_deviation_pressure", "linear_deviation_flowrate",
+        "expansion_delta_pressure", "expansion_pressure",
     )  # fmt: skip
 
 
@@ -183,7 +187,7 @@ class PrepareSettings:
     """How raw centerlines become graph samples (the config's `datasets.<name>.prepare`)."""
 
     keep_fraction: float = 0.06
-    throat_narrowing: float = 0.0
+    throat_narrowing: float = 0.2
     dt: float = 0.01
     loading_steps: int = 10
     time_offsets: int = 4
@@ -530,6 +534,8 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> tuple[dict[str, n
         tree_edges, pos, area, int(inlet_nodes[0]), (r1, capacitance, r2), where=str(sim.path)
     )
     physics = settings.physics
+    share = steady_share(tree, physics)
+    expansion = expansion_drop(tree, area, share, physics)
     flow_response, pressure_response = harmonic_response(
         tree, float(sim.info["T"]), settings.harmonics, physics
     )
@@ -543,8 +549,10 @@ def build_graph(sim: Simulation, settings: PrepareSettings) -> tuple[dict[str, n
         "edge_features": edge_features.astype(np.float32),
         "R1": r1, "C": capacitance, "R2": r2,
         "source_points": kept.astype(np.int64),
-        "flow_share": steady_share(tree, physics).astype(np.float32),
+        "flow_share": share.astype(np.float32),
         "pressure_drop": steady_pressure_drop(tree, physics).astype(np.float32),
+        "expansion_loss": expansion[0].astype(np.float32),
+        "expansion_drop": expansion[1].astype(np.float32),
         "flow_response": flow_response.astype(np.float32),
         "pressure_response": pressure_response.astype(np.float32),
         "branch_position": branch_positions(tree, branch_id, settings.branch_fit),

@@ -8,18 +8,24 @@ Normalization is z-score with the training split's statistics (`index.json`):
 normalized increments `Δp_n, Δq_n` of p̃, q̃ with `Δp̃ = Δp_n · std(Δp̃) + mean(Δp̃)`; the state is
 advanced in those units then re-normalized.
 
-Node features, in order (`sciquant.workloads.bloodflow.data.node_feature_names`; 46 with the default
+Node features, in order (`sciquant.workloads.bloodflow.data.node_feature_names`; 53 with the default
 3 harmonics): p, q, area, tangent (3), node type one-hot (4), period, diastolic, systolic, R1, C,
 R2 (outlets only, else 0) — as in the reference — then the tree's linear hemodynamics
 (`sciquant.workloads.bloodflow.network`): the steady flow share s, the steady pressure drop from the
-inlet in pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), per harmonic of the cycle
-the flow's and the pressure's amplitude − 1 and phase (relative to s·inflow and to the inlet's
-pressure), and, the same on every node, the tree's input impedance (`inlet_response`: the
-lumped model's mean inlet pressure, then per harmonic |Z_in|·Q̄_in / (p_sys − p_dia) and
-arg Z_in; z-scored); then the reference's loading flag and next-step inlet flow, the inlet
-flow's increment to the next step (`inlet_increment`), the state's increment from the
-previous step (`state_increment`: pressure, flow), and the lumped tree's own step under the
-imposed inflow and the state's departure from it (`linear_features`: 4).
+inlet in pulse pressures (Q̄_in · drop per unit inflow / (p_sys − p_dia)), the steady Borda–Carnot
+loss where the graph widens into the node and its sum from the inlet (`expansion_loss`,
+`expansion_drop`, Q̄_in² · loss per unit inflow² / (p_sys − p_dia): where a stenosis's throat
+recovers, and everywhere downstream of it), the calibrated prior's fit (log of its stiffness and
+viscosity factors, its pressure shift in pulse pressures: how far the inlet's pressure is from
+what any lumped tree gives), per harmonic of the cycle the flow's and the pressure's amplitude − 1
+and phase (relative to s·inflow and to the inlet's pressure), and, the same on every node, the
+tree's input impedance (`inlet_response`: the lumped model's mean inlet pressure, then per
+harmonic |Z_in|·Q̄_in / (p_sys − p_dia) and arg Z_in; z-scored); then the reference's loading flag
+and next-step inlet flow, the inlet flow's increment to the next step (`inlet_increment`), the
+state's increment from the previous step (`state_increment`: pressure, flow), the lumped tree's
+own step under the imposed inflow and the state's departure from it (`linear_features`: 4), and
+the quasi-steady expansion loss under the prior's flow, its step and its level
+(`expansion_features`: 2).
 
 Measured on the default study's earlier, linear-circuit data (the lumped model's own physics;
 the embedded data is nonlinear 1D now, where the network does not beat the calibrated prior
@@ -35,10 +41,19 @@ outlets many message-passing hops away; locally no node sees it). Seed 0 at that
 without the departure: 2.00 / 7.04 %); the network's output as a correction to the lumped
 step (`step_increments`): 0.63 / 1.26 %. The lumped tree's response alone scores 0.70 / 1.45 %
 on the same test simulations: the network has the departure from it to learn.
+
+On the nonlinear 1D data (default study, 13 test trees, network error ÷ calibrated prior's,
+pressure / flow; seeds 0 and 1): the 46 features before the expansion losses ×0.87 / ×0.90;
++ every stenosis throat kept as a node (`prepare.throat_narrowing`) ×0.85 / ×1.00; + the
+expansion losses, static and under the prior's flow ×0.77 / ×0.93 (seed 0 ×0.71 / ×0.87,
+seed 1 ×0.82 / ×0.98); + the calibrated prior's fit ×0.79 / ×0.93 (×0.77 / ×0.87 and
+×0.80 / ×0.99). Correcting the plain lumped prior instead (`prepare.prior: lumped`, seed 0)
+gave ×0.69 / ×1.36: far better on the worst tree, worse on most others.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -54,16 +69,19 @@ from sciquant.workloads.bloodflow.data import (
     REFERENCE_NODE_FEATURES,
     inlet_feature_names,
     inlet_response,
+    node_feature_names,
     sample_scales,
     scaled_series,
 )
 
 #: How a MeshGraphNet sees and advances the state (`models.<name>.formulation`):
-#: `residual` — the 46 features above, per-simulation dimensionless p and q, the output a
+#: `residual` — the 53 features above, per-simulation dimensionless p and q, the output a
 #: correction to the physics prior's step, branch flows fitted by a line (`prepare.branch_fit`);
 #: `reference` — the reference's 18 node features (`REFERENCE_NODE_FEATURES`), p and q z-scored
 #: in physical units, the output the increments themselves, branch flows averaged.
 FORMULATIONS = ("residual", "reference")
+#: The `expansion_drop` column of `GraphTensors.static` (the node features less p and q).
+EXPANSION_COLUMN = node_feature_names().index("expansion_drop") - 2
 #: Static columns the reference formulation keeps (area, tangent, node type, period,
 #: diastolic, systolic, R1, C, R2): the first ones of `GraphTensors.static`.
 REFERENCE_STATIC = len(REFERENCE_NODE_FEATURES) - 4
@@ -125,7 +143,7 @@ class Normalizer:
 class GraphTensors:
     """One sample as tensors: static node features, edges, normalized time series.
 
-    Shapes: `static` [N, F − 11] (all features but p, q and the last nine), `edge_features`
+    Shapes: `static` [N, F − 13] (all features but p, q and the last eleven), `edge_features`
     [E, 9], `edge_index` [2, E], `pressure` and `flowrate` [S, N] (normalized), `loading` [S],
     `node_type`, `branch_id` and `branch_position` [N] (the abscissa of the rollout's per-branch
     flow fit, `sciquant.workloads.bloodflow.data.branch_positions`), `linear_pressure` and
@@ -224,6 +242,11 @@ def to_tensors(name: str, sample: dict[str, np.ndarray], norm: Normalizer) -> Gr
         [
             sample["flow_share"][:, None],
             (sample["pressure_drop"] * mean_inflow / pressure_scale)[:, None],
+            (sample["expansion_loss"] * mean_inflow**2 / pressure_scale)[:, None],
+            (sample["expansion_drop"] * mean_inflow**2 / pressure_scale)[:, None],
+            np.full((n, 1), math.log(float(sample["calibrated_stiffness_factor"]))),
+            np.full((n, 1), math.log(float(sample["calibrated_viscosity_factor"]))),
+            np.full((n, 1), float(sample["calibrated_pressure_shift"]) / pressure_scale),
             sample["flow_response"],
             sample["pressure_response"],
         ],
@@ -406,8 +429,8 @@ def step_inputs(
     inlet flow at the next step), `inlet_now` (the inlet flow now) [N] per node; `previous`
     [N, 2] the state's increment from the step before (`state_increment`); `linear_now`,
     `linear_next`: the prior's p, q [N] now and at the next step. The residual formulation's
-    46 features are `node_features`; the reference's 18 are p, q, the reference's static
-    features, the loading flag and the next inlet flow.
+    53 features are `node_features` and `expansion_features`; the reference's 18 are p, q,
+    the reference's static features, the loading flag and the next inlet flow.
     """
     if norm.formulation == "reference":
         x = torch.cat(
@@ -419,7 +442,37 @@ def step_inputs(
     linear = linear_features(pressure, flowrate, linear_now, linear_next, norm)
     step_in = inlet_increment(next_inlet, inlet_now, norm)
     x = node_features(static, pressure, flowrate, loading, next_inlet, step_in, previous, linear)
-    return x, linear[:, :2]
+    expansion = expansion_features(static, linear_now[1], linear_next[1], norm)
+    return torch.cat([x, expansion], dim=1), linear[:, :2]
+
+
+def expansion_features(
+    static: Tensor, flow_now: Tensor, flow_next: Tensor, norm: Normalizer
+) -> Tensor:
+    """The quasi-steady expansion loss under the prior's flow: its step and its level [N, 2].
+
+    `flow_now`, `flow_next`: the prior's normalized flow [N] at this step and the next. With q̃
+    the prior's dimensionless flow (1 on average over the cycle) and D the node's
+    `expansion_drop` feature (the steady Borda–Carnot losses from the inlet, in pulse pressures
+    at the mean inflow), the loss now is D·q̃|q̃|: a stenosis's pressure drop grows with the
+    square of the flow through it (the Young–Tsai type term the lumped prior lacks). Columns:
+    the step of −D·q̃|q̃| in model-output units (as the prior's step in `linear_features`), then
+    −D·q̃|q̃| in the pressure's z-score scale. The flow through the throat is taken as the node's
+    own, which holds in the throat's vessel and, scaled, downstream of it; the network learns the
+    rest (the loss coefficient, the unsteady terms, the flow split the loss shifts).
+    """
+    drop = static[:, EXPANSION_COLUMN]
+    q_now = norm.denormalize("flowrate", flow_now)
+    q_next = norm.denormalize("flowrate", flow_next)
+    loss_now = -drop * q_now * q_now.abs()
+    loss_next = -drop * q_next * q_next.abs()
+    return torch.stack(
+        [
+            norm.normalize("delta_pressure", loss_next - loss_now),
+            loss_now / norm.std["pressure"],
+        ],
+        dim=1,
+    )
 
 
 def step_increments(correction: Tensor, prior_step: Tensor | None) -> Tensor:

@@ -188,6 +188,37 @@ def steady_pressure_drop(tree: Tree, physics: Physics = Physics()) -> np.ndarray
     return pressure[tree.root] - pressure
 
 
+def expansion_drop(
+    tree: Tree,
+    node_area: np.ndarray,
+    share: np.ndarray,
+    physics: Physics = Physics(),  # noqa: B008
+) -> tuple[np.ndarray, np.ndarray]:
+    """Borda–Carnot expansion losses in steady flow per unit inflow squared: two [N] (dyn·s²/cm⁸).
+
+    Wherever the graph widens in the flow's direction (parent area A_p < node area A), a jet
+    leaving the narrow section loses ρ/2 · Q² (1/A_p − 1/A)² of pressure (the sudden-expansion
+    loss of textbooks; a stenosis's throat followed by its recovery is one). Q = s · Q_in with s
+    the node's steady share (`steady_share`). Returns the loss on the edge into each node and its
+    sum from the inlet along the path to each node (every node downstream of a narrowing
+    carries that narrowing's loss). The lumped model has no such term: these are geometry,
+    not a solution, left for the network to scale and time.
+    """
+    area = np.asarray(node_area, dtype=np.float64)
+    local = np.zeros(len(area))
+    total = np.zeros(len(area))
+    for node in tree.order:
+        up = tree.parent[node]
+        if up < 0:
+            continue
+        if area[node] > area[up]:
+            local[node] = (
+                0.5 * physics.density * share[node] ** 2 * (1.0 / area[up] - 1.0 / area[node]) ** 2
+            )
+        total[node] = total[up] + local[node]
+    return local, total
+
+
 def harmonic_response(
     tree: Tree,
     period: float,

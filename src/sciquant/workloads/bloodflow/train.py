@@ -68,8 +68,9 @@ from sciquant.workloads.bloodflow.features import (
 CHECKPOINT_FORMAT = "sciquant-meshgraphnet"
 # 3: 33 node features (tree hemodynamics), flow scaled per node; 4: 42 (the inlet impedance, the
 # previous step's increments); 5: 46 (the lumped tree's step and the state's departure from it);
-# 6: the output is the correction to the lumped step; 7: the formulation (residual or reference)
-CHECKPOINT_VERSION = 7
+# 6: the output is the correction to the lumped step; 7: the formulation (residual or reference);
+# 8: 53 (the graph's expansion losses, the calibrated prior's fit)
+CHECKPOINT_VERSION = 8
 # What a resume checkpoint must share with the run that resumes it: the settings, the model's
 # shape, and what it learns from (the prepared data's index.json; for QAT the FP32 checkpoint).
 RESUME_KEYS = ("settings", "architecture", "data_sha256", "source_sha256")
