@@ -27,20 +27,20 @@ own step under the imposed inflow and the state's departure from it (`linear_fea
 the quasi-steady expansion loss under the prior's flow, its step and its level
 (`expansion_features`: 2).
 
-Measured on the default study's earlier, linear-circuit data (the lumped model's own physics;
-the embedded data is nonlinear 1D now, where the network does not beat the calibrated prior
-significantly — see the README), flow error, same budget: reference features 47.7 %; + inlet
-increment and per-simulation scales 43.6 % (+ area-weighted loss 34.0 %); + steady share as
-feature 16.7 %, and as per-node flow scale 12.4 %; + flow harmonics 8.8 %; + pressure drop and
-harmonics 8.2 % (pressure 4.1 → 3.7 %). Later, as the means of two seeds with the per-branch
-linear flow fit of the rollout: 3.76 % / 8.61 % (pressure / flow); + previous increments
-3.58 / 7.93 %; with three times the training, 3.17 / 5.30 %, and + the inlet impedance
-2.39 / 6.01 % (the pressure level the inflow meets depends on resistances and compliances at
-outlets many message-passing hops away; locally no node sees it). Seed 0 at that point:
-2.08 / 6.37 %; + the lumped step and departure as features: 0.70 / 1.49 % (the lumped step
-without the departure: 2.00 / 7.04 %); the network's output as a correction to the lumped
-step (`step_increments`): 0.63 / 1.26 %. The lumped tree's response alone scores 0.70 / 1.45 %
-on the same test simulations: the network has the departure from it to learn.
+Measured on the default study's earlier, linear-circuit data (the lumped model's own physics; the
+embedded data is nonlinear 1D now, where the network's gain over the calibrated prior is much
+smaller — see the end of this docstring and the README), flow error, same budget: reference
+features 47.7 %; + inlet increment and per-simulation scales 43.6 % (+ area-weighted loss 34.0 %);
++ steady share as feature 16.7 %, and as per-node flow scale 12.4 %; + flow harmonics 8.8 %; +
+pressure drop and harmonics 8.2 % (pressure 4.1 → 3.7 %). Later, as the means of two seeds with the
+per-branch linear flow fit of the rollout: 3.76 % / 8.61 % (pressure / flow); + previous increments
+3.58 / 7.93 %; with three times the training, 3.17 / 5.30 %, and + the inlet impedance 2.39 / 6.01
+% (the pressure level the inflow meets depends on resistances and compliances at outlets many
+message-passing hops away; locally no node sees it). Seed 0 at that point: 2.08 / 6.37 %; + the
+lumped step and departure as features: 0.70 / 1.49 % (the lumped step without the departure: 2.00 /
+7.04 %); the network's output as a correction to the lumped step (`step_increments`): 0.63 / 1.26
+%. The lumped tree's response alone scores 0.70 / 1.45 % on the same test simulations: the network
+has the departure from it to learn.
 
 On the nonlinear 1D data (default study, 13 test trees, network error ÷ calibrated prior's,
 pressure / flow; seeds 0 and 1): the 46 features before the expansion losses ×0.87 / ×0.90;
