@@ -57,14 +57,17 @@ class _ReferenceDynamicLinear(nn.Module):
         self.quantize_input = quantize_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().numpy().astype(np.float64)
+        x = x.detach().numpy()
         if self.quantize_input:
-            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
-            scale = (hi - lo) / 255.0
+            # The input's scale and codes in float32, as ONNX Runtime computes them, so a value
+            # on a rounding tie rounds the same way; the products and sums in float64.
+            x = x.astype(np.float32)
+            lo, hi = np.float32(min(x.min(), 0.0)), np.float32(max(x.max(), 0.0))
+            scale = np.float32((hi - lo) / np.float32(255.0))
             zero_point = np.clip(np.rint(-lo / scale), 0, 255)
             x_q = np.clip(np.rint(x / scale) + zero_point, 0, 255)
-            x = (x_q - zero_point) * scale
-        return torch.from_numpy(x @ self.weight + self.bias)
+            x = (x_q.astype(np.float64) - zero_point) * np.float64(scale)
+        return torch.from_numpy(x.astype(np.float64) @ self.weight + self.bias)
 
 
 def _graph_weights(path: Path) -> dict[str, tuple[np.ndarray, ...]]:
@@ -121,12 +124,16 @@ def test_ort_dynamic_int8_agrees_with_float64_reference(
         weights_only = _reference(model, path, inputs, quantize_input=False)
         quantization_error = np.abs(ort - fp32_out).max()
         activation_error = np.abs(weights_only - reference).max()
-        mismatch = np.abs(ort - reference).max()
-        # ORT's float32 against float64: ~5e-6 of the activations' own error here (no code
-        # flipped at a rounding tie). A wrong zero point, 7-bit, per-row or float activations,
-        # or other weights move the output by the size of that error itself.
+        mismatch = np.abs(ort - reference)
+        # ORT's float32 against the float64 sums: ~5e-6 of the activations' own error where no
+        # code flips. A deeper layer's input differs from the reference's in its last float32
+        # bit, so now and then one lands on the other side of a rounding tie: one code flips
+        # and the few outputs it reaches move (2 of 300 outputs in one of these graphs). A wrong
+        # zero point, 7-bit, per-row or float activations, or other weights move nearly every
+        # output by the size of the activations' error itself.
         assert activation_error > 0.1 * quantization_error
-        assert mismatch < 1e-3 * activation_error, (mismatch, activation_error)
+        flipped = mismatch > 1e-3 * activation_error
+        assert flipped.mean() < 0.02, (int(flipped.sum()), mismatch.max(), activation_error)
 
 
 def test_gemm_that_is_not_a_linear_is_refused(fp32_export, tmp_path: Path) -> None:
