@@ -207,10 +207,8 @@ def expansion_drop(
     area = np.asarray(node_area, dtype=np.float64)
     local = np.zeros(len(area))
     total = np.zeros(len(area))
-    for node in tree.order:
+    for node in tree.order[1:]:  # parents before children
         up = tree.parent[node]
-        if up < 0:
-            continue
         if area[node] > area[up]:
             local[node] = (
                 0.5 * physics.density * share[node] ** 2 * (1.0 / area[up] - 1.0 / area[node]) ** 2
