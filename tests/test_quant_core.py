@@ -314,6 +314,37 @@ def test_mse_under_pow2_searches_powers_of_two_including_the_unclipped_one():
     assert scale == 2.0**-4  # the wider power: clipping 20 % of the range costs more
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(8, True, PerTensor()),
+        QuantSpec(8, False, PerTensor()),
+        QuantSpec(4, True, PerTensor()),
+        QuantSpec(3, False, PerTensor()),
+        QuantSpec(8, True, PerTensor(), scale_kind="pow2"),
+        QuantSpec(4, True, PerChannel(0)),
+    ],
+)
+def test_mse_from_sorted_prefix_sums_picks_what_fake_quantizing_every_candidate_picks(spec):
+    """Channels with many samples take the sorted prefix-sum path; forcing every channel onto
+    the direct path (each candidate fake-quantizes all samples) picks the same ranges."""
+    rng = np.random.default_rng(11)
+    channels = 3 if isinstance(spec.granularity, PerChannel) else 1
+    for data in (
+        rng.standard_t(3, size=(channels, 40_000)) * 4.0,
+        np.abs(rng.normal(size=(channels, 40_000))) + 0.2,  # all positive: zero point at qmin
+        rng.laplace(size=(channels, 40_000)) + 1.0,
+    ):
+        data = data.astype(np.float32)
+        fast = MSEObserver(spec.granularity)
+        fast.update(data if channels > 1 else data[0])
+        direct = MSEObserver(spec.granularity)
+        direct.update(data if channels > 1 else data[0])
+        direct.sorted_threshold = np.inf
+        assert 40_000 > fast.sorted_threshold * (spec.qmax - spec.qmin + 1)
+        np.testing.assert_array_equal(fast._range(spec), direct._range(spec))
+
+
 def test_entropy_threshold_sits_below_the_max_for_gaussian_with_outliers():
     rng = np.random.default_rng(5)
     observer = EntropyObserver()

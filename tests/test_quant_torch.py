@@ -14,11 +14,19 @@ from sciquant.quant.pytorch import (
     QuantLinear,
     calibrate,
     enable_lsq,
+    fake_quantize_affine,
     layer_names,
     lsq_parameters,
     quantize_model,
 )
-from sciquant.quant.spec import PerTensor, dequantize, fake_quantize, quantize
+from sciquant.quant.spec import (
+    PerChannel,
+    PerTensor,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 from sciquant.quant.targets import get_target
 from sciquant.runtime.onnxruntime import (
     OrtStep,
@@ -77,6 +85,53 @@ def _assert_on_reference_grid(fake: np.ndarray, x: np.ndarray, scale, zero_point
     ratio = x.astype(np.float64) / scale64.reshape(shape)
     near_tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) <= 3 * 2.0**-24 * np.abs(ratio)
     assert np.all(np.abs(codes - codes_ref) <= near_tie.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(8, symmetric=False, granularity=PerTensor()),
+        QuantSpec(8, symmetric=True, granularity=PerTensor()),
+        QuantSpec(4, symmetric=True, granularity=PerChannel(0)),
+        QuantSpec(2, symmetric=False, granularity=PerChannel(0)),
+    ],
+)
+def test_fake_quantize_without_autograd_is_bitwise_torchs_kernel(spec):
+    """The element-wise path (no autograd) gives the same bits as torch's fused kernels, on
+    random values, on exact rounding ties and beyond the clamp, for many scales."""
+    generator = torch.Generator().manual_seed(5)
+    channels = 7
+    axis = None if isinstance(spec.granularity, PerTensor) else 0
+    count = 1 if axis is None else channels
+    for trial in range(20):
+        scale = torch.exp(torch.randn(count, generator=generator) * 3).float()
+        zero_point = torch.randint(spec.qmin, spec.qmax + 1, (count,), generator=generator)
+        zero_point = (torch.zeros_like(zero_point) if spec.symmetric else zero_point).int()
+        steps = torch.randint(
+            -3 * 2**spec.bits, 3 * 2**spec.bits, (channels, 300), generator=generator
+        )
+        ties = (steps.float() + 0.5) * scale.reshape(-1, 1)  # x / s exactly k + 1/2 (mostly)
+        noise = (
+            torch.randn(channels, 300, generator=generator) * scale.reshape(-1, 1) * 2**spec.bits
+        )
+        x = torch.cat([ties, noise], dim=1)
+        if axis is None:
+            kernel = torch.fake_quantize_per_tensor_affine(
+                x, scale[0], zero_point[0], spec.qmin, spec.qmax
+            )
+            fast = fake_quantize_affine(x, scale[0], zero_point[0], spec, None)
+        else:
+            kernel = torch.fake_quantize_per_channel_affine(
+                x, scale, zero_point, 0, spec.qmin, spec.qmax
+            )
+            fast = fake_quantize_affine(x, scale, zero_point, spec, 0)
+        assert torch.equal(fast, kernel), trial
+    # under autograd with a tensor that needs a gradient: torch's kernel and its STE gradient
+    x = torch.randn(50, requires_grad=True)
+    scale, zero_point = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    out = fake_quantize_affine(x, scale, zero_point, QuantSpec(8, True, PerTensor()), None)
+    out.sum().backward()
+    assert torch.equal(x.grad, (x.detach().abs() < 12.75).float())
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@
 Every quantized ``nn.Linear`` becomes a `QuantLinear` that fake-quantizes its input (the
 target's activation `QuantSpec`, per tensor) and its weight (the target's weight spec: per output
 channel, axis 0, or per tensor) with torch's own kernels, ``torch.fake_quantize_per_tensor_affine``
-and ``torch.fake_quantize_per_channel_affine`` (the affine math is in `sciquant.quant.spec`). The
+and ``torch.fake_quantize_per_channel_affine`` (the affine math is in `sciquant.quant.spec`);
+without autograd (rollouts, evaluation) the same arithmetic runs as element-wise ops
+(`fake_quantize_affine`: bitwise the kernels' result, several times faster on a CPU). The
 bias stays float: INT8 runtimes add it as int32 (scale s_x·s_w) or float after the integer GEMM.
 The output of a Linear is not quantized here; the next Linear quantizes its own input, so every
 integer GEMM of a runtime sees exactly the tensors this simulation rounds.
@@ -121,6 +123,34 @@ _MIN_SCALE = float(np.finfo(np.float32).tiny)
 #: float32's normal exponents: TQT scales 2^e stay in [2^-126, 2^127] (2^-126 = _MIN_SCALE)
 _MIN_EXPONENT, _MAX_EXPONENT = -126, 127
 _LN2 = math.log(2.0)
+
+
+def fake_quantize_affine(
+    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, axis: int | None
+) -> Tensor:
+    """``torch.fake_quantize_per_tensor_affine`` (axis None) or ``..._per_channel_affine``.
+
+    Under autograd: torch's kernels (their straight-through gradient). Without it: the kernels'
+    arithmetic as element-wise ops, ``(clamp(round(x · (1/s)) + z, qmin, qmax) - z) · s`` in
+    float32 with 1/s in float32 and round half to even, the same bits as the kernels
+    (tests/test_quant_core.py checks it, ties included); torch's fused CPU kernel is 5-10x
+    slower on the activations of a rollout step.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, spec.qmin, spec.qmax)
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point, axis, spec.qmin, spec.qmax
+        )
+    scale = scale.to(torch.float32)
+    zero = zero_point.to(torch.float32)
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    with torch.no_grad():
+        q = torch.round(x * torch.reciprocal(scale)).add_(zero).clamp_(spec.qmin, spec.qmax)
+        return q.sub_(zero).mul_(scale)
 
 
 class QuantLinear(nn.Module):
@@ -261,9 +291,7 @@ class QuantLinear(nn.Module):
             return _learnable_fake_quantize(x, self.input_scale, self.input_zero_point, spec, None)
         if self._mode == "tqt":
             return tqt_fake_quantize(x, self.input_log2_threshold, spec)
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.input_scale, self.input_zero_point, spec.qmin, spec.qmax
-        )
+        return fake_quantize_affine(x, self.input_scale, self.input_zero_point, spec, None)
 
     def fake_quantize_weight(self) -> Tensor:
         """The weight on its integer grid (weight spec), [out, in]."""
@@ -274,12 +302,8 @@ class QuantLinear(nn.Module):
             )
         if self._mode == "tqt":
             return tqt_fake_quantize(self.weight, self.weight_log2_threshold, spec)
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(
-                self.weight, self.weight_scale, self.weight_zero_point, spec.qmin, spec.qmax
-            )
-        return torch.fake_quantize_per_channel_affine(
-            self.weight, self.weight_scale, self.weight_zero_point, axis, spec.qmin, spec.qmax
+        return fake_quantize_affine(
+            self.weight, self.weight_scale, self.weight_zero_point, spec, axis
         )
 
     def input_qparams(self) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import least_squares
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -708,6 +707,8 @@ def calibrate_prior(
     def mismatch(log_factors: np.ndarray) -> np.ndarray:
         prior = inlet_series(physics_for(log_factors), fit_harmonics)
         return np.array([prior.max() - systolic, prior.min() - diastolic]) / pulse
+
+    from scipy.optimize import least_squares  # here: scipy.optimize is slow to import
 
     bounds = np.log(np.array([STIFFNESS_FACTOR_BOUNDS, VISCOSITY_FACTOR_BOUNDS])).T
     found = least_squares(mismatch, np.zeros(2), bounds=bounds, xtol=1e-6)

@@ -31,11 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.interpolate import CubicSpline
 
 from sciquant.errors import SciquantError
+
+if TYPE_CHECKING:
+    from scipy.interpolate import CubicSpline
 
 BLOOD_VISCOSITY = 0.04
 """Dynamic viscosity of blood, P = g/(cm·s)."""
@@ -329,6 +332,8 @@ def periodic_spline(times: np.ndarray, values: np.ndarray, period: float) -> Cub
     phase, values = phase[keep], values[keep]
     if len(phase) < 3:
         raise ValueError(f"a periodic spline needs 3 or more distinct samples, got {len(phase)}")
+    from scipy.interpolate import CubicSpline  # here: scipy.interpolate is slow to import
+
     return CubicSpline(
         np.append(phase, phase[0] + period), np.append(values, values[0]), bc_type="periodic"
     )
