@@ -51,7 +51,8 @@ def schema_document() -> dict[str, Any]:
 
     from sciquant.plugins import schema_fragments
 
-    document = yaml.safe_load(SCHEMA.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser where PyYAML has it
+    document = yaml.load(SCHEMA.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
     plugins = schema_fragments()
     document["$defs"].update(plugins["definitions"])
     # An installed workload plug-in's datasets and models: its name in the enum, its keys
