@@ -133,7 +133,7 @@ def fake_quantize_affine(
     Under autograd: torch's kernels (their straight-through gradient). Without it: the kernels'
     arithmetic as element-wise ops, ``(clamp(round(x · (1/s)) + z, qmin, qmax) - z) · s`` in
     float32 with 1/s in float32 and round half to even, the same bits as the kernels
-    (tests/test_quant_core.py checks it, ties included); torch's fused CPU kernel is 5-10x
+    (tests/test_quant_torch.py checks it, ties included); torch's fused CPU kernel is 5-10x
     slower on the activations of a rollout step.
     """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
