@@ -37,7 +37,7 @@ or on a tensor whose rows are not the N nodes, raises a SciquantError.
   ``input_junction_zero_point`` for the junction rows. Calibration gives each group its own
   observer of the method's kind (min/max for qat-degree), fed only that group's rows; a group
   that saw no rows takes the other group's qparams. Training and inference quantize every row
-  with its group's scale (``fake_quantize_per_channel_affine`` over rows, axis 0). This is a
+  with its group's scale (`fake_quantize_affine` over rows, axis 0). This is a
   simulation: a QDQ graph has one scale per tensor, so the method runs only on targets whose
   backend is ``simulated`` or ``eager`` (npu-pow2, reference; `METHOD_LIMITS` says so).
 - Protective masking (Degree-Quant), training mode only: in every node-row layer, each call,
@@ -89,6 +89,7 @@ from sciquant.quant.pytorch import (
     QuantizedModel,
     QuantLinear,
     _effective_qparams,
+    fake_quantize_affine,
     quantize_layers,
     set_mode,
 )
@@ -280,9 +281,7 @@ class NodeGroupQuantLinear(QuantLinear):
             zero_point = torch.where(
                 junction, self.input_junction_zero_point, self.input_zero_point
             )
-            quantized = torch.fake_quantize_per_channel_affine(
-                x, scale.float(), zero_point.to(torch.int32), 0, spec.qmin, spec.qmax
-            )
+            quantized = fake_quantize_affine(x, scale.float(), zero_point.to(torch.int32), spec, 0)
         if self.training and groups.probability is not None:
             protected = groups.draw_protection().to(x.device)
             quantized = torch.where(protected.unsqueeze(-1), x, quantized)
