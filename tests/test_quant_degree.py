@@ -25,7 +25,7 @@ from sciquant.quant.degree import (
     protection_settings,
     quantize_degree_model,
 )
-from sciquant.quant.observers import check_method_limits, qparams_from_range
+from sciquant.quant.observers import check_method_limits, make_observer, qparams_from_range
 from sciquant.quant.pytorch import QuantLinear, calibrate, quantize_model, set_mode
 from sciquant.study import load_config
 from sciquant.workloads.bloodflow.quantize import load_quantized
@@ -143,12 +143,13 @@ def test_eval_mode_protects_nothing():
 # -- two activation ranges ----------------------------------------------------------------------
 
 
-def test_junction_rows_get_their_own_calibrated_range():
+@pytest.mark.parametrize("init", ["minmax", "mse"])
+def test_junction_rows_get_their_own_calibrated_range(init):
     x, e, edge_index = random_tree_graph(60, 7, 6, 4)
     junction = in_degree(edge_index, 60) >= 3
     assert 0 < junction.sum() < 60
     x = torch.where(junction[:, None], 8.0 * x + 3.0, x)  # junction rows: a wider range
-    qmodel = quantize_degree_model(_model(), "reference", "w4a4")
+    qmodel = quantize_degree_model(_model(), "reference", "w4a4", qat_init=init)
     calibrate(qmodel, [(x, e, edge_index)])
     layer = qmodel.model.node_encoder.layers[0]  # its input is the node features themselves
     assert isinstance(layer, NodeGroupQuantLinear)
@@ -157,7 +158,14 @@ def test_junction_rows_get_their_own_calibrated_range():
         (x[~junction], layer.input_qparams()),
         (x[junction], layer.junction_input_qparams()),
     ):
-        expected = qparams_from_range(rows.min().numpy(), rows.max().numpy(), spec)
+        if init == "minmax":
+            expected = qparams_from_range(rows.min().numpy(), rows.max().numpy(), spec)
+        else:  # the default start: each group's own MSE-optimal clipping
+            observer = make_observer("mse", spec.granularity)
+            observer.update(rows.numpy())
+            expected = observer.qparams(spec)
+            wide = qparams_from_range(rows.min().numpy(), rows.max().numpy(), spec)
+            assert float(expected[0]) < float(wide[0])  # it clips
         assert float(scale) == float(expected[0]) and int(zero_point) == int(expected[1])
     assert float(layer.junction_input_qparams()[0]) > 4 * float(layer.input_qparams()[0])
     # edge-row layers keep one scale; node-row layers are the node encoder, node MLPs, decoder

@@ -224,6 +224,29 @@ def test_quantize_model_w8a8_close_and_w4_coarser(raw_model) -> None:
     assert errors["w8a8"] < errors["w4a8"] < 0.3  # measured 0.12
 
 
+def test_qat_starts_from_mse_ranges_unless_told_minmax(raw_model) -> None:
+    """quantize.qat.init on the Keras side: QAT calibrates as ptq-mse by default and as
+    ptq-minmax with ``minmax`` (the same table as torch)."""
+    x = frames(64)
+
+    def qparams(method: str, **kwargs) -> list[np.ndarray]:
+        qmodel = qk.quantize_model(raw_model, "reference", "w4a4", method, **kwargs)
+        qk.calibrate(qmodel, [x[:32], x[32:]])
+        return [
+            array
+            for layer in qk.quant_layers(qmodel).values()
+            for which in ("input", "weight")
+            for array in layer.qparams(which)
+        ]
+
+    mse, minmax = qparams("ptq-mse"), qparams("ptq-minmax")
+    for got, want in zip(qparams("qat-lsq"), mse, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(qparams("qat-lsq", qat_init="minmax"), minmax, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert float(mse[0]) < float(minmax[0])  # conv1's 4-bit input: MSE clips
+
+
 def test_fp16_simulation_and_impossible_combinations(raw_model) -> None:
     x = frames(8)
     qmodel = qk.quantize_model(raw_model, "trt-v100", "fp16", "none")

@@ -244,6 +244,38 @@ def test_float_precisions_are_refused(precision):
         quantize_model(_small_model(), "trt-v100", precision)
 
 
+def _calibrated_qparams(method: str, precision: str = "w4a4", **kwargs) -> list[np.ndarray]:
+    qmodel = calibrate(
+        quantize_model(_small_model(), "reference", precision, method, **kwargs),
+        _calibration_graphs(),
+    )
+    return [
+        t.detach().numpy().copy()
+        for layer in qmodel.quant_linears().values()
+        for t in (*layer.input_qparams(), *layer.weight_qparams())
+    ]
+
+
+@pytest.mark.parametrize("method", ["qat-lsq", "qat-ste"])
+def test_qat_starts_from_mse_ranges_unless_told_minmax(method):
+    """quantize.qat.init: QAT calibrates activations and weights as ptq-mse does by default and
+    as ptq-minmax does with ``minmax``; the two starts differ at W4A4."""
+    mse = _calibrated_qparams("ptq-mse")
+    minmax = _calibrated_qparams("ptq-minmax", qat_init="mse")  # ignored by PTQ methods
+    both_minmax = _calibrated_qparams("qat-lsq", qat_init="minmax")
+    for got, want in zip(_calibrated_qparams(method), mse, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(_calibrated_qparams(method, qat_init="mse"), mse, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # ptq-minmax keeps min/max weights too; qat's minmax start is the same pair
+    for got, want in zip(both_minmax, minmax, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # MSE clips: smaller input scales than min/max on the first layer's 4-bit input
+    assert float(mse[0]) < float(minmax[0])
+    with pytest.raises(SciquantError, match="quantize.qat.init.*'percentile'"):
+        quantize_model(_small_model(), "reference", "w4a4", "qat-lsq", qat_init="percentile")
+
+
 def test_unknown_method_and_keras_only_target_are_refused():
     with pytest.raises(SciquantError, match="unknown quantization method"):
         quantize_model(_small_model(), "cpu-x86", "w8a8", "adaround")

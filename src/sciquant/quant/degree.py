@@ -35,9 +35,9 @@ or on a tensor whose rows are not the N nodes, raises a SciquantError.
   ``input_scale`` / ``input_zero_point`` for the other rows (the names of `QuantLinear`'s own,
   so code that reads those still gets a valid scale) and ``input_junction_scale`` /
   ``input_junction_zero_point`` for the junction rows. Calibration gives each group its own
-  observer of the method's kind (min/max for qat-degree), fed only that group's rows; a group
-  that saw no rows takes the other group's qparams. Training and inference quantize every row
-  with its group's scale (`fake_quantize_affine` over rows, axis 0). This is a
+  observer of the layer's kind (MSE unless ``qat_init`` says min/max), fed only that group's
+  rows; a group that saw no rows takes the other group's qparams. Training and inference
+  quantize every row with its group's scale (`fake_quantize_affine` over rows, axis 0). This is a
   simulation: a QDQ graph has one scale per tensor, so the method runs only on targets whose
   backend is ``simulated`` or ``eager`` (npu-pow2, reference; `METHOD_LIMITS` says so).
 - Protective masking (Degree-Quant), training mode only: in every node-row layer, each call,
@@ -390,10 +390,14 @@ def quantize_degree_model(
     target: Target | str,
     precision: Precision | str,
     precisions: Mapping[str, Precision | str] | None = None,
+    qat_init: str | None = None,
 ) -> DegreeQuantizedModel:
     """`sciquant.quant.pytorch.quantize_model` for method qat-degree: a fake-quantized copy of a
-    MeshGraphNet with two activation scales in its node-row layers; run `calibrate` next."""
-    qmodel = quantize_layers(model, target, precision, METHOD, precisions=precisions)
+    MeshGraphNet with two activation scales in its node-row layers; run `calibrate` next.
+    qat_init: where calibration starts (`sciquant.quant.observers.QAT_INITS`; None: MSE)."""
+    qmodel = quantize_layers(
+        model, target, precision, METHOD, precisions=precisions, qat_init=qat_init
+    )
     return make_degree_aware(qmodel)
 
 

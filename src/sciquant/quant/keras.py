@@ -71,7 +71,8 @@ inputs, kernels and biases are cast through float16 (a simulation of an FP16 eng
 accumulation); nothing to calibrate.
 
 Observers: the method's observer for activations; weights min/max per channel, except ptq-mse,
-whose weights also get the MSE-optimal clipping (`METHOD_OBSERVERS`, the same table as torch).
+whose weights also get the MSE-optimal clipping (`METHOD_OBSERVERS`, the same table as torch),
+and QAT methods, which start from MSE ranges for both (or min/max: ``qat_init``, `QAT_INITS`).
 
 State: the qparams are non-trainable float32 weights of the layers (``input_scale``,
 ``input_zero_point``, ``weight_scale``, ``weight_zero_point``, and ``output_*`` where the output
@@ -99,6 +100,7 @@ from sciquant.quant.observers import (
     check_lsq_specs,
     check_method_limits,
     make_observer,
+    method_observers,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
 from sciquant.quant.targets import Target, get_target
@@ -706,6 +708,7 @@ def quantize_model(
     method: str = "ptq-minmax",
     *,
     quantize_outputs: bool | None = None,
+    qat_init: str | None = None,
 ) -> keras.Model:
     """A clone of `model` with every Conv2D/Dense fake-quantized under `target`, weights copied.
 
@@ -713,6 +716,7 @@ def quantize_model(
     use). method: a `METHOD_OBSERVERS` key (a bare observer name means ``ptq-<name>``; ``none``
     only with fp16). quantize_outputs: quantize the terminal layers' outputs and an output
     softmax as an integer runtime does (default: for litert targets; see the module docstring).
+    qat_init: where a QAT method's calibration starts (`QAT_INITS`; None: MSE).
     SciquantError for combinations the target cannot run (`Target.plan`).
     """
     target = get_target(target) if isinstance(target, str) else target
@@ -741,7 +745,7 @@ def quantize_model(
     if parsed.kind == "float":
         base = {"kind": "fp16", "provenance": provenance}
     else:
-        activation_method, weight_method = METHOD_OBSERVERS[method]
+        activation_method, weight_method = method_observers(method, qat_init)
         base = {
             "kind": "int",
             "weight_spec": spec_to_config(target.weight_spec(parsed.weight_bits, channel_axis=-1)),

@@ -50,6 +50,7 @@ __all__ = [
     "MODES",
     "DynamicMethod",
     "OBSERVERS",
+    "QAT_INITS",
     "check_lsq_specs",
     "EntropyObserver",
     "MSEObserver",
@@ -57,6 +58,7 @@ __all__ = [
     "Observer",
     "PercentileObserver",
     "make_observer",
+    "method_observers",
     "qparams_from_range",
 ]
 
@@ -70,8 +72,8 @@ DEFAULT_MAX_SAMPLES = 1 << 20
 MODES = ("float", "observe", "quantize", "lsq", "tqt")
 
 #: Method → (activation observer, weight observer), shared by the PyTorch and Keras sides.
-#: Weights keep min/max except under `ptq-mse`, whose MSE-optimal clipping also suits weights;
-#: QAT starts from min/max ranges.
+#: Weights keep min/max except under `ptq-mse`, whose MSE-optimal clipping also suits weights.
+#: QAT methods start from the ranges of `QAT_INITS`' default, MSE (`method_observers`).
 METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-minmax": ("minmax", "minmax"),
     "ptq-percentile": ("percentile", "minmax"),
@@ -80,11 +82,33 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-adaround": ("mse", "mse"),
     "ptq-biascorr": ("mse", "mse"),
     "ptq-cle": ("minmax", "minmax"),
-    "qat-ste": ("minmax", "minmax"),
-    "qat-lsq": ("minmax", "minmax"),
-    "qat-tqt": ("minmax", "minmax"),
-    "qat-degree": ("minmax", "minmax"),
+    "qat-ste": ("mse", "mse"),
+    "qat-lsq": ("mse", "mse"),
+    "qat-tqt": ("mse", "mse"),
+    "qat-degree": ("mse", "mse"),
 }
+
+
+#: Where quantization-aware training starts (config ``quantize.qat.init``) → (activation
+#: observer, weight observer) of the calibration before the fine-tuning. ``mse`` (the default):
+#: the MSE-optimal clipping of `MSEObserver` for activations and weights; at 4-bit activations
+#: a min/max start spends most of its 16 levels on rare outliers, and a short fine-tuning does
+#: not recover from it. ``minmax``: the full observed range (the start of studies
+#: run with sciquant 0.1.0 before this option; for comparison with them).
+QAT_INITS: dict[str, tuple[str, str]] = {"mse": ("mse", "mse"), "minmax": ("minmax", "minmax")}
+
+
+def method_observers(method: str, qat_init: str | None = None) -> tuple[str, str]:
+    """(activation observer, weight observer) of `method` (a `METHOD_OBSERVERS` key); for QAT
+    methods `qat_init` (a `QAT_INITS` key; None: the table's default) picks the start."""
+    observers = METHOD_OBSERVERS[method]
+    if qat_init is None or not method.startswith("qat-"):
+        return observers
+    if qat_init not in QAT_INITS:
+        raise SciquantError(
+            f"quantize.qat.init: unknown start {qat_init!r}; use one of {', '.join(QAT_INITS)}"
+        )
+    return QAT_INITS[qat_init]
 
 
 @dataclass(frozen=True)

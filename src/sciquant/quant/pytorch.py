@@ -29,7 +29,9 @@ Observers (`sciquant.quant.observers.make_observer`): activations use the method
 (ptq-minmax, ptq-percentile, ptq-mse, ptq-entropy). Weights use per-channel (or per-tensor, as
 the spec says) min/max, the standard choice and what TensorRT does for weights, except under
 ptq-mse, whose weights also get the MSE-optimal clipping per channel. QAT methods (qat-ste,
-qat-lsq) start from min/max calibration; training moves the weights (STE) or the scales (LSQ).
+qat-lsq, qat-tqt, qat-degree) start from MSE calibration of activations and weights (or min/max:
+`quantize_model`'s ``qat_init``, `QAT_INITS`); training moves the weights (STE) or the scales
+(LSQ, TQT).
 
 LSQ: the scale gradient is scaled by grad_factor = 1 / sqrt(n · qmax), n the number of elements
 one scale quantizes (the whole input per tensor, one weight row per channel), as in LSQ. A scale
@@ -93,6 +95,7 @@ from sciquant.quant.observers import (
     check_lsq_specs,
     check_method_limits,
     make_observer,
+    method_observers,
 )
 from sciquant.quant.spec import PerChannel, PerTensor, Precision, QuantSpec, parse_precision
 from sciquant.quant.targets import INTEGER_BIAS_BACKENDS, Target, get_target
@@ -579,6 +582,7 @@ def quantize_model(
     method: str = "ptq-minmax",
     layers: Iterable[str] | None = None,
     precisions: Mapping[str, Precision | str] | None = None,
+    qat_init: str | None = None,
 ) -> QuantizedModel:
     """A deep copy of `model` with its Linear layers fake-quantized under `target`, uncalibrated.
 
@@ -586,15 +590,15 @@ def quantize_model(
     float. precisions: per-layer overrides of `precision` (integer precisions, e.g. a
     mixed-precision assignment), only for quantized layers. method: `METHOD_OBSERVERS` key (a
     bare observer name such as ``minmax`` means ``ptq-minmax``); the methods of
-    `BUILT_ELSEWHERE` are refused with the function that builds their models. Run `calibrate`
-    next.
+    `BUILT_ELSEWHERE` are refused with the function that builds their models. qat_init: where a
+    QAT method's calibration starts (`QAT_INITS`; None: MSE). Run `calibrate` next.
     """
     name = _method_name(method)
     if name in BUILT_ELSEWHERE:
         raise SciquantError(
             f"method {name} builds its own kind of quantized model: use {BUILT_ELSEWHERE[name]}"
         )
-    return quantize_layers(model, target, precision, name, layers, precisions)
+    return quantize_layers(model, target, precision, name, layers, precisions, qat_init)
 
 
 def quantize_layers(
@@ -604,6 +608,7 @@ def quantize_layers(
     method: str = "ptq-minmax",
     layers: Iterable[str] | None = None,
     precisions: Mapping[str, Precision | str] | None = None,
+    qat_init: str | None = None,
 ) -> QuantizedModel:
     """`quantize_model` for every method: every Linear a plain `QuantLinear` (the base that
     method-specific model builders, such as `BUILT_ELSEWHERE`'s, start from)."""
@@ -614,7 +619,7 @@ def quantize_layers(
     target.plan(str(default), "torch")  # refuses targets that do not take torch models
     method = _method_name(method)
     check_method_limits(method, target.name, "torch")
-    activation_method, weight_method = METHOD_OBSERVERS[method]
+    activation_method, weight_method = method_observers(method, qat_init)
     names = layer_names(model)
     chosen = _chosen_layers(names, layers)
     layer_precisions = {name: default for name in chosen}

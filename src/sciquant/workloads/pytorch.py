@@ -281,7 +281,7 @@ class TorchWorkload(Workload):
         if threads:
             torch.set_num_threads(threads)
         model, state = self.load_model(artifact)
-        qmodel = self._quantized_copy(model, target, precision, method)
+        qmodel = self._quantized_copy(model, target, precision, method, section["qat"]["init"])
         train = self.load_split(prepared, "train")
         batches = self._calibration_batches(train, section["calibration_samples"])
         calibrate(qmodel, batches)
@@ -538,10 +538,12 @@ class TorchWorkload(Workload):
             debug.update(output_agreement(simulated, deployed, inputs=count))
         return debug
 
-    def _quantized_copy(self, model: Any, target: str, precision: str, method: str) -> Any:
+    def _quantized_copy(
+        self, model: Any, target: str, precision: str, method: str, qat_init: str | None = None
+    ) -> Any:
         from sciquant.quant.pytorch import quantize_model
 
-        return quantize_model(model, target, precision, method)
+        return quantize_model(model, target, precision, method, qat_init=qat_init)
 
     def _calibration_batches(self, train: Split, samples: int) -> list[tuple[Any, ...]]:
         import torch

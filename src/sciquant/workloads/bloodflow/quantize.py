@@ -119,7 +119,9 @@ def run(
         precision = chosen["high"]
     if method == "ptq-cle":
         model = equalize(model)  # the same function, channel ranges shared across ReLUs
-    qmodel = _quantized_copy(model, target, precision, method, layer_precisions)
+    qmodel = _quantized_copy(
+        model, target, precision, method, layer_precisions, quantize_settings["qat"]["init"]
+    )
     steps = quantize_settings["calibration_steps"]
     batches = list(calibration_inputs(calibration, steps, norm))
     calibrate(qmodel, batches)
@@ -171,11 +173,16 @@ def run(
     return path
 
 
-def _quantized_copy(model, target, precision, method, precisions) -> QuantizedModel:  # noqa: ANN001
-    """The fake-quantized copy of `model` for `method` (its own kind of model where it has one)."""
+def _quantized_copy(model, target, precision, method, precisions, qat_init=None) -> QuantizedModel:  # noqa: ANN001
+    """The fake-quantized copy of `model` for `method` (its own kind of model where it has one);
+    qat_init: the ``quantize.qat.init`` start of QAT methods (None: the default)."""
     if method == "qat-degree":
-        return quantize_degree_model(model, target, precision, precisions=precisions)
-    return quantize_model(model, target, precision, method, precisions=precisions)
+        return quantize_degree_model(
+            model, target, precision, precisions=precisions, qat_init=qat_init
+        )
+    return quantize_model(
+        model, target, precision, method, precisions=precisions, qat_init=qat_init
+    )
 
 
 def _quantized_state(qmodel, fp32_state, target, method, precision, settings) -> dict[str, Any]:  # noqa: ANN001

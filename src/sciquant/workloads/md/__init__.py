@@ -103,7 +103,8 @@ class MolecularDynamics(Workload):
         quantize_md.run(
             artifact, prepared, out, target=target, method=method, precision=precision,
             calibration_samples=section["calibration_frames"], qat_epochs=qat["epochs"],
-            qat_learning_rate=qat["learning_rate"], batch_size=model["train"]["batch_size"],
+            qat_learning_rate=qat["learning_rate"], qat_init=qat["init"],
+            batch_size=model["train"]["batch_size"],
             seed=seed, threads=threads, adaround=section["adaround"],
         )  # fmt: skip
 

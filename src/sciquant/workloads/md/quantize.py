@@ -65,6 +65,7 @@ def run(
     calibration_samples: int = 256,
     qat_epochs: int = 2,
     qat_learning_rate: float = 1e-5,
+    qat_init: str | None = None,
     batch_size: int = 128,
     seed: int = 0,
     threads: int | None = None,
@@ -72,6 +73,7 @@ def run(
 ) -> Path:
     """Quantize the FP32 Keras model `checkpoint` for (target, method, precision) into `out`.
 
+    qat_init: where QAT methods' calibration starts (``quantize.qat.init``; None: the default).
     adaround: the `quantize.adaround` settings (`AdaRoundSettings` fields but `seed`, which is
     `seed`) for ptq-adaround. Returns the artifact (`model.keras`, `model.tflite` or
     `model.onnx`); see the module docstring for which one a plan gives.
@@ -119,7 +121,7 @@ def run(
     history: list[dict[str, float]] = []
     weights: dict[str, Any] | None = None
     if parsed.kind == "int":
-        qmodel = quant_keras.quantize_model(model, plan.target, parsed, method)
+        qmodel = quant_keras.quantize_model(model, plan.target, parsed, method, qat_init=qat_init)
         quant_keras.calibrate(qmodel, quant_keras.iterate_batches(calibration, batch_size))
         print(f"calibrated {len(quant_keras.quant_layers(qmodel))} layers on {len(chosen)} frames")
         if method in ("ptq-adaround", "ptq-biascorr"):
