@@ -182,6 +182,14 @@ def test_qat_settings_take_the_schemas_qat_defaults():
     assert fine_tune.threshold_learning_rate == qat["threshold_learning_rate"]
 
 
+def test_qat_init_choices_and_default_are_the_schemas():
+    from sciquant.quant.observers import DEFAULT_QAT_INIT, QAT_INITS
+
+    qat = _resolved(DOCUMENT["$defs"]["quantize"])["properties"]["qat"]
+    init = _resolved(qat)["properties"]["init"]
+    assert init["enum"] == list(QAT_INITS) and init["default"] == DEFAULT_QAT_INIT
+
+
 def test_meshgraphnet_training_takes_the_schemas_model_and_training_defaults():
     from sciquant.workloads.bloodflow.train import TrainSettings, architecture_from_settings
 

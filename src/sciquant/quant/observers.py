@@ -48,6 +48,7 @@ __all__ = [
     "METHODS",
     "METHOD_OBSERVERS",
     "MODES",
+    "DEFAULT_QAT_INIT",
     "DynamicMethod",
     "OBSERVERS",
     "QAT_INITS",
@@ -71,9 +72,18 @@ DEFAULT_MAX_SAMPLES = 1 << 20
 #: ranges), quantize (fake-quant with frozen qparams), lsq (learned step sizes).
 MODES = ("float", "observe", "quantize", "lsq", "tqt")
 
+#: Where quantization-aware training starts (config ``quantize.qat.init``) → (activation
+#: observer, weight observer) of the calibration before the fine-tuning. ``mse`` (the default):
+#: the MSE-optimal clipping of `MSEObserver` for activations and weights; at 4-bit activations
+#: a min/max start spends most of its 16 levels on rare outliers, and a short fine-tuning does
+#: not recover from it. ``minmax``: the full observed range (the start of studies
+#: run with sciquant 0.1.0 before this option; for comparison with them).
+QAT_INITS: dict[str, tuple[str, str]] = {"mse": ("mse", "mse"), "minmax": ("minmax", "minmax")}
+DEFAULT_QAT_INIT = "mse"  # the schema's default of quantize.qat.init
+
 #: Method → (activation observer, weight observer), shared by the PyTorch and Keras sides.
 #: Weights keep min/max except under `ptq-mse`, whose MSE-optimal clipping also suits weights.
-#: QAT methods start from the ranges of `QAT_INITS`' default, MSE (`method_observers`).
+#: QAT methods start from `QAT_INITS[DEFAULT_QAT_INIT]` (`method_observers` picks another).
 METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-minmax": ("minmax", "minmax"),
     "ptq-percentile": ("percentile", "minmax"),
@@ -82,25 +92,16 @@ METHOD_OBSERVERS: dict[str, tuple[str, str]] = {
     "ptq-adaround": ("mse", "mse"),
     "ptq-biascorr": ("mse", "mse"),
     "ptq-cle": ("minmax", "minmax"),
-    "qat-ste": ("mse", "mse"),
-    "qat-lsq": ("mse", "mse"),
-    "qat-tqt": ("mse", "mse"),
-    "qat-degree": ("mse", "mse"),
+    "qat-ste": QAT_INITS[DEFAULT_QAT_INIT],
+    "qat-lsq": QAT_INITS[DEFAULT_QAT_INIT],
+    "qat-tqt": QAT_INITS[DEFAULT_QAT_INIT],
+    "qat-degree": QAT_INITS[DEFAULT_QAT_INIT],
 }
-
-
-#: Where quantization-aware training starts (config ``quantize.qat.init``) → (activation
-#: observer, weight observer) of the calibration before the fine-tuning. ``mse`` (the default):
-#: the MSE-optimal clipping of `MSEObserver` for activations and weights; at 4-bit activations
-#: a min/max start spends most of its 16 levels on rare outliers, and a short fine-tuning does
-#: not recover from it. ``minmax``: the full observed range (the start of studies
-#: run with sciquant 0.1.0 before this option; for comparison with them).
-QAT_INITS: dict[str, tuple[str, str]] = {"mse": ("mse", "mse"), "minmax": ("minmax", "minmax")}
 
 
 def method_observers(method: str, qat_init: str | None = None) -> tuple[str, str]:
     """(activation observer, weight observer) of `method` (a `METHOD_OBSERVERS` key); for QAT
-    methods `qat_init` (a `QAT_INITS` key; None: the table's default) picks the start."""
+    methods `qat_init` (a `QAT_INITS` key; None: `DEFAULT_QAT_INIT`) picks the start."""
     observers = METHOD_OBSERVERS[method]
     if qat_init is None or not method.startswith("qat-"):
         return observers
