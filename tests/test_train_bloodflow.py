@@ -489,3 +489,34 @@ def test_reference_formulation_trains_and_evaluates_on_18_features(
     assert math.isfinite(metrics["pressure_error_pct"]) and math.isfinite(
         metrics["flowrate_error_pct"]
     )
+
+
+def subnormals_flushed() -> bool:
+    """Whether float32 arithmetic now flushes a subnormal result (1e-41) to zero."""
+    return torch.tensor([1e-38], dtype=torch.float32).div(1e3).item() == 0.0
+
+
+def test_training_steps_flush_subnormals_and_leave_them_kept_after(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with train_bloodflow.flushing_denormals():
+        if not subnormals_flushed():
+            pytest.skip("this CPU cannot flush subnormal floats to zero")
+    assert not subnormals_flushed()
+    seen: list[bool] = []
+    loss = train_bloodflow.rollout_loss
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(subnormals_flushed())
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_bloodflow, "rollout_loss", recording)
+    settings = json.loads(json.dumps(TINY))
+    settings["train"]["weight_decay"] = 0.01
+    train_bloodflow.run(prepared, tmp_path / "run", settings, seed=0, progress=False)
+    steps = TINY["train"]["epochs"] * TINY["train"]["steps_per_epoch"]
+    assert len(seen) >= steps and all(seen)
+    assert not subnormals_flushed()
+    for name, value in weights(tmp_path / "run" / "checkpoint.pt").items():
+        tiny = torch.finfo(value.dtype).tiny
+        assert not ((value != 0) & (value.abs() < tiny)).any(), name

@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -409,6 +411,29 @@ def run(
     return target
 
 
+@contextmanager
+def flushing_denormals() -> Iterator[None]:
+    """CPU float arithmetic with subnormal numbers flushed to zero inside; torch's default
+    (subnormals kept) after. Does nothing where the CPU cannot flush them.
+
+    Weight decay pulls every weight that no loss gradient holds toward zero until it is
+    subnormal (nonzero below 1.2e-38 in float32), and x86 CPUs compute with subnormal operands
+    many times slower. Measured on the default study's residual model with `train.weight_decay`
+    1e-4: with subnormals kept, 11,793 of its 216,962 weights were subnormal by epoch 24 and an
+    epoch took 58 s instead of 6 s; flushed, the same epochs took 5.3-6.4 s. A flushed weight
+    is 0, from which it differed by less than 1.2e-38. Without weight decay nothing changes: the
+    default study's checkpoint is bit-identical either way.
+    """
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+# Weight decay drives weights that no gradient holds to subnormal values (`flushing_denormals`).
+@flushing_denormals()
 def fit(
     model: torch.nn.Module,
     train_graphs: list[GraphTensors],
