@@ -18,6 +18,7 @@ from sciquant.quant.adaround import (
     AdaRoundSettings,
     adaround,
     correct_bias,
+    execution_order,
     rectified_sigmoid,
     soft_weight,
 )
@@ -153,6 +154,55 @@ def test_bias_correction_adds_the_mean_shift_and_runs_in_order():
     assert abs(second.bias.item()) <= 0.5 / 64 + 1e-6
     with torch.no_grad():
         assert float((qmodel(x) - model(x)).mean()) == pytest.approx(0.0, abs=0.5 / 64 + 1e-6)
+
+
+class _CalledInReverse(nn.Module):
+    """Two Linear layers registered in the reverse of the order forward calls them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = nn.Linear(1, 1)
+        self.first = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_layers_run_in_the_order_the_forward_pass_calls_them():
+    """The bias-correction case above with the layers registered the other way round: in
+    module order, `second` would be corrected on inputs `first` has not shifted yet and add the
+    same 0.3·mean(x) again. MeshGraphNet registers its edge MLPs before its node MLPs and calls
+    them alternately."""
+    model = _CalledInReverse()
+    with torch.no_grad():
+        model.first.weight.fill_(0.3)
+        model.first.bias.fill_(0.25)
+        model.second.weight.fill_(1.0)
+        model.second.bias.fill_(0.0)
+    x = (torch.arange(40, dtype=torch.float32) / 16).reshape(-1, 1)
+    qmodel = quantize_model(model, "reference", "w4a8", "ptq-biascorr")
+    calibrate(qmodel, [(x,)])
+    layers = qmodel.quant_linears()
+    assert list(layers) == ["second", "first"]
+    _set_grid(layers["first"], weight_scale=1.0, input_scale=1 / 16)
+    _set_grid(layers["second"], weight_scale=1.0, input_scale=1 / 64)
+    shifts = correct_bias(qmodel, model, [(x,)], progress=None)
+    assert list(shifts) == ["first", "second"]
+    assert shifts["first"] == pytest.approx(0.3 * float(x.mean()), abs=1e-6)
+    assert abs(layers["second"].bias.item()) <= 0.5 / 64 + 1e-6
+
+    mgn = MeshGraphNet(MeshGraphNetConfig(node_features=5, hidden=8, processor_size=2,
+                                          mlp_hidden_layers=1))  # fmt: skip
+    qmgn = quantize_model(mgn, "reference", "w8a8", "ptq-adaround")
+    graph = random_tree_graph(12, seed=0, node_features=5)
+    calibrate(qmgn, [graph])
+    mlps = [name.rsplit(".layers.", 1)[0] for name in
+            execution_order(qmgn.model, qmgn.quant_linears(), graph)]  # fmt: skip
+    assert list(dict.fromkeys(mlps)) == [
+        "node_encoder", "edge_encoder", "edge_mlps.0", "node_mlps.0", "edge_mlps.1",
+        "node_mlps.1", "decoder",
+    ]  # fmt: skip
+    assert mgn.concat_trick
 
 
 def test_adaround_refuses_an_uncalibrated_model_and_bad_settings():

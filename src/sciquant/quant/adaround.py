@@ -1,9 +1,9 @@
 """Layer-wise PTQ that changes the weights: AdaRound and empirical bias correction (PyTorch).
 
-Both run after `calibrate` on a `QuantizedModel`, layer by layer in module order (the data-flow
-order of the models here: every layer's input comes from layers before it), each on the inputs
-its layer sees in the model quantized so far (so later layers compensate what earlier ones lost)
-against the outputs of the untouched float model on the same calibration inputs:
+Both run after `calibrate` on a `QuantizedModel`, layer by layer in the order the forward pass
+calls the layers (`execution_order`: every layer's input comes from layers before it), each on
+the inputs its layer sees in the model quantized so far (so later layers compensate what earlier
+ones lost), against the outputs of the untouched float model on the same calibration inputs:
 
     qmodel = quantize_model(model, "reference", "w4a8", "ptq-adaround")
     batches = list(calibration_inputs)                       # tuples of model inputs
@@ -55,6 +55,7 @@ __all__ = [
     "AdaRoundSettings",
     "adaround",
     "correct_bias",
+    "execution_order",
     "layer_inputs",
     "rectified_sigmoid",
     "soft_weight",
@@ -112,15 +113,10 @@ def layer_inputs(
         captured.append(x.reshape(-1, x.shape[-1]))
         raise _Captured
 
-    # Models that read a Linear's weight instead of calling it (MeshGraphNet's concat trick)
-    # call every Linear as a module with the trick off.
-    tricks = [m for m in model.modules() if getattr(m, "concat_trick", None) is True]
-    for m in tricks:
-        m.concat_trick = False
     handle = module.register_forward_pre_hook(hook)
     taken = []
     try:
-        with torch.no_grad():
+        with _every_layer_called(model), torch.no_grad():
             for index, batch in enumerate(batches):
                 captured.clear()
                 try:
@@ -136,9 +132,49 @@ def layer_inputs(
                 taken.append(rows if select is None else rows[select(index, rows.shape[0])])
     finally:
         handle.remove()
+    return torch.cat(taken)
+
+
+@contextmanager
+def _every_layer_called(model: nn.Module) -> Iterator[None]:
+    """Models that read a Linear's weight instead of calling it (MeshGraphNet's concat trick)
+    call every Linear as a module inside."""
+    tricks = [m for m in model.modules() if getattr(m, "concat_trick", None) is True]
+    for m in tricks:
+        m.concat_trick = False
+    try:
+        yield
+    finally:
         for m in tricks:
             m.concat_trick = True
-    return torch.cat(taken)
+
+
+def execution_order(
+    model: nn.Module, layers: dict[str, nn.Module], batch: tuple[Tensor, ...]
+) -> list[str]:
+    """The names of `layers` (submodules of `model`) in the order `model(*batch)` first calls
+    them; layers it never calls come last, in the order given.
+
+    Module order is not data-flow order: MeshGraphNet registers its five edge MLPs before its
+    five node MLPs, and calls them alternately.
+    """
+    order: list[str] = []
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(_module: nn.Module, _args: tuple[Tensor, ...]) -> None:
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
+    try:
+        with _every_layer_called(model), torch.no_grad():
+            model(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in layers if name not in order]
 
 
 def _pairs(
@@ -168,7 +204,8 @@ def _layer_by_layer(
     qmodel: QuantizedModel, float_model: nn.Module, batches: Sequence[tuple[Tensor, ...]],
     what: str,
 ) -> Iterator[dict[str, QuantLinear]]:  # fmt: skip
-    """The quantized layers, in order, with both models in eval mode (qmodel's mode restored)."""
+    """The quantized layers in the order the forward pass calls them (`execution_order`), with
+    both models in eval mode (qmodel's mode restored)."""
     layers = _check(qmodel, float_model, what)
     if not batches:
         raise SciquantError(f"{what} got no calibration batches")
@@ -176,7 +213,8 @@ def _layer_by_layer(
     qmodel.eval()
     float_model.eval()
     try:
-        yield layers
+        order = execution_order(qmodel.model, layers, batches[0])
+        yield {name: layers[name] for name in order}
     finally:
         qmodel.train(was_training)
 
