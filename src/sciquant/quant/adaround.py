@@ -32,6 +32,7 @@ rows of (W x_fp + b) − (W_q q(x̂) + b), the systematic shift quantization put
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,6 +58,7 @@ __all__ = [
     "correct_bias",
     "execution_order",
     "layer_inputs",
+    "reconstruction_blocks",
     "rectified_sigmoid",
     "soft_weight",
 ]
@@ -256,6 +258,8 @@ def adaround(
     settings = settings or AdaRoundSettings()
     summary: dict[str, dict[str, float]] = {}
     with _layer_by_layer(qmodel, float_model, batches, "adaround") as layers:
+        if settings.reconstruction == "block":
+            return _adaround_blocks(qmodel, float_model, batches, layers, settings, progress)
         for index, (name, layer) in enumerate(layers.items()):
             original = float_model.get_submodule(name)
             x_float, x_quant = _pairs(
@@ -265,6 +269,168 @@ def adaround(
             if progress is not None:
                 progress(layer_report(index, len(layers), name, summary[name]))
     return summary
+
+
+def reconstruction_blocks(model: nn.Module, order: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The layers `order` (in forward order) grouped into blocks: (block name, its layers).
+
+    A layer's block is the module that holds it (through module lists and dicts) where that
+    module is not the model itself and its forward takes one tensor: MeshGraphNet's MLPs
+    (Linear, ReLU, Linear, ReLU, Linear, LayerNorm), a Sequential inside a model. Consecutive
+    layers of one block form one entry; a layer with no such holder (a layer the model holds
+    directly, every layer of a Keras model) is a block of its own, named after itself.
+    """
+    groups: list[tuple[str, list[str]]] = []
+    for name in order:
+        holder = _holder(model, name)
+        block = name if holder is None else holder
+        if groups and groups[-1][0] == block and holder is not None:
+            groups[-1][1].append(name)
+        else:
+            groups.append((block, [name]))
+    return groups
+
+
+def _holder(model: nn.Module, name: str) -> str | None:
+    path = name.split(".")[:-1]
+    while path and isinstance(model.get_submodule(".".join(path)), nn.ModuleList | nn.ModuleDict):
+        path = path[:-1]
+    if not path:
+        return None
+    module = model.get_submodule(".".join(path))
+    parameters = inspect.signature(module.forward).parameters.values()
+    required = [p for p in parameters if p.default is p.empty and p.kind in _POSITIONAL]
+    return ".".join(path) if len(required) == 1 and len(list(parameters)) == 1 else None
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class _SoftRounding:
+    """One layer's rounding variables V in a block: its weight is `scale·(clamp(⌊W/s⌋ + z + h,
+    qmin, qmax) − z)` with h = h(V) (soft), [V ≥ 0] (hard) or nearest rounding."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        self.layer = layer
+        self.weight = layer.weight.detach().clone()
+        self.scale, self.zero_point, self.qmin, self.qmax = _grid(layer)
+        floor = torch.floor(self.weight / self.scale)
+        rest = self.weight / self.scale - floor
+        self.shifted = floor + self.zero_point
+        self.nearest = (rest >= 0.5).float()
+        self.v = nn.Parameter(_initial_v(rest))
+        self.h: Tensor | None = None  # None: soft, from V; else this fixed rounding
+
+    def rounding(self) -> Tensor:
+        return rectified_sigmoid(self.v) if self.h is None else self.h
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        w = self.scale * (torch.clamp(self.shifted + self.rounding(), self.qmin, self.qmax)
+                          - self.zero_point)  # fmt: skip
+        bias = layer.used_bias()
+        return F.linear(layer.fake_quantize_input(x), w, None if bias is None else bias.detach())
+
+
+@contextmanager
+def _soft_forwards(members: Sequence[_SoftRounding]) -> Iterator[None]:
+    for member in members:
+        member.layer.forward = member.forward
+    try:
+        yield
+    finally:
+        for member in members:
+            del member.layer.forward
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without gradients inside (only the rounding variables learn)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _adaround_blocks(
+    qmodel: QuantizedModel, float_model: nn.Module, batches: Sequence[tuple[Tensor, ...]],
+    layers: dict[str, QuantLinear], settings: AdaRoundSettings,
+    progress: Callable[[str], None] | None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Block reconstruction (BRECQ's, Li et al., ICLR 2021): the rounding variables of all of a
+    block's layers optimised together against the float block's output, with the activations
+    between them fake-quantized (straight-through) as in the quantized model."""
+    summary: dict[str, dict[str, float]] = {}
+    blocks = reconstruction_blocks(qmodel.model, list(layers))
+    for index, (block, names) in enumerate(blocks):
+        x_float, x_quant = _pairs(
+            qmodel, float_model, block, batches, settings.max_rows, settings.seed + index
+        )
+        members = [_SoftRounding(layers[name]) for name in names]
+        with _soft_forwards(members), _frozen(qmodel):
+            result = _round_block(
+                qmodel.model.get_submodule(block), float_model.get_submodule(block), members,
+                x_float, x_quant, settings,
+            )  # fmt: skip
+        for name, member in zip(names, members, strict=True):
+            flipped = float((member.h != member.nearest).float().mean())
+            summary[name] = {**result, "flipped": flipped}
+        if progress is not None:
+            progress(
+                f"adaround block {index + 1}/{len(blocks)} {block} ({len(names)} layers): "
+                f"reconstruction MSE {result['mse_nearest']:.3g} (nearest) -> "
+                f"{result['mse_adaround']:.3g}"
+                + (" (worse than nearest: kept nearest)" if result["kept_nearest"] else "")
+            )
+    return summary
+
+
+def _round_block(
+    block: nn.Module, original: nn.Module, members: list[_SoftRounding], x_float: Tensor,
+    x_quant: Tensor, settings: AdaRoundSettings,
+) -> dict[str, float]:  # fmt: skip
+    """Optimise the members' V on the block's rows, write the hard rounding into their
+    weights; the block's MSEs with nearest and with the kept rounding."""
+    with torch.no_grad():
+        target = original(x_float)
+    optimizer = torch.optim.Adam([m.v for m in members], lr=settings.learning_rate)
+    generator = torch.Generator().manual_seed(settings.seed)
+    rows = x_quant.shape[0]
+    warm = int(settings.warmup * settings.iterations)
+    for step in range(settings.iterations):
+        chosen = torch.randint(rows, (min(settings.batch_rows, rows),), generator=generator)
+        loss = (block(x_quant[chosen]) - target[chosen]).pow(2).sum(-1).mean()
+        if step >= warm:
+            progress = (step - warm) / max(1, settings.iterations - warm)
+            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
+                1 + math.cos(math.pi * progress)
+            )
+            for m in members:
+                h = rectified_sigmoid(m.v)
+                loss = loss + settings.reg_lambda * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        errors = {}
+        for choice in ("nearest", "adaround"):
+            for m in members:
+                m.h = m.nearest if choice == "nearest" else (m.v >= 0).float()
+            errors[choice] = (block(x_quant) - target).pow(2).mean().item()
+        kept_nearest = keeps_nearest(errors["nearest"], errors["adaround"])
+        for m in members:
+            if kept_nearest:
+                m.h = m.nearest
+            m.layer.weight.copy_(soft_weight(m.weight, m.scale, m.zero_point, m.qmin, m.qmax, m.h))
+    return {
+        "mse_nearest": errors["nearest"],
+        "mse_adaround": errors["nearest"] if kept_nearest else errors["adaround"],
+        "kept_nearest": float(kept_nearest),
+    }
 
 
 def _round_layer(

@@ -10,6 +10,10 @@ from sciquant.errors import SciquantError
 
 __all__ = ["GAMMA", "ZETA", "AdaRoundSettings", "keeps_nearest", "layer_report", "layer_summary"]
 
+#: What AdaRound reconstructs (`quantize.adaround.reconstruction`): each layer's output, or each
+#: block's (`sciquant.quant.adaround.reconstruction_blocks`; PyTorch).
+RECONSTRUCTIONS = ("layer", "block")
+
 #: The rectified sigmoid's stretch (AdaRound's ζ and γ): h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1).
 ZETA, GAMMA = 1.1, -0.1
 
@@ -29,6 +33,7 @@ class AdaRoundSettings:
     learning_rate: float = 1e-3
     batch_rows: int = 1024
     max_rows: int = 32768
+    reconstruction: str = "layer"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -38,6 +43,11 @@ class AdaRoundSettings:
             )
         if not 0 <= self.warmup < 1:
             raise SciquantError(f"quantize.adaround.warmup must be in [0, 1), got {self.warmup}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise SciquantError(
+                f"quantize.adaround.reconstruction: {self.reconstruction!r} is not one of "
+                f"{list(RECONSTRUCTIONS)}"
+            )
         if self.reg_lambda < 0 or self.learning_rate <= 0:
             raise SciquantError("quantize.adaround: reg_lambda must be ≥ 0 and learning_rate > 0")
 
