@@ -161,6 +161,67 @@ def test_blocks_are_the_modules_holding_the_layers_but_not_the_model():
     ]  # fmt: skip
 
 
+class _Centred(nn.Module):
+    """Linear, then each column centred over the rows (rows not independent), then Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.layers[0](x)
+        return self.layers[1](z - z.mean(dim=0))
+
+
+class _CallsInside(nn.Module):
+    """Holds a block but calls its layers itself: the block's own forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp[2](torch.relu(self.mlp[0](x)))
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [
+        (nn.Sequential(_Centred()), (80, 4)),
+        (_CallsInside(), (80, 4)),
+        (nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))),
+         (80, 3, 4)),
+    ],
+    ids=["rows-coupled", "forward-never-called", "not-rows"],
+)  # fmt: skip
+def test_a_block_that_is_not_a_map_of_rows_is_rounded_layer_by_layer(model, inputs):
+    """Blocks whose rows cannot be sampled independently (coupled rows, a forward that never
+    runs, an input that is not [rows, features]) get layer-wise AdaRound, the same rounding as
+    `reconstruction: layer` (all rows fit in max_rows, so the same rows), and say so."""
+    torch.manual_seed(0)
+    x = torch.randn(*inputs)
+    rounded, said = {}, []
+    for reconstruction in ("layer", "block"):
+        qmodel = quantize_model(model, "reference", "w3a8", "ptq-adaround")
+        calibrate(qmodel, [(x,)])
+        settings = AdaRoundSettings(iterations=100, learning_rate=0.01,
+                                    reconstruction=reconstruction)  # fmt: skip
+        adaround(qmodel, model, [(x,)], settings, progress=said.append)
+        layers = qmodel.quant_linears()
+        rounded[reconstruction] = {n: layer.weight.detach() for n, layer in layers.items()}
+    for name, weight in rounded["layer"].items():
+        assert torch.equal(weight, rounded["block"][name]), name
+    assert any("rounded one by one" in line for line in said), said
+
+
+def test_nested_blocks_leave_the_outer_ones_layers_to_themselves():
+    inner = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 3), inner, nn.Linear(3, 2)))
+    assert reconstruction_blocks(model, ["0.0", "0.1.0", "0.1.2", "0.2"]) == [
+        ("0.0", ["0.0"]), ("0.1", ["0.1.0", "0.1.2"]), ("0.2", ["0.2"]),
+    ]  # fmt: skip
+
+
 def test_a_block_of_one_layer_rounds_as_layer_wise_adaround_does():
     """Block reconstruction of a single-layer block is AdaRound on that layer: same rows, same
     seed, the same soft weights, so the same rounding bit for bit."""

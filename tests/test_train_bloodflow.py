@@ -517,6 +517,3 @@ def test_training_steps_flush_subnormals_and_leave_them_kept_after(
     steps = TINY["train"]["epochs"] * TINY["train"]["steps_per_epoch"]
     assert len(seen) >= steps and all(seen)
     assert not subnormals_flushed()
-    for name, value in weights(tmp_path / "run" / "checkpoint.pt").items():
-        tiny = torch.finfo(value.dtype).tiny
-        assert not ((value != 0) & (value.abs() < tiny)).any(), name

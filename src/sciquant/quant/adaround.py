@@ -100,8 +100,12 @@ def layer_inputs(
     name: str,
     batches: Sequence[tuple[Tensor, ...]],
     select: Callable[[int, int], Tensor] | None = None,
+    flatten: bool = True,
 ) -> Tensor:
     """What layer `name` of `model` receives for every batch, as rows [n, in], stacked.
+
+    `flatten=False`: the input must already be rows (a tensor [n, in]); anything else is a
+    SciquantError (block reconstruction samples rows of a block's input).
 
     select(batch index, row count) → the row indices to keep of that batch (default all). The
     forward pass stops at the layer's first call (what follows it cannot change its input), so
@@ -111,7 +115,10 @@ def layer_inputs(
     captured: list[Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        x = args[0].detach()
+        x = args[0]
+        if not flatten and not (isinstance(x, Tensor) and x.dim() == 2):
+            raise SciquantError(f"{name!r} does not take a tensor of rows [n, features]")
+        x = x.detach()
         captured.append(x.reshape(-1, x.shape[-1]))
         raise _Captured
 
@@ -181,7 +188,7 @@ def execution_order(
 
 def _pairs(
     qmodel: QuantizedModel, float_model: nn.Module, name: str,
-    batches: Sequence[tuple[Tensor, ...]], max_rows: int, seed: int,
+    batches: Sequence[tuple[Tensor, ...]], max_rows: int, seed: int, flatten: bool = True,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(x_fp, x̂): the layer's input in the float model and in the quantized model, same rows
     (at most max_rows in all, an even share of each batch, drawn with `seed`)."""
@@ -191,8 +198,8 @@ def _pairs(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         return torch.randperm(count, generator=generator)[: min(count, per_batch)]
 
-    x_float = layer_inputs(float_model, name, batches, select)
-    x_quant = layer_inputs(qmodel.model, name, batches, select)
+    x_float = layer_inputs(float_model, name, batches, select, flatten)
+    x_quant = layer_inputs(qmodel.model, name, batches, select, flatten)
     if x_float.shape != x_quant.shape:
         raise SciquantError(
             f"layer {name!r} sees inputs of shape {tuple(x_float.shape)} in the float model and "
@@ -275,10 +282,13 @@ def reconstruction_blocks(model: nn.Module, order: Sequence[str]) -> list[tuple[
     """The layers `order` (in forward order) grouped into blocks: (block name, its layers).
 
     A layer's block is the module that holds it (through module lists and dicts) where that
-    module is not the model itself and its forward takes one tensor: MeshGraphNet's MLPs
-    (Linear, ReLU, Linear, ReLU, Linear, LayerNorm), a Sequential inside a model. Consecutive
-    layers of one block form one entry; a layer with no such holder (a layer the model holds
-    directly, every layer of a Keras model) is a block of its own, named after itself.
+    module is not the model itself, its forward takes one argument, and every Linear layer in
+    it is its own (none inside a module of its own): MeshGraphNet's MLPs (Linear, ReLU, Linear,
+    ReLU, Linear, LayerNorm), a flat Sequential inside a model. Consecutive layers of one block
+    form one entry; a layer with no such holder (a layer the model holds directly, or inside
+    nested blocks; every layer of a Keras model) is a block of its own, named after itself.
+    `adaround` also rounds a block's layers one by one where the block turns out not to take
+    rows [n, features] or not to treat them independently.
     """
     groups: list[tuple[str, list[str]]] = []
     for name in order:
@@ -293,14 +303,27 @@ def reconstruction_blocks(model: nn.Module, order: Sequence[str]) -> list[tuple[
 
 def _holder(model: nn.Module, name: str) -> str | None:
     path = name.split(".")[:-1]
-    while path and isinstance(model.get_submodule(".".join(path)), nn.ModuleList | nn.ModuleDict):
+    while path and isinstance(model.get_submodule(".".join(path)), _LISTS):
         path = path[:-1]
     if not path:
         return None
-    module = model.get_submodule(".".join(path))
+    holder = ".".join(path)
+    module = model.get_submodule(holder)
     parameters = inspect.signature(module.forward).parameters.values()
     required = [p for p in parameters if p.default is p.empty and p.kind in _POSITIONAL]
-    return ".".join(path) if len(required) == 1 and len(list(parameters)) == 1 else None
+    if not (len(required) == 1 and len(list(parameters)) == 1):
+        return None
+    # every layer of the block its own (through lists), none inside a block of its own
+    for sub, child in module.named_modules():
+        if isinstance(child, nn.Linear | QuantLinear):
+            parents = sub.split(".")[:-1]
+            inner = [".".join(parents[:k]) for k in range(1, len(parents) + 1)]
+            if not all(isinstance(module.get_submodule(i), _LISTS) for i in inner):
+                return None
+    return holder
+
+
+_LISTS = (nn.ModuleList, nn.ModuleDict)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -367,9 +390,23 @@ def _adaround_blocks(
     summary: dict[str, dict[str, float]] = {}
     blocks = reconstruction_blocks(qmodel.model, list(layers))
     for index, (block, names) in enumerate(blocks):
-        x_float, x_quant = _pairs(
-            qmodel, float_model, block, batches, settings.max_rows, settings.seed + index
-        )
+        try:
+            x_float, x_quant = _pairs(
+                qmodel, float_model, block, batches, settings.max_rows, settings.seed + index,
+                flatten=False,
+            )  # fmt: skip
+            _check_rows(float_model.get_submodule(block), x_float, block)
+        except SciquantError as error:
+            if progress is not None:
+                progress(f"adaround block {index + 1}/{len(blocks)} {block}: {error}; its "
+                         f"{len(names)} layers rounded one by one")  # fmt: skip
+            for name in names:
+                x_float, x_quant = _pairs(
+                    qmodel, float_model, name, batches, settings.max_rows, settings.seed + index
+                )
+                original = float_model.get_submodule(name)
+                summary[name] = _round_layer(layers[name], original, x_float, x_quant, settings)
+            continue
         members = [_SoftRounding(layers[name]) for name in names]
         with _soft_forwards(members), _frozen(qmodel):
             result = _round_block(
@@ -387,6 +424,19 @@ def _adaround_blocks(
                 + (" (worse than nearest: kept nearest)" if result["kept_nearest"] else "")
             )
     return summary
+
+
+def _check_rows(block: nn.Module, rows: Tensor, name: str) -> None:
+    """SciquantError unless the float `block` maps each row of `rows` on its own (the first half
+    of the rows alone gives the same outputs as with the rest): rows are sampled at random."""
+    half = max(1, rows.shape[0] // 2)
+    with torch.no_grad():
+        whole = block(rows)[:half]
+        alone = block(rows[:half])
+    scale = float(whole.abs().max()) if whole.numel() else 0.0
+    if whole.shape != alone.shape or not torch.allclose(whole, alone, rtol=1e-4,
+                                                        atol=1e-5 * scale + 1e-12):  # fmt: skip
+        raise SciquantError(f"{name!r} does not map its input rows independently")
 
 
 def _round_block(

@@ -422,7 +422,10 @@ def flushing_denormals() -> Iterator[None]:
     1e-4: with subnormals kept, 11,793 of its 216,962 weights were subnormal by epoch 24 and an
     epoch took 58 s instead of 6 s; flushed, the same epochs took 5.3-6.4 s. A flushed weight
     is 0, from which it differed by less than 1.2e-38. Without weight decay nothing changes: the
-    default study's checkpoint is bit-identical either way.
+    default study's checkpoint is bit-identical either way. `fit` runs inside, so FP32 training
+    and QAT fine-tuning alike. The flag is the calling thread's: torch's other intra-op threads
+    (`threads` > 1) keep subnormals in the work they take (large tensors); with one thread (the
+    studies' setting) there are none.
     """
     flushed = torch.set_flush_denormal(True)
     try:
