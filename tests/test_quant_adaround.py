@@ -197,7 +197,7 @@ class _CallsInside(nn.Module):
 def test_a_block_that_is_not_a_map_of_rows_is_rounded_layer_by_layer(model, inputs):
     """Blocks whose rows cannot be sampled independently (coupled rows, a forward that never
     runs, an input that is not [rows, features]) get layer-wise AdaRound, the same rounding as
-    `reconstruction: layer` (all rows fit in max_rows, so the same rows), and say so."""
+    `reconstruction: layer` (the same rows, the same seeds), and say so."""
     torch.manual_seed(0)
     x = torch.randn(*inputs)
     rounded, said = {}, []

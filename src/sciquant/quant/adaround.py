@@ -388,7 +388,8 @@ def _adaround_blocks(
     block's layers optimised together against the float block's output, with the activations
     between them fake-quantized (straight-through) as in the quantized model."""
     summary: dict[str, dict[str, float]] = {}
-    blocks = reconstruction_blocks(qmodel.model, list(layers))
+    order = list(layers)
+    blocks = reconstruction_blocks(qmodel.model, order)
     for index, (block, names) in enumerate(blocks):
         try:
             x_float, x_quant = _pairs(
@@ -400,10 +401,11 @@ def _adaround_blocks(
             if progress is not None:
                 progress(f"adaround block {index + 1}/{len(blocks)} {block}: {error}; its "
                          f"{len(names)} layers rounded one by one")  # fmt: skip
-            for name in names:
+            for name in names:  # as `reconstruction: layer` rounds them, the same rows
                 x_float, x_quant = _pairs(
-                    qmodel, float_model, name, batches, settings.max_rows, settings.seed + index
-                )
+                    qmodel, float_model, name, batches, settings.max_rows,
+                    settings.seed + order.index(name),
+                )  # fmt: skip
                 original = float_model.get_submodule(name)
                 summary[name] = _round_layer(layers[name], original, x_float, x_quant, settings)
             continue
