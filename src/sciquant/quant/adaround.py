@@ -428,6 +428,19 @@ def _adaround_blocks(
     return summary
 
 
+def _beta(step: int, warm: int, settings: AdaRoundSettings) -> float:
+    """β of the rounding regulariser at `step` (≥ warm): cosine from beta_start to beta_end."""
+    progress = (step - warm) / max(1, settings.iterations - warm)
+    return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def _rounding_penalty(h: Tensor, beta: float, settings: AdaRoundSettings) -> Tensor:
+    """λ · Σ (1 − |2h − 1|^β): drives every soft rounding h to 0 or 1."""
+    return settings.reg_lambda * (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
 def _check_rows(block: nn.Module, rows: Tensor, name: str) -> None:
     """SciquantError unless the float `block` maps each row of `rows` on its own (the first half
     of the rows alone gives the same outputs as with the rest): rows are sampled at random."""
@@ -457,13 +470,9 @@ def _round_block(
         chosen = torch.randint(rows, (min(settings.batch_rows, rows),), generator=generator)
         loss = (block(x_quant[chosen]) - target[chosen]).pow(2).sum(-1).mean()
         if step >= warm:
-            progress = (step - warm) / max(1, settings.iterations - warm)
-            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
-                1 + math.cos(math.pi * progress)
-            )
+            beta = _beta(step, warm, settings)
             for m in members:
-                h = rectified_sigmoid(m.v)
-                loss = loss + settings.reg_lambda * (1 - (2 * h - 1).abs().pow(beta)).sum()
+                loss = loss + _rounding_penalty(rectified_sigmoid(m.v), beta, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -512,11 +521,7 @@ def _round_layer(
         out = F.linear(x_in[chosen], w_soft, bias)
         loss = (out - target[chosen]).pow(2).sum(-1).mean()
         if step >= warm:
-            progress = (step - warm) / max(1, settings.iterations - warm)
-            beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (
-                1 + math.cos(math.pi * progress)
-            )
-            loss = loss + settings.reg_lambda * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            loss = loss + _rounding_penalty(h, _beta(step, warm, settings), settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
