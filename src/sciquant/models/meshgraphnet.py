@@ -32,7 +32,8 @@ With the defaults and E ≈ 2 N (trees), a processor block costs 49 152 N multip
 of 57 344 N; the larger saving is memory traffic. Other cheap wins on the same path: the bias
 is added on the N-row projection, the gathered sum is the GEMM's in-place accumulator
 (``addmm_``), ReLUs run in place where autograd allows, and the sum aggregation is one
-``index_add_``.
+``index_add_``. Under autocast (the bf16 simulation) the accumulation is the out-of-place
+``addmm``: autocast casts an op's inputs, never an in-place op's destination.
 
 A quantizer that fake-quantizes the input of every Linear cannot see the concatenated input on
 the fast path (``MeshGraphNet._edge_update`` and ``_node_update`` are the only two places that
@@ -118,6 +119,14 @@ def _is_plain_linear(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear
 
 
+def _accumulate(z: Tensor, x: Tensor, w_t: Tensor) -> Tensor:
+    """``z + x @ w_t``: the GEMM accumulates into `z` in place, except under autocast, whose
+    casts (z and the product in bf16, x and w_t in FP32) an in-place op would not get."""
+    if torch.is_autocast_enabled(z.device.type):
+        return torch.addmm(z, x, w_t)
+    return z.addmm_(x, w_t)
+
+
 class SplitLinear(nn.Module):
     """A Linear that evaluates itself on column blocks of its input (the concat trick):
     ``columns(prepare(x_part), start, stop, bias)`` = the layer's weight columns
@@ -172,7 +181,7 @@ class MeshGraphNet(nn.Module):
         p_src = F.linear(h, w[:, fe : fe + fn], first.bias)  # [N, H], bias folded in (N rows)
         p_dst = F.linear(h, w[:, fe + fn :])  # [N, H]
         z = p_src.index_select(0, src).add_(p_dst.index_select(0, dst))  # [E, H]
-        z = z.addmm_(e, w[:, :fe].t())  # += e @ W_e^T, accumulated by the GEMM in place
+        z = _accumulate(z, e, w[:, :fe].t())  # += e @ W_e^T
         return mlp.tail(z, fresh=True)
 
     def _node_update(self, mlp: MLP, h: Tensor, agg: Tensor) -> Tensor:
@@ -186,7 +195,7 @@ class MeshGraphNet(nn.Module):
             return mlp(torch.cat([h, agg], dim=1))
         # W [h, agg] + b = (W_h h + b) + W_a agg
         w = first.weight
-        z = F.linear(h, w[:, :fn], first.bias).addmm_(agg, w[:, fn:].t())
+        z = _accumulate(F.linear(h, w[:, :fn], first.bias), agg, w[:, fn:].t())
         return mlp.tail(z, fresh=True)
 
     # -- forward -----------------------------------------------------------------------------
