@@ -75,17 +75,20 @@ def test_ratio_of_medians_and_its_bootstrap_interval() -> None:
 
 
 def test_wall_time_and_contention() -> None:
-    def busy() -> None:
-        end = time.perf_counter() + 0.01
-        while time.perf_counter() < end:
+    def busy() -> None:  # 10 ms of this process's CPU time, however long the wall clock takes
+        end = time.process_time() + 0.01
+        while time.process_time() < end:
             pass
 
     computed = paired_timing(busy, busy, repeats=3)
     assert computed["run_time_s_median"] >= 0.01
-    assert computed["cpu_share"] > 0.5  # it computed for most of its wall time
     # A call that waits without the CPU looks like one whose core was taken by another job.
     waited = paired_timing(lambda: time.sleep(0.01), lambda: time.sleep(0.01), repeats=3)
     assert waited["cpu_share"] < 0.2 and waited["contended"]
+    # The computing call had the CPU for most of its wall time on an idle machine; on one whose
+    # cores other jobs share (the test suite beside a study), for less (0.27 measured with five
+    # jobs on two cores), but for far more of it than the waiting call.
+    assert computed["cpu_share"] > max(0.15, 4 * waited["cpu_share"])
 
 
 @pytest.mark.parametrize(
