@@ -120,8 +120,9 @@ def _is_plain_linear(layer: nn.Module) -> bool:
 
 
 def _accumulate(z: Tensor, x: Tensor, w_t: Tensor) -> Tensor:
-    """``z + x @ w_t``: the GEMM accumulates into `z` in place, except under autocast, whose
-    casts (z and the product in bf16, x and w_t in FP32) an in-place op would not get."""
+    """``z + x @ w_t``: the GEMM accumulates into `z` in place, except under autocast. There
+    `z` may already be bf16 while `x` and `w_t` are FP32; the out-of-place ``addmm`` has all three
+    cast alike, an in-place op's destination is never cast."""
     if torch.is_autocast_enabled(z.device.type):
         return torch.addmm(z, x, w_t)
     return z.addmm_(x, w_t)
