@@ -155,8 +155,24 @@ def test_report_says_when_the_gains_baseline_is_the_weaker_one() -> None:
     assert "errs more than another baseline" in note
     assert "pressure error [%]: 4.200 against 3.940 for the lumped tree" in note
     assert "8.830" not in note  # on flow the calibrated prior is the better one
+    # With the runs: the FP32 network beside the best baseline, flagged where it does not beat it.
+    import xarray as xr
+
+    coords = {"seed": [0], "target": ["reference"], "method": ["none"], "precision": ["fp32"]}
+    runs = xr.Dataset(
+        {"pressure_error_pct": (tuple(coords), np.full((1, 1, 1, 1), 3.05))}, coords=coords
+    )
+    baselines["expansion_calibrated_model"] = {"pressure_error_pct": 3.2}
+    note = weaker_baseline_note(baselines, runs=runs)
+    assert "FP32 network 3.050 against 3.200 (×0.95)" in note and "✗" not in note
+    runs["pressure_error_pct"][:] = 3.3
+    note = weaker_baseline_note(baselines, runs=runs)
+    assert "✗ pressure error [%]: FP32 network 3.300 against 3.200 (×1.03)" in note
+    assert "does not beat it" in note
+    del baselines["expansion_calibrated_model"]
     baselines["lumped_model"]["pressure_error_pct"] = 4.5
     assert weaker_baseline_note(baselines) == ""
+    assert weaker_baseline_note(baselines, runs=runs) == ""
     assert weaker_baseline_note({"calibrated_model": {"pressure_error_pct": 1.0}}) == ""
 
 

@@ -20,7 +20,9 @@ from sciquant.workloads.bloodflow.network import (
     OLUFSEN_STIFFNESS,
     Physics,
     Tree,
+    expansion_coefficient,
     expansion_drop,
+    expansion_resistance,
     harmonic_response,
     inlet_impedance,
     periodic_response,
@@ -97,6 +99,76 @@ def test_expansion_losses_by_hand() -> None:
     np.testing.assert_allclose(denser, 2 * total, rtol=1e-12)
     flat = expansion_drop(tree, np.full(6, 0.5), share)
     assert not np.any(flat[0]) and not np.any(flat[1])
+
+
+def stenosed_tree(r1: float = 1000.0) -> tuple[Tree, np.ndarray]:
+    """Inlet 0 (1.0) → throat 1 (0.25) → 2 (0.8) → outlet 3 (0.8), 1 cm apart; node areas."""
+    positions = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0]], dtype=float)
+    area = np.array([1.0, 0.25, 0.8, 0.8])
+    zeros = np.zeros(4)
+    outlet_r1 = zeros.copy()
+    outlet_r1[3] = r1
+    tree = Tree.build(np.array([[0, 1], [1, 2], [2, 3]]), positions, area, 0,
+                      [outlet_r1, zeros.copy(), zeros.copy()])  # fmt: skip
+    return tree, area
+
+
+def test_linearized_expansion_loss_is_borda_carnot_in_steady_flow() -> None:
+    """Steady inflow Q through a throat: the added resistance K·Q on the widening edge makes the
+    lumped tree's drop the Borda–Carnot loss K·Q² on top of its own, K = ρ/2·(1/A_t − 1/A)²."""
+    tree, area = stenosed_tree()
+    k = 0.5 * RHO * (1 / 0.25 - 1 / 0.8) ** 2
+    np.testing.assert_allclose(expansion_coefficient(tree, area, RHO), [0, 0, k, 0], rtol=1e-12)
+    q = 5.0
+    extra = expansion_resistance(tree, area, np.full(64, q), harmonics=2)
+    assert extra.shape == (3, 4)
+    np.testing.assert_allclose(extra[0], [0, 0, k * q, 0], rtol=1e-12)
+    np.testing.assert_allclose(extra[1:], [[0, 0, 2 * k * q, 0]] * 2, rtol=1e-12)
+    plain = solve(tree, 0.0)[1].real * q
+    with_loss = solve(tree, 0.0, extra=extra[0])[1].real * q
+    assert with_loss[0] - plain[0] == pytest.approx(k * q**2, rel=1e-12)
+    assert with_loss[3] == pytest.approx(plain[3], rel=1e-12)  # downstream of it, unchanged
+
+
+def test_linearized_expansion_loss_under_a_reversing_pulse() -> None:
+    """Row 0 keeps the cycle-mean loss K·⟨Q|Q|⟩ (flow reversal counts against), rows ≥ 1 the
+    mean slope 2K·⟨|Q|⟩; a tree that never widens gets nothing."""
+    tree, area = stenosed_tree()
+    k = 0.5 * RHO * (1 / 0.25 - 1 / 0.8) ** 2
+    t = np.arange(256) / 256
+    q = 2.0 + 6.0 * np.sin(2 * np.pi * t)  # reverses for part of the cycle
+    extra = expansion_resistance(tree, area, q, harmonics=1)
+    mean_loss = k * np.mean(q * np.abs(q))
+    assert extra[0, 2] * np.mean(q) == pytest.approx(mean_loss, rel=1e-12)
+    assert extra[1, 2] == pytest.approx(2 * k * np.mean(np.abs(q)), rel=1e-12)
+    flat = expansion_resistance(tree, np.full(4, 0.5), q, harmonics=1)
+    assert not np.any(flat)
+    with pytest.raises(SciquantError, match="mean inflow"):
+        expansion_resistance(tree, area, -q, harmonics=1)
+    with pytest.raises(ValueError, match="harmonics"):
+        transfer_functions(tree, 1.0, 3, extra=extra)
+
+
+def test_linearized_expansion_loss_sends_flow_around_a_throat() -> None:
+    """A throat in one daughter of a Y: its resistance is computed on the flow it leaves there
+    (a fixed point of the steady split), less than the lumped split gave it."""
+    positions = np.array([[0, 0, 0], [4, 0, 0], [4, 1, 0], [4, 2, 0], [4, 0, 2]], dtype=float)
+    # Inlet 0 → junction 1 → throat 2 (0.05) → outlet 3 (0.3); junction 1 → outlet 4 (0.3)
+    area = np.array([0.5, 0.5, 0.05, 0.3, 0.3])
+    zeros = np.zeros(5)
+    r1 = zeros.copy()
+    r1[[3, 4]] = 2000.0
+    tree = Tree.build(np.array([[0, 1], [1, 2], [2, 3], [1, 4]]), positions, area, 0,
+                      [r1, zeros.copy(), zeros.copy()])  # fmt: skip
+    q = np.full(32, 40.0)
+    extra = expansion_resistance(tree, area, q, harmonics=1, iterations=50)
+    share = solve(tree, 0.0, extra=extra[0])[0].real
+    k = expansion_coefficient(tree, area, RHO)
+    np.testing.assert_allclose(extra[0], k * share * 40.0, rtol=1e-9)
+    assert share[3] < steady_share(tree)[3] - 0.02
+    # Five iterations (the default) are within 1 % of the fixed point here.
+    default = expansion_resistance(tree, area, q, harmonics=1)
+    np.testing.assert_allclose(default[0], extra[0], rtol=1e-2)
 
 
 def test_single_vessel_with_windkessel_by_hand() -> None:

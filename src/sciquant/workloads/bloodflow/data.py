@@ -29,13 +29,16 @@ Output format (`results/<dataset>/prepared/`):
   [S, N] dyn/cm², cm³/s: the lumped tree's periodic response to the simulation's own inflow
   (the raw inlet point's flow, every harmonic the time step resolves; `linear_series`), on
   the same times as `pressure` and `flowrate`, its loading ramp made by the same rule from
-  its own first step and minimum pressure. Two priors are stored: `lumped_pressure`,
-  `lumped_flowrate` (the lumped tree with the `physics` constants) and `calibrated_pressure`,
+  its own first step and minimum pressure. Three priors are stored: `lumped_pressure`,
+  `lumped_flowrate` (the lumped tree with the `physics` constants), `calibrated_pressure`,
   `calibrated_flowrate` (its wall stiffness and viscosity fitted per simulation to the inlet's
   systolic and diastolic pressure, `calibrate_prior`; the fit's `calibrated_stiffness_factor`,
   `calibrated_viscosity_factor` and `calibrated_pressure_shift` dyn/cm² are scalars of the
-  sample); `linear_*` is the one `prepare.prior` names, the residual model's prior. Both are
-  the no-network baselines every surrogate is judged against.
+  sample) and `expansion_pressure`, `expansion_flowrate` (the same fit of the lumped tree with
+  the graph's Borda–Carnot expansion losses linearized into it,
+  `network.expansion_resistance`; its factors and shift `expansion_*_factor`,
+  `expansion_pressure_shift`); `linear_*` is the one `prepare.prior` names, the residual
+  model's prior. All three are the no-network baselines every surrogate is judged against.
 - `index.json`: format version, settings, the splits (sample names per split, by simulation),
   node/edge feature names, and z-score statistics (mean, std) computed on the training split
   (`physical_*`: those of the physical pressure, flow and their increments, which the
@@ -75,9 +78,11 @@ from sciquant.workloads.bloodflow.network import (
     Physics,
     Tree,
     expansion_drop,
+    expansion_resistance,
     harmonic_response,
     inlet_impedance,
     periodic_response,
+    periodic_spline,
     steady_pressure_drop,
     steady_share,
     transfer_functions,
@@ -90,12 +95,13 @@ from sciquant.workloads.bloodflow.vtp import Centerline, read_centerline
 # step's increments as node features; 5: linear_pressure, linear_flowrate (the lumped tree's
 # response to the inflow); 6: the calibrated prior (`calibrated_*`, `lumped_*`, `prepare.prior`)
 # and the physical statistics of the reference formulation (`physical_*`); 7: `expansion_loss`,
-# `expansion_drop` (the Borda–Carnot losses of the graph's widenings), throats kept by default
-FORMAT_VERSION = 7
+# `expansion_drop` (the Borda–Carnot losses of the graph's widenings), throats kept by default;
+# 8: the expansion-calibrated prior (`expansion_*`)
+FORMAT_VERSION = 8
 #: `PrepareSettings.branch_fit` values: the rollout's fit of the flow along each branch.
 BRANCH_FITS = ("linear", "mean")
 #: `PrepareSettings.prior` values: which physics prior feeds the residual model (`linear_*`).
-PRIORS = ("calibrated", "lumped")
+PRIORS = ("calibrated", "lumped", "expansion")
 #: Bounds of the calibrated prior's wall-stiffness and viscosity factors (`calibrate_prior`):
 #: what a physiologist would accept for a 1D tree, not what makes the inlet fit. Stiffness: the
 #: embedded simulator's per-simulation scale (0.4–2.5) widened for the tube law's stiffening
@@ -667,8 +673,20 @@ def linear_series(
     return _with_loading(pressure, flowrate, settings.loading_steps)
 
 
+def inflow_cycle(sim: Simulation) -> np.ndarray:
+    """The imposed inflow (the raw inlet point's flow, cm³/s) over one cycle on `FOURIER_POINTS`
+    evenly spaced times, as `periodic_response` expands it."""
+    period = float(sim.info["T"])
+    grid = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
+    return periodic_spline(sim.times, sim.flowrate[:, 0], period)(grid)
+
+
 def calibrate_prior(
-    sim: Simulation, tree: Tree, inlet_node: int, settings: PrepareSettings
+    sim: Simulation,
+    tree: Tree,
+    inlet_node: int,
+    settings: PrepareSettings,
+    extra: np.ndarray | None = None,
 ) -> tuple[Physics, tuple[float, float], float]:
     """The lumped prior fitted to the inlet pressures the features carry.
 
@@ -683,6 +701,9 @@ def calibrate_prior(
     Where a tree's physics is far from the lumped model's (a tight stenosis near the inlet
     makes a pulse no lumped tree of these vessels has), the factors end at their bounds and the
     calibrated prior can be worse than the plain one away from the inlet: measured, not hidden.
+    `extra` [H+1, N]: series resistances per harmonic added to the lumped tree
+    (`network.expansion_resistance`, the `expansion_calibrated_model` baseline), H the
+    harmonics the prepared time step resolves; the fit and the shift are made with them.
     """
     period = float(sim.info["T"])
     times = sample_times(sim, settings, 0.0)
@@ -700,7 +721,7 @@ def calibrate_prior(
         )
 
     def inlet_series(physics: Physics, harmonics: int) -> np.ndarray:
-        transfer = transfer_functions(tree, period, harmonics, physics)
+        transfer = transfer_functions(tree, period, harmonics, physics, extra)
         pressure = periodic_response(transfer, sim.times, sim.flowrate[:, 0], period, times)[1]
         return pressure[:, inlet_node]
 
@@ -797,6 +818,15 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
             sim, tree, inlet_node, settings
         )
         calibrated = transfer_functions(tree, period, harmonics, calibrated_physics)
+        node_area = np.asarray(sim.centerline.point_data["area"], dtype=np.float64)
+        extra = expansion_resistance(
+            tree, node_area[graph["source_points"]], inflow_cycle(sim), harmonics,
+            settings.physics,
+        )  # fmt: skip
+        expansion_physics, expansion_factors, expansion_shift = calibrate_prior(
+            sim, tree, inlet_node, settings, extra
+        )
+        expansion = transfer_functions(tree, period, harmonics, expansion_physics, extra)
         split = split_of[sim.name]
         offsets = settings.time_offsets if split == "train" else 1
         for k in range(offsets):
@@ -807,9 +837,12 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
                 sim, calibrated, settings, offset
             )
             calibrated_pressure = calibrated_pressure + np.float32(shift)
+            expansion_pressure, expansion_flowrate = linear_series(sim, expansion, settings, offset)
+            expansion_pressure = expansion_pressure + np.float32(expansion_shift)
             prior = {
                 "calibrated": (calibrated_pressure, calibrated_flowrate),
                 "lumped": (lumped_pressure, lumped_flowrate),
+                "expansion": (expansion_pressure, expansion_flowrate),
             }[settings.prior]
             inlet = graph["node_type"] == INLET
             sample = dict(
@@ -826,6 +859,11 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
                 calibrated_stiffness_factor=np.float32(stiffness_factor),
                 calibrated_viscosity_factor=np.float32(viscosity_factor),
                 calibrated_pressure_shift=np.float32(shift),
+                expansion_pressure=expansion_pressure,
+                expansion_flowrate=expansion_flowrate,
+                expansion_stiffness_factor=np.float32(expansion_factors[0]),
+                expansion_viscosity_factor=np.float32(expansion_factors[1]),
+                expansion_pressure_shift=np.float32(expansion_shift),
                 period=np.float32(sim.info["T"]),
                 dt=np.float32(settings.dt),
                 diastolic=np.float32(pressure[settings.loading_steps :, inlet].min()),

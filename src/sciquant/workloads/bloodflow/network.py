@@ -140,12 +140,19 @@ class Tree:
         return cls(root, parent, order_arr, length, area, outlet, r1, capacitance, r2)
 
 
-def solve(tree: Tree, omega: float, physics: Physics = Physics()) -> tuple[np.ndarray, np.ndarray]:  # noqa: B008
+def solve(
+    tree: Tree,
+    omega: float,
+    physics: Physics = Physics(),  # noqa: B008
+    extra: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(flow, pressure) at every node per unit inflow at angular frequency `omega` (rad/s).
 
     Complex [N] arrays: the flow entering each node from upstream (the root: the inflow, 1) and
     the node's pressure (dyn/cm² per cm³/s, relative to the outlets' distal pressure). ω = 0 is
-    the steady state: real flows that share the root's 1 among the outlets.
+    the steady state: real flows that share the root's 1 among the outlets. `extra` [N]
+    (dyn·s/cm⁵): a resistance added in series on the edge into each node (0 at the root), as
+    `expansion_resistance` gives.
     """
     n = len(tree.parent)
     edge = tree.parent >= 0
@@ -155,6 +162,8 @@ def solve(tree: Tree, omega: float, physics: Physics = Physics()) -> tuple[np.nd
     series[edge] = 8 * physics.viscosity * math.pi * tree.length[edge] / a**2 + (
         1j * omega * physics.density * tree.length[edge] / a
     )
+    if extra is not None:
+        series[edge] += np.asarray(extra, dtype=np.float64)[edge]
     r = np.sqrt(a / math.pi)
     stiffness = wall_stiffness(r, *physics.stiffness)  # Eh/r
     half = 0.5 * 3 * math.pi * r**2 * tree.length[edge] / (2 * stiffness)  # C/2 = 3πr³h/(4Eh)
@@ -220,6 +229,59 @@ def expansion_drop(
     return local, total
 
 
+def expansion_coefficient(tree: Tree, node_area: np.ndarray, density: float) -> np.ndarray:
+    """K [N] (g/cm⁷) of the Borda–Carnot loss ΔP = K·Q|Q| on the edge into each node.
+
+    K = ρ/2 · (1/A_p − 1/A)² where the graph widens in the flow's direction (parent area A_p <
+    node area A), 0 elsewhere and at the root: `expansion_drop`'s loss per unit flow squared.
+    """
+    area = np.asarray(node_area, dtype=np.float64)
+    coefficient = np.zeros(len(area))
+    for node in tree.order[1:]:
+        up = tree.parent[node]
+        if area[node] > area[up]:
+            coefficient[node] = 0.5 * density * (1.0 / area[up] - 1.0 / area[node]) ** 2
+    return coefficient
+
+
+def expansion_resistance(
+    tree: Tree,
+    node_area: np.ndarray,
+    inflow: np.ndarray,
+    harmonics: int,
+    physics: Physics = Physics(),  # noqa: B008
+    iterations: int = 5,
+) -> np.ndarray:
+    """The Borda–Carnot expansion losses linearized for the lumped model: [H+1, N] dyn·s/cm⁵.
+
+    A resistance in series on every widening edge (`expansion_coefficient`, ΔP = K·Q|Q|), for
+    the cycle's inflow samples `inflow` (one period, evenly spaced): with the node's flow taken
+    as s·Q_in(t) (s its steady share), row 0, for the steady solve, is K·s·⟨Q_in|Q_in|⟩/⟨Q_in⟩,
+    so the steady drop s⟨Q_in⟩ · R₀ is the cycle-mean loss K·s²⟨Q_in|Q_in|⟩ exactly; rows
+    1..H, for the harmonics, the loss's mean slope d(K·Q|Q|)/dQ = 2K·s·⟨|Q_in|⟩. The shares
+    are those of the tree with these resistances (a fixed point, `iterations` steady solves
+    from the lumped shares): a tight stenosis sends flow to its sibling vessels. With no
+    widening edge it is all zeros and the lumped model is unchanged.
+    """
+    q = np.asarray(inflow, dtype=np.float64)
+    mean = float(q.mean())
+    if not mean > 0:
+        raise SciquantError(
+            f"expansion_resistance: the cycle-mean inflow is {mean:g} cm³/s; the linearized "
+            "expansion loss needs a forward mean flow"
+        )
+    coefficient = expansion_coefficient(tree, node_area, physics.density)
+    steady_factor = float(np.mean(q * np.abs(q))) / mean
+    slope_factor = 2.0 * float(np.mean(np.abs(q)))
+    share = solve(tree, 0.0, physics)[0].real
+    for _ in range(iterations):
+        share = solve(tree, 0.0, physics, coefficient * share * steady_factor)[0].real
+    rows = np.empty((harmonics + 1, len(coefficient)))
+    rows[0] = coefficient * share * steady_factor
+    rows[1:] = coefficient * share * slope_factor
+    return rows
+
+
 def harmonic_response(
     tree: Tree,
     period: float,
@@ -270,13 +332,20 @@ def transfer_functions(
     period: float,
     harmonics: int,
     physics: Physics = Physics(),  # noqa: B008
+    extra: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flow and pressure per unit inflow at harmonics k = 0..harmonics: two complex [H+1, N].
 
     Row k is `solve(tree, 2πk/period)`: row 0 the steady split and pressures, row k the
-    response to the cycle's k-th harmonic.
+    response to the cycle's k-th harmonic. `extra` [≥ H+1, N]: series resistances per harmonic
+    (`expansion_resistance`), row k for harmonic k.
     """
-    rows = [solve(tree, 2 * math.pi * k / period, physics) for k in range(harmonics + 1)]
+    if extra is not None and len(extra) < harmonics + 1:
+        raise ValueError(f"extra has {len(extra)} rows; {harmonics + 1} harmonics need as many")
+    rows = [
+        solve(tree, 2 * math.pi * k / period, physics, None if extra is None else extra[k])
+        for k in range(harmonics + 1)
+    ]
     return np.stack([flow for flow, _ in rows]), np.stack([pressure for _, pressure in rows])
 
 

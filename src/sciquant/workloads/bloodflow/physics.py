@@ -14,7 +14,8 @@ for every rollout:
   outlets): in a periodic state the capacitor's mean current is zero, so p̄ = q̄·(R1 + R2).
 
 Baselines (`baseline_errors`): the errors of the stored physics priors alone
-(`sciquant.workloads.bloodflow.data`: `lumped_*`, `calibrated_*`), measured like a rollout's.
+(`sciquant.workloads.bloodflow.data`: `lumped_*`, `calibrated_*`, `expansion_*`), measured like a
+rollout's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from sciquant.workloads.bloodflow.data import BRANCH, INLET, JUNCTION, OUTLET
 from sciquant.workloads.bloodflow.rollout import relative_error
 
 #: The no-network baselines: name in metrics.json → the sample's series prefix.
-BASELINES = {"lumped_model": "lumped", "calibrated_model": "calibrated"}
+BASELINES = {
+    "lumped_model": "lumped",
+    "calibrated_model": "calibrated",
+    "expansion_calibrated_model": "expansion",
+}
 #: The baseline the retained gain is measured against (metrics.json's `gain_baseline`).
 GAIN_BASELINE = "calibrated_model"
 _TREE_EDGE_TYPES = (0, 1, 2)  # branch-branch, branch-junction, junction-junction
