@@ -311,3 +311,18 @@ def test_a_stenosis_throat_is_kept_wherever_the_spacing_falls(throat: int) -> No
 def test_bad_throat_narrowing_names_the_key(value: float) -> None:
     with pytest.raises(SciquantError, match="prepare.throat_narrowing"):
         PrepareSettings(throat_narrowing=value)
+
+
+def test_backward_inflow_names_the_file(tmp_path: Path) -> None:
+    """A raw file whose inflow runs backward on average (a flipped sign convention) stops
+    prepare with its name before anything is written for it."""
+    vtps = write_dataset(tmp_path / "raw", n_simulations=3)
+    centerline = read_centerline(vtps / "sim_001.vtp")
+    data = dict(centerline.point_data)
+    for key in [k for k in data if k.startswith("flow_")]:
+        data[key] = -data[key]
+    write_centerline(vtps / "sim_001.vtp", Centerline(centerline.points, centerline.edges, data))
+    out = tmp_path / "prepared"
+    with pytest.raises(SciquantError, match=r"sim_001\.vtp.*mean inflow.*sign convention"):
+        bloodflow.prepare(tmp_path / "raw", out, PrepareSettings(keep_fraction=0.25, dt=0.05))
+    assert not (out / "graphs" / "sim_001_o0.npz").exists()

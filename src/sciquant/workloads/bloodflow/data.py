@@ -819,10 +819,15 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
         )
         calibrated = transfer_functions(tree, period, harmonics, calibrated_physics)
         node_area = np.asarray(sim.centerline.point_data["area"], dtype=np.float64)
-        extra = expansion_resistance(
-            tree, node_area[graph["source_points"]], inflow_cycle(sim), harmonics,
-            settings.physics,
-        )  # fmt: skip
+        try:
+            extra = expansion_resistance(
+                tree, node_area[graph["source_points"]], inflow_cycle(sim), harmonics,
+                settings.physics,
+            )  # fmt: skip
+        except SciquantError as error:
+            raise SciquantError(
+                f"{path}: {error} (check the flow sign convention of the raw data)"
+            ) from None
         expansion_physics, expansion_factors, expansion_shift = calibrate_prior(
             sim, tree, inlet_node, settings, extra
         )
