@@ -9,6 +9,9 @@ its end nodes) and cross-section A (the mean of its end nodes' areas), radius r 
 - compliance C = 3πr³h/(2Eh) with the wall stiffness Eh/r = k1·exp(k2·r) + k3 (Olufsen et al.
   2000), half of it at each end node (a shunt admittance iωC/2 to the reference pressure);
 - outlet: RCR Windkessel Z = R1 + R2/(1 + iωR2·C) (a plain resistance when C = R2 = 0).
+- optionally (`extra`, the expansion-calibrated prior), a resistance in series on every edge
+  where the graph widens: the Borda–Carnot loss K·Q|Q| linearized about the cycle's flow
+  (`expansion_resistance`).
 
 `solve(tree, ω)` solves the tree for a unit harmonic inflow at the inlet: the flow at a node (the
 flow entering it from upstream, the raw data's convention) and its pressure, per unit inflow. At
