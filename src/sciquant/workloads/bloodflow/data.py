@@ -77,12 +77,12 @@ from sciquant.workloads.bloodflow.network import (
     FOURIER_POINTS,
     Physics,
     Tree,
+    cycle_samples,
     expansion_drop,
     expansion_resistance,
     harmonic_response,
     inlet_impedance,
     periodic_response,
-    periodic_spline,
     steady_pressure_drop,
     steady_share,
     transfer_functions,
@@ -673,14 +673,6 @@ def linear_series(
     return _with_loading(pressure, flowrate, settings.loading_steps)
 
 
-def inflow_cycle(sim: Simulation) -> np.ndarray:
-    """The imposed inflow (the raw inlet point's flow, cm³/s) over one cycle on `FOURIER_POINTS`
-    evenly spaced times, as `periodic_response` expands it."""
-    period = float(sim.info["T"])
-    grid = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
-    return periodic_spline(sim.times, sim.flowrate[:, 0], period)(grid)
-
-
 def calibrate_prior(
     sim: Simulation,
     tree: Tree,
@@ -821,8 +813,8 @@ def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
         node_area = np.asarray(sim.centerline.point_data["area"], dtype=np.float64)
         try:
             extra = expansion_resistance(
-                tree, node_area[graph["source_points"]], inflow_cycle(sim), harmonics,
-                settings.physics,
+                tree, node_area[graph["source_points"]],
+                cycle_samples(sim.times, sim.flowrate[:, 0], period), harmonics, settings.physics,
             )  # fmt: skip
         except SciquantError as error:
             raise SciquantError(

@@ -378,13 +378,20 @@ def periodic_response(
     harmonics = flow_transfer.shape[0] - 1
     if harmonics >= FOURIER_POINTS // 2:
         raise ValueError(f"at most {FOURIER_POINTS // 2 - 1} harmonics, got {harmonics}")
-    grid = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
-    samples = periodic_spline(inflow_times, inflow, period)(grid)
+    samples = cycle_samples(inflow_times, inflow, period)
     coefficients = np.fft.rfft(samples)[: harmonics + 1] / FOURIER_POINTS
     coefficients[1:] *= 2.0
     angle = (2 * math.pi / period) * np.asarray(times, dtype=np.float64)
     weights = np.exp(1j * np.outer(angle, np.arange(harmonics + 1))) * coefficients  # [T, H+1]
     return (weights @ flow_transfer).real, (weights @ pressure_transfer).real
+
+
+def cycle_samples(times: np.ndarray, values: np.ndarray, period: float) -> np.ndarray:
+    """One cycle of a periodic waveform sampled at `times` (s), on `FOURIER_POINTS` evenly
+    spaced times from 0 (`periodic_spline` through the samples): what `periodic_response`
+    expands, and the cycle over which `expansion_resistance` averages the inflow."""
+    grid = np.arange(FOURIER_POINTS) * (period / FOURIER_POINTS)
+    return periodic_spline(times, values, period)(grid)
 
 
 def periodic_spline(times: np.ndarray, values: np.ndarray, period: float) -> CubicSpline:
