@@ -561,13 +561,12 @@ def no_gain_note(
         bound = runs.get(f"network_gain_{field_name(metric)}_pct_ci_low")
         if metric not in runs or not (metric.endswith("_error_pct") or bound is not None):
             continue
-        try:
-            fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
-            fp32 = float(runs[metric].sel(fp32_run).mean())
-        except (KeyError, ValueError):
+        fp32 = _fp32_value(runs, metric)
+        if math.isnan(fp32):  # no FP32 run of it, or its value missing: nothing to say
             continue
+        fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
         untold = bound is not None and not bool((bound.sel(fp32_run) > 0).any())
-        if not math.isnan(fp32) and (fp32 >= value or untold):
+        if fp32 >= value or untold:
             fields.append(
                 f"{figures.metric_label(metric)}: FP32 network {format_value(fp32)}, no network "
                 f"{format_value(value)}"
