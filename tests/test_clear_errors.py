@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sciquant import cli
+from sciquant.data.manifest import write_manifest
 from sciquant.errors import SciquantError
 from sciquant.provenance import write_json
 from sciquant.report.cube import aggregate, load_cube
@@ -125,6 +126,39 @@ def test_the_cli_prints_one_line_for_bad_raw_data(
     assert error.startswith("sciquant prepare: error: ") and "dataset_info.json" in error
 
 
+def test_a_delivered_file_that_went_missing_or_shrank_stops_prepare(
+    raw: Path, tmp_path: Path
+) -> None:
+    """A raw folder that no longer holds what its manifest lists would prepare fewer
+    simulations, and so a different split: prepare refuses it, naming the files."""
+    write_manifest(raw, source={"embedded": {"n_simulations": 3}})
+    (raw / "vtps" / "sim_001.vtp").unlink()
+    data = (raw / "vtps" / "sim_002.vtp").read_bytes()
+    (raw / "vtps" / "sim_002.vtp").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "prepared"
+    pattern = (
+        r"2 of the 4 files manifest\.json lists are not as delivered: vtps/sim_001\.vtp "
+        r"\(missing\), vtps/sim_002\.vtp \(\d+ bytes, delivered \d+\).*--forcerun synthesize"
+    )
+    with pytest.raises(SciquantError, match=pattern):
+        bloodflow.prepare(raw, out, bloodflow.PrepareSettings(**SETTINGS))
+    assert not out.exists()
+
+
+def test_simulations_listed_without_a_file_are_named_on_stderr(
+    raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without a manifest (a folder laid out by hand), a dataset_info.json entry with no .vtp is
+    named beside the simulations that are prepared."""
+    path = raw / "vtps" / "dataset_info.json"
+    info = json.loads(path.read_text())
+    info["sim_007"] = info["sim_000"]
+    path.write_text(json.dumps(info))
+    bloodflow.prepare(raw, tmp_path / "prepared", bloodflow.PrepareSettings(**SETTINGS))
+    err = capsys.readouterr().err
+    assert "lists 1 simulation without a .vtp file (sim_007); preparing the 3 present" in err
+
+
 @pytest.fixture()
 def prepared_sample(tmp_path: Path) -> tuple[Path, Path]:
     """A prepared folder with one sample file, as `prepare` writes it."""
@@ -219,3 +253,32 @@ def test_a_metric_name_the_cube_cannot_hold_is_named(tmp_path: Path, name: str) 
         aggregate([good, bad], out / "metrics.nc", out / "metrics.csv", {})
     # No cube, table or partial file is left behind (the parse cache may be).
     assert sorted(p.name for p in out.iterdir() if p.name != "metrics.cache.json") == []
+
+
+def test_a_folder_or_another_file_given_as_metrics_or_cube(tmp_path: Path) -> None:
+    """The report's inputs mistaken for one another: each error says what to pass instead."""
+    (tmp_path / "cube.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SciquantError, match=r"a folder, not a metrics file.*metrics\.json"):
+        aggregate([tmp_path], tmp_path / "m.nc", tmp_path / "m.csv", {})
+    with pytest.raises(SciquantError, match=r"a folder, not a result cube; pass the NetCDF"):
+        load_cube(tmp_path)
+    with pytest.raises(SciquantError, match=r"cube\.csv: not a result cube \(OSError\); pass"):
+        load_cube(tmp_path / "cube.csv")
+    assert (tmp_path / "cube.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_overview_arguments_and_unreadable_pixel_maps(
+    synthesized: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["overview", "bloodflow", "--raw", str(synthesized), "--out", str(tmp_path / "o.png")]
+    for count in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--simulations", count])
+        assert "a simulation count is a whole number ≥ 1" in capsys.readouterr().err
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md" / "pixelmaps.npz").write_bytes(b"PK\x03\x04 truncated")
+    md_argv = ["overview", "md", "--raw", str(tmp_path), "--prepared", str(tmp_path / "md"),
+               "--out", str(tmp_path / "md.png")]  # fmt: skip
+    assert cli.main(md_argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "prepare" in err and str(tmp_path / "md") in err

@@ -464,3 +464,27 @@ def test_load_prepared_errors_name_the_file(prepared: Path, tmp_path: Path) -> N
     (copy / "pixelmaps.npz").write_bytes((prepared / "pixelmaps.npz").read_bytes()[:1000])
     with pytest.raises(SciquantError, match=r"pixelmaps\.npz"):
         md.load_prepared(copy)
+
+
+def test_embedded_data_without_its_listing_names_the_file_and_synthesis(
+    raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Synthesized data whose dataset_info.json is gone: the error names that file and the
+    synthesis, not the download listing it does not have; a shrunken file is named first."""
+    import shutil
+
+    from sciquant import cli
+    from sciquant.data.manifest import write_manifest
+
+    copy = Path(shutil.copytree(raw, tmp_path / "raw"))
+    write_manifest(copy, source={"embedded": {"n_beads": N_BEADS}})
+    (copy / "dataset_info.json").unlink()
+    argv = ["prepare", "md", "--raw", str(copy), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dataset_info.json (missing)" in err and "--forcerun synthesize" in err
+    write_manifest(copy, source={"embedded": {"n_beads": N_BEADS}})
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dataset_info.json: not found" in err and "embedded (synthesized) data" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

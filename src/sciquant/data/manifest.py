@@ -38,6 +38,16 @@ def _embedded_source(data: dict[str, Any]) -> bool:
     return isinstance(data.get("source"), dict) and "embedded" in data["source"]
 
 
+def embedded_source(raw: Path) -> bool:
+    """Whether `raw/manifest.json` records an embedded (synthesized) source; False where it is
+    missing or unreadable (the reader that needs it says why)."""
+    try:
+        data = json.loads((raw / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and _embedded_source(data)
+
+
 def clear_earlier_synthesis(
     out_dir: Path,
     own_file: re.Pattern[str],
@@ -113,3 +123,43 @@ def clear_earlier_synthesis(
     manifest = out_dir / MANIFEST
     for path in sorted(own, key=lambda p: p != manifest):
         path.unlink()
+
+
+def check_delivered(raw: Path) -> None:
+    """Every file `raw/manifest.json` lists is still there, at the size it was delivered.
+
+    A raw folder without a manifest (data a user laid out by hand) is not checked. A file that
+    went missing or changed size since the fetch/synthesize stage (deleted, truncated, half
+    copied) raises a `SciquantError` naming it, before anything is prepared from a folder that
+    would silently hold fewer simulations, and so a different split. Sizes only: hashing a
+    downloaded data set on every preparation would cost minutes.
+    """
+    path = raw / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = [(str(f["path"]), int(f["bytes"])) for f in data["files"]]
+    except (OSError, ValueError) as error:
+        raise SciquantError(
+            f"{path}: cannot be read ({error}); rerun the fetch/synthesize stage"
+        ) from error
+    except (KeyError, TypeError) as error:
+        raise SciquantError(
+            f"{path}: not a list of delivered files (no {error} in an entry of 'files'); "
+            "rerun the fetch/synthesize stage"
+        ) from error
+    wrong: list[str] = []
+    for name, size in files:
+        file = raw / name
+        if not file.is_file():
+            wrong.append(f"{name} (missing)")
+        elif file.stat().st_size != size:
+            wrong.append(f"{name} ({file.stat().st_size} bytes, delivered {size})")
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise SciquantError(
+            f"{raw}: {len(wrong)} of the {len(files)} files {MANIFEST} lists are not as delivered: "
+            f"{shown}; nothing was prepared. Rerun the stage that delivered them "
+            "(`snakemake --forcerun synthesize` or `--forcerun fetch`)"
+        )

@@ -60,6 +60,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import zipfile
 import zlib
 from collections import defaultdict, deque
@@ -71,6 +72,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from sciquant.data.manifest import check_delivered
 from sciquant.errors import SciquantError
 from sciquant.provenance import atomic_path, write_json
 from sciquant.workloads.bloodflow.network import (
@@ -236,6 +238,11 @@ class Simulation:
 
 def find_vtps(raw: Path) -> Path:
     """The folder holding `dataset_info.json` (normally `raw/vtps`, or deeper in an archive)."""
+    if not raw.is_dir():
+        raise SciquantError(
+            f"{raw}: no such folder; give the raw data folder (resources/<dataset>/raw after the "
+            "fetch/synthesize stage)"
+        )
     candidates = sorted(raw.rglob("dataset_info.json"))
     if not candidates:
         raise SciquantError(
@@ -786,9 +793,19 @@ def prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
 
 def _prepare(raw: Path, out: Path, settings: PrepareSettings) -> Path:
     """`prepare` itself."""
+    check_delivered(raw)
     vtps = find_vtps(raw)
     info = read_dataset_info(vtps)
     paths = sorted(vtps.glob("*.vtp"))
+    unread = sorted(set(info) - {p.stem for p in paths})
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        print(
+            f"prepare: {vtps / 'dataset_info.json'} lists {len(unread)} "
+            f"simulation{'s' if len(unread) > 1 else ''} without a .vtp file ({shown}); "
+            f"preparing the {len(paths)} present",
+            file=sys.stderr,
+        )
     if len(paths) < 3:
         raise SciquantError(f"{vtps}: found {len(paths)} .vtp files; need at least 3 to split")
     splits = split_simulations([p.stem for p in paths], settings.split)

@@ -52,6 +52,8 @@ class MolecularDynamics(Workload):
     def prepare(self, raw: Path, out: Path, settings: dict[str, Any]) -> None:
         """The embedded simulation's dataset_info.json lists its files and labels; a download
         lists them in manifest.json (the config's `role` and `label`)."""
+        from sciquant.data.manifest import MANIFEST, check_delivered, embedded_source
+        from sciquant.errors import SciquantError
         from sciquant.workloads.md import data as md
 
         options = {
@@ -60,9 +62,16 @@ class MolecularDynamics(Workload):
             "split": tuple(settings["split"][k] for k in ("train", "valid", "test")),
             "gap": settings["gap"],
         }
+        check_delivered(raw)
         if (raw / "dataset_info.json").is_file():
             md.prepare_from_info(raw, out, **options)
             return
+        if embedded_source(raw):
+            raise SciquantError(
+                f"{raw / 'dataset_info.json'}: not found, though {raw / MANIFEST} records "
+                "embedded (synthesized) data, whose files and labels that file lists; rerun "
+                "synthesis (`snakemake --forcerun synthesize`)"
+            )
         # The files are looked up under the names fetch saved them as (download.local_name).
         md.prepare_from_manifest(raw, out, **options)
 
