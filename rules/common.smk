@@ -31,6 +31,16 @@ from sciquant.study import (
     train_settings,
 )
 
+# A study is one file: two --configfile paths would be merged key by key into a study no file
+# describes (the Snakefile's comment; README).
+if len(workflow.overwrite_configfiles or []) > 1:
+    raise WorkflowError(
+        "--configfile got " + str(len(workflow.overwrite_configfiles)) + " files ("
+        + ", ".join(str(p) for p in workflow.overwrite_configfiles) + "); a study is one file, "
+        "never a merge: give one, or copy what you need of the others into it"
+    )
+#: The study file the errors below name.
+STUDY_FILE = ", ".join(str(p) for p in workflow.configfiles) or "the study config"
 # Snakemake's YAML reader keeps the last of a key given twice; the study's own reader refuses it.
 for _configfile in workflow.configfiles:
     try:
@@ -44,12 +54,12 @@ try:
 except SciquantError as error:
     raise WorkflowError(str(error)) from None
 if _errors:
-    raise WorkflowError("invalid study config:\n" + "\n".join(_errors))
+    raise WorkflowError(f"invalid study config {STUDY_FILE}:\n" + "\n".join(_errors))
 try:
     study = Study(config)
     BATCHES = batch_plan(study)
 except SciquantError as error:
-    raise WorkflowError(str(error)) from None
+    raise WorkflowError(f"{STUDY_FILE}: {error}") from None
 BATCH_SETTINGS = batch_settings(study)
 #: The seeds of the per-run quantize / export / evaluate rules: every seed, or none at all while
 #: the runs are batched (rules/batch.smk then writes every run's files).

@@ -87,7 +87,12 @@ CASES = [
     ("dataset-key-unknown", dataset(colour="red"),
      "config key datasets.bloodflow: Additional properties are not allowed ('colour'"),
     ("train-key-typo", train(epoch=3),
-     "config key models.meshgraphnet.train: Additional properties are not allowed ('epoch'"),
+     "config key models.meshgraphnet.train: Additional properties are not allowed ('epoch' was "
+     "unexpected); did you mean 'epochs'? The keys allowed here are"),
+    ("budget-bound-typo", {"report": {"budget": {"metric": "pressure_error_pct",
+                                                 "max_ratio": 1.2}}},
+     "config key report.budget: Additional properties are not allowed ('max_ratio' was "
+     "unexpected); did you mean 'max_ratio_to_fp32'?"),
     ("node-type-unknown", {"nodes": {"cpu": {}, "a100": {}}}, "config key nodes: 'a100'"),
     ("simulator-key-unknown",
      dataset(source={"embedded": {"parameters": {"viscosityy": 0.04}}}),
@@ -124,7 +129,9 @@ CASES = [
     ("target-unknown", sweep(targets=["tpu-v5"]),
      "config key quantize.sweeps.0.targets: unknown target 'tpu-v5'; known targets are"),
     ("method-none", sweep(methods=["none"]), "config key quantize.sweeps.0.methods: `none`"),
-    ("precision-int8", sweep(precisions=["int8"]), "quantize.sweeps.0.precisions.0: 'int8'"),
+    ("precision-int8", sweep(precisions=["int8"]),
+     "quantize.sweeps.0.precisions.0: 'int8' is not a precision: a precision is wXaY with X "
+     "weight bits 2–8"),
     ("fp16-on-cpu-x86", sweep(precisions=["fp16"]),
      "config key quantize.sweeps.0: target 'cpu-x86' cannot run precision fp16"),
     ("keras-target-torch-model", sweep(targets=["litert-cpu"]),

@@ -126,6 +126,24 @@ def test_bad_config_fails_dry_run_naming_key(tmp_path: Path, change: dict, messa
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
 
+def test_two_study_files_are_refused_not_merged(tmp_path: Path) -> None:
+    """A study is one file: two --configfile paths would merge key by key into a study that no
+    file describes; the dry run refuses them, naming both, and the invalid one's errors name
+    their file."""
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(CI_CONFIG.read_text()), "study": "other"}))
+    result = snakemake("-n", "--configfile", str(CI_CONFIG), str(other), "--directory",
+                       str(tmp_path))  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"--configfile got 2 files ({CI_CONFIG}, {other}); a study is one file" in output
+    other.write_text(yaml.safe_dump({**yaml.safe_load(CI_CONFIG.read_text()), "seed": [0]}))
+    result = snakemake("-n", "--configfile", str(other), "--directory", str(tmp_path))
+    output = result.stdout + result.stderr
+    assert f"invalid study config {other}:" in output and "did you mean 'seeds'?" in output
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
 def test_check_config_cli_reports_key_without_traceback(tmp_path: Path) -> None:
     config = yaml.safe_load(CI_CONFIG.read_text())
     config["seeds"] = [0, 0]

@@ -1057,10 +1057,50 @@ def schema_errors(config: dict[str, Any], limit: int = 10) -> list[str]:
 DISCRIMINATORS = ("workload", "architecture")
 
 
+#: The schema's pattern of a sweep precision, and what it means in words.
+PRECISION_PATTERN = "^(fp16|bf16|w[2-8]a[4-8])$"
+PRECISION_WORDS = (
+    "a precision is wXaY with X weight bits 2–8 and Y activation bits 4–8 (w8a8, w4a8, "
+    "w4a4, ...), fp16 or bf16; FP32 runs in every study as the baseline without a sweep entry, "
+    "and mixed precision comes from quantize.sensitivity"
+)
+
+
+def _unknown_keys(error: Any) -> str:
+    """An `additionalProperties` violation with, for each unknown key, the closest allowed one,
+    and the keys allowed there."""
+    import difflib
+
+    allowed = sorted(error.schema.get("properties", {}))
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    unknown = [k for k in instance if k not in allowed]
+    if not unknown or not allowed:
+        return error.message
+    close = [
+        f"{match[0]!r}" + (f" for {name!r}" if len(unknown) > 1 else "")
+        for name in unknown
+        for match in [difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)]
+        if match
+    ]
+    hint = f"; did you mean {', '.join(close)}? The" if close else "; the"
+    return f"{error.message}{hint} keys allowed here are {', '.join(allowed)}"
+
+
 def describe(error: Any) -> str:
     """One line per schema violation: the dotted key and what is wrong."""
+    import jsonschema
+
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # the alternative that came closest says what is wrong, not "valid under none of them"
+        # (a branch of another type, e.g. the list form of a single constraint, is not it)
+        fitting = [e for e in error.context if e.validator != "type" or e.relative_path]
+        return describe(jsonschema.exceptions.best_match(fitting or error.context))
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     message = error.message
+    if error.validator == "additionalProperties":
+        message = _unknown_keys(error)
+    if error.validator == "pattern" and error.validator_value == PRECISION_PATTERN:
+        message = f"{error.instance!r} is not a precision: {PRECISION_WORDS}"
     if error.validator == "enum" and list(error.absolute_path)[-1:] in (
         ["workload"],
         ["architecture"],
