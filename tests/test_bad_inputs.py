@@ -166,6 +166,32 @@ def test_degree_protection_out_of_order_fails_the_config_check():
             ],
             "unknown calibration_samples",
         ),  # fmt: skip
+        (
+            [
+                "quantize",
+                "--checkpoint",
+                "c.pt",
+                "--prepared",
+                "p",
+                "--target",
+                "reference",
+                "--method",
+                "ptq-minmaxx",
+                "--precision",
+                "w8a8",
+                "--out",
+                "o",
+            ],
+            "invalid choice: 'ptq-minmaxx' (choose from 'none', 'ptq-minmax',",
+        ),  # fmt: skip
+        (
+            ["train", "--prepared", "p", "--settings", __file__, "--out", "o"],
+            "(this is a file's path: the option takes the JSON text itself",
+        ),  # fmt: skip
+        (
+            ["prepare", "bloodflow", "--raw", "nothere", "--out", "o"],
+            "nothere: no such folder; give the raw data folder",
+        ),  # fmt: skip
     ],
 )
 def test_command_line_input_of_the_wrong_shape(capsys, tmp_path, monkeypatch, argv, expected):

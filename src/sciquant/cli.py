@@ -16,17 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
+from sciquant.quant.observers import METHODS as QUANTIZATION_METHODS
 from sciquant.vocabulary import (
     COORDINATES,
     section_with_defaults,
 )
 
 
+def _is_file(text: str) -> bool:
+    """Whether `text` names an existing file (False for text no path can be, e.g. too long)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _json_argument(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]}") from error
+        hint = (
+            " (this is a file's path: the option takes the JSON text itself, e.g. "
+            '"$(cat FILE)" for a JSON file)'
+            if _is_file(text)
+            else ""
+        )
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]}{hint}") from error
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -49,15 +64,25 @@ def _json_objects(text: str) -> list[dict[str, Any]]:
     return value
 
 
-def _threads(text: str) -> int:
-    """A positive thread count."""
+def _count(text: str, what: str) -> int:
+    """A whole number ≥ 1 of `what`, or argparse's error saying so."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"a thread count is a whole number ≥ 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"a {what} count is a whole number ≥ 1, got {text!r}")
     return value
+
+
+def _threads(text: str) -> int:
+    """A positive thread count."""
+    return _count(text, "thread")
+
+
+def _simulations(text: str) -> int:
+    """A positive number of simulations to plot."""
+    return _count(text, "simulation")
 
 
 def _missing_coordinates(coordinates: dict[str, Any]) -> list[str]:
@@ -238,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw",
         type=Path,
         required=True,
-        help="raw data folder (bloodflow: with vtps/; md: topology + trajectories + manifest.json)",
+        help="raw data folder (bloodflow: vtps/*.vtp + dataset_info.json; md: topology + "
+        "trajectories, listed in dataset_info.json (synthesized) or manifest.json (fetched))",
     )
     _add_settings(prepare, "preparation settings")
     prepare.add_argument("--out", type=Path, required=True, help="prepared data folder to write")
@@ -252,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prepared", type=Path, default=None, help="prepared data folder (md: the pixel maps)"
     )
     overview.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    overview.add_argument("--simulations", type=int, default=4, help="simulations to plot")
+    overview.add_argument(
+        "--simulations", type=_simulations, default=4, help="simulations to plot (≥ 1)"
+    )
 
     train = commands.add_parser("train", help="train the FP32 model (resumes from a checkpoint)")
     train.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
@@ -345,8 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     quantize.add_argument("--target", required=True, help="hardware target (e.g. cpu-x86)")
-    quantize.add_argument("--method", required=True, help="e.g. ptq-mse, qat-lsq, ptq-dynamic")
-    quantize.add_argument("--precision", required=True, help="wXaY, e.g. w8a8")
+    quantize.add_argument(
+        "--method",
+        required=True,
+        choices=("none", *QUANTIZATION_METHODS),
+        metavar="METHOD",
+        help=f"one of {', '.join(QUANTIZATION_METHODS)}, or none (a float conversion)",
+    )
+    quantize.add_argument(
+        "--precision", required=True,
+        help="wXaY (e.g. w8a8, w4a8), fp16 or bf16, or mixed (with --recommendation)",
+    )  # fmt: skip
     _add_settings(quantize, '{"quantize": the config\'s quantize section, "model": the model\'s}')
     quantize.add_argument("--seed", type=int, default=0, help="seed of QAT fine-tuning")
     quantize.add_argument(
@@ -424,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser("check-config", help="validate a study config file")
-    check.add_argument("config", type=Path)
+    check.add_argument("config", type=Path, help="the study's YAML file (workflow/config/*.yaml)")
 
     bench = commands.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=["mgn", "rollout", "cnn", "aggregate", "report", "dryrun"])

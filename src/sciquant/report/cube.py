@@ -141,6 +141,15 @@ def read_metrics(path: Path) -> RunRecord:
         key = (*key[:2], int(key[2]), *key[3:])
     except FileNotFoundError as error:
         raise SciquantError(f"{path}: metrics file not found; rerun its evaluate stage") from error
+    except IsADirectoryError as error:
+        raise SciquantError(
+            f"{path}: a folder, not a metrics file; pass the runs' metrics.json files (for "
+            f"example {Path(path) / '**' / 'metrics.json'} with your shell's globstar)"
+        ) from error
+    except OSError as error:
+        raise SciquantError(
+            f"{path}: cannot be read ({error}); rerun its evaluate stage"
+        ) from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SciquantError(
             f"{path}: not valid JSON ({error}); delete it and rerun its evaluate stage"
@@ -524,20 +533,27 @@ def load_cube(path: Path) -> xr.Dataset:
     A missing file, or one that is not a complete cube (truncated, corrupt, another kind of
     file), is an error naming it and saying to aggregate again.
     """
+    what = "the NetCDF file `sciquant aggregate --out-nc` writes (results/summary/metrics.nc)"
+    if Path(path).is_dir():
+        raise SciquantError(f"{path}: a folder, not a result cube; pass {what}")
     if not Path(path).is_file():
         raise SciquantError(f"{path}: result cube not found; run `sciquant aggregate` first")
     try:
         with xr.open_dataset(path, engine="h5netcdf") as opened:
             cube = opened.load()
     except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if Path(path).suffix.lower() != ".nc":  # another file given by mistake
+            raise SciquantError(
+                f"{path}: not a result cube ({type(error).__name__}); pass {what}"
+            ) from error
         raise SciquantError(
             f"{path}: not a readable result cube, truncated or corrupt ({type(error).__name__}: "
-            f"{error}); delete it and run `sciquant aggregate` again"
+            f"{error}); run `sciquant aggregate` again to rewrite it"
         ) from error
     if "simulated" not in cube or tuple(cube["simulated"].dims) != COORDINATES:
         raise SciquantError(
             f"{path}: not a result cube written by `sciquant aggregate` (no `simulated` over "
-            f"{', '.join(COORDINATES)}); delete it and run `sciquant aggregate` again"
+            f"{', '.join(COORDINATES)}); pass {what}, or run `sciquant aggregate` to write one"
         )
     return cube
 

@@ -205,7 +205,7 @@ def sensitivity_heatmap(path: Path) -> bytes | None:
         return None
     table = pd.read_csv(path, index_col=0).select_dtypes("number")
     if table.empty:
-        return None
+        return None  # a table with no numeric column: the caller says so
     height = min(0.28 * len(table) + 1.5, 16.0)
     fig, ax = plt.subplots(figsize=(WIDTH_IN, height))
     image = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap="viridis")

@@ -771,7 +771,8 @@ def extra_figures_section(
         if png:
             rendered.append(image_html(png, display_path(path, relative_to)))
         else:
-            print(f"report: sensitivity table {path} left out (missing or empty)", file=sys.stderr)
+            kind = "no numeric column after the layer names" if path.is_file() else "no such file"
+            print(f"report: sensitivity table {path} left out ({kind})", file=sys.stderr)
     if not rendered:
         return ""
     return (

@@ -10,7 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sciquant.errors import SciquantError  # noqa: E402
 from sciquant.workloads.bloodflow.data import (  # noqa: E402
     INLET,
     OUTLET,
@@ -56,12 +55,10 @@ def plot_bloodflow(raw: Path, out: Path, n_simulations: int = 4) -> Path:
 def plot_md(prepared: Path, out: Path) -> Path:
     """The pixel maps of an md dataset: one frame and the mean map per state, and how far apart
     the states' mean maps are, pixel by pixel (what the CNN has to pick up)."""
-    path = prepared / "pixelmaps.npz"
-    try:
-        with np.load(path) as data:
-            x, y, split = data["x"], data["y"], data["split"]
-    except (OSError, KeyError, ValueError) as error:
-        raise SciquantError(f"{path}: cannot read pixel maps ({error}); rerun prepare") from None
+    from sciquant.workloads.md.data import load_prepared
+
+    data = load_prepared(prepared)  # errors name the file and say to rerun prepare
+    x, y, split = data["x"], data["y"], data["split"]
     labels = sorted(int(label) for label in np.unique(y))
     fig, axes = plt.subplots(2, len(labels) + 1, figsize=(3.0 * (len(labels) + 1), 6.0))
     means = {}
