@@ -33,11 +33,11 @@ from sciquant.study import (
 
 # A study is one file: two --configfile paths would be merged key by key into a study no file
 # describes (the Snakefile's comment; README).
-if len(workflow.overwrite_configfiles or []) > 1:
+_study_files = [str(p) for p in workflow.overwrite_configfiles or []]
+if len(_study_files) > 1:
     raise WorkflowError(
-        "--configfile got " + str(len(workflow.overwrite_configfiles)) + " files ("
-        + ", ".join(str(p) for p in workflow.overwrite_configfiles) + "); a study is one file, "
-        "never a merge: give one, or copy what you need of the others into it"
+        f"--configfile got {len(_study_files)} files ({', '.join(_study_files)}); a study is "
+        "one file, never a merge: give one, or copy what you need of the others into it"
     )
 #: The study file the errors below name.
 STUDY_FILE = ", ".join(str(p) for p in workflow.configfiles) or "the study config"
