@@ -106,6 +106,12 @@ def test_degree_protection_out_of_order_fails_the_config_check():
 # ------------------------------------------------------------------------- command-line JSON
 
 
+#: A quantize command line without its method.
+QUANTIZE = (
+    "quantize --checkpoint c.pt --prepared p --target reference --precision w8a8 --out o"
+).split()
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -147,43 +153,13 @@ def test_degree_protection_out_of_order_fails_the_config_check():
             "must add up to 1",
         ),  # fmt: skip
         (
-            [
-                "quantize",
-                "--checkpoint",
-                "c.pt",
-                "--prepared",
-                "p",
-                "--target",
-                "reference",
-                "--method",
-                "ptq-mse",
-                "--precision",
-                "w8a8",
-                "--out",
-                "o",
-                "--settings",
-                '{"calibration_samples": 2}',
-            ],
+            [*QUANTIZE, "--method", "ptq-mse", "--settings", '{"calibration_samples": 2}'],
             "unknown calibration_samples",
-        ),  # fmt: skip
+        ),
         (
-            [
-                "quantize",
-                "--checkpoint",
-                "c.pt",
-                "--prepared",
-                "p",
-                "--target",
-                "reference",
-                "--method",
-                "ptq-minmaxx",
-                "--precision",
-                "w8a8",
-                "--out",
-                "o",
-            ],
+            [*QUANTIZE, "--method", "ptq-minmaxx"],
             "invalid choice: 'ptq-minmaxx' (choose from 'none', 'ptq-minmax',",
-        ),  # fmt: skip
+        ),
         (
             ["train", "--prepared", "p", "--settings", __file__, "--out", "o"],
             "(this is a file's path: the option takes the JSON text itself",
