@@ -281,12 +281,17 @@ def test_runs_of_two_configs_are_flagged_and_a_missing_figure_is_named(tmp_path,
     stale["config_hash"] = "f" * 64  # a run left from an earlier config
     paths[-1].write_text(json.dumps(stale))
     aggregate(paths, tmp_path / "metrics.nc", tmp_path / "metrics.csv", {"study": "t"})
+    (tmp_path / "text.png").write_text("not an image")
+    figures = [tmp_path / "gone.png", tmp_path / "text.png"]
     page = build_report(
-        tmp_path / "metrics.nc", tmp_path / "index.html", extra_figures=[tmp_path / "gone.png"]
+        tmp_path / "metrics.nc", tmp_path / "index.html", extra_figures=figures
     ).read_text()
     assert "These runs come from 2 study configs" in page
     assert "<code>ffffffffffff</code>" in page
-    assert f"figure {tmp_path / 'gone.png'} left out (no such file)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"figure {tmp_path / 'gone.png'} left out (no such file)" in err
+    assert f"figure {tmp_path / 'text.png'} left out (not a PNG or JPEG file)" in err
+    assert "text.png" not in page
 
     paths[-1].unlink()
     aggregate(paths[:-1], tmp_path / "one.nc", tmp_path / "one.csv", {"study": "t"})

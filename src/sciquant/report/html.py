@@ -66,6 +66,9 @@ REFERENCE_BASELINE_NOTE = (
     "‡ this target has no FP32 run: speed-up relative to the reference FP32 (another runtime)."
 )
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+#: The first bytes of a file of each image type: a figure whose content is not what its name
+#: says is left out, not embedded as an image no browser shows.
+IMAGE_SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 
 STYLE = """
 :root { color-scheme: light; }
@@ -761,8 +764,9 @@ def extra_figures_section(
     rendered = []
     for path in map(Path, extra_figures):
         mime = IMAGE_TYPES.get(path.suffix.lower())
-        if mime and path.is_file():
-            rendered.append(image_html(path.read_bytes(), display_path(path, relative_to), mime))
+        data = path.read_bytes() if mime and path.is_file() else b""
+        if mime and data.startswith(IMAGE_SIGNATURES[mime]):
+            rendered.append(image_html(data, display_path(path, relative_to), mime))
         else:
             kind = "not a PNG or JPEG file" if path.is_file() else "no such file"
             print(f"report: figure {path} left out ({kind})", file=sys.stderr)
