@@ -55,7 +55,7 @@ from sciquant.report.cube import (
     workload_slices,
 )
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
-from sciquant.report.gain import field_name
+from sciquant.report.gain import FP32_RUN, field_name
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
@@ -496,11 +496,14 @@ def weaker_baseline_note(
     )  # fmt: skip
 
 
+#: The FP32 network's run in a cube's (target, method, precision) coordinates.
+FP32_SELECTION = dict(zip(("target", "method", "precision"), FP32_RUN, strict=True))
+
+
 def _fp32_value(runs: xr.Dataset, metric: str) -> float:
     """The FP32 network's `metric` (mean over seeds), NaN where the runs do not have it."""
     try:
-        fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
-        return float(runs[metric].sel(fp32_run).mean())
+        return float(runs[metric].sel(FP32_SELECTION).mean())
     except (KeyError, ValueError):
         return math.nan
 
@@ -509,12 +512,11 @@ def training_note(dataset: str, runs: xr.Dataset) -> str:
     """The FP32 network's errors on some of its training simulations beside its test errors,
     each against the calibrated prior on the same simulations: whether its gain holds on trees
     it has not seen (`evaluate.training_simulations`), or nothing where they were not measured."""
-    fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
     try:
         baseline = json.loads(str(runs.attrs.get("baselines", "{}"))).get(dataset, {})
         prior = baseline.get(GAIN_BASELINE, {})
         values = {
-            name: float(runs[name].sel(fp32_run).mean())
+            name: float(runs[name].sel(FP32_SELECTION).mean())
             for name in ("training_simulations", "training_pressure_error_pct",
                          "training_flowrate_error_pct", "training_calibrated_pressure_error_pct",
                          "training_calibrated_flowrate_error_pct", "pressure_error_pct",
@@ -567,8 +569,7 @@ def no_gain_note(
         fp32 = _fp32_value(runs, metric)
         if math.isnan(fp32):  # no FP32 run of it, or its value missing: nothing to say
             continue
-        fp32_run = {"target": "reference", "method": "none", "precision": "fp32"}
-        untold = bound is not None and not bool((bound.sel(fp32_run) > 0).any())
+        untold = bound is not None and not bool((bound.sel(FP32_SELECTION) > 0).any())
         if fp32 >= value or untold:
             fields.append(
                 f"{figures.metric_label(metric)}: FP32 network {format_value(fp32)}, no network "
