@@ -203,8 +203,9 @@ def test_every_base_variant_is_paired_with_fp32_ort_in_blocks_of_steps(bench):
             continue
         low, high = row["paired_vs_fp32_ort_ci"]
         assert row["paired_vs_fp32_ort"] > 0 and low <= row["paired_vs_fp32_ort"] <= high
-        # a tiny graph's step is far below 20 ms: the most consecutive steps per turn
-        assert row["paired_block_steps"] == 8
+        # the block fills about 20 ms of FP32 ORT steps; its step time is measured, so the
+        # block size follows it rather than a number a loaded machine may not reach
+        assert row["paired_block_steps"] == rollout_block(rows["fp32-ort"]["median_ms"])
     assert "deployment goals" in format_table(list(rows.values()))
 
 
