@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
+from sciquant.errors import SciquantError
 from sciquant.report.gain import retained_gain, run_gains, significant_gain
 from sciquant.workloads.bloodflow.data import BRANCH, INLET, JUNCTION, OUTLET
 from sciquant.workloads.bloodflow.physics import baseline_errors, physics_checks
@@ -252,3 +254,82 @@ def test_report_sets_training_errors_beside_test_errors() -> None:
     # not measured (a study that turned it off, an older cube): no note
     del measured["training_simulations"]
     assert training_note("flow", runs(**measured)) == ""
+
+
+def test_pooled_gain_by_hand() -> None:
+    from sciquant.report.gain import pooled_gains
+
+    def table(errors: list[float]) -> dict[str, dict[str, float]]:
+        return {f"s{i}": {"pressure_error_pct": e} for i, e in enumerate(errors)}
+
+    baseline = table([4.0, 6.0, 5.0, 7.0])
+    fp32 = [table([1.0, 2.0, 3.0, 2.0]), table([2.0, 3.0, 2.0, 4.0])]  # gains 14 and 11
+    quantized = [table([2.0, 3.0, 4.0, 3.0]), table([2.0, 3.0, 2.0, 4.0])]  # keep 10 and 11
+    pooled = pooled_gains([baseline, baseline], fp32, quantized)
+    value = pooled["pooled_retained_gain_pressure_pct"]
+    assert value == pytest.approx(100 * 21 / 25)  # not the mean of 10/14 and 11/11
+    assert (100 * 10 / 14 + 100) / 2 != pytest.approx(value)
+    low, high = (pooled[f"pooled_retained_gain_pressure_pct_ci_{s}"] for s in ("low", "high"))
+    # Seed-averaged errors give per-simulation ratios 2/2.5, 3/3.5, 2/2.5, 3.5/4: every
+    # resample's ratio lies between the least and the greatest.
+    assert 80.0 - 1e-9 <= low <= value <= high <= 87.5 + 1e-9
+    # Only the simulations every seed has are pooled: s3 missing in seed 1 leaves s0–s2,
+    # (2+3+1) + (2+3+3) kept of (3+4+2) + (2+3+3) gained.
+    partial = [fp32[0], {k: v for k, v in fp32[1].items() if k != "s3"}]
+    pooled = pooled_gains([baseline, baseline], partial, quantized)
+    assert pooled["pooled_retained_gain_pressure_pct"] == pytest.approx(100 * 14 / 17)
+    assert pooled_gains([baseline], fp32[:1], quantized[:1]) == {}  # one seed: nothing pooled
+
+
+def test_cube_pools_retained_gain_over_seeds_and_the_report_shows_it() -> None:
+    from sciquant.report.cube import (
+        RunRecord,
+        check_budget_metrics,
+        headline_metrics,
+        parse_budget,
+        to_dataset,
+        with_retained_gain,
+        workload_slices,
+    )
+    from sciquant.report.html import results_table
+
+    def record(seed: int, target: str, method: str, precision: str, errors: list[float]):
+        return RunRecord(
+            path=f"{seed}{target}{method}{precision}",
+            coordinates=("flow", "mgn", seed, target, method, precision),
+            simulated=False, metrics={"pressure_error_pct": float(np.mean(errors))},
+            study=None, config_hash=None, provenance={},
+            per_simulation={f"s{i}": {"pressure_error_pct": e} for i, e in enumerate(errors)},
+            baseline_per_simulation={
+                "calibrated_model": {f"s{i}": {"pressure_error_pct": b}
+                                     for i, b in enumerate([4.0, 6.0, 5.0, 7.0])}
+            },
+        )  # fmt: skip
+
+    records = [
+        record(0, "reference", "none", "fp32", [1.0, 2.0, 3.0, 2.0]),
+        record(0, "cpu-x86", "ptq-mse", "w8a8", [2.0, 3.0, 4.0, 3.0]),
+        record(1, "reference", "none", "fp32", [2.0, 3.0, 2.0, 4.0]),
+        record(1, "cpu-x86", "ptq-mse", "w8a8", [2.0, 3.0, 2.0, 4.0]),
+        record(0, "cpu-x86", "ptq-minmax", "w4a8", [3.0, 4.0, 4.0, 4.0]),  # one seed only
+    ]
+    cube = to_dataset(with_retained_gain(records), {})
+    name = "pooled_retained_gain_pressure_pct"
+    assert cube[name].dims == ("dataset", "model", "target", "method", "precision")
+    point = {"dataset": "flow", "model": "mgn", "target": "cpu-x86", "precision": "w8a8"}
+    point["method"] = "ptq-mse"
+    assert float(cube[name].sel(point)) == pytest.approx(84.0)
+    assert np.isnan(float(cube[name].sel({**point, "method": "ptq-minmax", "precision": "w4a8"})))
+    assert name not in headline_metrics(cube)  # no seed dimension: not a table column
+    with pytest.raises(SciquantError, match="no run has the metric"):
+        check_budget_metrics(cube, parse_budget({"metric": name, "min_value": 90}))
+    html = results_table(*workload_slices(cube)[0])
+    low = float(cube[f"{name}_ci_low"].sel(point))
+    assert f"pooled 84 [{low:.3g}" in html or f"pooled 84 [{low:.1f}" in html
+    assert "pooled over the seeds" in html
+    cells = re.findall(r'data-metric="retained_gain_pressure_pct" data-value[^>]*>([^<]*)<', html)
+    # The two-seed run: the seeds' mean (10/14 and 11/11: 85.71) ± its t interval, then pooled.
+    two, one = sorted(cells, key=lambda cell: "pooled" not in cell)
+    assert two.startswith("85.71 ± ") and two.count("pooled") == 1
+    # The one-seed run (7 of 14 kept: 50 %) keeps its own interval, and nothing pooled.
+    assert one.startswith("50 [") and "pooled" not in one

@@ -41,7 +41,7 @@ from sciquant.provenance import (
 )
 from sciquant.quant.targets import TARGETS
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
-from sciquant.report.gain import FP32_RUN, network_gains, run_gains
+from sciquant.report.gain import FP32_RUN, network_gains, pooled_gains, run_gains
 from sciquant.vocabulary import COORDINATES
 
 #: Display and sort order of known labels; unknown labels follow, alphabetically.
@@ -367,6 +367,42 @@ def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
     return updated
 
 
+#: The coordinates of a quantity pooled over seeds (`pooled_retained_gains`).
+POOLED_COORDINATES = tuple(dim for dim in COORDINATES if dim != "seed")
+
+
+def pooled_retained_gains(records: Sequence[RunRecord]) -> dict[tuple[Any, ...], dict[str, float]]:
+    """Per (dataset, model, target, method, precision) run in two or more seeds, its retained
+    gain pooled over them (`sciquant.report.gain.pooled_gains`), each seed paired with its own
+    FP32 network and baseline; keys as `POOLED_COORDINATES`. The FP32 network itself has none.
+    """
+    seed = COORDINATES.index("seed")
+    fp32 = {
+        r.coordinates[:3]: r.per_simulation
+        for r in records
+        if tuple(r.coordinates[3:]) == FP32_RUN and r.per_simulation
+    }
+    seeds: dict[tuple[Any, ...], list[RunRecord]] = {}
+    for record in records:
+        baseline = record.baseline_per_simulation.get(record.gain_baseline)
+        if tuple(record.coordinates[3:]) == FP32_RUN or not record.per_simulation:
+            continue
+        if not baseline or not fp32.get(record.coordinates[:3]):
+            continue
+        key = record.coordinates[:seed] + record.coordinates[seed + 1 :]
+        seeds.setdefault(key, []).append(record)
+    pooled = {}
+    for key, runs in seeds.items():
+        gains = pooled_gains(
+            [r.baseline_per_simulation[r.gain_baseline] for r in runs],
+            [fp32[r.coordinates[:3]] for r in runs],
+            [r.per_simulation for r in runs],
+        )
+        if gains:
+            pooled[key] = gains
+    return pooled
+
+
 def metric_names(records: Sequence[RunRecord]) -> list[str]:
     """Every scalar metric of any run, in order of first appearance."""
     names: dict[str, None] = {}
@@ -416,6 +452,28 @@ def to_dataset(records: Sequence[RunRecord], study_info: dict[str, Any]) -> xr.D
              "float network on calibration inputs (sciquant.quant.debug); inf: exact"},
         )  # fmt: skip
         coords[LAYER_DIM] = np.array(layers, dtype=object)
+    pooled = pooled_retained_gains(records)
+    if pooled:  # over (dataset, model, target, method, precision): no seed dimension
+        seed = COORDINATES.index("seed")
+        pooled_shape = shape[:seed] + shape[seed + 1 :]
+        pooled_index = {
+            r.coordinates[:seed] + r.coordinates[seed + 1 :]: position[:seed] + position[seed + 1 :]
+            for position, r in zip(zip(*index, strict=True), records, strict=True)
+        }
+        for name in dict.fromkeys(n for gains in pooled.values() for n in gains):
+            values = np.full(pooled_shape, np.nan)
+            for key, gains in pooled.items():
+                values[pooled_index[key]] = gains.get(name, math.nan)
+            description = (
+                "retained gain pooled over the seeds that ran (errors averaged per test "
+                "simulation first); its interval a paired bootstrap over simulations"
+            )
+            if name not in variables:  # a run's own metric of that name comes first
+                variables[name] = (
+                    POOLED_COORDINATES,
+                    values,
+                    {**variable_attrs(name), "description": description},
+                )
     attrs = provenance_attrs(records, study_info)
     if any_diverged:
         attrs["diverged_metrics"] = json.dumps(
@@ -683,6 +741,7 @@ def headline_metrics(cube: xr.Dataset) -> list[str]:
         and not str(name).endswith(SPREAD_SUFFIXES)
         and not str(name).startswith((*DEBUG_PREFIXES, TRAINING_PREFIX))
         and LAYER_DIM not in cube[name].dims
+        and "seed" in cube[name].dims  # not a quantity pooled over seeds
         and bool(cube[name].notnull().any())
     ]
     rank = {"error": 0, "score": 0, "time": 1, "other": 2}
@@ -934,9 +993,13 @@ def check_budget_metrics(cube: xr.Dataset, constraints: Sequence[Constraint]) ->
     otherwise drop out of the budget without a word), naming the closest metrics it has."""
     import difflib
 
-    metrics = sorted(name for name in cube.data_vars if name not in RESERVED_NAMES)
+    metrics = sorted(
+        name
+        for name in cube.data_vars
+        if name not in RESERVED_NAMES and tuple(cube[name].dims) == COORDINATES
+    )
     for constraint in constraints:
-        if constraint.metric in cube.data_vars:
+        if constraint.metric in metrics:
             continue
         close = difflib.get_close_matches(constraint.metric, metrics, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}?" if close else "check the name"

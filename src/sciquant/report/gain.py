@@ -145,3 +145,49 @@ def run_gains(
         metrics[f"retained_gain_{field}_pct_ci_low"] = low
         metrics[f"retained_gain_{field}_pct_ci_high"] = high
     return metrics
+
+
+#: Prefix of the retained gain pooled over seeds (`pooled_gains`): `pooled_retained_gain_…`.
+POOLED_PREFIX = "pooled_"
+
+
+def seed_mean_errors(
+    tables: Sequence[Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """Per simulation every seed's table has, each error metric they all have averaged over the
+    seeds: {simulation: {metric: mean over seeds}}."""
+    names = sorted(set.intersection(*(set(table) for table in tables))) if tables else []
+    averaged: dict[str, dict[str, float]] = {}
+    for name in names:
+        keys = [k for k in tables[0][name] if all(k in table[name] for table in tables)]
+        try:
+            averaged[name] = {k: float(np.mean([float(t[name][k]) for t in tables])) for k in keys}
+        except (TypeError, ValueError):
+            continue
+    return averaged
+
+
+def pooled_gains(
+    baselines: Sequence[Mapping[str, Mapping[str, float]]],
+    fp32: Sequence[Mapping[str, Mapping[str, float]]],
+    quantized: Sequence[Mapping[str, Mapping[str, float]]],
+) -> dict[str, float]:
+    """The retained gain of one (target, method, precision) pooled over its seeds.
+
+    The three sequences hold one per-simulation table per seed, paired by position (seed s's
+    baseline, its FP32 network and its quantized run). Each simulation's errors are averaged
+    over the seeds first, so the ratio is Σ_s Σ_i (e_b − e_q) / Σ_s Σ_i (e_b − e_f) over the
+    simulations every seed has, and its paired bootstrap resamples simulations (the same draw
+    for every seed): one value and an interval from the same runs, where a mean of the seeds'
+    own ratios would stand beside one seed's interval. The interval is over test simulations
+    for these seeds; how much another seed moves the ratio it does not tell.
+
+    Metrics `pooled_retained_gain_<field>_pct` and `_ci_low` / `_ci_high`; none with fewer
+    than two seeds.
+    """
+    if not (len(baselines) == len(fp32) == len(quantized)) or len(fp32) < 2:
+        return {}
+    pooled = run_gains(
+        seed_mean_errors(baselines), seed_mean_errors(fp32), seed_mean_errors(quantized)
+    )
+    return {f"{POOLED_PREFIX}{name}": value for name, value in pooled.items()}

@@ -55,7 +55,7 @@ from sciquant.report.cube import (
     workload_slices,
 )
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
-from sciquant.report.gain import FP32_RUN, field_name
+from sciquant.report.gain import FP32_RUN, POOLED_PREFIX, field_name
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
@@ -252,8 +252,11 @@ RETAINED_GAIN_NOTE = (
     "Retained gain: (baseline error − the run's) / (baseline error − FP32 network's), per "
     "field, the baseline being the calibrated physics prior with no network (below the "
     "table); 100 % keeps all the network adds, below 0 is worse than no network at all. In "
-    "brackets: 95 % paired bootstrap interval over the test simulations (seed 0's where "
-    "several seeds ran)."
+    "brackets: its 95 % paired bootstrap interval over the test simulations. Where several "
+    "seeds ran, the cell's value is the mean of the seeds' own ratios (± its t interval over "
+    "seeds) and beside it the ratio pooled over the seeds (each test simulation's errors "
+    "averaged over them first) with that pooled ratio's interval over simulations, which says "
+    "nothing about how another seed would move it."
 )
 
 
@@ -268,16 +271,36 @@ def retained_gain_suffixes(
         first_seed = runs.isel(seed=0)
         low = seed_estimates(first_seed[f"{name}_ci_low"].expand_dims("seed"))
         high = seed_estimates(first_seed[f"{name}_ci_high"].expand_dims("seed"))
+        pooled = pooled_values(runs, name)
         value = seed_estimates(runs[name])
         suffixes[name] = {}
         for key, estimate in value.items():
             text = ""
-            if key in low and key in high:
+            if estimate.n > 1:  # one interval per seed: the pooled ratio's where there is one
+                if key in pooled:
+                    mid, lo, hi = (format_value(v, 3) for v in pooled[key])
+                    text = f" pooled {mid} [{lo}, {hi}]"
+            elif key in low and key in high:
                 text = f" [{format_value(low[key].mean, 3)}, {format_value(high[key].mean, 3)}]"
             if estimate.mean < 0:
                 text += " ✗ worse than no network"
             suffixes[name][key] = text
     return suffixes
+
+
+def pooled_values(runs: xr.Dataset, name: str) -> dict[RunKey, tuple[float, float, float]]:
+    """Per run: the retained gain `name` pooled over seeds and its interval (value, low, high),
+    where the cube has it (`sciquant.report.cube.pooled_retained_gains`)."""
+    names = [f"{POOLED_PREFIX}{name}{suffix}" for suffix in ("", "_ci_low", "_ci_high")]
+    if any(n not in runs or "seed" in runs[n].dims for n in names):
+        return {}
+    values = [runs[n].transpose("target", "method", "precision") for n in names]
+    labels = [[str(v) for v in values[0][dim].values] for dim in values[0].dims]
+    pooled = {}
+    for index in zip(*np.nonzero(values[0].notnull().values), strict=True):
+        key = tuple(labels[d][i] for d, i in enumerate(index))
+        pooled[key] = tuple(float(v.values[index]) for v in values)
+    return pooled
 
 
 def result_row(
