@@ -14,7 +14,8 @@ from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
 from sciquant.quant.export import export_fp32_onnx, export_qdq_onnx
 from sciquant.quant.pytorch import calibrate, quantize_model
-from sciquant.runtime.openvino import OvStep, available, bf16_native
+from sciquant.runtime.onnxruntime import cpu_has_vnni
+from sciquant.runtime.openvino import OvStep, available, bf16_native, overflow_risk
 
 pytestmark = pytest.mark.skipif(not available()[0], reason=available()[1])
 CONFIG = MeshGraphNetConfig(hidden=32, processor_size=2)
@@ -54,14 +55,22 @@ def test_fp32_matches_eager_torch(model, inputs, fp32_onnx, static: bool) -> Non
     assert step.timings and step.timings[-1]["compute"] > 0
 
 
+@pytest.mark.parametrize("target", ["openvino-cpu", "openvino-avx2"])
 def test_int8_runs_integer_kernels_and_agrees_with_its_fake_quant_model(
     model,
     inputs,
-    tmp_path: Path,  # noqa: ANN001
+    tmp_path: Path,
+    target: str,  # noqa: ANN001
 ) -> None:
+    """openvino-avx2's 7-bit weights agree on every CPU; openvino-cpu's full-range ones where
+    the CPU has VNNI, and on a CPU without it the risk is named and the outputs do differ."""
     calibration = [random_tree_graph(200, 100 + i, CONFIG.node_features, CONFIG.edge_features)
                    for i in range(3)]  # fmt: skip
-    qmodel = calibrate(quantize_model(model, "openvino-cpu", "w8a8"), calibration)
+    qmodel = calibrate(quantize_model(model, target, "w8a8"), calibration)
+    weights = [layer.weight_spec for layer in qmodel.quant_linears().values()]
+    assert {(spec.qmin, spec.qmax) for spec in weights} == (
+        {(-63, 63)} if target == "openvino-avx2" else {(-127, 127)}
+    )
     path = tmp_path / "w8a8.onnx"
     export_qdq_onnx(qmodel, path, random_tree_graph(64, 0, CONFIG.node_features,
                                                     CONFIG.edge_features))  # fmt: skip
@@ -70,9 +79,17 @@ def test_int8_runs_integer_kernels_and_agrees_with_its_fake_quant_model(
     integer = {k: n for k, n in kernels.items() if k.startswith("FullyConnected/")}
     assert integer and all(k.endswith(("/u8", "/i8")) for k in integer), kernels
     assert sum(integer.values()) == len(qmodel.quant_linears())
+    # The risk follows the weights and the CPU alone, whichever CPU runs this.
+    assert (overflow_risk(path, vnni=False) is None) == (target == "openvino-avx2")
+    assert overflow_risk(path, vnni=True) is None
+    exposed = target == "openvino-cpu" and not cpu_has_vnni()
+    assert (step.overflow_risk is not None) == exposed
     with torch.inference_mode():
         reference = qmodel(*inputs)
     agreement = _int8_agreement((step(*inputs) - reference).abs() / _one_output_step(qmodel))
+    if exposed:  # saturated pair sums: the runtime computes something else
+        assert agreement["max_error_steps"] > 1.5, agreement
+        return
     assert agreement["median_error_steps"] <= 1e-3, agreement
     assert agreement["frac_within_step"] >= 0.99, agreement
 

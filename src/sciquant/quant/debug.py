@@ -71,7 +71,9 @@ __all__ = [
     "AGREEMENT_PREFIX",
     "describe",
     "keras_layer_sqnr",
+    "OVERFLOW_RISK",
     "output_agreement",
+    "overflow_metrics",
     "rebuild_keras_simulation",
     "sqnr_db",
     "sqnr_metrics",
@@ -86,6 +88,20 @@ DEBUG_INPUTS = 4
 #: The metrics.json keys of this module start with these.
 SQNR_PREFIX = "layer_sqnr_"
 AGREEMENT_PREFIX = "sim_vs_deployed_"
+
+
+#: 1 where the runtime's int8 GEMM may saturate on this CPU (OpenVINO INT8 with weights beyond
+#: 7 bits on a CPU without VNNI, `sciquant.runtime.openvino.overflow_risk`): why its outputs
+#: differ from the simulation's.
+OVERFLOW_RISK = f"{AGREEMENT_PREFIX}overflow_risk"
+
+
+def overflow_metrics(step: Any) -> dict[str, float]:
+    """`OVERFLOW_RISK`: 1.0 for a runtime step that names an overflow risk, 0.0 for one that
+    names none; nothing for a step that does not tell (another runtime, a simulation)."""
+    if not hasattr(step, "overflow_risk"):
+        return {}
+    return {OVERFLOW_RISK: 1.0 if step.overflow_risk else 0.0}
 
 
 def sqnr_db(signal: float, noise: float) -> float:

@@ -59,12 +59,16 @@ class Scheme:
     scale_kind: Literal["float", "pow2"] = "float"
     narrow_range: bool = False
     signed: bool | None = None
+    # The most bits of integer range the scheme uses, whatever the precision asks for (7: an
+    # 8-bit weight in [-63, 63], so that u8 × s8 pair sums fit int16 on CPUs without VNNI).
+    max_bits: int | None = None
 
     def spec(self, bits: int, channel_axis: int = 0) -> QuantSpec:
-        """The QuantSpec for `bits`; `channel_axis` is used only by per-channel schemes."""
+        """The QuantSpec for `bits` (at most `max_bits`); `channel_axis` is used only by
+        per-channel schemes."""
         granularity = PerChannel(channel_axis) if self.per_channel else PerTensor()
         return QuantSpec(
-            bits=bits,
+            bits=min(bits, self.max_bits) if self.max_bits else bits,
             symmetric=self.symmetric,
             granularity=granularity,
             scale_kind=self.scale_kind,
@@ -235,6 +239,22 @@ _ROWS = (
             "graph under the bf16 inference hint, on AMX / AVX-512-BF16; a host without them "
             "evaluates it as a simulation); INT8 from our own QDQ graph and scales (int8 weights "
             "per channel in [-127, 127], uint8 activations per tensor, asymmetric)"
+        ),
+    ),
+    Target(
+        name="openvino-avx2",
+        backend="openvino",
+        node="cpu",
+        frameworks=frozenset({"torch"}),
+        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True, max_bits=7),
+        activation_scheme=Scheme(symmetric=False),
+        native_precisions=frozenset({"fp32", "bf16", "w8a8"}),
+        description=(
+            "openvino-cpu for x86 CPUs without VNNI (AVX2 only): INT8 weights in a 7-bit range "
+            "[-63, 63] (stored as int8), so that the u8 × s8 pair sums of the int8 GEMM fit "
+            "int16 (vpmaddubsw saturates them; with full-range weights such a CPU computes "
+            "something else than the simulation); half the weight resolution of openvino-cpu "
+            "on every CPU, exact agreement with its simulation on all of them"
         ),
     ),
     Target(

@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from sciquant.provenance import atomic_path
+from sciquant.quant.debug import OVERFLOW_RISK
 from sciquant.report import figures
 from sciquant.report.cube import (
     LAYER_DIM,
@@ -628,6 +629,26 @@ DEBUG_NOTE = (
 )
 
 
+def overflow_note(runs: xr.Dataset) -> str:
+    """A warning naming the runs whose runtime's int8 GEMM may saturate on the CPU that
+    evaluated them (`OVERFLOW_RISK`), or "" where none may."""
+    if OVERFLOW_RISK not in runs or not bool((runs[OVERFLOW_RISK] > 0).any()):
+        return ""
+    flagged = [
+        " · ".join(key)
+        for key, estimate in seed_estimates(runs[OVERFLOW_RISK]).items()
+        if estimate.mean > 0
+    ]
+    return (
+        '<p class="note overflow-note">⚠ int8 overflow: '
+        f"{escape(', '.join(flagged))} ran OpenVINO INT8 with weights beyond 7 bits on a CPU "
+        "without VNNI, where its int8 GEMM saturates the int16 sums of u8 × s8 products: its "
+        "errors are the runtime's on this CPU, not the quantization's (see sim vs runtime "
+        "below). Quantize for target openvino-avx2 (weights in [-63, 63]), or evaluate on a "
+        "CPU with VNNI or AMX.</p>"
+    )
+
+
 def debug_section(runs: xr.Dataset) -> str:
     """Quantization debugging of these runs, where their metrics have it: per run the worst
     layer's output SQNR and the simulation's agreement with its runtime, and the per-layer
@@ -772,6 +793,7 @@ def workload_section(
         )
     parts.append("<h3>Results over seeds</h3>")
     parts.append(results_table(dataset, model, runs))
+    parts.append(overflow_note(runs))
     parts.append(baselines_note(dataset, runs))
     parts.append(training_note(dataset, runs))
     parts.append(debug_section(runs))

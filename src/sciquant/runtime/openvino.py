@@ -15,6 +15,15 @@ graph size.
 `bf16` is native only where the CPU has `amx_bf16` or `avx512_bf16` (`bf16_native`); elsewhere
 OpenVINO would quietly run FP32 under the hint, so `OvStep` refuses it and the study evaluates
 bf16 as a simulation instead (`sciquant.quant.targets`).
+
+INT8 on x86 without VNNI (AVX2 only): the CPU plugin multiplies uint8 activations by int8
+weights with ``vpmaddubsw``, which saturates the int16 sum of two neighbouring products (255 ·
+127 · 2 > 32767), so full-range weights give other outputs than the QDQ graph defines (measured
+on an AMD EPYC: up to 6.6 output steps off on a small MeshGraphNet; on the oscillator example a
+22 % rollout error where ONNX Runtime's exact kernel gives 9 %). Storing the weights as uint8
+does not help: OpenVINO then decompresses them and computes in FP32. `overflow_risk` says when a
+QDQ graph is exposed (its weights beyond [-63, 63] on such a CPU); target `openvino-avx2`
+quantizes weights to that 7-bit range, which such a CPU computes exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +39,14 @@ from torch import Tensor
 from sciquant.errors import SciquantError
 from sciquant.runtime.latency import timing_summary
 
-__all__ = ["PRECISIONS", "OvStep", "available", "bf16_native"]
+__all__ = [
+    "OVERFLOW_SAFE_WEIGHT",
+    "PRECISIONS",
+    "OvStep",
+    "available",
+    "bf16_native",
+    "overflow_risk",
+]
 
 #: What OvStep compiles: the precision label → OpenVINO's inference precision hint.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "w8a8": "f32"}
@@ -65,6 +81,45 @@ def bf16_native(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return bool(features["amx_bf16"] or features["avx512_bf16"])
 
 
+#: The largest |integer weight| whose u8 × s8 pair sums fit int16: 255 · 63 · 2 ≤ 32767.
+OVERFLOW_SAFE_WEIGHT = 63
+
+
+def overflow_risk(path: str | Path, vnni: bool | None = None) -> str | None:
+    """Why OpenVINO INT8 of the QDQ graph at `path` may compute other outputs than the graph
+    defines on this CPU (see the module), or None: a CPU without an int8 dot-product unit
+    (`vnni`: None reads /proc/cpuinfo) and integer weights beyond ±`OVERFLOW_SAFE_WEIGHT`."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sciquant.runtime.onnxruntime import cpu_has_vnni
+
+    if cpu_has_vnni() if vnni is None else vnni:
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name: init for init in graph.initializer}
+    largest = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.int64)
+        if values.ndim < 2:  # a bias or a scalar, not a GEMM's weight
+            continue
+        zero = 0
+        if len(node.input) > 2 and node.input[2] in initializers:
+            zero = numpy_helper.to_array(initializers[node.input[2]]).astype(np.int64)
+            zero = zero.reshape(-1, *([1] * (values.ndim - 1))) if zero.ndim else zero
+        largest = max(largest, int(np.abs(values - zero).max(initial=0)))
+    if largest <= OVERFLOW_SAFE_WEIGHT:
+        return None
+    return (
+        f"{Path(path).name}: integer weights up to ±{largest} on a CPU without VNNI, where "
+        "OpenVINO's int8 GEMM saturates u8 × s8 pair sums in int16: its outputs can differ "
+        "from the simulation (see sim_vs_deployed_*); quantize for target openvino-avx2 "
+        f"(weights in ±{OVERFLOW_SAFE_WEIGHT}) or evaluate on a CPU with VNNI / AMX"
+    )
+
+
 class OvStep:
     """An ONNX model compiled by OpenVINO for the CPU as a StepFunction (see the module).
 
@@ -96,6 +151,12 @@ class OvStep:
                 "would run FP32 under the bf16 hint; evaluate bf16 as a simulation here"
             )
         self.precision = precision
+        # Why this INT8 graph may not compute what it defines on this CPU, or None
+        self.overflow_risk = overflow_risk(self.path) if precision == "w8a8" else None
+        if self.overflow_risk:
+            import sys
+
+            print(f"warning: OpenVINO INT8: {self.overflow_risk}", file=sys.stderr)
         core = ov.Core()
         model = core.read_model(str(self.path))
         if shapes:

@@ -419,6 +419,10 @@ class TorchWorkload(Workload):
             else:
                 metrics["paired_speedup"] = 1.0
         metrics.update(self._quant_debug(loaded, onnx, test, predict, settings))
+        if onnx is not None:
+            from sciquant.quant.debug import overflow_metrics
+
+            metrics.update(overflow_metrics(step))
         baselines = {name: dict(values) for name, values in self.baselines(test).items()}
         gain: dict[str, Any] = {}
         if self.gain_baseline is not None:

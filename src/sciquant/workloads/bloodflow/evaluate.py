@@ -405,6 +405,7 @@ def quant_debug(
     """
     from sciquant.quant.debug import (
         output_agreement,
+        overflow_metrics,
         sqnr_metrics,
         torch_layer_sqnr,
         torch_outputs,
@@ -434,6 +435,7 @@ def quant_debug(
         metrics.update(
             output_agreement(simulated, torch_outputs(deployed, test, device), inputs=len(test))
         )
+        metrics.update(overflow_metrics(deployed))
     return metrics
 
 
