@@ -13,7 +13,9 @@ inputs, so load drifts hit all alike), medians of wall time per step:
                    compiled for the case's graph size (static shapes, as a rollout deploys it)
     ov-bf16        the same graph under OpenVINO's bf16 hint, where the CPU has AMX-BF16 or
                    AVX-512-BF16 (elsewhere left out: OpenVINO would run FP32 and call it bf16)
-    ov-int8        OpenVINO on the int8-ort QDQ graph (our scales; its FakeQuantize fusion)
+    ov-int8        OpenVINO on a QDQ graph with int8 weights (our scales; its FakeQuantize
+                   fusion): quantized for openvino-cpu where the CPU has VNNI, else for
+                   openvino-avx2 (7-bit weights: full-range ones saturate there)
 
 Per variant: median step time, the full-rollout equivalent (median x the rollout's steps; the
 state update between steps, identical for all, is not included), speedups vs FP32 torch, vs
@@ -304,7 +306,8 @@ def _export_qdq(qmodel: QuantizedModel, folder: Path, example: Inputs) -> Path:
     key = _digest(qmodel.state_dict(), qmodel.target.name, str(qmodel.precision), cpu_has_vnni())
     path = folder / f"w8a8-{qmodel.target.name}-{key}.onnx"
     if not path.is_file():
-        weight_dtype = "int8" if qmodel.target.backend == "tensorrt" else None
+        # int8 storage for TensorRT and OpenVINO (uint8 weights are decompressed to FP32 there)
+        weight_dtype = "int8" if qmodel.target.backend in ("tensorrt", "openvino") else None
         partial = path.with_suffix(".partial.onnx")
         export_qdq_onnx(qmodel, partial, example, weight_dtype=weight_dtype)
         os.replace(partial, path)
@@ -494,15 +497,18 @@ def _trt_variants(
     return variants
 
 
-def _openvino_variants(fp32: Path, int8: Path, inputs: Inputs, threads: int) -> list[_Variant]:
-    """ov-fp32, ov-bf16 (bf16 hosts only) and ov-int8, compiled for these inputs' shapes."""
+def _openvino_variants(
+    fp32: Path, int8: Path, int8_target: str, inputs: Inputs, threads: int
+) -> list[_Variant]:
+    """ov-fp32, ov-bf16 (bf16 hosts only) and ov-int8 (`int8`, quantized for `int8_target`),
+    compiled for these inputs' shapes."""
     from sciquant.runtime.openvino import OvStep, available, bf16_native
 
     if not available()[0]:
         return []
     names = ("node_features", "edge_features", "edge_index")
     shapes = {name: tuple(value.shape) for name, value in zip(names, inputs, strict=True)}
-    chosen = [("ov-fp32", fp32, "fp32", "fp32"), ("ov-int8", int8, "w8a8", "cpu-x86")]
+    chosen = [("ov-fp32", fp32, "fp32", "fp32"), ("ov-int8", int8, "w8a8", int8_target)]
     if bf16_native():
         chosen.insert(1, ("ov-bf16", fp32, "bf16", "fp32"))
     return [
@@ -513,6 +519,7 @@ def _openvino_variants(fp32: Path, int8: Path, inputs: Inputs, threads: int) -> 
             OvStep(path, precision, threads, shapes=shapes),
             reference,
             threads=threads,
+            note=f"quantized for {reference}" if precision == "w8a8" else "",
         )
         for name, path, precision, reference in chosen
     ]
@@ -631,6 +638,11 @@ def _run(
     qmodels = {"cpu-x86": calibrate(quantize_model(model, "cpu-x86", "w8a8"), calibration)}
     fp32_path = _export_fp32(model, folder, concat_trick=True)
     int8_path = _export_qdq(qmodels["cpu-x86"], folder, example)
+    # OpenVINO INT8 from int8 weights: full range where the CPU has VNNI, else the 7-bit range
+    # of openvino-avx2 (full-range weights saturate there, `sciquant.runtime.openvino`)
+    ov_target = "openvino-cpu" if cpu_has_vnni() else "openvino-avx2"
+    qmodels[ov_target] = calibrate(quantize_model(model, ov_target, "w8a8"), calibration)
+    ov_int8_path = _export_qdq(qmodels[ov_target], folder, example)
     gpu, gpu_reason = available()
     trt_int8_path = None
     if gpu:
@@ -703,7 +715,7 @@ def _run(
         if gpu:
             cache = folder / "trt" if keep_engines else None
             variants += _trt_variants(fp32_path, trt_int8_path, inputs, cache)
-        variants += _openvino_variants(fp32_path, int8_path, inputs, threads)
+        variants += _openvino_variants(fp32_path, ov_int8_path, ov_target, inputs, threads)
         rows += _measure_case(
             case, inputs, steps, model, qmodels, variants, repeats, warmup, profile_runs, folder
         )
