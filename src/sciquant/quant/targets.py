@@ -25,7 +25,7 @@ depends on the framework's layout, so `weight_spec` takes it (0 for torch Linear
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
@@ -175,6 +175,22 @@ _TENSORRT_SCHEME = (
     "per tensor, float scales; FP16 and INT8 native"
 )
 
+_OPENVINO_CPU = Target(
+    name="openvino-cpu",
+    backend="openvino",
+    node="cpu",
+    frameworks=frozenset({"torch"}),
+    weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True),
+    activation_scheme=Scheme(symmetric=False),
+    native_precisions=frozenset({"fp32", "bf16", "w8a8"}),
+    description=(
+        "OpenVINO's CPU plugin, compiled for the rollout's graph size: FP32; BF16 (the FP32 "
+        "graph under the bf16 inference hint, on AMX / AVX-512-BF16; a host without them "
+        "evaluates it as a simulation); INT8 from our own QDQ graph and scales (int8 weights "
+        "per channel in [-127, 127], uint8 activations per tensor, asymmetric)"
+    ),
+)
+
 _ROWS = (
     Target(
         name="reference",
@@ -226,29 +242,11 @@ _ROWS = (
             "in [-127, 127]; uint8 activations per tensor, asymmetric; INT8 native"
         ),
     ),
-    Target(
-        name="openvino-cpu",
-        backend="openvino",
-        node="cpu",
-        frameworks=frozenset({"torch"}),
-        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True),
-        activation_scheme=Scheme(symmetric=False),
-        native_precisions=frozenset({"fp32", "bf16", "w8a8"}),
-        description=(
-            "OpenVINO's CPU plugin, compiled for the rollout's graph size: FP32; BF16 (the FP32 "
-            "graph under the bf16 inference hint, on AMX / AVX-512-BF16; a host without them "
-            "evaluates it as a simulation); INT8 from our own QDQ graph and scales (int8 weights "
-            "per channel in [-127, 127], uint8 activations per tensor, asymmetric)"
-        ),
-    ),
-    Target(
+    _OPENVINO_CPU,
+    replace(
+        _OPENVINO_CPU,
         name="openvino-avx2",
-        backend="openvino",
-        node="cpu",
-        frameworks=frozenset({"torch"}),
-        weight_scheme=Scheme(symmetric=True, per_channel=True, narrow_range=True, max_bits=7),
-        activation_scheme=Scheme(symmetric=False),
-        native_precisions=frozenset({"fp32", "bf16", "w8a8"}),
+        weight_scheme=replace(_OPENVINO_CPU.weight_scheme, max_bits=7),
         description=(
             "openvino-cpu for x86 CPUs without VNNI (AVX2 only): INT8 weights in a 7-bit range "
             "[-63, 63] (stored as int8), so that the u8 × s8 pair sums of the int8 GEMM fit "
