@@ -440,9 +440,16 @@ def test_the_table_holds_the_design_targets():
         "trt-rtx3090",
         "cpu-x86",
         "openvino-cpu",
+        "openvino-avx2",
         "litert-cpu",
         "npu-pow2",
     }
+    # openvino-avx2: openvino-cpu but for its weights' range, 7 bits at most (w4 stays 4)
+    avx2, cpu = get_target("openvino-avx2"), get_target("openvino-cpu")
+    assert (avx2.backend, avx2.native_precisions) == (cpu.backend, cpu.native_precisions)
+    assert (avx2.weight_spec(8).qmin, avx2.weight_spec(8).qmax) == (-63, 63)
+    assert (cpu.weight_spec(8).qmin, cpu.weight_spec(8).qmax) == (-127, 127)
+    assert avx2.weight_spec(4).bits == 4 and avx2.activation_spec(8).bits == 8
     assert get_target("trt-v100").node == "v100" and get_target("reference").node is None
     openvino = get_target("openvino-cpu")
     assert openvino.native_precisions == {"fp32", "bf16", "w8a8"}
