@@ -22,7 +22,7 @@ from sciquant.errors import SciquantError
 from sciquant.models.meshgraphnet import MeshGraphNet, MeshGraphNetConfig, random_tree_graph
 from sciquant.quant.export import export_fp32_onnx
 from sciquant.quant.observers import DYNAMIC_METHODS, METHOD_OBSERVERS, METHODS
-from sciquant.runtime.onnxruntime import OrtStep, integer_kernels, kernel_summary
+from sciquant.runtime.onnxruntime import OrtStep, cpu_has_vnni, integer_kernels, kernel_summary
 from sciquant.study import QUANTIZATION_METHODS, Study, load_config
 from sciquant.workloads.bloodflow.dynamic import WEIGHT_SUFFIX, is_dynamic, quantize_dynamic_onnx
 
@@ -133,6 +133,12 @@ def test_ort_dynamic_int8_agrees_with_float64_reference(
         # output by the size of the activations' error itself.
         assert activation_error > 0.1 * quantization_error
         flipped = mismatch > 1e-3 * activation_error
+        if weight_dtype == "int8" and not cpu_has_vnni():
+            # Without VNNI, ORT's U8S8 kernel saturates int16 pair sums (measured on an AMD
+            # EPYC: every output moved, by ~5x the activations' error): why `weight_dtype`
+            # defaults to uint8 there. The reference still tells the kernel's error apart.
+            assert flipped.mean() > 0.5, (int(flipped.sum()), mismatch.max(), activation_error)
+            continue
         assert flipped.mean() < 0.02, (int(flipped.sum()), mismatch.max(), activation_error)
 
 
