@@ -333,3 +333,9 @@ def test_cube_pools_retained_gain_over_seeds_and_the_report_shows_it() -> None:
     assert two.startswith("85.71 ± ") and two.count("pooled") == 1
     # The one-seed run (7 of 14 kept: 50 %) keeps its own interval, and nothing pooled.
     assert one.startswith("50 [") and "pooled" not in one
+    # A cube aggregated without the pooled ratio: seed 0's interval, said to be seed 0's.
+    older = cube.drop_vars([n for n in cube.data_vars if str(n).startswith("pooled_")])
+    html = results_table(*workload_slices(older)[0])
+    cells = re.findall(r'data-metric="retained_gain_pressure_pct" data-value[^>]*>([^<]*)<', html)
+    two = next(cell for cell in cells if cell.startswith("85.71"))
+    assert "pooled" not in two and two.endswith(" (seed 0)") and " [" in two

@@ -211,6 +211,7 @@ def test_every_base_variant_is_paired_with_fp32_ort_in_blocks_of_steps(bench):
         # the block fills about 20 ms of FP32 ORT steps; its step time is measured, so the
         # block size follows it rather than a number a loaded machine may not reach
         assert row["paired_block_steps"] == rollout_block(rows["fp32-ort"]["median_ms"])
+        assert 1 <= row["paired_block_steps"] <= 8
     assert "deployment goals" in format_table(list(rows.values()))
 
 

@@ -82,6 +82,12 @@ def test_int8_runs_integer_kernels_and_agrees_with_its_fake_quant_model(
     # The risk follows the weights and the CPU alone, whichever CPU runs this.
     assert (overflow_risk(path, vnni=False) is None) == (target == "openvino-avx2")
     assert overflow_risk(path, vnni=True) is None
+    # uint8 weights (zero point 128): OpenVINO multiplies them in FP32, no int8 GEMM to saturate
+    unsigned = tmp_path / "w8a8-uint8.onnx"
+    export_qdq_onnx(qmodel, unsigned, random_tree_graph(64, 0, CONFIG.node_features,
+                                                        CONFIG.edge_features),
+                    weight_dtype="uint8")  # fmt: skip
+    assert overflow_risk(unsigned, vnni=False) is None
     exposed = target == "openvino-cpu" and not cpu_has_vnni()
     assert (step.overflow_risk is not None) == exposed
     with torch.inference_mode():

@@ -248,11 +248,12 @@ _ROWS = (
         name="openvino-avx2",
         weight_scheme=replace(_OPENVINO_CPU.weight_scheme, max_bits=7),
         description=(
-            "openvino-cpu for x86 CPUs without VNNI (AVX2 only): INT8 weights in a 7-bit range "
-            "[-63, 63] (stored as int8), so that the u8 × s8 pair sums of the int8 GEMM fit "
-            "int16 (vpmaddubsw saturates them; with full-range weights such a CPU computes "
-            "something else than the simulation); half the weight resolution of openvino-cpu "
-            "on every CPU, exact agreement with its simulation on all of them"
+            "openvino-cpu for x86 CPUs without VNNI (AVX2, or AVX-512 without VNNI): INT8 "
+            "weights in a 7-bit range [-63, 63] (stored as int8), so that the u8 × s8 pair "
+            "sums of the int8 GEMM fit int16 (vpmaddubsw saturates them; with full-range "
+            "weights such a CPU computes something else than the simulation); half the weight "
+            "resolution of openvino-cpu on every CPU, agreeing with its simulation to rounding "
+            "on all of them"
         ),
     ),
     Target(

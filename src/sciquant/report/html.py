@@ -257,7 +257,8 @@ RETAINED_GAIN_NOTE = (
     "seeds ran, the cell's value is the mean of the seeds' own ratios (± its t interval over "
     "seeds) and beside it the ratio pooled over the seeds (each test simulation's errors "
     "averaged over them first) with that pooled ratio's interval over simulations, which says "
-    "nothing about how another seed would move it."
+    "nothing about how another seed would move it (seed 0's interval, so marked, where the cube "
+    "has no pooled ratio)."
 )
 
 
@@ -275,14 +276,15 @@ def retained_gain_suffixes(
         pooled = pooled_values(runs, name)
         value = seed_estimates(runs[name])
         suffixes[name] = {}
+        several = runs.sizes.get("seed", 1) > 1
         for key, estimate in value.items():
             text = ""
-            if estimate.n > 1:  # one interval per seed: the pooled ratio's where there is one
-                if key in pooled:
-                    mid, lo, hi = (format_value(v, 3) for v in pooled[key])
-                    text = f" pooled {mid} [{lo}, {hi}]"
-            elif key in low and key in high:
+            if key in pooled:  # several seeds: the pooled ratio and its interval
+                mid, lo, hi = (format_value(v, 3) for v in pooled[key])
+                text = f" pooled {mid} [{lo}, {hi}]"
+            elif key in low and key in high:  # one seed, or a cube without the pooled ratio
                 text = f" [{format_value(low[key].mean, 3)}, {format_value(high[key].mean, 3)}]"
+                text += " (seed 0)" if several and estimate.n > 1 else ""
             if estimate.mean < 0:
                 text += " ✗ worse than no network"
             suffixes[name][key] = text

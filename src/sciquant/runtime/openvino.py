@@ -16,14 +16,15 @@ graph size.
 OpenVINO would quietly run FP32 under the hint, so `OvStep` refuses it and the study evaluates
 bf16 as a simulation instead (`sciquant.quant.targets`).
 
-INT8 on x86 without VNNI (AVX2 only): the CPU plugin multiplies uint8 activations by int8
-weights with ``vpmaddubsw``, which saturates the int16 sum of two neighbouring products (255 ·
-127 · 2 > 32767), so full-range weights give other outputs than the QDQ graph defines (measured
-on an AMD EPYC: up to 6.6 output steps off on a small MeshGraphNet; on the oscillator example a
-22 % rollout error where ONNX Runtime's exact kernel gives 9 %). Storing the weights as uint8
-does not help: OpenVINO then decompresses them and computes in FP32. `overflow_risk` says when a
-QDQ graph is exposed (its weights beyond [-63, 63] on such a CPU); target `openvino-avx2`
-quantizes weights to that 7-bit range, which such a CPU computes exactly.
+INT8 on x86 without VNNI (AVX2, or AVX-512 without VNNI): the CPU plugin multiplies uint8
+activations by int8 weights with ``vpmaddubsw``, which saturates the int16 sum of two
+neighbouring products (255 · 127 · 2 > 32767), so full-range weights give other outputs than the
+QDQ graph defines (measured on an AMD EPYC: up to 6.6 output steps off on a small MeshGraphNet;
+on the oscillator example a 22 % rollout error where ONNX Runtime's exact kernel gives 9 %).
+Storing the weights as uint8 does not help: OpenVINO then decompresses them and computes in
+FP32. `overflow_risk` says when a QDQ graph is exposed (its weights beyond [-63, 63] on such a
+CPU); target `openvino-avx2` quantizes weights to that 7-bit range, which such a CPU computes as
+the simulation does, to rounding.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ OVERFLOW_SAFE_WEIGHT = 63
 def overflow_risk(path: str | Path, vnni: bool | None = None) -> str | None:
     """Why OpenVINO INT8 of the QDQ graph at `path` may compute other outputs than the graph
     defines on this CPU (see the module), or None: a CPU without an int8 dot-product unit
-    (`vnni`: None reads /proc/cpuinfo) and integer weights beyond ±`OVERFLOW_SAFE_WEIGHT`."""
+    (`vnni`: None reads /proc/cpuinfo) and stored int8 GEMM weights beyond
+    ±`OVERFLOW_SAFE_WEIGHT`."""
     import onnx
     from onnx import numpy_helper
 
@@ -102,14 +104,12 @@ def overflow_risk(path: str | Path, vnni: bool | None = None) -> str | None:
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
-        values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.int64)
-        if values.ndim < 2:  # a bias or a scalar, not a GEMM's weight
+        values = numpy_helper.to_array(initializers[node.input[0]])
+        # int8 weights of a GEMM only: uint8 ones OpenVINO decompresses and multiplies in FP32,
+        # and a bias or scalar is no GEMM operand. The kernel multiplies the stored integers.
+        if values.dtype != np.int8 or values.ndim < 2:
             continue
-        zero = 0
-        if len(node.input) > 2 and node.input[2] in initializers:
-            zero = numpy_helper.to_array(initializers[node.input[2]]).astype(np.int64)
-            zero = zero.reshape(-1, *([1] * (values.ndim - 1))) if zero.ndim else zero
-        largest = max(largest, int(np.abs(values - zero).max(initial=0)))
+        largest = max(largest, int(np.abs(values.astype(np.int64)).max(initial=0)))
     if largest <= OVERFLOW_SAFE_WEIGHT:
         return None
     return (

@@ -27,7 +27,7 @@ from sciquant.provenance import (  # noqa: E402
     select_device,
     write_json,
 )
-from sciquant.quant.debug import DEBUG_INPUTS, describe  # noqa: E402
+from sciquant.quant.debug import DEBUG_INPUTS, describe, overflow_metrics  # noqa: E402
 from sciquant.vocabulary import COORDINATES, section_with_defaults  # noqa: E402
 from sciquant.workloads.bloodflow.data import INLET, JUNCTION, OUTLET, load_index, load_sample  # noqa: E402
 from sciquant.workloads.bloodflow.features import (  # noqa: E402
@@ -405,7 +405,6 @@ def quant_debug(
     """
     from sciquant.quant.debug import (
         output_agreement,
-        overflow_metrics,
         sqnr_metrics,
         torch_layer_sqnr,
         torch_outputs,
@@ -435,7 +434,6 @@ def quant_debug(
         metrics.update(
             output_agreement(simulated, torch_outputs(deployed, test, device), inputs=len(test))
         )
-        metrics.update(overflow_metrics(deployed))
     return metrics
 
 
@@ -582,6 +580,8 @@ def run(
     if debug:
         print(describe(debug))
     metrics.update(debug)
+    if not simulated:  # whatever the debug settings: why a runtime may not compute its graph
+        metrics.update(overflow_metrics(step))
     out.mkdir(parents=True, exist_ok=True)
     plot_rollouts(graphs, predictions, norm, out, settings["figure_simulations"])
     payload = {
