@@ -340,6 +340,17 @@ def read_all(metrics_files: Sequence[Path], cache: Path | None = None) -> list[R
     return records
 
 
+def fp32_networks(
+    records: Sequence[RunRecord],
+) -> dict[tuple[Any, ...], dict[str, dict[str, float]]]:
+    """Per (dataset, model, seed): the per-simulation errors of its FP32 reference run."""
+    return {
+        r.coordinates[:3]: r.per_simulation
+        for r in records
+        if tuple(r.coordinates[3:]) == FP32_RUN and r.per_simulation
+    }
+
+
 def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
     """The records with each run's retained gain (`sciquant.report.gain`) added, and the FP32
     network's own gain over the no-network baseline on its FP32 reference run.
@@ -347,11 +358,7 @@ def with_retained_gain(records: Sequence[RunRecord]) -> list[RunRecord]:
     The FP32 network of a run is the FP32 reference run of its (dataset, model, seed); runs
     without per-simulation errors or without that baseline are left as they are.
     """
-    fp32 = {
-        r.coordinates[:3]: r.per_simulation
-        for r in records
-        if tuple(r.coordinates[3:]) == FP32_RUN and r.per_simulation
-    }
+    fp32 = fp32_networks(records)
     updated = []
     for record in records:
         network = fp32.get(record.coordinates[:3])
@@ -377,11 +384,7 @@ def pooled_retained_gains(records: Sequence[RunRecord]) -> dict[tuple[Any, ...],
     FP32 network and baseline; keys as `POOLED_COORDINATES`. The FP32 network itself has none.
     """
     seed = COORDINATES.index("seed")
-    fp32 = {
-        r.coordinates[:3]: r.per_simulation
-        for r in records
-        if tuple(r.coordinates[3:]) == FP32_RUN and r.per_simulation
-    }
+    fp32 = fp32_networks(records)
     seeds: dict[tuple[Any, ...], list[RunRecord]] = {}
     for record in records:
         baseline = record.baseline_per_simulation.get(record.gain_baseline)
