@@ -104,7 +104,7 @@ use rule evaluate_run as evaluate_target_float with:
     wildcard_constraints:
         seed=RUN_SEED,
         model=alternatives(models_of("torch")),
-        target=alternatives(study.fp32_targets()),
+        target=alternatives(study.float_run_targets()),
         precision="fp32|fp16|bf16",
 
 

@@ -29,7 +29,7 @@ from sciquant.quant.spec import (
     parse_precision,
     quantize,
 )
-from sciquant.quant.targets import TARGETS, get_target
+from sciquant.quant.targets import TARGETS, fp32_target, get_target
 
 INT8_SYM = QuantSpec(8, symmetric=True, granularity=PerTensor())
 UINT8_ASYM = QuantSpec(8, symmetric=False, granularity=PerTensor())
@@ -458,6 +458,13 @@ def test_the_table_holds_the_design_targets():
     with pytest.raises(SciquantError, match="torch models only"):
         openvino.plan("w8a8", "keras")
     assert "10.4" in get_target("trt-v100").description
+
+
+def test_targets_that_differ_only_in_quantization_share_one_fp32_run():
+    """openvino-avx2 runs openvino-cpu's FP32 graph; targets on another runtime, node or
+    without FP32 of their own are their own FP32 target."""
+    twins = {name: fp32_target(name) for name in TARGETS}
+    assert twins == {name: name for name in TARGETS} | {"openvino-avx2": "openvino-cpu"}
 
 
 def test_unknown_target_lists_the_known_ones():

@@ -460,6 +460,30 @@ def test_what_to_deploy_is_the_fastest_within_budget(
     assert (choice.method, choice.precision) == expected
 
 
+def test_a_budget_scales_by_the_fp32_run_of_the_targets_graph(tmp_path: Path) -> None:
+    """openvino-avx2 has no FP32 run of its own: its budget is scaled by openvino-cpu's FP32
+    (the graph it runs), not by the reference's, which would exclude its W8A8 here."""
+    runs = [("reference", "none", "fp32", 0.5, 1.0), ("openvino-cpu", "none", "fp32", 1.0, 1.0),
+            ("openvino-avx2", "ptq-mse", "w8a8", 1.15, 1.8)]  # fmt: skip
+    paths = []
+    for target, method, precision, error, speedup in runs:
+        made = write_run(tmp_path / "made", 0, "cpu-x86", method, precision,
+                         pressure_error_pct=error, rollout_time_s_median=0.01 / speedup,
+                         paired_step_speedup=speedup)  # fmt: skip
+        payload = json.loads(made.read_text()) | {"simulated": False}
+        payload["coordinates"]["target"] = target
+        folder = tmp_path / f"results/bloodflow/meshgraphnet/seed0/{target}/{method}/{precision}"
+        paths.append(write_json(folder / "metrics.json", payload))
+    aggregate(paths, tmp_path / "m.nc", tmp_path / "m.csv", {"study": "deploy"})
+    ((_, _, cube),) = workload_slices(load_cube(tmp_path / "m.nc"))
+    budget = parse_budget({"metric": "pressure_error_pct", "max_ratio_to_fp32": 1.2})
+    choices = {c.target: c for c in choose_deployments(cube, budget)}
+    assert (choices["openvino-avx2"].method, choices["openvino-avx2"].precision) == (
+        "ptq-mse", "w8a8")  # fmt: skip
+    (check,) = choices["openvino-avx2"].checks
+    assert check.threshold == pytest.approx(1.2)
+
+
 def test_report_shows_the_deploy_choice_and_its_checks(tmp_path: Path) -> None:
     paths = hand_made_deploy_study(tmp_path)
     aggregate(paths, tmp_path / "m.nc", tmp_path / "m.csv", {"study": "deploy"})

@@ -14,6 +14,7 @@ import yaml
 
 from sciquant.quant.debug import OVERFLOW_RISK
 from sciquant.runtime.onnxruntime import cpu_has_vnni
+from sciquant.study import Run, Study, is_paired, load_config, run_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,6 +38,31 @@ def test_dry_run_default_study(tmp_path: Path) -> None:
     result = snakemake("-n", "--directory", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "evaluate_fp32" in result.stdout and "synthesize" in result.stdout
+    # openvino-avx2 runs openvino-cpu's FP32 graph: one FP32 run and export for both
+    assert "openvino-cpu/none/fp32/metrics.json" in result.stdout
+    assert "openvino-avx2/none/fp32" not in result.stdout
+
+
+def test_targets_sharing_an_fp32_graph_get_one_fp32_run(tmp_path: Path) -> None:
+    """openvino-avx2's W8A8 run is paired with openvino-cpu's FP32 run, also in a study that
+    sweeps openvino-avx2 alone; the targets on other runtimes keep their own."""
+    config = load_config(ROOT / "workflow" / "config" / "default.yaml")
+    study = Study(config)
+    fp32 = [r.target for r in study.runs() if r.model == "meshgraphnet" and r.method == "none"
+            and r.precision == "fp32"]  # fmt: skip
+    assert fp32 == ["reference", "cpu-x86", "openvino-cpu"]
+    avx2 = Run("bloodflow", "meshgraphnet", 0, "openvino-avx2", "ptq-mse", "w8a8")
+    folder = "results/bloodflow/meshgraphnet/seed0"
+    for sweeps in (config["quantize"]["sweeps"], [
+        {"models": ["meshgraphnet"], "targets": ["openvino-avx2"], "methods": ["ptq-mse"],
+         "precisions": ["w8a8"]},
+    ]):  # fmt: skip
+        study = Study(config | {"quantize": config["quantize"] | {"sweeps": sweeps}})
+        assert Run("bloodflow", "meshgraphnet", 0, "openvino-cpu", "none", "fp32") in study.runs()
+        assert is_paired(study, avx2)
+        artifacts = run_artifacts(study, avx2)
+        assert artifacts["baseline_onnx"] == f"{folder}/openvino-cpu/none/fp32/model.onnx"
+        assert artifacts["onnx"] == f"{folder}/openvino-avx2/ptq-mse/w8a8/model.onnx"
 
 
 def test_dry_run_with_slurm_profile_needs_no_cluster() -> None:

@@ -28,7 +28,7 @@ from sciquant.quant.observers import (
     check_method_limits,
 )
 from sciquant.quant.spec import protection_settings
-from sciquant.quant.targets import Plan, get_target
+from sciquant.quant.targets import Plan, fp32_target, get_target
 from sciquant.vocabulary import CPU_NODE, MIXED, node_device, schema_document, with_defaults
 from sciquant.vocabulary import SCHEMA as SCHEMA  # re-exported
 from sciquant.vocabulary import section_with_defaults as section_with_defaults  # re-exported
@@ -163,14 +163,23 @@ class Study:
                         combos[(target, method, precision)] = None
         return list(combos)
 
-    def fp32_targets(self, model: str | None = None) -> list[str]:
-        """Swept targets that run FP32 themselves; each gets an FP32 run (the speed-up base)."""
+    def native_float_targets(self, model: str | None = None) -> list[str]:
+        """Swept targets that run FP32 themselves (on their runtime, not the reference)."""
         targets = dict.fromkeys(target for target, _, _ in self.quantization_sweep(model))
         return [
             name
             for name in targets
             if name != "reference" and "fp32" in get_target(name).native_precisions
         ]
+
+    def fp32_targets(self, model: str | None = None) -> list[str]:
+        """The targets of the FP32 runs those targets get (their speed-up base): one per FP32
+        graph (`fp32_target`: openvino-avx2's FP32 run is openvino-cpu's)."""
+        return list(dict.fromkeys(map(fp32_target, self.native_float_targets(model))))
+
+    def float_run_targets(self) -> list[str]:
+        """Targets whose float runs (method none: FP32, FP16, BF16) run on their runtime."""
+        return list(dict.fromkeys([*self.native_float_targets(), *self.fp32_targets()]))
 
     def runs(self) -> list[Run]:
         """Every run: per training, the FP32 reference, each target's FP32, the quantized runs."""
@@ -357,8 +366,9 @@ def sensitivity_folder(training: Training) -> str:
 
 
 def fp32_of_target(run: Run) -> Run:
-    """The FP32 run of the run's target (its speed-up baseline; FP32 float runs' export)."""
-    return Run(run.dataset, run.model, run.seed, run.target, "none", "fp32")
+    """The FP32 run of the run's target (its speed-up baseline; float runs' export): that of
+    the target running its FP32 graph (`fp32_target`)."""
+    return Run(run.dataset, run.model, run.seed, fp32_target(run.target), "none", "fp32")
 
 
 def quantize_inputs(run: Run) -> dict[str, str]:
@@ -382,7 +392,7 @@ def is_paired(study: Study, run: Run) -> bool:
     return (
         is_timed(study, run)
         and (run.method, run.precision) != ("none", "fp32")
-        and run.target in study.fp32_targets(run.model)
+        and fp32_target(run.target) in study.fp32_targets(run.model)
     )
 
 

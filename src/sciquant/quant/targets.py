@@ -332,6 +332,22 @@ def _table(rows: list[Target]) -> Mapping[str, Target]:
 TARGETS: Mapping[str, Target] = _table([*_ROWS, *_plugin_rows()])
 
 
+def fp32_target(name: str) -> str:
+    """The target whose FP32 run stands for `name`'s: the first row with the same backend, node
+    and frameworks. Targets that differ only in how they quantize run one FP32 graph, so a study
+    runs it once (openvino-avx2's FP32 run is openvino-cpu's); every other target is its own."""
+    target = get_target(name)
+    if "fp32" not in target.native_precisions:
+        return name
+    return next(
+        row.name
+        for row in TARGETS.values()
+        if "fp32" in row.native_precisions
+        and (row.backend, row.node, row.frameworks)
+        == (target.backend, target.node, target.frameworks)
+    )
+
+
 def get_target(name: str) -> Target:
     """The target called `name`; SciquantError listing the known names otherwise."""
     try:

@@ -39,7 +39,7 @@ from sciquant.provenance import (
     pointer_keys,
     write_json,
 )
-from sciquant.quant.targets import TARGETS
+from sciquant.quant.targets import TARGETS, fp32_target
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, network_gains, pooled_gains, run_gains
 from sciquant.vocabulary import COORDINATES
@@ -819,8 +819,10 @@ def seed_estimates(values: xr.DataArray) -> dict[RunKey, Estimate]:
 
 
 def fp32_baseline(runs: xr.Dataset, name: str, target: str) -> tuple[xr.DataArray, str] | None:
-    """A metric's FP32 values per seed on `target`, else on `reference`, with that target's name."""
-    for candidate in (target, "reference"):
+    """A metric's FP32 values per seed on `target`'s FP32 graph (`fp32_target`), else on
+    `reference`, with that target's name."""
+    twin = fp32_target(target) if target in TARGETS else target
+    for candidate in dict.fromkeys((target, twin, "reference")):
         try:
             fp32 = {"target": candidate, "method": "none", "precision": "fp32"}
             values = runs[name].sel(fp32).drop_vars(list(fp32))
