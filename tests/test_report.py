@@ -482,6 +482,11 @@ def test_a_budget_scales_by_the_fp32_run_of_the_targets_graph(tmp_path: Path) ->
         "ptq-mse", "w8a8")  # fmt: skip
     (check,) = choices["openvino-avx2"].checks
     assert check.threshold == pytest.approx(1.2)
+    # its w8a8 stores 7-bit weights: the results table says so, and of no other row
+    build_report(tmp_path / "m.nc", tmp_path / "index.html")
+    html = (tmp_path / "index.html").read_text()
+    assert html.count('class="note capped-bits-note"') == 1
+    assert "openvino-avx2 · ptq-mse · w8a8: weights in 7 bits" in html
 
 
 def test_report_shows_the_deploy_choice_and_its_checks(tmp_path: Path) -> None:

@@ -29,8 +29,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from sciquant.errors import SciquantError
 from sciquant.provenance import atomic_path
 from sciquant.quant.debug import OVERFLOW_RISK
+from sciquant.quant.spec import parse_precision
+from sciquant.quant.targets import TARGETS
 from sciquant.report import figures
 from sciquant.report.cube import (
     LAYER_DIM,
@@ -211,6 +214,7 @@ def results_table(dataset: str, model: str, runs: xr.Dataset) -> str:
         previous_target = target
     data = f' data-dataset="{escape(dataset)}" data-model="{escape(model)}"'
     notes = results_notes(simulated, baselines, time_name, sum(diverged.values()))
+    notes += capped_bits_note(list(simulated))
     if any(name.startswith("retained_gain") for name in suffixes):
         notes += f'<p class="note">{RETAINED_GAIN_NOTE}</p>'
     return table(head, rows, "results", data) + notes
@@ -629,6 +633,29 @@ DEBUG_NOTE = (
     "int8) or relative to the output's RMS (a float output). Mean over seeds; the worst layer "
     "is the one with the lowest mean."
 )
+
+
+def capped_bits_note(keys: Sequence[tuple[str, str, str]]) -> str:
+    """A note naming the rows whose target stores fewer weight bits than their precision says
+    (a target's `weight_scheme.max_bits`, as openvino-avx2's 7), or "" where none does."""
+    capped = []
+    for target, method, precision in keys:
+        row = TARGETS.get(target)
+        try:
+            parsed = parse_precision(precision)
+        except SciquantError:  # `mixed`: bits per layer, in the sensitivity section
+            continue
+        if row is None or parsed.kind != "int":
+            continue
+        bits = row.weight_spec(parsed.weight_bits).bits
+        if bits < parsed.weight_bits:
+            capped.append(f"{target} · {method} · {precision}: weights in {bits} bits")
+    if not capped:
+        return ""
+    return (
+        f'<p class="note capped-bits-note">Fewer weight bits than the precision names, as the '
+        f"target stores them: {escape('; '.join(capped))}.</p>"
+    )
 
 
 def overflow_note(runs: xr.Dataset) -> str:
