@@ -17,7 +17,7 @@ demo: venv
 	$(BIN)/snakemake --cores $(CORES)
 
 test: venv system-packages
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 venv: $(VENV)/.installed
 
