@@ -1051,10 +1051,13 @@ def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> l
             reason = "no FP32 run to scale the budget by"
             deployments.append(Deployment(target, None, None, None, None, (), reason))
             continue
+        # A target without an FP32 run of its own runs that of its FP32 graph (`fp32_target`):
+        # deploying FP32 there is deploying that run.
+        twin = (fp32_target(target) if target in TARGETS else target, "none", "fp32")
         eligible = [
             key
             for key in native
-            if key[0] == target
+            if (key[0] == target or key == twin)
             and all(key in means[c.metric] for c in applicable)
             and all(c.holds(means[c.metric][key].mean, thresholds[c]) for c in applicable)
         ]
@@ -1082,6 +1085,8 @@ def fastest(
     else:
         chosen = min(eligible, key=lambda key: sum(precision_bits(key[2])))
         reason = "fewest bits within the budget (no timings)"
+    if chosen[0] != target:
+        reason += f"; FP32 is {chosen[0]}'s FP32 run, the same graph on the same runtime"
     checks = tuple(
         Check(c, means[c.metric][chosen].mean, threshold) for c, threshold in thresholds.items()
     )
