@@ -90,8 +90,9 @@ rule evaluate_run:
         " --threads {params.threads} --out {params.folder} > {log} 2>&1"
 
 
-# The float runs of a target, from the FP32 weights: FP32 of every swept target that runs FP32
-# natively (the speed-up baseline), and FP16 / BF16 where a sweep asks for it (TensorRT, OpenVINO).
+# The float runs of a target, from the FP32 weights: one FP32 run per FP32 graph of the swept
+# targets that run FP32 natively (the speed-up baseline; openvino-avx2's is openvino-cpu's), and
+# FP16 / BF16 where a sweep asks for it (TensorRT, OpenVINO).
 use rule evaluate_run as evaluate_target_float with:
     output:
         metrics="results/{dataset}/{model}/seed{seed}/{target}/none/{precision}/metrics.json",

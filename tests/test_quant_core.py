@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sciquant.errors import SciquantError
+from sciquant.quant import targets as targets_module
 from sciquant.quant.observers import (
     EntropyObserver,
     MinMaxObserver,
@@ -460,11 +461,16 @@ def test_the_table_holds_the_design_targets():
     assert "10.4" in get_target("trt-v100").description
 
 
-def test_targets_that_differ_only_in_quantization_share_one_fp32_run():
+def test_targets_that_differ_only_in_quantization_share_one_fp32_run(monkeypatch):
     """openvino-avx2 runs openvino-cpu's FP32 graph; targets on another runtime, node or
     without FP32 of their own are their own FP32 target."""
     twins = {name: fp32_target(name) for name in TARGETS}
     assert twins == {name: name for name in TARGETS} | {"openvino-avx2": "openvino-cpu"}
+    # a row like the reference (eager, the run's own node) is its own: the reference's FP32
+    # run is the study's FP32 network, not a target's
+    eager = dataclasses.replace(get_target("reference"), name="eager-copy")
+    monkeypatch.setattr(targets_module, "TARGETS", {**TARGETS, "eager-copy": eager})
+    assert fp32_target("eager-copy") == "eager-copy"
 
 
 def test_unknown_target_lists_the_known_ones():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shutil
 import subprocess
 from html import unescape
@@ -30,7 +31,12 @@ from sciquant.report.cube import (
     quality_metrics,
     workload_slices,
 )
-from sciquant.report.html import build_report, extra_figures_section, format_value
+from sciquant.report.html import (
+    build_report,
+    capped_bits_note,
+    extra_figures_section,
+    format_value,
+)
 
 SEEDS = (0, 1)
 TARGETS = ("reference", "cpu-x86", "npu-pow2")
@@ -495,6 +501,22 @@ def test_a_budget_scales_by_the_fp32_run_of_the_targets_graph(
     html = (tmp_path / "index.html").read_text()
     assert html.count('class="note capped-bits-note"') == 1
     assert "openvino-avx2 · ptq-mse · w8a8: weights in 7 bits" in html
+
+
+def test_capped_bits_note_names_the_rows_with_fewer_weight_bits() -> None:
+    """openvino-avx2 stores 7-bit weights: its w8a8 and the 8-bit layers of its mixed run are
+    named; its w4a8, other targets and float runs are not."""
+    note = capped_bits_note([
+        ("openvino-avx2", "ptq-mse", "w8a8"), ("openvino-avx2", "ptq-mse", "w4a8"),
+        ("openvino-avx2", "ptq-mse", "mixed"), ("openvino-cpu", "ptq-mse", "w8a8"),
+        ("openvino-cpu", "ptq-mse", "mixed"), ("openvino-cpu", "none", "fp32"),
+        ("unknown-plugin", "ptq-mse", "w8a8"),
+    ])  # fmt: skip
+    assert re.sub("<[^>]+>", "", note).endswith(
+        "openvino-avx2 · ptq-mse · w8a8: weights in 7 bits; "
+        "openvino-avx2 · ptq-mse · mixed: 8-bit layers in 7 bits."
+    )
+    assert capped_bits_note([("openvino-cpu", "ptq-mse", "w8a8")]) == ""
 
 
 def test_report_shows_the_deploy_choice_and_its_checks(tmp_path: Path) -> None:

@@ -337,12 +337,14 @@ def fp32_target(name: str) -> str:
     and frameworks. Targets that differ only in how they quantize run one FP32 graph, so a study
     runs it once (openvino-avx2's FP32 run is openvino-cpu's); every other target is its own."""
     target = get_target(name)
-    if "fp32" not in target.native_precisions:
+    if "fp32" not in target.native_precisions or name == "reference":
         return name
+    # never the reference: its FP32 run is the study's FP32 network, with a rule of its own
     return next(
         row.name
         for row in TARGETS.values()
         if "fp32" in row.native_precisions
+        and row.name != "reference"
         and (row.backend, row.node, row.frameworks)
         == (target.backend, target.node, target.frameworks)
     )

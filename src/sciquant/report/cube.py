@@ -842,12 +842,14 @@ def speedup_metric(runs: xr.Dataset) -> str | None:
 
 
 def speedups(runs: xr.Dataset) -> tuple[xr.DataArray, dict[str, str]]:
-    """Paired speed-ups over FP32 per seed (×), and each target's baseline (itself).
+    """Paired speed-ups over FP32 per seed (×), and each timed target's baseline (named as
+    the target itself).
 
-    Each value was measured in the run's own evaluation, interleaved with its target's FP32
-    on the same inputs (`sciquant.runtime.paired`); the FP32 run of a target is 1 by
-    definition. Times of two separate jobs are never divided: a run without a paired
-    measurement (a simulation, or an older metrics.json) has no speed-up (NaN).
+    Each value was measured in the run's own evaluation, interleaved with the FP32 of its
+    target's graph (`fp32_target`: openvino-avx2's is openvino-cpu's) on the same inputs
+    (`sciquant.runtime.paired`); an FP32 run is 1 by definition. Times of two separate jobs
+    are never divided: a run without a paired measurement (a simulation, or an older
+    metrics.json) has no speed-up (NaN).
     """
     name = speedup_metric(runs)
     if name is None:
@@ -943,8 +945,9 @@ def parse_budget(budget: dict[str, Any] | Sequence[dict[str, Any]] | None) -> li
     """A budget (one constraint or a list, all must hold; None: `DEFAULT_BUDGET`) → constraints.
 
     A constraint is `{"metric": NAME, BOUND: NUMBER}` with BOUND one of `max_ratio_to_fp32`,
-    `min_ratio_to_fp32` (relative to the FP32 mean on the same target, else the reference's),
-    `max_value`, `min_value` (in the metric's units); several bounds may share one metric.
+    `min_ratio_to_fp32` (relative to the FP32 mean of the target's FP32 graph, `fp32_target`,
+    else the reference's), `max_value`, `min_value` (in the metric's units); several bounds may
+    share one metric.
     """
     if budget is not None and not isinstance(budget, dict | list | tuple):
         raise SciquantError(

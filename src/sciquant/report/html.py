@@ -60,6 +60,7 @@ from sciquant.report.cube import (
 )
 from sciquant.report.gain import BASELINE as GAIN_BASELINE
 from sciquant.report.gain import FP32_RUN, POOLED_PREFIX, field_name
+from sciquant.vocabulary import MIXED
 
 SIMULATED_NOTE = (
     "* simulated: a bit-width the target does not run natively, evaluated as fake-quantization "
@@ -420,7 +421,8 @@ def deploy_table(
         )
     budget = (
         f'<p class="note">Budget: {escape(budget_text(constraints))} (means over seeds; FP32 of '
-        "the same target, else the reference's). Simulated precisions are not candidates.</p>"
+        "the target's FP32 graph, else the reference's). Simulated precisions are not "
+        "candidates.</p>"
     )
     return budget + table(head, rows, "deploy")
 
@@ -641,11 +643,18 @@ def capped_bits_note(keys: Sequence[tuple[str, str, str]]) -> str:
     capped = []
     for target, method, precision in keys:
         row = TARGETS.get(target)
+        if row is None:
+            continue
+        if precision == MIXED:  # bits per layer: the 8-bit ones as the target stores them
+            bits = row.weight_spec(8).bits
+            if bits < 8:
+                capped.append(f"{target} · {method} · {precision}: 8-bit layers in {bits} bits")
+            continue
         try:
             parsed = parse_precision(precision)
-        except SciquantError:  # `mixed`: bits per layer, in the sensitivity section
+        except SciquantError:
             continue
-        if row is None or parsed.kind != "int":
+        if parsed.kind != "int":
             continue
         bits = row.weight_spec(parsed.weight_bits).bits
         if bits < parsed.weight_bits:
