@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sciquant.launch import select_runs
 from sciquant.quant.debug import OVERFLOW_RISK
 from sciquant.runtime.onnxruntime import cpu_has_vnni
 from sciquant.study import Run, Study, is_paired, load_config, run_artifacts
@@ -63,6 +64,11 @@ def test_targets_sharing_an_fp32_graph_get_one_fp32_run(tmp_path: Path) -> None:
         artifacts = run_artifacts(study, avx2)
         assert artifacts["baseline_onnx"] == f"{folder}/openvino-cpu/none/fp32/model.onnx"
         assert artifacts["onnx"] == f"{folder}/openvino-avx2/ptq-mse/w8a8/model.onnx"
+    # `sciquant submit --runs target=openvino-avx2` takes that FP32 run too
+    selected = select_runs(Study(config), ["target=openvino-avx2", "model=meshgraphnet"])
+    assert [r.folder.removeprefix(f"{folder}/") for r in selected] == [
+        "openvino-cpu/none/fp32", "openvino-avx2/ptq-mse/w8a8"]  # fmt: skip
+    assert select_runs(Study(config), ["target=openvino-avx2", "precision=w8a8"]) == [avx2]
 
 
 def test_dry_run_with_slurm_profile_needs_no_cluster() -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sciquant.errors import SciquantError
+from sciquant.quant.targets import TARGETS, fp32_target
 from sciquant.study import (
     CALIBRATED_METHODS,
     Run,
@@ -96,7 +97,10 @@ def _execute(task: Task) -> str:
 
 
 def select_runs(study: Study, filters: list[str]) -> list[Run]:
-    """The study's runs whose coordinates match every `key=value` filter (`key=a,b`: either)."""
+    """The study's runs whose coordinates match every `key=value` filter (`key=a,b`: either).
+
+    `target=X` also takes the FP32 run X shares with another target (`fp32_target`:
+    `target=openvino-avx2` takes `openvino-cpu/none/fp32`, its speed-up and budget base)."""
     wanted: dict[str, set[str]] = {}
     for item in filters:
         key, sep, value = item.partition("=")
@@ -105,10 +109,18 @@ def select_runs(study: Study, filters: list[str]) -> list[Run]:
                 f"--runs {item!r}: give key=value with key one of {', '.join(COORDINATES)}"
             )
         wanted[key] = set(value.split(","))
+    shared_fp32 = {fp32_target(t) for t in wanted.get("target", ()) if t in TARGETS}
+
+    def matches(run: Run, key: str, values: set[str]) -> bool:
+        if str(getattr(run, key)) in values:
+            return True
+        shared = (run.method, run.precision) == ("none", "fp32") and run.target in shared_fp32
+        return key == "target" and shared
+
     runs = [
         run
         for run in study.runs()
-        if all(str(getattr(run, key)) in values for key, values in wanted.items())
+        if all(matches(run, key, values) for key, values in wanted.items())
     ]
     if not runs:
         raise SciquantError(f"--runs {' '.join(filters)}: no run of the study matches")
@@ -407,8 +419,9 @@ def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help=f"only runs whose coordinates match ({', '.join(COORDINATES)}), e.g. seed=0 "
-        "precision=fp32,w8a8 (a comma: any of the values); the stages run what their "
-        "evaluations need",
+        "precision=fp32,w8a8 (a comma: any of the values; target=X also takes the FP32 run "
+        "X shares, as openvino-avx2 openvino-cpu's); the stages run what their evaluations "
+        "need",
     )
     add(
         "--executor",
