@@ -818,11 +818,16 @@ def seed_estimates(values: xr.DataArray) -> dict[RunKey, Estimate]:
     }
 
 
+def fp32_graph(target: str) -> str:
+    """The target whose FP32 run is `target`'s (`fp32_target`); a target no longer installed
+    (a plug-in's, in an older cube) is its own."""
+    return fp32_target(target) if target in TARGETS else target
+
+
 def fp32_baseline(runs: xr.Dataset, name: str, target: str) -> tuple[xr.DataArray, str] | None:
-    """A metric's FP32 values per seed on `target`'s FP32 graph (`fp32_target`), else on
+    """A metric's FP32 values per seed on `target`'s FP32 graph (`fp32_graph`), else on
     `reference`, with that target's name."""
-    twin = fp32_target(target) if target in TARGETS else target
-    for candidate in dict.fromkeys((target, twin, "reference")):
+    for candidate in dict.fromkeys((target, fp32_graph(target), "reference")):
         try:
             fp32 = {"target": candidate, "method": "none", "precision": "fp32"}
             values = runs[name].sel(fp32).drop_vars(list(fp32))
@@ -1054,9 +1059,9 @@ def choose_deployments(runs: xr.Dataset, constraints: Sequence[Constraint]) -> l
             reason = "no FP32 run to scale the budget by"
             deployments.append(Deployment(target, None, None, None, None, (), reason))
             continue
-        # A target without an FP32 run of its own runs that of its FP32 graph (`fp32_target`):
+        # A target without an FP32 run of its own runs that of its FP32 graph (`fp32_graph`):
         # deploying FP32 there is deploying that run.
-        twin = (fp32_target(target) if target in TARGETS else target, "none", "fp32")
+        twin = (fp32_graph(target), "none", "fp32")
         eligible = [
             key
             for key in native

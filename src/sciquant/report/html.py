@@ -646,19 +646,18 @@ def capped_bits_note(keys: Sequence[tuple[str, str, str]]) -> str:
         if row is None:
             continue
         if precision == MIXED:  # bits per layer: the 8-bit ones as the target stores them
-            bits = row.weight_spec(8).bits
-            if bits < 8:
-                capped.append(f"{target} · {method} · {precision}: 8-bit layers in {bits} bits")
-            continue
-        try:
-            parsed = parse_precision(precision)
-        except SciquantError:
-            continue
-        if parsed.kind != "int":
-            continue
-        bits = row.weight_spec(parsed.weight_bits).bits
-        if bits < parsed.weight_bits:
-            capped.append(f"{target} · {method} · {precision}: weights in {bits} bits")
+            named, what = 8, "8-bit layers"
+        else:
+            try:
+                parsed = parse_precision(precision)
+            except SciquantError:
+                continue
+            if parsed.kind != "int":
+                continue
+            named, what = parsed.weight_bits, "weights"
+        bits = row.weight_spec(named).bits
+        if bits < named:
+            capped.append(f"{target} · {method} · {precision}: {what} in {bits} bits")
     if not capped:
         return ""
     return (
