@@ -747,7 +747,7 @@ def _check_icnnmd_grid(model: str, name: str, dataset: dict[str, Any]) -> None:
 
 def _check_simulator(dataset: str, parameters: dict[str, Any]) -> None:
     """Impossible simulator values (e.g. a range with min > max) fail the dry run, not the job."""
-    from sciquant.workloads.bloodflow.sim import params_from_mapping
+    from sciquant.workloads.bloodflow.sim_params import params_from_mapping
 
     try:
         params_from_mapping(parameters)
