@@ -13,3 +13,17 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def ci_study(tmp_path_factory: pytest.TempPathFactory):
+    """The ci study run once, end to end with local cores, for every test that reads it (they
+    must not change it: copy what they need): its folder and Snakemake's result."""
+    from .test_workflow import CI_CONFIG, snakemake
+
+    workdir = tmp_path_factory.mktemp("ci-study")
+    result = snakemake(
+        "--cores", "2", "--configfile", str(CI_CONFIG), "--directory", str(workdir),
+        timeout=900,
+    )  # fmt: skip
+    return workdir, result

@@ -132,11 +132,9 @@ def test_cap_no_batching_meets_fails_the_dry_run_naming_the_key(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def per_run(tmp_path_factory) -> Path:
-    """The ci study with one job per stage and run."""
-    workdir = tmp_path_factory.mktemp("per-run")
-    result = snakemake("--cores", "2", "--configfile", str(CI_CONFIG),
-                       "--directory", str(workdir), timeout=900)  # fmt: skip
+def per_run(ci_study) -> Path:
+    """The ci study with one job per stage and run (the session's, tests/conftest.py)."""
+    workdir, result = ci_study
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
 

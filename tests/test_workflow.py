@@ -197,11 +197,8 @@ def test_check_config_cli_reports_key_without_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ci_study_end_to_end(tmp_path: Path) -> None:
-    result = snakemake(
-        "--cores", "2", "--configfile", str(CI_CONFIG), "--directory", str(tmp_path),
-        timeout=900,
-    )  # fmt: skip
+def test_ci_study_end_to_end(ci_study: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp_path, result = ci_study  # run once for this test and test_batch's (tests/conftest.py)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "results/bloodflow/meshgraphnet/seed0/reference/none/fp32"
     metrics = json.loads((run / "metrics.json").read_text())
