@@ -17,7 +17,7 @@ demo: venv
 	$(BIN)/snakemake --cores $(CORES)
 
 test: venv system-packages
-	$(BIN)/python -m pytest -ra --durations=25
+	PYTHON_BIN=$(BIN)/python scripts/run-tests.sh
 
 venv: $(VENV)/.installed
 
