@@ -7,6 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
+# Rules call the `sciquant` command: the environment's bin folder first on PATH (as `make` does).
+PATH="$(cd "$(dirname "$PYTHON_BIN")" && pwd):$PATH"
+export PATH
 ARGS=(-ra --durations=25 "$@")
 
 log=$(mktemp -t sciquant-slurm-tests.XXXXXX.log)
