@@ -44,6 +44,34 @@ def test_dry_run_default_study(tmp_path: Path) -> None:
     assert "openvino-avx2/none/fp32" not in result.stdout
 
 
+def test_validating_a_study_loads_no_solver() -> None:
+    """Every Snakemake start (a dry run, each Slurm job) and batch job validates the study: it
+    checks the simulator's parameters without importing the simulator, SciPy's optimizers,
+    numba or VTK (seconds a process), and still refuses impossible ones."""
+    code = (
+        "import sys, yaml\n"
+        "from sciquant.errors import SciquantError\n"
+        "from sciquant.study import Study, load_config\n"
+        f"Study(load_config({str(ROOT / 'workflow/config/default.yaml')!r}))\n"
+        f"config = yaml.safe_load(open({str(CI_CONFIG)!r}))\n"
+        "config['datasets']['bloodflow']['source']['embedded']['parameters'] = "
+        "{'length_range': [5.0, 2.0]}\n"
+        "try:\n"
+        "    Study(config)\n"
+        "except SciquantError as error:\n"
+        "    print('refused:', error)\n"
+        "heavy = ('sciquant.workloads.bloodflow.sim', 'numba', 'vtk', 'scipy.optimize')\n"
+        "print('loaded:', sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout, result.stdout
+    assert "refused: config key datasets.bloodflow.source.embedded.parameters" in result.stdout
+    assert "length_range" in result.stdout and "swap them" in result.stdout, result.stdout
+
+
 def test_targets_sharing_an_fp32_graph_get_one_fp32_run(tmp_path: Path) -> None:
     """openvino-avx2's W8A8 run is paired with openvino-cpu's FP32 run, also in a study that
     sweeps openvino-avx2 alone; the targets on other runtimes keep their own."""
