@@ -3,7 +3,8 @@
 # run as root against a local cluster) spend most of their time waiting for the scheduler and its
 # status polls; the rest of the suite runs meanwhile. Each process ends with its short summary
 # (-ra) and its 25 slowest tests; the Slurm tests' output, kept in a log while the rest runs,
-# follows. The script fails when either fails. Arguments go to both, e.g. `-k batch`.
+# follows. The script fails when either fails. Options go to both, e.g. `-k batch`; given test
+# files or folders, it runs just those, in one pytest process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
@@ -11,6 +12,12 @@ PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 PATH="$(cd "$(dirname "$PYTHON_BIN")" && pwd):$PATH"
 export PATH
 ARGS=(-ra --durations=25 "$@")
+
+for arg in "$@"; do
+    if [ -e "${arg%%::*}" ]; then  # chosen tests (a path, or path::name): those alone
+        exec "$PYTHON_BIN" -m pytest "${ARGS[@]}"
+    fi
+done
 
 log=$(mktemp -t sciquant-slurm-tests.XXXXXX.log)
 # A background job of a script ignores SIGINT; this one takes it back, so that Ctrl-C stops both
