@@ -2,7 +2,8 @@
 
 (a) The batch size picks itself from `batch.max_jobs`: Snakemake's job table of a generated study
     has exactly the jobs `sciquant.batch.job_count` predicts, at most the cap, and only batch jobs
-    for the runs; a cap no batching can meet fails the dry run naming the key.
+    for the runs; a cap no batching can meet fails the dry run naming the key. Timed runs get
+    batches of their own: run locally, only those hold both cores.
 (b) The ci study batched (3 runs a job) writes the same metrics as its per-run jobs.
 (c) A batch whose run fails keeps its finished runs; the rerun links them back and computes only
     the failed one.
@@ -126,6 +127,68 @@ def test_cap_no_batching_meets_fails_the_dry_run_naming_the_key(tmp_path: Path) 
     message = dry.stdout + dry.stderr
     assert "config key batch.max_jobs" in message and "raise batch.max_jobs" in message, message
     assert "Traceback" not in message
+
+
+def test_timed_runs_are_batched_apart_so_simulated_batches_hold_one_core(tmp_path: Path) -> None:
+    """The default study batched: no batch mixes timed and simulated runs, each run is in one
+    batch, in study order; locally only the timed batches hold both cores."""
+    from sciquant.study import is_timed
+
+    config = yaml.safe_load((CI_CONFIG.parent / "default.yaml").read_text())
+    config["batch"] = {"size": 6}
+    path = tmp_path / "batched.yaml"
+    path.write_text(yaml.safe_dump(config))
+    study = Study(load_config(path))
+    planned = batch.plan(study)
+    kinds = {b.rule: {is_timed(study, run) for run in b.runs(0)} for b in planned}
+    assert all(len(kind) == 1 for kind in kinds.values()), kinds
+    assert {True} in kinds.values() and {False} in kinds.values()
+    order = [run.folder for run in study.runs()]
+    batched = [run.folder for b in planned for run in b.runs(0)]
+    assert sorted(batched) == sorted(order)  # every run once
+    for b in planned:
+        folders = [run.folder for run in b.runs(0)]
+        assert folders == sorted(folders, key=order.index), b.rule
+    dry = snakemake("-n", "--cores", "2", "--configfile", str(path), "--directory", str(tmp_path))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    threads = {}  # Snakemake prints a job's threads where it holds more than one
+    for block in re.split(r"\n(?=\s*(?:local)?rule )", dry.stdout):
+        name = re.match(r"\s*(?:local)?rule (batch_\w+):", block)
+        if name:
+            held = re.search(r"^\s+threads: (\d+)$", block, flags=re.MULTILINE)
+            threads[name.group(1)] = held.group(1) if held else "1"
+    assert threads.keys() == kinds.keys(), threads
+    for rule, kind in kinds.items():
+        assert threads[rule] == ("2" if kind == {True} else "1"), (rule, threads[rule])
+
+
+def test_a_run_reading_a_run_of_the_other_kind_keeps_its_group_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a simulated run would read a timed run's files (or the reverse), splitting the
+    group could make two batches read each other's files: the group stays in study order."""
+    path = write_study(tmp_path, batch={"size": 2})
+    study = Study(load_config(path))
+    split = batch.parts(study)
+    key = next(k for k, parts in split.items() if len(parts) == 2)  # simulated | timed
+    dataset, model, _ = key
+    timed = {combo for combo in split[key][1]}
+    readers = [batch.Run(dataset, model, 0, *c) for c in sorted(timed)]
+    read = {
+        p.rpartition("/")[0]
+        for run in readers
+        for p in batch.evaluation_inputs(study, run).values()
+        if p.rpartition("/")[0] != run.folder
+    }
+    assert read, "a timed run of the ci study reads its target's FP32 run"
+    # the FP32 run they read as if it were simulated: now a timed run reads a simulated one
+    real = batch.is_timed
+    monkeypatch.setattr(batch, "is_timed", lambda s, run: run.folder not in read and real(s, run))
+    combos = batch.groups(study)[key]
+    assert batch.parts(study)[key] == [combos]
+    assert [
+        c for b in batch.plan(study) if (b.dataset, b.model, b.node) == key for c in b.combos
+    ] == combos
 
 
 # ------------------------------------------------------------------------------------ (b)–(d)

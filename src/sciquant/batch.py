@@ -3,9 +3,11 @@
 A study of thousands of runs would be two or three Snakemake jobs per run (quantize, export,
 evaluate): tens of thousands of Slurm jobs, more than a site lets one user submit, and a DAG that
 takes half a minute to build. Batching puts the runs of one training (dataset, model, seed) that
-run on one node type into jobs of `batch.size` runs each, in study order. Every run's files stay
-outputs of its batch's job one by one (its `metrics.json` among them), so the cube, the report and
-a rerun see exactly which runs exist.
+run on one node type into jobs of `batch.size` runs each, in study order, the timed runs (on a
+real runtime) in batches of their own: run locally, a batch that times a run holds every core,
+as a timed evaluation does, and the simulated runs kept out of it run beside other jobs. Every
+run's files stay outputs of its batch's job one by one (its `metrics.json` among them), so the
+cube, the report and a rerun see exactly which runs exist.
 
 `batch.size` left out (null) picks itself: 1, the per-run jobs of the rules, while the study's
 jobs fit in `batch.max_jobs`; otherwise the smallest size that keeps the study at or under it.
@@ -48,6 +50,7 @@ from sciquant.study import (
     Study,
     architecture_workloads,
     evaluation_inputs,
+    is_timed,
     quantize_inputs,
     training_of,
 )
@@ -143,6 +146,35 @@ def groups(study: Study) -> dict[tuple[str, str, str], list[tuple[str, str, str]
     return grouped
 
 
+def parts(study: Study) -> dict[tuple[str, str, str], list[list[tuple[str, str, str]]]]:
+    """Each group's runs as batches take them: its simulated runs, then its timed ones, each in
+    study order (batches of one part never hold runs of the other).
+
+    A batch that times a run holds every local core for all its runs (`rules/batch.smk`), as a
+    timed evaluation does; simulated runs kept apart run beside other jobs. Where a run reads a
+    run of the other kind (none does today: a target's FP32 export is read by runs on the same
+    runtime), the group stays one part, so that no two batches read each other's files."""
+    first = min(study.config["seeds"])
+    split = {}
+    for (dataset, model, node), combos in groups(study).items():
+        runs = [Run(dataset, model, first, *combo) for combo in combos]
+        timed = {run.folder: is_timed(study, run) for run in runs}
+        crossing = any(
+            timed.get(path.rpartition("/")[0], timed[run.folder]) != timed[run.folder]
+            for run in runs
+            for path in evaluation_inputs(study, run).values()
+        )
+        if crossing:
+            split[(dataset, model, node)] = [combos]
+            continue
+        chosen = [
+            [combo for combo, run in zip(combos, runs, strict=True) if timed[run.folder] is kind]
+            for kind in (False, True)
+        ]
+        split[(dataset, model, node)] = [part for part in chosen if part]
+    return split
+
+
 def batch_size(study: Study) -> int:
     """Runs per batch: `batch.size`, or the smallest that keeps the jobs ≤ `batch.max_jobs`
     (1 = per-run jobs); SciquantError naming `batch.max_jobs` when no size can."""
@@ -154,12 +186,13 @@ def batch_size(study: Study) -> int:
     if fixed + per_run_jobs(study) <= cap:
         return 1
     seeds = len(study.config["seeds"])
-    sizes = [len(combos) for combos in groups(study).values()]
+    sizes = [len(part) for split in parts(study).values() for part in split]
     if fixed + seeds * len(sizes) > cap:
         raise SciquantError(
             f"config key batch.max_jobs: the study needs at least {fixed + seeds * len(sizes)} "
-            f"jobs ({fixed} for data, trainings and the report, and one batch per training and "
-            f"node type), more than {cap}; raise batch.max_jobs or split the study"
+            f"jobs ({fixed} for data, trainings and the report, and a batch per training, node "
+            f"type and kind of run: simulated or timed), more than {cap}; raise batch.max_jobs "
+            "or split the study"
         )
     low, high = 2, max(sizes)
     while low < high:  # the job count falls as the size grows
@@ -177,10 +210,12 @@ def plan(study: Study) -> list[Batch]:
     if size <= 1:
         return []
     batches = []
-    for (dataset, model, node), combos in groups(study).items():
-        for index, start in enumerate(range(0, len(combos), size)):
-            chunk = tuple(combos[start : start + size])
-            batches.append(Batch(dataset, model, node, index, chunk))
+    for (dataset, model, node), split in parts(study).items():
+        chunks = [
+            part[start : start + size] for part in split for start in range(0, len(part), size)
+        ]
+        for index, chunk in enumerate(chunks):
+            batches.append(Batch(dataset, model, node, index, tuple(chunk)))
     return batches
 
 
