@@ -31,7 +31,7 @@ def batch_resources(node, runs):
     return {**resources_of("evaluate", node=node), "runtime": runtime}
 
 
-BATCH_CONFIG = json.dumps(config)
+BATCH_CONFIG = json.dumps(config, sort_keys=True)
 BATCH_ENVS = {"torch": "../envs/torch.yaml", "keras": "../envs/tensorflow.yaml"}
 
 

@@ -23,6 +23,7 @@ from sciquant.study import (
     keras_artifacts,
     quantize_inputs,
     quantize_params,
+    quantize_settings,
     read_config_file,
     run_artifacts,
     run_coordinates,
@@ -124,24 +125,31 @@ def get_final_output():
     return outputs
 
 
+def params_json(value):
+    """JSON of a job's settings for its command line (a rule's params), keys sorted: the same
+    settings listed in another order in the config file change no job's params, and so rerun
+    nothing."""
+    return json.dumps(value, sort_keys=True)
+
+
 def get_dataset(wildcards):
     return study.datasets[wildcards.dataset]
 
 
 def get_simulation_params(wildcards):
     """The embedded simulator's settings for the dataset, as JSON for the command line."""
-    return json.dumps(get_dataset(wildcards)["source"]["embedded"])
+    return params_json(get_dataset(wildcards)["source"]["embedded"])
 
 
 def get_fetch_files(wildcards):
     """The dataset's files (url, sha256, name, extract), as JSON for the command line."""
-    return json.dumps(get_dataset(wildcards)["source"]["files"])
+    return params_json(get_dataset(wildcards)["source"]["files"])
 
 
 def get_fetch_limits(wildcards):
     """The config's download and archive limits (`limits:`), as JSON; {} keeps fetch's own."""
     limits = config.get("limits", {})
-    return json.dumps({key: limits[key] for key in FETCH_LIMITS if key in limits})
+    return params_json({key: limits[key] for key in FETCH_LIMITS if key in limits})
 
 
 def get_dataset_workload(wildcards):
@@ -150,7 +158,7 @@ def get_dataset_workload(wildcards):
 
 
 def get_prepare_params(wildcards):
-    return json.dumps(get_dataset(wildcards)["prepare"])
+    return params_json(get_dataset(wildcards)["prepare"])
 
 
 def get_model(wildcards):
@@ -164,11 +172,11 @@ def get_train_settings(wildcards):
 
 def get_train_params(wildcards):
     """Architecture and training settings of the model, as JSON for the command line."""
-    return json.dumps(get_train_settings(wildcards))
+    return params_json(get_train_settings(wildcards))
 
 
 def get_evaluate_params(wildcards):
-    return json.dumps(config["evaluate"])
+    return params_json(config["evaluate"])
 
 
 CONFIG_HASH = study.config_hash()
@@ -188,17 +196,18 @@ def run_of(wildcards):
 
 def get_run_coordinates(wildcards):
     """The run's coordinates and the study's provenance, as JSON for the command line."""
-    return json.dumps(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
+    return params_json(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
 
 
 def get_quantize_params(wildcards):
     """The quantize section and the model's settings (QAT reuses its training), as JSON."""
-    return json.dumps(quantize_params(study, wildcards.model))
+    return params_json(quantize_params(study, wildcards.model))
 
 
 def get_quantize_section(wildcards):
-    """The config's quantize section, as JSON for the command line."""
-    return json.dumps(config["quantize"])
+    """The config's quantize section without its sweeps (`quantize_settings`), as JSON for the
+    command line."""
+    return params_json(quantize_settings(config))
 
 
 def get_quantize_inputs(wildcards):
@@ -242,7 +251,7 @@ def get_keras_artifacts(wildcards):
 def get_evaluation_plan(wildcards):
     """What the run's evaluation runs (`Study.evaluation`: artifacts, runtime, simulated,
     paired baseline, device, workload), as JSON for `sciquant evaluate --plan`."""
-    return json.dumps(study.evaluation(run_of(wildcards)).to_json())
+    return params_json(study.evaluation(run_of(wildcards)).to_json())
 
 
 def job_subject(stage, wildcards):
@@ -306,9 +315,9 @@ def get_sensitivity_tables():
 
 def get_study_info():
     """The study's name and config hash, as JSON for the command line (cube attributes)."""
-    return json.dumps({"study": config["study"], "config_hash": CONFIG_HASH})
+    return params_json({"study": config["study"], "config_hash": CONFIG_HASH})
 
 
 def get_report_budget():
     """The error budget of "what to deploy" (JSON; null: the package's default budget)."""
-    return json.dumps(config.get("report", {}).get("budget"))
+    return params_json(config.get("report", {}).get("budget"))

@@ -284,6 +284,51 @@ def test_ci_study_end_to_end(ci_study: tuple[Path, subprocess.CompletedProcess])
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def reordered(value):
+    """The same mapping with its keys (at every depth) in reverse order."""
+    if isinstance(value, dict):
+        return {key: reordered(value[key]) for key in reversed(list(value))}
+    if isinstance(value, list):
+        return [reordered(item) for item in value]
+    return value
+
+
+@pytest.mark.slow
+def test_extending_a_finished_study_reruns_only_what_changed(
+    ci_study: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    """On the finished ci study (a dry run; nothing is changed): its config written with every
+    key in another order reruns nothing; another error budget reruns only the report; a seed
+    and a sweep entry added run only the new trainings and runs (and the cube and report)."""
+    workdir, result = ci_study
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = yaml.safe_load(CI_CONFIG.read_text())
+
+    def dry_run(changed: dict) -> list[dict]:
+        path = tmp_path / "changed.yaml"
+        path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        return dry_run_jobs("--configfile", str(path), "--directory", str(workdir))
+
+    assert dry_run(reordered(config)) == []
+    budget = {**config, "report": {"budget": {"metric": "pressure_error_pct", "max_value": 50}}}
+    assert {job["rule"] for job in dry_run(budget)} == {"report", "all"}
+
+    extended = json.loads(json.dumps(config))
+    extended["seeds"] = [0, 1]
+    extended["quantize"]["sweeps"].append(
+        {"models": ["meshgraphnet"], "targets": ["reference"], "methods": ["ptq-mse"],
+         "precisions": ["w8a8"]}
+    )  # fmt: skip
+    jobs = dry_run(extended)
+    assert {"train", "quantize", "evaluate_run", "aggregate", "report"} <= {j["rule"] for j in jobs}
+    for job in jobs:
+        if job["rule"] in ("aggregate", "report", "all"):
+            continue
+        wildcards = job["wildcards"]
+        new_run = wildcards.get("method") == "ptq-mse"
+        assert wildcards.get("seed") == "1" or new_run, job  # nothing of seed 0 but the new run
+
+
 @pytest.mark.slow
 def test_md_study_end_to_end(tmp_path: Path) -> None:
     """The md workload through every stage: embedded MD → pixel maps → ICNNMD → PTQ/QAT

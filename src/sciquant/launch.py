@@ -40,6 +40,7 @@ from sciquant.study import (
     load_config,
     quantize_inputs,
     quantize_params,
+    quantize_settings,
     run_coordinates,
     sensitivity_folder,
     slurm_extra_options,
@@ -177,7 +178,7 @@ def stage_commands(stage: str, study: Study, runs: list[Run]) -> list[tuple[str,
             argv = [
                 "sensitivity", "--checkpoint", f"{training.folder}/checkpoint.pt",
                 "--prepared", prepared(training.dataset),
-                "--settings", _json(config["quantize"]), "--threads", threads,
+                "--settings", _json(quantize_settings(config)), "--threads", threads,
                 "--out", sensitivity_folder(training),
             ]  # fmt: skip
             commands.append((sensitivity_folder(training).removeprefix("results/"), CPU_NODE, argv))
@@ -291,7 +292,9 @@ def _label(run: Run) -> str:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value)
+    """JSON for a command line, its keys sorted: the same settings give the same command
+    whatever order the config file lists them in."""
+    return json.dumps(value, sort_keys=True)
 
 
 # ------------------------------------------------------------------ submission

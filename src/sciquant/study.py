@@ -262,11 +262,29 @@ class Study:
         return {"node": node, **stage_resources(self.config, stage, node)}
 
     def config_hash(self) -> str:
-        """SHA-256 of the resolved config (defaults filled), recorded as provenance; without
-        `batch`, which changes how runs are grouped into jobs, never a number."""
-        science = {key: value for key, value in self.config.items() if key != "batch"}
+        """SHA-256 of the resolved config (defaults filled), recorded as provenance in every
+        run's metrics.json, without what only chooses which runs exist, how they are grouped
+        into jobs and how the report reads them (`NOT_HASHED`): a seed or a sweep entry added to
+        a finished study, another batch size or another error budget keeps its runs' hash, and
+        so reruns none of them."""
+        science = {key: value for key, value in self.config.items() if key not in NOT_HASHED}
+        science["quantize"] = quantize_settings(self.config)
         text = json.dumps(science, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: Top-level config keys left out of the config hash: `batch` (how runs are grouped into jobs),
+#: `report` (how the report reads the runs), `limits` (bounds the config check applies),
+#: `seeds` (which trainings exist; a run's seed is its own coordinate). `quantize.sweeps` is left
+#: out too (`quantize_settings`). None of them changes a number of a run.
+NOT_HASHED = ("batch", "report", "limits", "seeds")
+
+
+def quantize_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's quantize section as a quantize or sensitivity job gets it: without
+    `sweeps`, which choose the study's runs, not how one is quantized (so that a run added to a
+    sweep reruns no other run's quantization)."""
+    return {key: value for key, value in config["quantize"].items() if key != "sweeps"}
 
 
 # ------------------------------------------------------------------ what a stage's job asks for
@@ -352,7 +370,7 @@ def run_coordinates(study: Study, run: Run, config_hash: str | None = None) -> d
 def quantize_params(study: Study, model: str) -> dict[str, Any]:
     """`sciquant quantize --settings`: the quantize section and the model's settings (QAT
     reuses its training settings)."""
-    return {"quantize": study.config["quantize"], "model": train_settings(study, model)}
+    return {"quantize": quantize_settings(study.config), "model": train_settings(study, model)}
 
 
 def training_of(run: Run) -> Training:
