@@ -31,7 +31,11 @@ def batch_resources(node, runs):
     return {**resources_of("evaluate", node=node), "runtime": runtime}
 
 
-BATCH_CONFIG = json.dumps(config, sort_keys=True)
+# A batch job reads the study config from the environment (`STUDY_CONFIG_ENV`), set here as the
+# workflow is read (also by the Snakemake every cluster job starts), not from a param: a param
+# holding the config would rerun every batch on any change to it. Its `commands` param is what
+# its runs run instead, so that a batch reruns exactly when a command of one of its runs changes.
+os.environ[BATCH_STUDY_CONFIG_ENV] = json.dumps(config, sort_keys=True)
 BATCH_ENVS = {"torch": "../envs/torch.yaml", "keras": "../envs/tensorflow.yaml"}
 
 
@@ -65,8 +69,7 @@ for _batch, (_inputs, _outputs) in batch_files(study, BATCHES).items():
         resources:
             **batch_resources(_batch.node, len(_batch.combos)),
         params:
-            config=BATCH_CONFIG,
+            commands=batch_commands_digest(study, _batch),
             runs=batch_runs(_batch),
         shell:
-            "sciquant run-batch --config {params.config:q} --runs {params.runs}"
-            " > {log} 2>&1"
+            "sciquant run-batch --runs {params.runs} > {log} 2>&1"

@@ -1,9 +1,12 @@
 # Helpers shared by every stage: validation, wildcard constraints, input and param functions.
 import json
 import math
+import os
 from pathlib import Path
 
 from sciquant.batch import SEED as BATCH_SEED
+from sciquant.batch import STUDY_CONFIG_ENV as BATCH_STUDY_CONFIG_ENV
+from sciquant.batch import commands_digest as batch_commands_digest
 from sciquant.batch import batch_files
 from sciquant.batch import plan as batch_plan
 from sciquant.batch import settings as batch_settings

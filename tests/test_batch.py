@@ -29,7 +29,7 @@ from sciquant import batch
 from sciquant.study import Study, load_config
 
 from .slurm.test_workflow_slurm import science
-from .test_workflow import BIN, CI_CONFIG, ENV, snakemake
+from .test_workflow import BIN, CI_CONFIG, ENV, dry_run_jobs, reordered, snakemake
 
 FAULT = "SCIQUANT_FAIL_STAGE"
 RESIDUAL = "results/bloodflow/meshgraphnet/seed0"
@@ -214,8 +214,9 @@ def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: 
     assert result.returncode == 0, result.stderr[-4000:]
     log = result.stdout + result.stderr
     assert "rule evaluate_run:" not in log and "rule quantize:" not in log
-    # 5 runs of the residual model (2 batches), 3 of the reference formulation (1)
-    assert len(re.findall(r"^(?:local)?rule batch_\w+:$", log, flags=re.MULTILINE)) == 3
+    # 5 runs of the residual model (3 batches: its simulated run, 3 + 1 timed runs), 3 timed of
+    # the reference formulation (1)
+    assert len(re.findall(r"^(?:local)?rule batch_\w+:$", log, flags=re.MULTILINE)) == 4
     runs = run_folders(tmp_path)
     assert runs == run_folders(per_run) and len(runs) == 8
     for folder in runs:
@@ -228,14 +229,41 @@ def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: 
     table = (tmp_path / "results/summary/metrics.csv").read_text().splitlines()
     assert len(table) == 1 + 8
 
+    # A batch reruns when a command of its runs changes, not when the config does elsewhere:
+    # reordered keys rerun nothing, another budget the report, a run added to a sweep its batch.
+    config = yaml.safe_load(path.read_text())
+
+    def dry_run(changed: dict) -> set[str]:
+        changed_path = tmp_path / "changed.yaml"
+        changed_path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        jobs = dry_run_jobs("--configfile", str(changed_path), "--directory", str(tmp_path))
+        return {job["rule"] for job in jobs}
+
+    assert dry_run(reordered(config)) == set()
+    assert dry_run(
+        {**config, "report": {"budget": {"metric": "pressure_error_pct", "max_value": 50}}}
+    ) == {
+        "report",
+        "all",
+    }
+    extended = json.loads(json.dumps(config))
+    extended["quantize"]["sweeps"].append(
+        {"models": ["meshgraphnet"], "targets": ["reference"], "methods": ["ptq-mse"],
+         "precisions": ["w8a8"]}
+    )  # fmt: skip
+    # the residual model's simulated runs: its batch 0000, now of two runs
+    assert dry_run(extended) == {"batch_bloodflow_meshgraphnet_cpu_0000", "aggregate", "report",
+                                 "all"}  # fmt: skip
+
 
 def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(
     per_run, tmp_path: Path
 ) -> None:
     copy_upstream(per_run, tmp_path)
-    path = batched_study(tmp_path, size=3)
-    failing = f"{RESIDUAL}/openvino-cpu/ptq-minmax/w8a8"  # second run of the second batch
-    finished = f"{RESIDUAL}/openvino-cpu/none/bf16"  # first run of that batch
+    path = batched_study(tmp_path, size=4)
+    # the second batch holds the 4 timed runs of the residual model (the first its simulated one)
+    failing = f"{RESIDUAL}/openvino-cpu/ptq-minmax/w8a8"  # its last run
+    finished = f"{RESIDUAL}/openvino-cpu/none/bf16"  # the run before it
     env = {**ENV, FAULT: "evaluate:openvino-cpu/ptq-minmax"}
     first = subprocess.run(
         [str(BIN / "snakemake"), "-s", str(CI_CONFIG.parents[2] / "Snakefile"), "--cores", "2",
@@ -247,16 +275,16 @@ def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(
     # Snakemake removed the failed job's outputs; the finished run waits under results/.finished
     assert not (tmp_path / finished / "metrics.json").exists()
     kept = [entry for entry in (tmp_path / batch.FINISHED).iterdir() if entry.is_dir()]
-    assert len(kept) == 1 and (kept[0] / "complete").is_file()
+    assert len(kept) == 3 and all((entry / "complete").is_file() for entry in kept)
     log = next((tmp_path / "logs/batches").rglob("seed0/cpu/0001.log")).read_text()
-    assert f"{failing}: FAILED in evaluate" in log and "1 of 2 runs failed" in log
+    assert f"{failing}: FAILED in evaluate" in log and "1 of 4 runs failed" in log
     assert f"{finished}: done" in log
 
     rerun = snakemake("--cores", "2", "--configfile", str(path), "--directory", str(tmp_path),
                       timeout=600)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     log = next((tmp_path / "logs/batches").rglob("seed0/cpu/0001.log")).read_text()
-    assert f"{finished}: finished before, linked back" in log
+    assert f"{finished}: finished before, linked back" in log and log.count("linked back") == 3
     assert f"{failing}: done" in log
     rules = re.findall(
         r"^(?:local)?rule (batch_\w+):$", rerun.stdout + rerun.stderr, flags=re.MULTILINE
@@ -348,4 +376,6 @@ def test_check_config_prints_the_job_layout_and_refuses_an_impossible_cap(tmp_pa
     refused = subprocess.run([sciquant, "check-config", str(big_study(tmp_path, max_jobs=10))],
                              capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-    assert "config key batch.max_jobs: the study needs at least 14 jobs" in refused.stderr
+    # 10 jobs for data, trainings and report, and per seed (2) and model (2) a batch of its
+    # simulated runs and one of its timed runs
+    assert "config key batch.max_jobs: the study needs at least 18 jobs" in refused.stderr

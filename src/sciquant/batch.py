@@ -73,6 +73,10 @@ class Step:
 
 #: The seed of a batch rule's file patterns (a Snakemake wildcard).
 SEED = "{seed}"
+#: Where a batch job finds the study config (`sciquant run-batch` without `--config`): the
+#: workflow sets it as it is read (`rules/batch.smk`), so that the config is no param of a batch
+#: rule, which would rerun every batch on any change to the config.
+STUDY_CONFIG_ENV = "SCIQUANT_STUDY_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,14 @@ def find_runs(study: Study, names: list[str]) -> list[Run]:
             "<target>/<method>/<precision>)"
         )
     return [runs[name] for name in names]
+
+
+def commands_digest(study: Study, batch: Batch) -> str:
+    """SHA-256 of every stage command of the batch's runs (`run_steps`, for its seed pattern):
+    the batch rule's param, so that its jobs rerun when a command of one of their runs changes
+    (a setting, the config hash) and not when the config changes elsewhere."""
+    commands = [step.argv for run in batch.runs(SEED) for step in run_steps(study, run)]
+    return hashlib.sha256(json.dumps(commands).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------ running a batch

@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--config",
         type=_json_object,
-        required=True,
-        help="the study config as JSON (the workflow passes its resolved config)",
+        default=None,
+        help="the study config as JSON; left out: the environment's SCIQUANT_STUDY_CONFIG (the "
+        "workflow sets it to its resolved config)",
     )
     batch.add_argument(
         "--runs",
@@ -598,11 +599,23 @@ def run(args: argparse.Namespace) -> None:
 def _run_batch(args: argparse.Namespace) -> None:
     """Run the named runs of the study one after another (`sciquant.batch.run_batch`); an
     error naming each run that failed and its log."""
-    from sciquant.batch import find_runs, run_batch
+    from sciquant.batch import STUDY_CONFIG_ENV, find_runs, run_batch
     from sciquant.study import Study, validate_config
 
-    validate_config(args.config, source="--config")
-    study = Study(args.config)
+    config, source = args.config, "--config"
+    if config is None:
+        text = os.environ.get(STUDY_CONFIG_ENV)
+        if not text:
+            raise SciquantError(
+                f"run-batch: give the study config with --config, or set {STUDY_CONFIG_ENV} to "
+                "it (as JSON; the workflow sets it for its batch jobs)"
+            )
+        try:
+            config, source = _json_object(text), STUDY_CONFIG_ENV
+        except argparse.ArgumentTypeError as error:
+            raise SciquantError(f"{STUDY_CONFIG_ENV}: {error}") from None
+    validate_config(config, source=source)
+    study = Study(config)
     runs = find_runs(study, args.runs)
     failed = run_batch(study, runs, main, progress=lambda line: print(line, flush=True))
     if failed:
