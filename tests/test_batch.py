@@ -172,8 +172,7 @@ def test_a_run_reading_a_run_of_the_other_kind_keeps_its_group_whole(
     split = batch.parts(study)
     key = next(k for k, parts in split.items() if len(parts) == 2)  # simulated | timed
     dataset, model, _ = key
-    timed = {combo for combo in split[key][1]}
-    readers = [batch.Run(dataset, model, 0, *c) for c in sorted(timed)]
+    readers = [batch.Run(dataset, model, 0, *combo) for combo in split[key][1]]
     read = {
         p.rpartition("/")[0]
         for run in readers
@@ -240,12 +239,8 @@ def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: 
         return {job["rule"] for job in jobs}
 
     assert dry_run(reordered(config)) == set()
-    assert dry_run(
-        {**config, "report": {"budget": {"metric": "pressure_error_pct", "max_value": 50}}}
-    ) == {
-        "report",
-        "all",
-    }
+    budget = {"budget": {"metric": "pressure_error_pct", "max_value": 50}}
+    assert dry_run({**config, "report": budget}) == {"report", "all"}
     extended = json.loads(json.dumps(config))
     extended["quantize"]["sweeps"].append(
         {"models": ["meshgraphnet"], "targets": ["reference"], "methods": ["ptq-mse"],
