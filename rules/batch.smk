@@ -35,7 +35,7 @@ def batch_resources(node, runs):
 # workflow is read (also by the Snakemake every cluster job starts), not from a param: a param
 # holding the config would rerun every batch on any change to it. Its `commands` param is what
 # its runs run instead, so that a batch reruns exactly when a command of one of its runs changes.
-os.environ[BATCH_STUDY_CONFIG_ENV] = json.dumps(config, sort_keys=True)
+os.environ[BATCH_STUDY_CONFIG_ENV] = settings_json(config)
 BATCH_ENVS = {"torch": "../envs/torch.yaml", "keras": "../envs/tensorflow.yaml"}
 
 

@@ -31,6 +31,7 @@ from sciquant.study import (
     run_artifacts,
     run_coordinates,
     schema_errors,
+    settings_json,
     stage_resources,
     train_settings,
 )
@@ -128,31 +129,24 @@ def get_final_output():
     return outputs
 
 
-def params_json(value):
-    """JSON of a job's settings for its command line (a rule's params), keys sorted: the same
-    settings listed in another order in the config file change no job's params, and so rerun
-    nothing."""
-    return json.dumps(value, sort_keys=True)
-
-
 def get_dataset(wildcards):
     return study.datasets[wildcards.dataset]
 
 
 def get_simulation_params(wildcards):
     """The embedded simulator's settings for the dataset, as JSON for the command line."""
-    return params_json(get_dataset(wildcards)["source"]["embedded"])
+    return settings_json(get_dataset(wildcards)["source"]["embedded"])
 
 
 def get_fetch_files(wildcards):
     """The dataset's files (url, sha256, name, extract), as JSON for the command line."""
-    return params_json(get_dataset(wildcards)["source"]["files"])
+    return settings_json(get_dataset(wildcards)["source"]["files"])
 
 
 def get_fetch_limits(wildcards):
     """The config's download and archive limits (`limits:`), as JSON; {} keeps fetch's own."""
     limits = config.get("limits", {})
-    return params_json({key: limits[key] for key in FETCH_LIMITS if key in limits})
+    return settings_json({key: limits[key] for key in FETCH_LIMITS if key in limits})
 
 
 def get_dataset_workload(wildcards):
@@ -161,7 +155,7 @@ def get_dataset_workload(wildcards):
 
 
 def get_prepare_params(wildcards):
-    return params_json(get_dataset(wildcards)["prepare"])
+    return settings_json(get_dataset(wildcards)["prepare"])
 
 
 def get_model(wildcards):
@@ -175,11 +169,11 @@ def get_train_settings(wildcards):
 
 def get_train_params(wildcards):
     """Architecture and training settings of the model, as JSON for the command line."""
-    return params_json(get_train_settings(wildcards))
+    return settings_json(get_train_settings(wildcards))
 
 
 def get_evaluate_params(wildcards):
-    return params_json(config["evaluate"])
+    return settings_json(config["evaluate"])
 
 
 CONFIG_HASH = study.config_hash()
@@ -199,18 +193,18 @@ def run_of(wildcards):
 
 def get_run_coordinates(wildcards):
     """The run's coordinates and the study's provenance, as JSON for the command line."""
-    return params_json(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
+    return settings_json(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
 
 
 def get_quantize_params(wildcards):
     """The quantize section and the model's settings (QAT reuses its training), as JSON."""
-    return params_json(quantize_params(study, wildcards.model))
+    return settings_json(quantize_params(study, wildcards.model))
 
 
 def get_quantize_section(wildcards):
     """The config's quantize section without its sweeps (`quantize_settings`), as JSON for the
     command line."""
-    return params_json(quantize_settings(config))
+    return settings_json(quantize_settings(config))
 
 
 def get_quantize_inputs(wildcards):
@@ -254,7 +248,7 @@ def get_keras_artifacts(wildcards):
 def get_evaluation_plan(wildcards):
     """What the run's evaluation runs (`Study.evaluation`: artifacts, runtime, simulated,
     paired baseline, device, workload), as JSON for `sciquant evaluate --plan`."""
-    return params_json(study.evaluation(run_of(wildcards)).to_json())
+    return settings_json(study.evaluation(run_of(wildcards)).to_json())
 
 
 def job_subject(stage, wildcards):
@@ -318,9 +312,9 @@ def get_sensitivity_tables():
 
 def get_study_info():
     """The study's name and config hash, as JSON for the command line (cube attributes)."""
-    return params_json({"study": config["study"], "config_hash": CONFIG_HASH})
+    return settings_json({"study": config["study"], "config_hash": CONFIG_HASH})
 
 
 def get_report_budget():
     """The error budget of "what to deploy" (JSON; null: the package's default budget)."""
-    return params_json(config.get("report", {}).get("budget"))
+    return settings_json(config.get("report", {}).get("budget"))

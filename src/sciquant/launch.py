@@ -19,7 +19,6 @@ GPU, as under Snakemake.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from sciquant.study import (
     train_settings,
     training_of,
 )
+from sciquant.study import settings_json as _json
 from sciquant.vocabulary import COORDINATES, CPU_NODE
 
 #: Stages in dependency order (`fetch` is the raw stage of datasets with a `files` source).
@@ -289,12 +289,6 @@ def _training_key(training: Training) -> tuple[str, str, int]:
 
 def _label(run: Run) -> str:
     return run.folder.removeprefix("results/")
-
-
-def _json(value: Any) -> str:
-    """JSON for a command line, its keys sorted: the same settings give the same command
-    whatever order the config file lists them in."""
-    return json.dumps(value, sort_keys=True)
 
 
 # ------------------------------------------------------------------ submission

@@ -280,6 +280,13 @@ class Study:
 NOT_HASHED = ("batch", "report", "limits", "seeds")
 
 
+def settings_json(value: Any) -> str:
+    """A stage's settings as JSON for its command line (the rules' params, `sciquant submit`,
+    batch jobs), keys sorted: the same settings listed in another order in the config file give
+    the same command, and so rerun nothing."""
+    return json.dumps(value, sort_keys=True)
+
+
 def quantize_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config's quantize section as a quantize or sensitivity job gets it: without
     `sweeps`, which choose the study's runs, not how one is quantized (so that a run added to a
