@@ -176,9 +176,6 @@ def get_evaluate_params(wildcards):
     return settings_json(config["evaluate"])
 
 
-CONFIG_HASH = study.config_hash()
-
-
 def run_of(wildcards):
     """The run a job's wildcards name (the FP32 rule's target/method/precision are literal)."""
     return Run(
@@ -192,8 +189,9 @@ def run_of(wildcards):
 
 
 def get_run_coordinates(wildcards):
-    """The run's coordinates and the study's provenance, as JSON for the command line."""
-    return settings_json(run_coordinates(study, run_of(wildcards), CONFIG_HASH))
+    """The run's coordinates and provenance (the study's name, the hashes of the config
+    sections it depends on), as JSON for the command line."""
+    return settings_json(run_coordinates(study, run_of(wildcards)))
 
 
 def get_quantize_params(wildcards):
@@ -312,7 +310,7 @@ def get_sensitivity_tables():
 
 def get_study_info():
     """The study's name and config hash, as JSON for the command line (cube attributes)."""
-    return settings_json({"study": config["study"], "config_hash": CONFIG_HASH})
+    return settings_json({"study": config["study"], "config_hash": study.config_hash()})
 
 
 def get_report_budget():

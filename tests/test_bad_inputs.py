@@ -278,7 +278,7 @@ def test_runs_of_two_configs_are_flagged_and_a_missing_figure_is_named(tmp_path,
 
     paths = write_fake_study(tmp_path, 8)
     stale = json.loads(paths[-1].read_text())
-    stale["config_hash"] = "f" * 64  # a run left from an earlier config
+    stale["settings_hashes"]["models.bench"] = "f" * 64  # a run left from an earlier config
     paths[-1].write_text(json.dumps(stale))
     aggregate(paths, tmp_path / "metrics.nc", tmp_path / "metrics.csv", {"study": "t"})
     (tmp_path / "text.png").write_text("not an image")
@@ -286,8 +286,8 @@ def test_runs_of_two_configs_are_flagged_and_a_missing_figure_is_named(tmp_path,
     page = build_report(
         tmp_path / "metrics.nc", tmp_path / "index.html", extra_figures=figures
     ).read_text()
-    assert "These runs come from 2 study configs" in page
-    assert "<code>ffffffffffff</code>" in page
+    assert "These runs were made under different settings of 1 config section" in page
+    assert "<code>models.bench</code>: <code>111111111111</code>, <code>ffffffffffff</code>" in page
     err = capsys.readouterr().err
     assert f"figure {tmp_path / 'gone.png'} left out (no such file)" in err
     assert f"figure {tmp_path / 'text.png'} left out (not a PNG or JPEG file)" in err
@@ -296,4 +296,13 @@ def test_runs_of_two_configs_are_flagged_and_a_missing_figure_is_named(tmp_path,
     paths[-1].unlink()
     aggregate(paths[:-1], tmp_path / "one.nc", tmp_path / "one.csv", {"study": "t"})
     page = build_report(tmp_path / "one.nc", tmp_path / "one.html").read_text()
-    assert "study configs" not in page
+    assert "different settings of" not in page
+
+    # metrics.json of an earlier version: one hash of the whole config, under `config`
+    for path, digest in zip(paths[:2], ("a" * 64, "b" * 64), strict=True):
+        legacy = json.loads(path.read_text())
+        del legacy["settings_hashes"]
+        path.write_text(json.dumps(legacy | {"config_hash": digest}))
+    aggregate(paths[:2], tmp_path / "old.nc", tmp_path / "old.csv", {"study": "t"})
+    page = build_report(tmp_path / "old.nc", tmp_path / "old.html").read_text()
+    assert "<code>config</code>: <code>aaaaaaaaaaaa</code>, <code>bbbbbbbbbbbb</code>" in page

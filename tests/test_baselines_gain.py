@@ -110,7 +110,7 @@ def test_cube_adds_retained_gain_to_quantized_runs_only() -> None:
         baseline = {f"s{i}": {"pressure_error_pct": 4.0} for i in range(len(errors))}
         return RunRecord(
             path="x", coordinates=("flow", "mgn", 0, target, method, precision),
-            simulated=False, metrics={}, study=None, config_hash=None, provenance={},
+            simulated=False, metrics={}, study=None, settings_hashes={}, provenance={},
             per_simulation=per_simulation,
             baseline_per_simulation={"calibrated_model": baseline},
         )  # fmt: skip
@@ -298,7 +298,7 @@ def test_cube_pools_retained_gain_over_seeds_and_the_report_shows_it() -> None:
             path=f"{seed}{target}{method}{precision}",
             coordinates=("flow", "mgn", seed, target, method, precision),
             simulated=False, metrics={"pressure_error_pct": float(np.mean(errors))},
-            study=None, config_hash=None, provenance={},
+            study=None, settings_hashes={}, provenance={},
             per_simulation={f"s{i}": {"pressure_error_pct": e} for i, e in enumerate(errors)},
             baseline_per_simulation={
                 "calibrated_model": {f"s{i}": {"pressure_error_pct": b}

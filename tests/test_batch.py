@@ -249,6 +249,16 @@ def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: 
     # the residual model's simulated runs: its batch 0000, now of two runs
     assert dry_run(extended) == {"batch_bloodflow_meshgraphnet_cpu_0000", "aggregate", "report",
                                  "all"}  # fmt: skip
+    # a model added: its training and batches, no batch of the models the study had
+    grown = json.loads(json.dumps(config))
+    grown["models"]["meshgraphnet_b"] = {**grown["models"]["meshgraphnet"], "hidden": 8}
+    grown["quantize"]["sweeps"].append(
+        {"models": ["meshgraphnet_b"], "targets": ["reference"], "methods": ["ptq-minmax"],
+         "precisions": ["w8a8"]}
+    )  # fmt: skip
+    rules = dry_run(grown)
+    assert {"train", "aggregate", "report", "all"} < rules
+    assert all(r.startswith("batch_bloodflow_meshgraphnet_b_") for r in rules if "batch" in r)
 
 
 def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(

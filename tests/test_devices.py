@@ -22,7 +22,7 @@ from tests.test_train_bloodflow import TINY, tiny_prepared
 ROOT = Path(__file__).resolve().parents[1]
 COORDINATES = {
     "dataset": "flow", "model": "mgn", "seed": 0, "target": "reference", "method": "none",
-    "precision": "fp32", "study": "t", "config_hash": "x",
+    "precision": "fp32", "study": "t", "settings_hashes": {"threads": "x"},
 }  # fmt: skip
 EVALUATE = {"repeats": 1, "figure_simulations": 1, "debug_inputs": 0}
 

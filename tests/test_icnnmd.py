@@ -254,7 +254,7 @@ def test_evaluate_writes_metrics_and_figure(prepared: Path, trained: Path, tmp_p
     assert written == out
     payload = json.loads(out.read_text())
     assert list(payload) == [
-        "coordinates", "study", "config_hash", "simulated", "runtime", "metrics", "provenance",
+        "coordinates", "study", "settings_hashes", "simulated", "runtime", "metrics", "provenance",
         "host",
     ]  # fmt: skip
     assert set(payload["host"]["cpu_features"]) >= {"avx2", "avx512_vnni", "amx_int8"}

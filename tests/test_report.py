@@ -95,7 +95,8 @@ def write_run(root: Path, seed: int, target: str, method: str, precision: str, *
     payload = {
         "coordinates": coordinates,
         "study": "tiny",
-        "config_hash": "c0ffee",
+        "settings_hashes": {"datasets.bloodflow": "da7a", "models.meshgraphnet": "0de1"}
+        | ({} if (method, precision) == ("none", "fp32") else {"quantize": "9a27"}),
         "simulated": (target, precision) in SIMULATED,
         "metrics": metrics,
         "provenance": {"packages": {"sciquant": "0.1.0", "torch": "2.13.0"}, "python": "3.11.7",
@@ -245,6 +246,9 @@ def test_provenance_is_kept_as_attributes(study: dict) -> None:
     assert json.loads(attrs["packages"]) == {"sciquant": ["0.1.0"], "torch": ["2.13.0"]}
     assert json.loads(attrs["devices"])["npu-pow2"] == ["device of npu-pow2"]
     assert json.loads(attrs["git_revisions"]) == ["abc123"]
+    assert json.loads(attrs["run_settings_hashes"]) == {
+        "datasets.bloodflow": ["da7a"], "models.meshgraphnet": ["0de1"], "quantize": ["9a27"],
+    }  # fmt: skip
 
 
 def test_csv_has_one_row_per_run(study: dict) -> None:

@@ -235,7 +235,7 @@ def test_evaluation_writes_metrics_and_figures(prepared: Path, tmp_path: Path) -
     checkpoint = train_bloodflow.run(prepared, tmp_path / "fp32", TINY, seed=0, progress=False)
     coordinates = {
         "dataset": "flow", "model": "mgn", "seed": 0, "target": "reference",
-        "method": "none", "precision": "fp32", "study": "t", "config_hash": "x",
+        "method": "none", "precision": "fp32", "study": "t", "settings_hashes": {"threads": "x"},
     }  # fmt: skip
     path = evaluate_bloodflow.run(
         checkpoint, prepared, tmp_path / "run", {"repeats": 2, "figure_simulations": 1}, coordinates
@@ -480,7 +480,7 @@ def test_reference_formulation_trains_and_evaluates_on_18_features(
     np.testing.assert_allclose(x[:, -1], graph.flowrate[1][graph.inlet_of_nodes()])
     coordinates = {
         "dataset": "flow", "model": "ref", "seed": 0, "target": "reference",
-        "method": "none", "precision": "fp32", "study": "t", "config_hash": "x",
+        "method": "none", "precision": "fp32", "study": "t", "settings_hashes": {"threads": "x"},
     }  # fmt: skip
     path = evaluate_bloodflow.run(
         checkpoint, prepared, tmp_path / "run", {"repeats": 1}, coordinates

@@ -299,7 +299,9 @@ def test_extending_a_finished_study_reruns_only_what_changed(
 ) -> None:
     """On the finished ci study (a dry run; nothing is changed): its config written with every
     key in another order reruns nothing; another error budget reruns only the report; a seed
-    and a sweep entry added run only the new trainings and runs (and the cube and report)."""
+    and a sweep entry added run only the new trainings and runs (and the cube and report), and
+    so do a dataset and a model added (each run's provenance hashes only the config sections
+    it depends on)."""
     workdir, result = ci_study
     assert result.returncode == 0, result.stderr[-4000:]
     config = yaml.safe_load(CI_CONFIG.read_text())
@@ -327,6 +329,30 @@ def test_extending_a_finished_study_reruns_only_what_changed(
         wildcards = job["wildcards"]
         new_run = wildcards.get("method") == "ptq-mse"
         assert wildcards.get("seed") == "1" or new_run, job  # nothing of seed 0 but the new run
+
+    grown = json.loads(json.dumps(config))
+    grown["datasets"]["bloodflow_b"] = {
+        **grown["datasets"]["bloodflow"],
+        "source": {"embedded": {"n_simulations": 6, "seed": 2}},
+    }
+    grown["models"]["meshgraphnet"]["datasets"].append("bloodflow_b")
+    grown["models"]["meshgraphnet_b"] = {**grown["models"]["meshgraphnet"], "hidden": 8}
+    grown["models"]["meshgraphnet_b"]["datasets"] = ["bloodflow"]
+    grown["quantize"]["sweeps"].append(
+        {"models": ["meshgraphnet_b"], "targets": ["reference"], "methods": ["ptq-minmax"],
+         "precisions": ["w8a8"]}
+    )  # fmt: skip
+    jobs = dry_run(grown)
+    assert {"synthesize", "train", "quantize", "evaluate_fp32", "report"} <= {
+        j["rule"] for j in jobs
+    }
+    for job in jobs:
+        if job["rule"] in ("aggregate", "report", "all"):
+            continue
+        wildcards = job["wildcards"]
+        # nothing of the trainings and runs the study had
+        new = (wildcards.get("dataset"), wildcards.get("model"))
+        assert "bloodflow_b" in new or "meshgraphnet_b" in new, job
 
 
 @pytest.mark.slow

@@ -204,12 +204,11 @@ def stage_commands(stage: str, study: Study, runs: list[Run]) -> list[tuple[str,
                     argv[-2:-2] = ["--prepared", prepared(run.dataset)]
             commands.append((f"{_label(run)}/model.onnx", CPU_NODE, argv))
     elif stage == "evaluate":
-        config_hash = study.config_hash()
         for run in runs:
             argv = [
                 "evaluate", "--plan", _json(study.evaluation(run).to_json()),
                 "--prepared", prepared(run.dataset), "--settings", _json(config["evaluate"]),
-                "--coordinates", _json(run_coordinates(study, run, config_hash)),
+                "--coordinates", _json(run_coordinates(study, run)),
                 "--threads", threads, "--out", run.folder,
             ]  # fmt: skip
             commands.append((_label(run), study.node(run), argv))

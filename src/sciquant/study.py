@@ -262,15 +262,48 @@ class Study:
         return {"node": node, **stage_resources(self.config, stage, node)}
 
     def config_hash(self) -> str:
-        """SHA-256 of the resolved config (defaults filled), recorded as provenance in every
-        run's metrics.json, without what only chooses which runs exist, how they are grouped
-        into jobs and how the report reads them (`NOT_HASHED`): a seed or a sweep entry added to
-        a finished study, another batch size or another error budget keeps its runs' hash, and
-        so reruns none of them."""
+        """SHA-256 of the resolved config (defaults filled), the study's provenance in the
+        result cube, without what only chooses which runs exist, how they are grouped into jobs
+        and how the report reads them (`NOT_HASHED`). A run records the hashes of the sections
+        it depends on instead (`settings_hashes`)."""
         science = {key: value for key, value in self.config.items() if key not in NOT_HASHED}
         science["quantize"] = quantize_settings(self.config)
-        text = json.dumps(science, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return _sha256(science)
+
+    def settings_hashes(self, run: Run) -> dict[str, str]:
+        """SHA-256 of each config section a run's numbers depend on, by the section's key:
+        `datasets.<its dataset>`, `models.<its model>` (without `datasets`, the list of what
+        else the model trains on), `evaluate`, `threads`, `nodes.<node type>` of its evaluation
+        and of its training (an empty entry where the config has none) and, for every run but
+        an FP32 one, `quantize` (without `sweeps`). Recorded in the run's metrics.json and its
+        evaluation's command line: a dataset, a model or a sweep entry added to a finished
+        study changes no other run's hashes, and so reruns no other run; the report names a
+        section whose runs were made under different settings (`mixed_settings_note`)."""
+        sections = [f"datasets.{run.dataset}", f"models.{run.model}", "evaluate", "threads"]
+        sections += [f"nodes.{n}" for n in sorted({self.node(run), train_node(self, run.model)})]
+        if (run.method, run.precision) != ("none", "fp32"):
+            sections.append("quantize")
+        cache = self.__dict__.setdefault("_section_hashes", {})
+        for section in sections:
+            if section not in cache:
+                cache[section] = _sha256(self._section(section))
+        return {section: cache[section] for section in sections}
+
+    def _section(self, key: str) -> Any:
+        """The settings `settings_hashes` hashes under `key`."""
+        kind, _, name = key.partition(".")
+        if kind == "models":
+            return train_settings(self, name)
+        if kind == "quantize":
+            return quantize_settings(self.config)
+        if kind == "nodes":
+            return self.config.get("nodes", {}).get(name, {})
+        return self.config[kind][name] if name else self.config[kind]
+
+
+def _sha256(value: Any) -> str:
+    """SHA-256 of a settings value as JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 #: Top-level config keys left out of the config hash: `batch` (how runs are grouped into jobs),
@@ -363,14 +396,11 @@ def train_node(study: Study, model: str) -> str:
     return study.models[model]["train"]["node"]
 
 
-def run_coordinates(study: Study, run: Run, config_hash: str | None = None) -> dict[str, Any]:
-    """The run's coordinates and the study's provenance (`sciquant evaluate --coordinates`);
-    `config_hash`: `study.config_hash()`, computed once by a caller with many runs."""
+def run_coordinates(study: Study, run: Run) -> dict[str, Any]:
+    """The run's coordinates and provenance (`sciquant evaluate --coordinates`): the study's
+    name and the hashes of the config sections the run depends on (`Study.settings_hashes`)."""
     coordinates = run.coordinates()
-    coordinates.update(
-        study=study.config["study"],
-        config_hash=config_hash if config_hash is not None else study.config_hash(),
-    )
+    coordinates.update(study=study.config["study"], settings_hashes=study.settings_hashes(run))
     return coordinates
 
 

@@ -78,7 +78,10 @@ class RunRecord:
     simulated: bool
     metrics: dict[str, float | int]
     study: str | None
-    config_hash: str | None
+    # SHA-256 of each config section the run depends on, by the section's key (`datasets.x`,
+    # `models.y`, `evaluate`, ...; `Study.settings_hashes`); a metrics.json of an earlier
+    # version, with one `config_hash` of the whole config, gives it under `config`.
+    settings_hashes: dict[str, str]
     provenance: dict[str, Any]
     # Named scores of something that is not a run (e.g. the blood-flow `lumped_model`, the
     # physics prior alone): {name: {metric: value}}; the same for every run of a dataset.
@@ -198,7 +201,7 @@ def read_metrics(path: Path) -> RunRecord:
         simulated=bool(payload.get("simulated", False)),
         metrics=metrics,
         study=payload.get("study"),
-        config_hash=payload.get("config_hash"),
+        settings_hashes=_settings_hashes(payload),
         provenance=payload.get("provenance") or {},
         baselines=_numeric_table(payload.get("baselines")),
         per_simulation=_numeric_table(payload.get("metrics", {}).get("per_simulation")),
@@ -499,6 +502,16 @@ def variable_attrs(name: str) -> dict[str, str]:
     return {"units": UNITS[match.group(1)]} if match else {}
 
 
+def _settings_hashes(payload: dict[str, Any]) -> dict[str, str]:
+    """A metrics.json's `settings_hashes` (section → hash), or its `config_hash` (earlier
+    versions: one hash of the whole config) as section `config`; {} where it has neither."""
+    hashes = payload.get("settings_hashes")
+    if isinstance(hashes, dict):
+        return {str(k): str(v) for k, v in hashes.items() if v is not None}
+    legacy = payload.get("config_hash")
+    return {"config": str(legacy)} if legacy is not None else {}
+
+
 def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -> dict[str, Any]:
     """Study info and what the runs were made with, as NetCDF-safe attributes."""
 
@@ -518,7 +531,11 @@ def provenance_attrs(records: Sequence[RunRecord], study_info: dict[str, Any]) -
     for key, value in study_info.items():
         if key != "study":
             attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
-    attrs["run_config_hashes"] = json.dumps(distinct(r.config_hash for r in records))
+    sections: dict[str, set[str]] = {}
+    for record in records:
+        for section, digest in record.settings_hashes.items():
+            sections.setdefault(section, set()).add(digest)
+    attrs["run_settings_hashes"] = json.dumps({s: sorted(d) for s, d in sorted(sections.items())})
     attrs["packages"] = json.dumps({p: sorted(v) for p, v in sorted(packages.items())})
     attrs["devices"] = json.dumps({t: sorted(devices[t]) for t in label_order("target", devices)})
     for key, name in (("git_revision", "git_revisions"), ("python", "python_versions"),
@@ -644,7 +661,7 @@ def fake_metrics(run_index: int, coordinates: dict[str, Any]) -> dict[str, Any]:
     return {
         "coordinates": coordinates,
         "study": "bench",
-        "config_hash": "0" * 64,
+        "settings_hashes": {"datasets.bench": "0" * 64, "models.bench": "1" * 64},
         "simulated": weight_bits < 8,
         "metrics": metrics,
         "provenance": {"packages": {"sciquant": "0.1.0"}, "python": "3.11", "device": "cpu",

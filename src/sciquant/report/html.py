@@ -867,21 +867,32 @@ def extra_figures_section(
     )
 
 
-def mixed_configs_note(cube: xr.Dataset) -> str:
-    """A warning at the top where the runs come from more than one study config (a results
-    folder with runs of an earlier config, aggregated by hand): their numbers were made under
-    different settings and do not compare side by side."""
+def mixed_settings_note(cube: xr.Dataset) -> str:
+    """A warning at the top where runs that should share a config section were made under
+    different settings of it (a results folder holding runs of an earlier config, aggregated by
+    hand): each run records a hash of every section it depends on (`run_settings_hashes`), so
+    runs of two models differ in `models.*` only by name; two hashes under one section key
+    mean its numbers were made under different settings and do not compare side by side."""
     try:
-        hashes = json.loads(str(cube.attrs.get("run_config_hashes", "[]")))
+        sections = json.loads(str(cube.attrs.get("run_settings_hashes", "{}")))
     except json.JSONDecodeError:
         return ""
-    if not isinstance(hashes, list) or len(hashes) < 2:
+    if not isinstance(sections, dict):
         return ""
-    shown = ", ".join(f"<code>{escape(str(h)[:12])}</code>" for h in hashes)
+    mixed = {k: v for k, v in sections.items() if isinstance(v, list) and len(v) > 1}
+    if not mixed:
+        return ""
+    shown = "; ".join(
+        f"<code>{escape(str(key))}</code>: "
+        + ", ".join(f"<code>{escape(str(h)[:12])}</code>" for h in hashes)
+        for key, hashes in mixed.items()
+    )
+    sections = f"{len(mixed)} config section{'s' if len(mixed) > 1 else ''}"
     return (
-        f'<p class="note"><strong>These runs come from {len(hashes)} study configs</strong> '
-        f"(config hashes {shown}): numbers made under different settings do not compare side by "
-        "side. Rerun the study, or aggregate the runs of one config only.</p>"
+        f'<p class="note"><strong>These runs were made under different settings of {sections}'
+        f"</strong> ({shown}): numbers made under different settings "
+        "do not compare side by side. Rerun the study, or aggregate the runs of one config "
+        "only.</p>"
     )
 
 
@@ -895,7 +906,7 @@ def display_path(path: Path, relative_to: Path) -> str:
 def provenance_section(cube: xr.Dataset) -> str:
     """What the numbers were made with: packages, devices, revisions, config hashes."""
     rows = []
-    for key in ("study", "config_hash", "run_config_hashes", "git_revisions", "devices",
+    for key in ("study", "config_hash", "run_settings_hashes", "git_revisions", "devices",
                 "packages", "python_versions", "hosts", "wall_time_s_total"):  # fmt: skip
         if key in cube.attrs:
             value = cube.attrs[key]
@@ -951,7 +962,7 @@ def render(
         f"<h1>Quantization study “{escape(study)}”</h1>"
         f'<p class="meta">{int(cube.attrs.get("runs", 0))} runs · seeds {escape(seeds)} · '
         f"from <code>{escape(source)}</code></p>"
-        f"<nav><ul>{contents}</ul></nav>" + mixed_configs_note(cube)
+        f"<nav><ul>{contents}</ul></nav>" + mixed_settings_note(cube)
     )
     body = "".join(workload_section(d, m, runs, constraints) for d, m, runs in slices)
     return head + body + extras + provenance_section(cube) + "</main></body></html>\n"

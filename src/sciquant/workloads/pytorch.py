@@ -442,7 +442,7 @@ class TorchWorkload(Workload):
         payload: dict[str, Any] = {
             "coordinates": {k: coordinates.get(k) for k in COORDINATES},
             "study": coordinates.get("study"),
-            "config_hash": coordinates.get("config_hash"),
+            "settings_hashes": coordinates.get("settings_hashes"),
             "workload": self.name,
             "simulated": simulated,
             "runtime": label,

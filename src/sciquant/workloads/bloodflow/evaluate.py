@@ -587,7 +587,7 @@ def run(
     payload = {
         "coordinates": {k: coordinates[k] for k in COORDINATES},
         "study": coordinates.get("study"),
-        "config_hash": coordinates.get("config_hash"),
+        "settings_hashes": coordinates.get("settings_hashes"),
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,

@@ -133,11 +133,11 @@ class MolecularDynamics(Workload):
             baseline = artifact_for(baseline.parent)
         coordinates = dict(coordinates)
         study = coordinates.pop("study", None)
-        config_hash = coordinates.pop("config_hash", None)
+        settings_hashes = coordinates.pop("settings_hashes", None)
         settings = section_with_defaults(settings, "evaluate", "evaluate")
         evaluate_md.run(
             prepared, artifact, out / "metrics.json", coordinates=coordinates,
             simulated=plan.simulated, repeats=settings["latency_repeats"], threads=threads,
-            study=study, config_hash=config_hash, baseline=baseline,
+            study=study, settings_hashes=settings_hashes, baseline=baseline,
             debug_inputs=settings["debug_inputs"],
         )  # fmt: skip

@@ -244,7 +244,7 @@ def run(
     threads: int | None = None,
     extra: dict[str, Any] | None = None,
     study: str | None = None,
-    config_hash: str | None = None,
+    settings_hashes: dict[str, str] | None = None,
     baseline: Path | None = None,
     debug_inputs: int = DEBUG_INPUTS,
 ) -> Path:
@@ -258,7 +258,7 @@ def run(
 
     out: the metrics.json path (`confusion.png` goes next to it); runtime: the label stored in
     metrics.json (default: the runner's name, `keras` or `litert`); extra: further metrics
-    (e.g. from quantization) merged into "metrics"; study, config_hash: default to the
+    (e.g. from quantization) merged into "metrics"; study, settings_hashes: default to the
     coordinates' entries of those names. debug_inputs: calibration frames of the per-layer
     SQNR of a quantized run (`quant_debug`; 0: no quantization debugging).
     """
@@ -320,7 +320,9 @@ def run(
     payload = {
         "coordinates": {k: coordinates.get(k) for k in COORDINATE_KEYS},
         "study": study if study is not None else coordinates.get("study"),
-        "config_hash": config_hash if config_hash is not None else coordinates.get("config_hash"),
+        "settings_hashes": (
+            settings_hashes if settings_hashes is not None else coordinates.get("settings_hashes")
+        ),
         "simulated": simulated,
         "runtime": runtime,
         "metrics": metrics,
