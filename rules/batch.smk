@@ -59,6 +59,7 @@ for _batch, (_inputs, _outputs) in batch_files(study, BATCHES).items():
             _inputs,
         output:
             _outputs,
+            manifest=_batch.manifest(BATCH_SEED),
         log:
             _batch.log(BATCH_SEED),
         wildcard_constraints:
@@ -72,4 +73,4 @@ for _batch, (_inputs, _outputs) in batch_files(study, BATCHES).items():
             commands=batch_commands_digest(study, _batch),
             runs=batch_runs(_batch),
         shell:
-            "sciquant run-batch --runs {params.runs} > {log} 2>&1"
+            "sciquant run-batch --runs {params.runs} --manifest {output.manifest} > {log} 2>&1"

@@ -282,8 +282,27 @@ def resources_of(stage, node=None):
 
 
 def get_all_metrics():
-    """Every run's metrics.json (the cube's inputs)."""
+    """Every run's metrics.json (what the cube's job aggregates)."""
     return [f"{run.folder}/metrics.json" for run in study.runs()]
+
+
+def get_aggregate_inputs():
+    """What the cube's job waits for: every run's metrics.json, or with batched runs every
+    batch job's manifest (written once its runs are done), one input per batch instead of one
+    per run, which keeps the DAG of a study of thousands of runs quick to build. Where a
+    batch's manifest exists, also those of its runs' metrics.json that do not (a run added to
+    the batch, or a file deleted): Snakemake reruns a job for a missing output only when some
+    job asks for that output."""
+    if not BATCHES:
+        return get_all_metrics()
+    inputs = []
+    for batch in BATCHES:
+        for seed in config["seeds"]:
+            inputs.append(batch.manifest(seed))
+            if os.path.exists(inputs[-1]):
+                metrics = [f"{run.folder}/metrics.json" for run in batch.runs(seed)]
+                inputs += [path for path in metrics if not os.path.exists(path)]
+    return inputs
 
 
 def get_report_figures():

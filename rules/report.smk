@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        metrics=get_all_metrics(),
+        get_aggregate_inputs(),
     output:
         cube="results/summary/metrics.nc",
         table="results/summary/metrics.csv",
@@ -17,8 +17,9 @@ rule aggregate:
         **resources_of("aggregate"),
     params:
         study_info=get_study_info(),
+        metrics=get_all_metrics(),
     shell:
-        "sciquant aggregate --metrics {input.metrics} --out-nc {output.cube}"
+        "sciquant aggregate --metrics {params.metrics} --out-nc {output.cube}"
         " --out-csv {output.table} --study-info {params.study_info:q} > {log} 2>&1"
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -227,6 +228,21 @@ def test_batched_runs_write_the_same_metrics_as_per_run_jobs(per_run, tmp_path: 
     assert not any((tmp_path / batch.FINISHED).iterdir())  # dropped: every batch succeeded
     table = (tmp_path / "results/summary/metrics.csv").read_text().splitlines()
     assert len(table) == 1 + 8
+    # each batch's manifest (what the cube's job waits for): its runs, their metrics' SHA-256
+    listed: dict[str, str] = {}
+    for manifest in sorted((tmp_path / batch.MANIFESTS).rglob("*.json")):
+        listed.update(json.loads(manifest.read_text())["runs"])
+    assert sorted(listed) == runs
+    for folder, digest in listed.items():
+        content = (tmp_path / folder / "metrics.json").read_bytes()
+        assert digest == hashlib.sha256(content).hexdigest(), folder
+    # a run's metrics.json gone: its batch runs again (and the cube), no other
+    gone = tmp_path / RESIDUAL / "openvino-cpu/ptq-minmax/w8a8/metrics.json"
+    gone.rename(gone.with_suffix(".away"))
+    jobs = dry_run_jobs("--configfile", str(path), "--directory", str(tmp_path))
+    gone.with_suffix(".away").rename(gone)
+    assert sum(job["rule"].startswith("batch_") for job in jobs) == 1
+    assert {"aggregate", "report"} <= {job["rule"] for job in jobs}
 
     # A batch reruns when a command of its runs changes, not when the config does elsewhere:
     # reordered keys rerun nothing, another budget the report, a run added to a sweep its batch.
@@ -284,6 +300,8 @@ def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(
     log = next((tmp_path / "logs/batches").rglob("seed0/cpu/0001.log")).read_text()
     assert f"{failing}: FAILED in evaluate" in log and "1 of 4 runs failed" in log
     assert f"{finished}: done" in log
+    manifest = tmp_path / batch.MANIFESTS / "bloodflow/meshgraphnet/seed0/cpu/0001.json"
+    assert not manifest.exists()  # written only once every run of the batch is done
 
     rerun = snakemake("--cores", "2", "--configfile", str(path), "--directory", str(tmp_path),
                       timeout=600)  # fmt: skip
@@ -295,6 +313,8 @@ def test_failed_batch_keeps_finished_runs_and_rerun_computes_only_the_rest(
         r"^(?:local)?rule (batch_\w+):$", rerun.stdout + rerun.stderr, flags=re.MULTILINE
     )
     assert rules == ["batch_bloodflow_meshgraphnet_cpu_0001"]
+    listed = json.loads(manifest.read_text())["runs"]
+    assert len(listed) == 4 and {failing, finished} <= set(listed)
     for folder in (finished, failing):
         assert science(tmp_path / folder / "metrics.json") == science(
             per_run / folder / "metrics.json"

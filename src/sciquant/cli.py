@@ -460,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="run folders (results/<dataset>/<model>/seed<s>/<target>/<method>/<precision>)",
     )
+    batch.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="where to write the batch's manifest (its runs and their metrics.json's SHA-256) "
+        "once every run is done; the cube's job reads it",
+    )
 
     check = commands.add_parser("check-config", help="validate a study config file")
     check.add_argument("config", type=Path, help="the study's YAML file (workflow/config/*.yaml)")
@@ -599,7 +606,7 @@ def run(args: argparse.Namespace) -> None:
 def _run_batch(args: argparse.Namespace) -> None:
     """Run the named runs of the study one after another (`sciquant.batch.run_batch`); an
     error naming each run that failed and its log."""
-    from sciquant.batch import STUDY_CONFIG_ENV, find_runs, run_batch
+    from sciquant.batch import STUDY_CONFIG_ENV, find_runs, run_batch, write_batch_manifest
     from sciquant.study import Study, validate_config
 
     config, source = args.config, "--config"
@@ -626,6 +633,8 @@ def _run_batch(args: argparse.Namespace) -> None:
             f"{len(failed)} of {len(runs)} runs failed; the others are done and kept, and a "
             f"rerun computes only these:\n{lines}"
         )
+    if args.manifest is not None:
+        write_batch_manifest(args.manifest, runs)
 
 
 FAULT_VARIABLE = "SCIQUANT_FAIL_STAGE"
