@@ -262,7 +262,9 @@ def job_subject(stage, wildcards):
 def resources_of(stage, node=None):
     """A stage's resources, per job (`Study.resources`, the same `sciquant submit` asks for):
     its node type's scheduler settings, and `mem_mb` / `runtime` that grow with the attempt, so
-    `--retries` asks for more each time. `node`: a fixed node type (a batch's)."""
+    `--retries` asks for more each time. `node`: a fixed node type (a batch's); its scheduler
+    settings are then plain values (Snakemake inspects every callable resource of every job,
+    which for a thousand batch jobs took seconds of a dry run)."""
 
     def first(wildcards):
         if node is not None:
@@ -273,6 +275,8 @@ def resources_of(stage, node=None):
         return lambda wildcards, attempt: first(wildcards)[key] * attempt
 
     def plain(key):
+        if node is not None:
+            return stage_resources(config, stage, node)[key]
         return lambda wildcards: first(wildcards)[key]
 
     return {
