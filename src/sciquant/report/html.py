@@ -887,12 +887,11 @@ def mixed_settings_note(cube: xr.Dataset) -> str:
         + ", ".join(f"<code>{escape(str(h)[:12])}</code>" for h in hashes)
         for key, hashes in mixed.items()
     )
-    sections = f"{len(mixed)} config section{'s' if len(mixed) > 1 else ''}"
+    count = f"{len(mixed)} config section{'s' if len(mixed) > 1 else ''}"
     return (
-        f'<p class="note"><strong>These runs were made under different settings of {sections}'
-        f"</strong> ({shown}): numbers made under different settings "
-        "do not compare side by side. Rerun the study, or aggregate the runs of one config "
-        "only.</p>"
+        f'<p class="note"><strong>These runs were made under different settings of {count}'
+        f"</strong> ({shown}): their numbers do not compare side by side. Rerun the study, or "
+        "aggregate the runs of one config only.</p>"
     )
 
 
